@@ -1,0 +1,46 @@
+"""drizzlestack: out-of-core drizzle integration of dithered, undersampled frames on Dask.
+
+Public API (DESIGN.md)::
+
+    import drizzlestack as ds
+    ds.ingest(paths, store)
+    ds.register(store, reference="auto", model="homography", distortion=False)
+    ds.integrate(store, rejection="winsorized", low=4.0, high=3.0, ...)
+    ds.drizzle(store, scale=2.0, pixfrac=0.9, kernel="square", roi=None, output="drizzle.fits")
+    ds.open_stack(store)
+    ds.drizzle_array(data, pixmap, out_shape, kernel="square", pixfrac=1.0, weights=None)
+    ds.reject_stack(stack, method="sigma", low=3.0, high=3.0)
+
+Submodules are imported on first use, so ``import drizzlestack`` (and the CLI) start fast.
+"""
+
+from ._version import __version__
+from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+
+_LAZY = {
+    "ingest": ("drizzlestack.ingest", "ingest"),
+    "open_stack": ("drizzlestack.store", "open_stack"),
+    "simulate": ("drizzlestack.simulate", "simulate"),
+    "register": ("drizzlestack.registration", "register"),
+    "integrate": ("drizzlestack.integration", "integrate"),
+    "reject_stack": ("drizzlestack.integration.rejection", "reject_stack"),
+    "drizzle": ("drizzlestack.drizzle.driver", "drizzle"),
+    "drizzle_array": ("drizzlestack.drizzle", "drizzle_array"),
+}
+
+__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'drizzlestack' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,0 +1,138 @@
+"""Command-line interface: parses options and calls the API (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from ._warnings import DrizzlestackError
+
+
+def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where work runs")
+    g.add_argument("--scheduler", default=None,
+                   help="threads (default), processes, synchronous, distributed (local cluster), "
+                        "tcp://HOST:PORT, or an HPC queue: slurm, pbs, sge, lsf, htcondor (see --jobqueue-config)")
+    g.add_argument("--workers", type=int, default=None, help="number of workers (HPC: jobs)")
+    g.add_argument("--memory-limit", default=None, help="memory per worker, e.g. 4GB (distributed, HPC)")
+    g.add_argument("--dashboard", nargs="?", const=True, default=None,
+                   help="start the Dask dashboard (optionally at ADDRESS, default 127.0.0.1:8787)")
+    g.add_argument("--jobqueue-config", default=None, help="YAML file of dask-jobqueue cluster arguments")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _scheduler_options(args, base=None):
+    from .parallel import SchedulerOptions
+
+    opts = base or SchedulerOptions()
+    for attr in ("scheduler", "workers", "memory_limit", "dashboard", "jobqueue_config"):
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(opts, attr, value)
+    if getattr(args, "no_progress", False):
+        opts.progress = False
+    return opts
+
+
+def _print_progress(i, n, path):
+    if sys.stderr.isatty():
+        print(f"\r  reading {i + 1}/{n}: {Path(path).name[:60]:60s}", end="", file=sys.stderr, flush=True)
+        if i + 1 == n:
+            print(file=sys.stderr)
+
+
+def cmd_ingest(args) -> int:
+    from .ingest import ingest_files
+
+    t0 = time.perf_counter()
+    report = ingest_files(args.files, args.store, chunk=args.chunk, saturation=args.saturation,
+                          progress=None if args.no_progress else _print_progress)
+    for line in report.lines():
+        print(line)
+    print(f"store {args.store} ({time.perf_counter() - t0:.1f} s)")
+    return 1 if report.skipped else 0
+
+
+def cmd_simulate(args) -> int:
+    from .simulate import simulate
+
+    truth = simulate(args.directory, n_frames=args.frames, shape=(args.height, args.width), fwhm=args.fwhm,
+                     n_stars=args.stars, seed=args.seed, hazy_frame=args.hazy_frame,
+                     distortion=args.distortion)
+    print(f"wrote {len(truth.files)} frames, truth.json and stars.ecsv to {args.directory}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import info_table
+
+    print(info_table(args.store))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import demo
+
+    return demo(args.directory, scheduler_options=_scheduler_options(args), frames=args.frames, size=args.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drizzlestack",
+        description="Out-of-core drizzle integration of dithered, undersampled frames.",
+    )
+    parser.add_argument("--version", action="version", version=f"drizzlestack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="append FITS frames to a stack store")
+    p.add_argument("store", help="stack store directory (created if absent)")
+    p.add_argument("files", nargs="+", help="FITS files, directories or glob patterns")
+    p.add_argument("--chunk", type=int, default=512, help="spatial chunk size of a new store (default 512)")
+    p.add_argument("--saturation", type=float, default=None,
+                   help="saturation level in ADU (default: header SATURATE, else the data type's maximum)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("simulate", help="write simulated dithered frames with known truth")
+    p.add_argument("directory")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--fwhm", type=float, default=1.5)
+    p.add_argument("--stars", type=int, default=400)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hazy-frame", type=int, default=None, help="index of a frame taken through haze")
+    p.add_argument("--distortion", type=float, default=0.0, help="radial distortion at the corners (px)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("info", help="print the frames of a store and what the steps found")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="simulate a small dithered field and run the pipeline on it")
+    p.add_argument("directory", nargs="?", default="drizzlestack-demo")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--size", type=int, default=384, help="frame width and height (px)")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DrizzlestackError as exc:
+        print(f"drizzlestack: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("drizzlestack: interrupted; the store keeps every completed frame and tile", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Typed run configuration: YAML files plus ``--set section.key=value`` overrides.
+
+Each pipeline step has a section whose fields are the keyword arguments of its API
+function, so the config, the CLI and the Python API never drift apart. Unknown keys
+and wrong types are refused with a message naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ._warnings import DrizzlestackError
+from .parallel import SchedulerOptions
+
+
+class ConfigError(DrizzlestackError):
+    """A configuration key is unknown or has the wrong type."""
+
+
+@dataclass
+class IngestConfig:
+    inputs: list[str] = field(default_factory=list)  # FITS files, directories or glob patterns
+    chunk: int = 512  # spatial chunk of the frames array (pixels)
+    saturation: float | None = None  # ADU; default: header SATURATE, else the integer type's maximum
+
+
+@dataclass
+class RunConfig:
+    """The whole configuration of a run (see ``configs/default.yaml``)."""
+
+    store: str = "stack.zarr"
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert ``value`` to the annotated type ``tp``; ConfigError names ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (typing.Any,)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        inner = args if args and args[-1] is not Ellipsis else [args[0]] * len(value)
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, inner)))
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls, data, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _to_dict(obj):
+    return dataclasses.asdict(obj)
+
+
+def _parse_value(text: str):
+    """A ``--set`` value is YAML: ``3``, ``0.9``, ``true``, ``[1, 2]``, ``null`` or a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults) and apply ``section.key=value`` overrides.
+
+    Raises
+    ------
+    ConfigError
+        Unknown key, wrong type, or a malformed override.
+    """
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. drizzle.scale=3")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {part} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return _build(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The configuration as YAML (recorded in outputs so runs can be reproduced)."""
+    return yaml.safe_dump(_to_dict(cfg), sort_keys=False)

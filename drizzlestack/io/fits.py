@@ -1,0 +1,139 @@
+"""Reading light frames from FITS: every BITPIX, BZERO/BSCALE, gzip, tile compression."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
+
+from .._warnings import DrizzlestackError
+
+
+class FrameReadError(DrizzlestackError):
+    """A file that cannot be ingested; the message names the file and the reason."""
+
+
+@dataclass
+class Frame:
+    """One light frame as read from disk."""
+
+    path: str
+    data: np.ndarray  # float32 (ny, nx), non-finite -> NaN
+    header: fits.Header
+    exptime: float
+    saturation: float
+    hdu_index: int
+
+
+EXPOSURE_KEYS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME")
+SATURATION_KEYS = ("SATURATE", "SATLEVEL", "SATURATN")
+
+
+def _image_hdu(hdul: fits.HDUList) -> int | None:
+    """Index of the first HDU holding image data: the primary, else the first image extension
+    (tile-compressed images live in a binary-table extension that astropy presents as an image)."""
+    for i, hdu in enumerate(hdul):
+        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            if hdu.header.get("NAXIS", 0) > 0 or isinstance(hdu, fits.CompImageHDU):
+                return i
+    return None
+
+
+def _type_maximum(hdu) -> float:
+    """Largest value the stored integer type can hold, after BZERO/BSCALE (the saturation
+    level when the header gives none). Float data has no such level: +inf.
+
+    BITPIX 8 is unsigned (0..255); the others are signed, so BITPIX 16 with BZERO 32768
+    (the unsigned-16 convention of cameras) gives 65535. For tile-compressed HDUs astropy
+    presents the image header, whose BITPIX is the image's.
+    """
+    bitpix = int(hdu.header.get("BITPIX", -32))
+    if bitpix < 0:
+        return float("inf")
+    raw_max = {8: 255, 16: 2**15 - 1, 32: 2**31 - 1, 64: 2**63 - 1}[bitpix]
+    return float(hdu.header.get("BSCALE", 1.0)) * raw_max + float(hdu.header.get("BZERO", 0.0))
+
+
+def _header_float(header, keys) -> float | None:
+    for key in keys:
+        value = header.get(key)
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value):
+            return value
+    return None
+
+
+def read_frame(path, saturation: float | None = None) -> Frame:
+    """Read one light frame from a FITS file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``.fits``/``.fit``/``.fts``, optionally gzipped, plain or tile-compressed; the
+        image is taken from the primary HDU or, if that is empty, the first image extension.
+    saturation : float, optional
+        Saturation level to use instead of the header's ``SATURATE`` (or the integer
+        type's maximum).
+
+    Returns
+    -------
+    Frame
+
+    Raises
+    ------
+    FrameReadError
+        Unreadable or truncated file, no image data, data that is not 2-D.
+    """
+    path = str(Path(path).resolve())
+    name = Path(path).name
+    try:
+        with warnings.catch_warnings():
+            # astropy only *warns* about truncated files and pads them: that is an error here.
+            warnings.simplefilter("error", AstropyUserWarning)
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                index = _image_hdu(hdul)
+                if index is None:
+                    raise FrameReadError(f"{name}: no image data in any HDU")
+                hdu = hdul[index]
+                raw = hdu.data
+                if raw is None:
+                    raise FrameReadError(f"{name}: HDU {index} holds no image data")
+                header = hdu.header.copy()
+                type_max = _type_maximum(hdu)
+    except FrameReadError:
+        raise
+    except FileNotFoundError:
+        raise FrameReadError(f"{name}: no such file ({path})") from None
+    except (OSError, EOFError, ValueError, TypeError, AstropyUserWarning, IndexError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FrameReadError(f"{name}: unreadable or truncated FITS file ({reason})") from None
+
+    # Degenerate leading axes (NAXIS3 = 1) are common and harmless.
+    while raw.ndim > 2 and raw.shape[0] == 1:
+        raw = raw[0]
+    if raw.ndim != 2:
+        raise FrameReadError(
+            f"{name}: image data is {raw.ndim}-D with shape {raw.shape}; only 2-D frames can be ingested"
+            + (" (colour cubes must be split into planes first)" if raw.ndim == 3 else "")
+        )
+    data = np.asarray(raw, dtype=np.float32)
+    if not data.flags.writeable or data is raw:
+        data = data.copy()
+    data[~np.isfinite(data)] = np.nan
+
+    exptime = _header_float(header, EXPOSURE_KEYS)
+    if saturation is None:
+        saturation = _header_float(header, SATURATION_KEYS)
+    if saturation is None:
+        saturation = type_max
+    return Frame(path=path, data=data, header=header, exptime=np.nan if exptime is None else exptime,
+                 saturation=float(saturation), hdu_index=index)

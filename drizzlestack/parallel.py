@@ -1,0 +1,171 @@
+"""Where work runs: one place that turns the scheduler options into a Dask context.
+
+``--scheduler`` takes ``threads`` (default, embedded), ``processes``, ``synchronous``,
+``distributed`` (a local cluster; its dashboard link is printed), a scheduler address
+``tcp://HOST:PORT``, or an HPC queue name (``slurm``, ``pbs``, ``sge``, ``lsf``,
+``htcondor``, ``moab``, ``oar``) configured from a dask-jobqueue YAML file.
+
+Every step computes through :func:`compute`, which shows a progress bar that matches
+the scheduler (dask's local bar, or distributed's ``progress``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+import dask
+
+from ._warnings import DrizzlestackError
+
+LOCAL = ("threads", "processes", "synchronous")
+JOBQUEUE = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "sge": "SGECluster",
+    "lsf": "LSFCluster",
+    "htcondor": "HTCondorCluster",
+    "moab": "MoabCluster",
+    "oar": "OARCluster",
+}
+
+
+@dataclass
+class SchedulerOptions:
+    """Scheduler choice (the CLI's global options)."""
+
+    scheduler: str = "threads"
+    workers: int | None = None  # default: the number of cores (threads/processes/distributed), 1 job (HPC)
+    memory_limit: str | None = None  # per worker, e.g. "4GB" (distributed and HPC)
+    dashboard: str | bool = False  # True or an address like ":8787" to start the dashboard
+    jobqueue_config: str | None = None  # YAML file with the dask-jobqueue cluster arguments
+    timeout: float = 10.0  # seconds to wait for a scheduler address to answer
+    progress: bool = True
+
+
+_active = {"client": None, "progress": True}
+
+
+def _dashboard_address(dashboard) -> str | None:
+    if dashboard is True:
+        return "127.0.0.1:8787"
+    if dashboard:
+        # Listen on localhost unless the user names a host.
+        return dashboard if not dashboard.startswith(":") else "127.0.0.1" + dashboard
+    return None
+
+
+def _jobqueue_cluster(name: str, opts: SchedulerOptions):
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise DrizzlestackError(f"--scheduler {name} needs dask-jobqueue: pip install 'drizzlestack[hpc]'") from None
+    kwargs = {}
+    if opts.jobqueue_config:
+        import yaml
+
+        with open(opts.jobqueue_config) as fh:
+            doc = yaml.safe_load(fh) or {}
+        # The file may hold dask's own layout (jobqueue: {slurm: {...}}) or the bare arguments.
+        kwargs = doc.get("jobqueue", {}).get(name, doc.get(name, doc))
+        if not isinstance(kwargs, dict):
+            raise DrizzlestackError(f"{opts.jobqueue_config}: expected a mapping of {JOBQUEUE[name]} arguments")
+    if opts.memory_limit and "memory" not in kwargs:
+        kwargs["memory"] = opts.memory_limit
+    cls = getattr(dask_jobqueue, JOBQUEUE[name])
+    return cls(**kwargs)
+
+
+@contextlib.contextmanager
+def scheduler(opts: SchedulerOptions | None = None, **kwargs):
+    """Context in which Dask work runs on the chosen scheduler.
+
+    Parameters
+    ----------
+    opts : SchedulerOptions, optional
+        Or the same fields as keywords.
+
+    Yields
+    ------
+    distributed.Client or None
+        The client for distributed, address and HPC schedulers; ``None`` for local ones.
+    """
+    opts = opts or SchedulerOptions(**kwargs)
+    name = opts.scheduler
+    previous = dict(_active)
+    _active["progress"] = opts.progress
+    try:
+        if name in LOCAL:
+            cfg = {"scheduler": name}
+            if opts.workers and name != "synchronous":
+                cfg["num_workers"] = int(opts.workers)
+            with dask.config.set(cfg):
+                yield None
+            return
+        from distributed import Client, LocalCluster
+
+        if name == "distributed":
+            cluster = LocalCluster(
+                n_workers=opts.workers or os.cpu_count() or 1,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=opts.memory_limit or "auto",
+                host="127.0.0.1",
+                dashboard_address=_dashboard_address(opts.dashboard or True),
+            )
+            closer = cluster
+        elif name.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+            cluster, closer = name, None
+        elif name in JOBQUEUE:
+            cluster = _jobqueue_cluster(name, opts)
+            cluster.scale(jobs=opts.workers or 1)
+            closer = cluster
+        else:
+            raise DrizzlestackError(
+                f"--scheduler {name!r}: expected threads, processes, synchronous, distributed, "
+                f"tcp://HOST:PORT or one of {', '.join(JOBQUEUE)}"
+            )
+        try:
+            try:
+                client = Client(cluster, timeout=f"{opts.timeout}s")
+            except (OSError, TimeoutError) as exc:
+                raise DrizzlestackError(
+                    f"--scheduler {name}: no answer within {opts.timeout:g} s ({exc})") from None
+            if client.dashboard_link:
+                print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+            _active["client"] = client
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            if closer is not None:
+                closer.close()
+    finally:
+        _active.update(previous)
+
+
+def active_client():
+    """The distributed client of the current :func:`scheduler` context, or ``None``."""
+    return _active["client"]
+
+
+def compute(*collections, progress: bool | None = None, **kwargs):
+    """``dask.compute`` with a progress bar suited to the active scheduler."""
+    show = _active["progress"] if progress is None else progress
+    client = _active["client"]
+    if client is not None:
+        futures = client.compute(list(collections), **kwargs)
+        if show and sys.stderr.isatty():
+            from distributed import progress as dprogress
+
+            dprogress(futures)
+        return tuple(client.gather(futures))
+    if show and sys.stderr.isatty():
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr):
+            return dask.compute(*collections, **kwargs)
+    return dask.compute(*collections, **kwargs)

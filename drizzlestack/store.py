@@ -1,0 +1,285 @@
+"""The stack store: a zarr v3 directory holding frames, registration, statistics and
+rejection maps, opened lazily as an :class:`xarray.Dataset`.
+
+Layout (DESIGN.md): ``frames(frame, y, x)`` float32, chunked spatially and one frame per
+chunk; per-frame variables ``path``, ``exptime``, ``header``, ``status``, ``saturation``;
+later steps add their own variables. Root attributes hold the format marker, the package
+version, the reference frame and, per step, its parameters and completion.
+
+Safety: a frame is *committed* only when the ``n_frames`` attribute is bumped, after its
+pixels and metadata are written. Arrays longer than ``n_frames`` (a crash mid-append)
+are trimmed on open and the slot is reused by the next append, so an interrupted ingest
+never loses or corrupts frames already in the store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from ._version import __version__
+from ._warnings import StoreError
+
+FORMAT_NAME = "drizzlestack-store"
+FORMAT_VERSION = 1
+
+#: per-frame variables that ingest writes, with their fill values
+FRAME_METADATA = {
+    "path": ("", str),
+    "exptime": (np.nan, np.float64),
+    "header": ("", str),
+    "status": ("", str),
+    "saturation": (np.nan, np.float64),
+}
+
+#: status of a frame that takes part in the later steps
+STATUS_OK = "ok"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def params_digest(params: dict) -> str:
+    """Stable short hash of a JSON-able parameter dict (used to decide whether a step must rerun)."""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StackStore:
+    """Read/write access to a stack store on disk (the writer side; readers use :func:`open_stack`).
+
+    Use :meth:`create` for a new store and :meth:`open` for an existing one; both refuse
+    a path that holds something else.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group = group
+        self.path = path
+
+    # ----------------------------------------------------------------- open/create
+    @classmethod
+    def open(cls, path, mode: str = "r+") -> "StackStore":
+        """Open an existing store; :class:`StoreError` if ``path`` is not a drizzlestack store."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"{path}: no such store (create it with 'drizzlestack ingest {path} FILES...')")
+        if not path.is_dir():
+            raise StoreError(f"{path}: not a drizzlestack store (it is a file, not a zarr directory)")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as exc:  # zarr raises several types for "not a group"
+            raise StoreError(f"{path}: not a drizzlestack store ({type(exc).__name__}: {exc})") from None
+        fmt = group.attrs.get("format")
+        if fmt != FORMAT_NAME:
+            raise StoreError(f"{path}: not a drizzlestack store (zarr group without the '{FORMAT_NAME}' marker)")
+        version = group.attrs.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{path}: store format {version} was written by a newer drizzlestack "
+                f"({group.attrs.get('created_by')}); this is {__version__} (format {FORMAT_VERSION})"
+            )
+        return cls(group, path)
+
+    @classmethod
+    def create(cls, path, frame_shape: tuple[int, int], chunk: int = 512) -> "StackStore":
+        """Create an empty store for frames of ``frame_shape = (ny, nx)``.
+
+        Refuses an existing non-empty path (it might be someone's data).
+        """
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path}: exists and is not a drizzlestack store; refusing to write into it")
+        ny, nx = (int(v) for v in frame_shape)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group.create_array(
+            "frames",
+            shape=(0, ny, nx),
+            chunks=(1, min(chunk, ny), min(chunk, nx)),
+            dtype="float32",
+            fill_value=np.nan,
+            dimension_names=("frame", "y", "x"),
+        )
+        for name, (fill, dtype) in FRAME_METADATA.items():
+            group.create_array(name, shape=(0,), chunks=(1024,), dtype=dtype, fill_value=fill,
+                               dimension_names=("frame",))
+        group.attrs.update(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created_by": __version__,
+                "created": _now(),
+                "n_frames": 0,
+                "frame_shape": [ny, nx],
+                "reference": None,
+                "steps": {},
+            }
+        )
+        return cls(group, path)
+
+    # -------------------------------------------------------------------- frames
+    @property
+    def n_frames(self) -> int:
+        """Number of committed frames."""
+        return int(self.group.attrs["n_frames"])
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        ny, nx = self.group.attrs["frame_shape"]
+        return int(ny), int(nx)
+
+    def paths(self) -> list[str]:
+        """Source paths of the committed frames."""
+        n = self.n_frames
+        return [str(p) for p in self.group["path"][:n]] if n else []
+
+    def append_frame(self, data: np.ndarray, **metadata: Any) -> int:
+        """Append one frame (float32 ``(ny, nx)``) with its per-frame metadata; returns its index.
+
+        The frame is committed (visible to readers) only once everything is written.
+        """
+        if data.shape != self.frame_shape:
+            raise StoreError(f"frame shape {data.shape} differs from the store's {self.frame_shape}")
+        unknown = set(metadata) - set(FRAME_METADATA)
+        if unknown:
+            raise ValueError(f"unknown frame metadata: {sorted(unknown)}")
+        i = self.n_frames
+        frames = self.group["frames"]
+        # A previous crash may have left the arrays longer than n_frames: reuse the slot.
+        if frames.shape[0] < i + 1:
+            frames.resize((i + 1,) + frames.shape[1:])
+        frames[i] = np.asarray(data, dtype=np.float32)
+        for name, (fill, _dtype) in FRAME_METADATA.items():
+            arr = self.group[name]
+            if arr.shape[0] < i + 1:
+                arr.resize((i + 1,))
+            arr[i] = metadata.get(name, fill)
+        self.group.attrs["n_frames"] = i + 1
+        return i
+
+    def frame(self, i: int) -> np.ndarray:
+        """Pixels of frame ``i`` (float32)."""
+        return self.group["frames"][i]
+
+    def set_frame_values(self, name: str, index, values) -> None:
+        """Overwrite a per-frame metadata variable (e.g. ``status``) at ``index``."""
+        self.group[name][index] = values
+
+    # ------------------------------------------------------------------ variables
+    def write_variable(self, name: str, data, dims: tuple[str, ...], chunks=None, fill_value=None,
+                       attrs: dict | None = None) -> zarr.Array:
+        """Create or replace variable ``name`` with ``data`` (numpy) and dimension names ``dims``.
+
+        For per-frame variables the first dimension is ``frame`` and must have the
+        committed length.
+        """
+        data = np.asarray(data)
+        if dims and dims[0] == "frame" and data.shape[0] != self.n_frames:
+            raise ValueError(f"{name}: {data.shape[0]} frames given, store has {self.n_frames}")
+        if name in self.group:
+            del self.group[name]
+        if fill_value is None:
+            fill_value = "" if data.dtype.kind in "UTO" else (np.nan if data.dtype.kind == "f" else 0)
+        dtype = str if data.dtype.kind in "UTO" else data.dtype
+        arr = self.group.create_array(
+            name, shape=data.shape, chunks=chunks or data.shape or None, dtype=dtype,
+            fill_value=fill_value, dimension_names=dims,
+        )
+        if data.size:
+            arr[...] = data
+        if attrs:
+            arr.attrs.update(attrs)
+        return arr
+
+    def create_variable(self, name: str, shape, dims, chunks, dtype, fill_value) -> zarr.Array:
+        """Create (replacing) an empty variable to be filled region by region (tiled writers)."""
+        if name in self.group:
+            del self.group[name]
+        return self.group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
+                                       fill_value=fill_value, dimension_names=tuple(dims))
+
+    def delete_variables(self, *names: str) -> None:
+        for name in names:
+            if name in self.group:
+                del self.group[name]
+
+    # ---------------------------------------------------------------------- steps
+    def step(self, name: str) -> dict | None:
+        """Bookkeeping of step ``name``: parameters, digest, completion, or ``None``."""
+        return self.group.attrs.get("steps", {}).get(name)
+
+    def _set_steps(self, steps: dict) -> None:
+        self.group.attrs["steps"] = steps
+
+    def begin_step(self, name: str, params: dict, inputs: dict | None = None) -> None:
+        """Record that step ``name`` started with ``params`` (marks it incomplete)."""
+        steps = dict(self.group.attrs.get("steps", {}))
+        steps[name] = {
+            "params": params,
+            "inputs": inputs or {},
+            "digest": params_digest({"params": params, "inputs": inputs or {}}),
+            "complete": False,
+            "started": _now(),
+            "version": __version__,
+        }
+        self._set_steps(steps)
+
+    def end_step(self, name: str, **summary: Any) -> None:
+        """Mark step ``name`` complete, with an optional JSON-able summary."""
+        steps = dict(self.group.attrs.get("steps", {}))
+        record = dict(steps.get(name, {}))
+        record.update({"complete": True, "finished": _now(), "summary": summary})
+        steps[name] = record
+        self._set_steps(steps)
+
+    def is_current(self, name: str, params: dict, inputs: dict | None = None) -> bool:
+        """True when step ``name`` completed with exactly these parameters and inputs."""
+        rec = self.step(name)
+        return bool(rec and rec.get("complete")
+                    and rec.get("digest") == params_digest({"params": params, "inputs": inputs or {}}))
+
+    @property
+    def attrs(self):
+        return self.group.attrs
+
+
+def open_stack(store) -> xr.Dataset:
+    """Open a stack store lazily (dask-backed) as an :class:`xarray.Dataset`.
+
+    Nothing is computed: ``frames`` and the other variables are dask arrays, trimmed to
+    the committed frames. Per-frame string variables (``path``, ``status``, ...) are
+    small and loaded eagerly so they can be printed and filtered.
+
+    Parameters
+    ----------
+    store : str or path-like or StackStore
+        The store directory.
+
+    Returns
+    -------
+    xarray.Dataset
+    """
+    st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
+    ds = xr.open_zarr(str(st.path), consolidated=False, chunks={}, zarr_format=3)
+    n = st.n_frames
+    if "frame" in ds.dims and ds.sizes["frame"] != n:
+        ds = ds.isel(frame=slice(0, n))
+    for name in list(ds.data_vars):
+        var = ds[name]
+        if var.dtype.kind in "UOT" or str(var.dtype).startswith("StringDType"):
+            ds[name] = var.load().astype(object)
+    ds = ds.assign_coords(frame=np.arange(ds.sizes.get("frame", 0)))
+    ds.attrs = dict(st.group.attrs)
+    return ds
+
+
+def default_store_name(directory) -> str:
+    return os.path.join(str(directory), "stack.zarr")
