@@ -136,40 +136,104 @@ def edge_points(x0: float, y0: float, x1: float, y1: float, n: int = 9) -> tuple
     return xs, ys
 
 
-def footprint_window(
-    matrix: np.ndarray,
-    box: tuple[float, float, float, float],
-    target_shape: tuple[int, int],
-    pad: float = 1.0,
-    n: int = 9,
-    inverse_distortion=None,
-) -> tuple[slice, slice] | None:
-    """Integer window of a target grid that a box of another grid maps onto.
+class FrameMapping:
+    """Frame pixels -> reference pixels: a homography, optionally followed by a smooth
+    correction in reference coordinates (the surface-spline distortion model).
 
-    Maps points along the edges of ``box = (x0, y0, x1, y1)`` (pixel-edge coordinates
-    in the source grid) through ``matrix``, pads the bounding box by ``pad`` pixels,
-    and clips it to ``target_shape``. Used by drizzle (output tile -> input window,
-    with the inverse transform) and by the registered view (reference tile -> frame
-    window).
+    ``forward(x, y) = correction(H(x, y))`` and ``inverse(x, y) = H^-1(inverse_correction(x, y))``.
+    Registration builds these; the registered view and drizzle only call ``forward``
+    and ``inverse``, so they never need to know which model was fitted.
 
-    Returns
-    -------
-    (slice_y, slice_x) or None
-        ``None`` when the box maps wholly outside the target grid (or to infinity).
+    Parameters
+    ----------
+    matrix : (3, 3) array_like
+        Frame -> reference homography.
+    correction, inverse_correction : callable, optional
+        ``f(x, y) -> (x, y)`` on reference coordinates; both or neither.
+    """
+
+    def __init__(self, matrix, correction=None, inverse_correction=None):
+        self.matrix = np.asarray(matrix, dtype=np.float64)
+        self.inverse_matrix = np.linalg.inv(self.matrix)
+        if (correction is None) != (inverse_correction is None):
+            raise ValueError("a distortion correction needs its inverse too")
+        self.correction = correction
+        self.inverse_correction = inverse_correction
+
+    @property
+    def is_homography(self) -> bool:
+        return self.correction is None
+
+    def forward(self, x, y):
+        """Frame -> reference coordinates."""
+        xr, yr = apply_homography(self.matrix, x, y)
+        if self.correction is not None:
+            xr, yr = self.correction(xr, yr)
+        return xr, yr
+
+    def inverse(self, x, y):
+        """Reference -> frame coordinates."""
+        if self.inverse_correction is not None:
+            x, y = self.inverse_correction(x, y)
+        return apply_homography(self.inverse_matrix, x, y)
+
+    def then(self, matrix) -> "MappedThen":
+        """This mapping followed by a homography (e.g. reference -> drizzle output grid)."""
+        return MappedThen(self, np.asarray(matrix, dtype=np.float64))
+
+
+class MappedThen:
+    """A :class:`FrameMapping` followed by a homography ``M`` (``forward = M . mapping``)."""
+
+    def __init__(self, mapping: FrameMapping, matrix: np.ndarray):
+        self.mapping = mapping
+        self.matrix = matrix
+        self.inverse_matrix = np.linalg.inv(matrix)
+
+    def forward(self, x, y):
+        return apply_homography(self.matrix, *self.mapping.forward(x, y))
+
+    def inverse(self, x, y):
+        return self.mapping.inverse(*apply_homography(self.inverse_matrix, x, y))
+
+
+def window_pixmap(mapping, window: tuple[slice, slice]) -> np.ndarray:
+    """Pixmap (``(ny, nx, 2)`` float64) of the input pixels in ``window`` through
+    ``mapping.forward`` (a :class:`FrameMapping` or :class:`MappedThen`)."""
+    sy, sx = window
+    x, y = pixel_grid((sy.stop - sy.start, sx.stop - sx.start), sy.start, sx.start)
+    xt, yt = mapping.forward(x, y)
+    return np.stack([xt, yt], axis=-1)
+
+
+def input_window(mapping, box, input_shape, pad: float = 1.0, n: int = 9):
+    """Window of an input frame whose pixels can land in ``box = (x0, y0, x1, y1)``
+    (pixel-edge coordinates of the target grid): points along the box's edges are
+    mapped back through ``mapping.inverse``, their bounding box padded by ``pad`` input
+    pixels and clipped to ``input_shape``. ``None`` if nothing can land there.
+
+    The edges are sampled (``n`` points a side) rather than only the corners so that
+    a non-linear correction that bulges an edge is still covered; ``pad`` should
+    include the drop's reach (the kernel's radius in input pixels) plus one pixel.
     """
     xs, ys = edge_points(*box, n=n)
-    xt, yt = apply_homography(matrix, xs, ys)
-    if inverse_distortion is not None:
-        xt, yt = inverse_distortion(xt, yt)
+    xt, yt = mapping.inverse(xs, ys)
     if not (np.all(np.isfinite(xt)) and np.all(np.isfinite(yt))):
         return None
-    ny, nx = target_shape
-    xa = int(np.floor(xt.min() - pad + 0.5))
-    xb = int(np.ceil(xt.max() + pad + 0.5))
-    ya = int(np.floor(yt.min() - pad + 0.5))
-    yb = int(np.ceil(yt.max() + pad + 0.5))
-    xa, ya = max(xa, 0), max(ya, 0)
-    xb, yb = min(xb, nx), min(yb, ny)
+    ny, nx = input_shape
+    xa = max(int(np.floor(xt.min() - pad + 0.5)), 0)
+    xb = min(int(np.ceil(xt.max() + pad + 0.5)), nx)
+    ya = max(int(np.floor(yt.min() - pad + 0.5)), 0)
+    yb = min(int(np.ceil(yt.max() + pad + 0.5)), ny)
     if xa >= xb or ya >= yb:
         return None
     return slice(ya, yb), slice(xa, xb)
+
+
+def tiles(shape: tuple[int, int], tile: int | tuple[int, int]):
+    """Split a grid of ``shape = (ny, nx)`` into tiles of ``tile`` pixels; yields
+    ``(slice_y, slice_x)``. Used by the registered view and by drizzle alike."""
+    ty, tx = (tile, tile) if np.isscalar(tile) else tile
+    for y0 in range(0, shape[0], ty):
+        for x0 in range(0, shape[1], tx):
+            yield slice(y0, min(y0 + ty, shape[0])), slice(x0, min(x0 + tx, shape[1]))
