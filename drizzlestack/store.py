@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
@@ -268,16 +269,22 @@ def open_stack(store) -> xr.Dataset:
     xarray.Dataset
     """
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
-    ds = xr.open_zarr(str(st.path), consolidated=False, chunks={}, zarr_format=3)
     n = st.n_frames
-    if "frame" in ds.dims and ds.sizes["frame"] != n:
-        ds = ds.isel(frame=slice(0, n))
-    for name in list(ds.data_vars):
-        var = ds[name]
-        if var.dtype.kind in "UOT" or str(var.dtype).startswith("StringDType"):
-            ds[name] = var.load().astype(object)
-    ds = ds.assign_coords(frame=np.arange(ds.sizes.get("frame", 0)))
-    ds.attrs = dict(st.group.attrs)
+    variables = {}
+    for name, arr in st.group.arrays():
+        dims = tuple(arr.metadata.dimension_names or (f"{name}_dim{i}" for i in range(arr.ndim)))
+        if arr.dtype.kind in "UOT" or str(arr.dtype).startswith("StringDType"):
+            # Small per-frame text (paths, headers, statuses): load now, as Python strings.
+            data = np.asarray(arr[...]).astype(object)
+        else:
+            data = da.from_zarr(arr, chunks=arr.chunks, name=f"{name}-{st.path.name}-{arr.shape}-{n}")
+        if dims and dims[0] == "frame" and data.shape[0] != n:
+            # Rows past n_frames belong to an append that never committed.
+            data = data[:n]
+        variables[name] = xr.Variable(dims, data, attrs=dict(arr.attrs))
+    ds = xr.Dataset(variables, attrs=dict(st.group.attrs))
+    if "frame" in ds.dims:
+        ds = ds.assign_coords(frame=np.arange(ds.sizes["frame"]))
     return ds
 
 

@@ -104,11 +104,12 @@ def read_frame(path, saturation: float | None = None) -> Frame:
                 if index is None:
                     raise FrameReadError(f"{name}: no image data in any HDU")
                 hdu = hdul[index]
+                # Before touching .data: astropy rewrites BITPIX/BSCALE/BZERO once it scales.
+                type_max = _type_maximum(hdu)
+                header = hdu.header.copy()
                 raw = hdu.data
                 if raw is None:
                     raise FrameReadError(f"{name}: HDU {index} holds no image data")
-                header = hdu.header.copy()
-                type_max = _type_maximum(hdu)
     except FrameReadError:
         raise
     except FileNotFoundError:

@@ -1,0 +1,52 @@
+"""Shared fixtures: small simulated observations (session-scoped: simulating costs time),
+paths to the real frames in ../shared/data, and a scheduler that counts computations."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import dask
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory):
+    """6 frames of 128x160 px with saturated stars, cosmic rays, a trail and hot pixels."""
+    from drizzlestack.simulate import simulate
+
+    d = tmp_path_factory.mktemp("small_sim")
+    return simulate(d, n_frames=6, shape=(128, 160), n_stars=80, n_galaxies=2, seed=7)
+
+
+@pytest.fixture
+def hatp32_files():
+    files = sorted((SHARED_DATA / "hatp32").glob("*.fits.gz"))
+    if not files:
+        pytest.skip("real frames not available (../shared/data/hatp32)")
+    return files
+
+
+class CountingScheduler:
+    """A dask scheduler that counts how often it is asked to compute (as xarray's
+    ``raise_if_dask_computes``); ``max_computes`` beyond which it raises."""
+
+    def __init__(self, max_computes: int = 0):
+        self.max_computes = max_computes
+        self.total = 0
+
+    def __call__(self, dsk, keys, **kwargs):
+        self.total += 1
+        if self.total > self.max_computes:
+            raise RuntimeError(f"too many dask computations: {self.total} > {self.max_computes}")
+        return dask.get(dsk, keys, **kwargs)
+
+
+@contextlib.contextmanager
+def raise_if_dask_computes(max_computes: int = 0):
+    sched = CountingScheduler(max_computes)
+    with dask.config.set(scheduler=sched):
+        yield sched

@@ -1,0 +1,196 @@
+"""FITS ingest: every supported flavour round-trips exactly; bad input is refused or
+skipped with a message naming the file, and never costs frames already in the store."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import drizzlestack as ds
+from drizzlestack.cli import main as cli_main
+from drizzlestack.store import StackStore
+
+SHAPE = (24, 32)
+RNG = np.random.default_rng(42)
+
+
+def _write(path, hdus):
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path
+
+
+def flavours(tmp_path):
+    """(name, path, expected float32 data, expected saturation) for each supported flavour."""
+    out = []
+    u8 = RNG.integers(0, 256, SHAPE).astype(np.uint8)
+    out.append(("bitpix8", _write(tmp_path / "b8.fits", [fits.PrimaryHDU(u8)]), u8, 255.0))
+    i16 = RNG.integers(-32768, 32767, SHAPE).astype(np.int16)
+    out.append(("bitpix16", _write(tmp_path / "b16.fits", [fits.PrimaryHDU(i16)]), i16, 32767.0))
+    u16 = RNG.integers(0, 65536, SHAPE).astype(np.uint16)  # astropy writes BITPIX 16 + BZERO 32768
+    out.append(("uint16-bzero", _write(tmp_path / "u16.fits", [fits.PrimaryHDU(u16)]), u16, 65535.0))
+    i32 = RNG.integers(-(2**20), 2**20, SHAPE).astype(np.int32)  # exact in float32
+    out.append(("bitpix32", _write(tmp_path / "b32.fits", [fits.PrimaryHDU(i32)]), i32, 2**31 - 1))
+    f32 = RNG.normal(100, 10, SHAPE).astype(np.float32)
+    out.append(("bitpix-32", _write(tmp_path / "f32.fits", [fits.PrimaryHDU(f32)]), f32, np.inf))
+    f64 = RNG.normal(100, 10, SHAPE)
+    out.append(("bitpix-64", _write(tmp_path / "f64.fits", [fits.PrimaryHDU(f64)]), f64.astype(np.float32), np.inf))
+    # BSCALE/BZERO on 16-bit integers: physical = 0.5 * raw + 1000
+    raw = RNG.integers(-1000, 1000, SHAPE).astype(np.int16)
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 0.5, 1000.0
+    p = tmp_path / "bscale.fits"
+    hdu.writeto(p, overwrite=True)
+    with fits.open(p) as f:  # reference values from astropy itself
+        expected = f[0].data.astype(np.float32)
+    out.append(("bscale", p, expected, 0.5 * 32767 + 1000))
+    # gzip
+    gz = tmp_path / "u16.fits.gz"
+    with open(tmp_path / "u16.fits", "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    out.append(("gzip", gz, u16, 65535.0))
+    # tile-compressed, integer (lossless RICE) and float (lossless GZIP, no quantization)
+    out.append(("rice-uint16", _write(tmp_path / "rice.fits", [fits.PrimaryHDU(), fits.CompImageHDU(u16, compression_type="RICE_1")]), u16, 65535.0))
+    out.append(("gzip-float", _write(tmp_path / "gzf.fits", [fits.PrimaryHDU(), fits.CompImageHDU(f32, compression_type="GZIP_1", quantize_level=0.0)]), f32, np.inf))
+    # data in the first image extension, empty primary
+    out.append(("extension", _write(tmp_path / "ext.fits", [fits.PrimaryHDU(), fits.ImageHDU(f32, name="SCI")]), f32, np.inf))
+    return out
+
+
+def test_every_fits_flavour_round_trips(tmp_path):
+    for name, path, expected, saturation in flavours(tmp_path):
+        store = tmp_path / f"{name}.zarr"
+        stack = ds.ingest([path], store)
+        got = stack.frames[0].values
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(expected, dtype=np.float32), err_msg=name)
+        assert stack.saturation.values[0] == pytest.approx(saturation), name
+        assert stack.path.values[0] == str(path.resolve())
+        assert stack.status.values[0] == "ok"
+
+
+def test_exposure_saturation_and_header_are_kept(tmp_path):
+    data = RNG.normal(100, 5, SHAPE).astype(np.float32)
+    h1 = fits.PrimaryHDU(data)
+    h1.header["EXPTIME"] = 30.0
+    h1.header["SATURATE"] = 4095
+    h1.header["FILTER"] = "Ha"
+    _write(tmp_path / "a.fits", [h1])
+    h2 = fits.PrimaryHDU(data)
+    h2.header["EXPOSURE"] = 12.5
+    _write(tmp_path / "b.fits", [h2])
+    stack = ds.ingest([tmp_path / "a.fits", tmp_path / "b.fits"], tmp_path / "s.zarr")
+    assert list(stack.exptime.values) == [30.0, 12.5]
+    assert stack.saturation.values[0] == 4095
+    assert np.isinf(stack.saturation.values[1])
+    header = fits.Header.fromstring(stack.header.values[0], sep="\n")
+    assert header["FILTER"] == "Ha"
+    # user override wins over the header
+    stack = ds.ingest([tmp_path / "a.fits"], tmp_path / "t.zarr", saturation=4000)
+    assert stack.saturation.values[0] == 4000
+
+
+def test_reingest_is_a_noop_and_new_files_append(tmp_path, small_sim):
+    store = tmp_path / "s.zarr"
+    ds.ingest(small_sim.files[:3], store)
+    before = ds.open_stack(store).frames.values.copy()
+    stack = ds.ingest(small_sim.files[:3], store)
+    assert stack.sizes["frame"] == 3
+    stack = ds.ingest(small_sim.files, store)  # 3 known + 3 new
+    assert stack.sizes["frame"] == len(small_sim.files)
+    np.testing.assert_array_equal(stack.frames[:3].values, before)
+    assert [str(p) for p in stack.path.values] == small_sim.files
+
+
+def test_non_finite_pixels_become_nan(tmp_path):
+    data = RNG.normal(100, 5, SHAPE).astype(np.float32)
+    data[3, 4], data[5, 6], data[7, 8] = np.nan, np.inf, -np.inf
+    _write(tmp_path / "nf.fits", [fits.PrimaryHDU(data)])
+    frame = ds.ingest([tmp_path / "nf.fits"], tmp_path / "s.zarr").frames[0].values
+    assert np.isnan(frame[3, 4]) and np.isnan(frame[5, 6]) and np.isnan(frame[7, 8])
+    assert np.isfinite(frame).sum() == frame.size - 3
+
+
+def _good(tmp_path, name="good.fits", value=None):
+    data = RNG.normal(100, 5, SHAPE).astype(np.float32) if value is None else np.full(SHAPE, value, np.float32)
+    return _write(tmp_path / name, [fits.PrimaryHDU(data)])
+
+
+def test_bad_files_are_skipped_with_named_reasons_and_others_go_on(tmp_path):
+    good1, good2 = _good(tmp_path, "good1.fits"), _good(tmp_path, "good2.fits")
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(good1.read_bytes()[:4000])
+    notfits = tmp_path / "notes.fits"
+    notfits.write_text("this is not a FITS file\n" * 200)
+    table_only = _write(tmp_path / "table.fits", [fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column(name="a", format="E", array=np.arange(3.0))])])
+    cube = _write(tmp_path / "cube.fits", [fits.PrimaryHDU(np.zeros((3,) + SHAPE, np.float32))])
+    other_shape = _write(tmp_path / "small.fits", [fits.PrimaryHDU(np.zeros((10, 10), np.float32))])
+    missing = tmp_path / "missing.fits"
+    store = tmp_path / "s.zarr"
+    ds.ingest([good1], store)
+    with pytest.warns(ds.DrizzlestackWarning) as record:
+        stack = ds.ingest([truncated, notfits, table_only, cube, other_shape, missing, good2], store)
+    messages = [str(w.message) for w in record]
+    expect = {"truncated.fits": "truncated", "notes.fits": "unreadable", "table.fits": "no image data",
+              "cube.fits": "3-D", "small.fits": "differs from the store", "missing.fits": "no such file"}
+    for name, reason in expect.items():
+        assert any(name in m and reason in m for m in messages), (name, messages)
+    assert stack.sizes["frame"] == 2  # good1 kept, good2 appended
+    assert [p.split("/")[-1] for p in stack.path.values] == ["good1.fits", "good2.fits"]
+
+
+def test_cli_exit_status_says_some_were_skipped(tmp_path, capsys):
+    good = _good(tmp_path)
+    bad = tmp_path / "bad.fits"
+    bad.write_text("garbage")
+    assert cli_main(["ingest", str(tmp_path / "s.zarr"), str(good), str(bad), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "skipped bad.fits: unreadable" in out
+    assert cli_main(["ingest", str(tmp_path / "s.zarr"), str(good), "--no-progress"]) == 0
+    assert "1 already in the store" in capsys.readouterr().out
+
+
+def test_all_nan_and_constant_frames_are_ingested_but_excluded(tmp_path):
+    good = _good(tmp_path)
+    nan = _good(tmp_path, "nan.fits", value=np.nan)
+    const = _good(tmp_path, "const.fits", value=7.0)
+    with pytest.warns(ds.DrizzlestackWarning, match="excluded"):
+        stack = ds.ingest([good, nan, const], tmp_path / "s.zarr")
+    status = list(stack.status.values)
+    assert status[0] == "ok"
+    assert status[1].startswith("excluded: all pixels are NaN")
+    assert status[2] == "excluded: constant frame (every pixel is 7)"
+
+
+def test_store_path_that_is_not_a_store_is_refused_and_untouched(tmp_path, capsys):
+    good = _good(tmp_path)
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"\xff\xd8jpeg")
+    with pytest.raises(ds.StoreError, match="photos: .*not a drizzlestack store"):
+        ds.ingest([good], target)
+    assert sorted(p.name for p in target.iterdir()) == ["holiday.jpg"]
+    assert cli_main(["ingest", str(target), str(good)]) == 2
+    assert "not a drizzlestack store" in capsys.readouterr().err
+
+
+def test_pattern_matching_nothing_is_an_error(tmp_path):
+    with pytest.raises(ds.DrizzlestackError, match="matches no file"):
+        ds.ingest([str(tmp_path / "*.fits")], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_real_frames_and_paths_spelled_differently(tmp_path, hatp32_files):
+    stack = ds.ingest(hatp32_files[:3], tmp_path / "s.zarr")
+    assert stack.sizes == {"frame": 3, "y": 500, "x": 650}
+    with fits.open(hatp32_files[0]) as f:
+        np.testing.assert_array_equal(stack.frames[0].values, f[0].data.astype(np.float32))
+    assert (stack.exptime.values == 60).all()
+    # the same files through a different spelling of their paths: still a no-op
+    relative = [f.parent / ".." / f.parent.name / f.name for f in hatp32_files[:3]]
+    ds.ingest(relative, tmp_path / "s.zarr")
+    assert StackStore.open(tmp_path / "s.zarr").n_frames == 3

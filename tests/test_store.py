@@ -1,0 +1,108 @@
+"""The stack store: laziness, refusal of foreign paths, crash safety, step bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+import drizzlestack as ds
+from drizzlestack.store import StackStore, open_stack
+from conftest import raise_if_dask_computes
+
+
+def _store_with_frames(path, n=3, shape=(40, 50), chunk=16):
+    st = StackStore.create(path, shape, chunk=chunk)
+    rng = np.random.default_rng(0)
+    frames = [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+    for i, f in enumerate(frames):
+        st.append_frame(f, path=f"/data/f{i}.fits", exptime=10.0 + i, header="X", status="ok", saturation=1e4)
+    return st, frames
+
+
+def test_open_stack_is_lazy_and_slicing_reads_only_the_slice(tmp_path, monkeypatch):
+    st, frames = _store_with_frames(tmp_path / "s.zarr", n=4)
+    with raise_if_dask_computes(0):
+        stack = ds.open_stack(st.path)
+        window = stack.frames.isel(frame=2, y=slice(3, 9), x=slice(17, 30))
+        mean = stack.frames.mean("frame")  # building a graph must not compute
+    reads = []
+    original = zarr.Array.__getitem__
+
+    def counting_getitem(self, selection):
+        reads.append((self.path, selection))
+        return original(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting_getitem)
+    with raise_if_dask_computes(1) as counter:
+        values = window.values
+    assert counter.total == 1
+    np.testing.assert_array_equal(values, frames[2][3:9, 17:30])
+    # The window lies in one 16x16 chunk of one frame: one read, not the stack.
+    frame_reads = [r for r in reads if r[0].endswith("frames")]
+    assert len(frame_reads) == 1, frame_reads
+    np.testing.assert_allclose(mean.values, np.mean(frames, axis=0), rtol=1e-6)
+
+
+def test_frames_chunked_one_frame_per_chunk(tmp_path):
+    st, _ = _store_with_frames(tmp_path / "s.zarr", n=2, shape=(40, 50), chunk=16)
+    stack = open_stack(st.path)
+    assert stack.frames.data.chunksize == (1, 16, 16)
+    assert stack.frames.dtype == np.float32
+
+
+def test_refuses_a_path_that_is_not_a_store(tmp_path):
+    plain = tmp_path / "mydata"
+    plain.mkdir()
+    (plain / "keep.txt").write_text("precious")
+    with pytest.raises(ds.StoreError, match="mydata.*not a drizzlestack store"):
+        StackStore.create(plain, (10, 10))
+    with pytest.raises(ds.StoreError, match="not a drizzlestack store"):
+        StackStore.open(plain)
+    assert (plain / "keep.txt").read_text() == "precious"
+    other = zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3)
+    other.attrs["hello"] = 1
+    with pytest.raises(ds.StoreError, match="marker"):
+        open_stack(tmp_path / "other.zarr")
+    afile = tmp_path / "afile.zarr"
+    afile.write_text("x")
+    with pytest.raises(ds.StoreError, match="is a file"):
+        open_stack(afile)
+
+
+def test_interrupted_append_is_trimmed_and_slot_reused(tmp_path):
+    st, frames = _store_with_frames(tmp_path / "s.zarr", n=2)
+    # Simulate a crash after the pixels of a third frame were written but before commit.
+    st.group["frames"].resize((3, 40, 50))
+    st.group["frames"][2] = 99.0
+    st.group["path"].resize((3,))
+    st.group["path"][2] = "/half/written.fits"
+    reopened = StackStore.open(st.path)
+    assert reopened.n_frames == 2
+    assert open_stack(st.path).sizes["frame"] == 2
+    assert reopened.paths() == ["/data/f0.fits", "/data/f1.fits"]
+    new = np.full((40, 50), 5.0, np.float32)
+    assert reopened.append_frame(new, path="/data/new.fits", status="ok") == 2
+    stack = open_stack(st.path)
+    np.testing.assert_array_equal(stack.frames[2].values, new)
+    np.testing.assert_array_equal(stack.frames[0].values, frames[0])
+    assert list(stack.path.values) == ["/data/f0.fits", "/data/f1.fits", "/data/new.fits"]
+
+
+def test_step_bookkeeping_detects_changed_parameters(tmp_path):
+    st, _ = _store_with_frames(tmp_path / "s.zarr")
+    st.begin_step("register", {"model": "homography"}, inputs={"frames": 3})
+    assert not st.is_current("register", {"model": "homography"}, inputs={"frames": 3})  # incomplete
+    st.end_step("register", registered=3)
+    assert st.is_current("register", {"model": "homography"}, inputs={"frames": 3})
+    assert not st.is_current("register", {"model": "affine"}, inputs={"frames": 3})
+    assert not st.is_current("register", {"model": "homography"}, inputs={"frames": 4})
+    again = StackStore.open(st.path)
+    assert again.step("register")["summary"] == {"registered": 3}
+
+
+def test_append_refuses_wrong_shape(tmp_path):
+    st, _ = _store_with_frames(tmp_path / "s.zarr", n=1)
+    with pytest.raises(ds.StoreError, match="differs"):
+        st.append_frame(np.zeros((10, 10), np.float32))
+    assert StackStore.open(st.path).n_frames == 1
