@@ -72,8 +72,13 @@ def _jobqueue_cluster(name: str, opts: SchedulerOptions):
         kwargs = doc.get("jobqueue", {}).get(name, doc.get(name, doc))
         if not isinstance(kwargs, dict):
             raise DrizzlestackError(f"{opts.jobqueue_config}: expected a mapping of {JOBQUEUE[name]} arguments")
-    if opts.memory_limit and "memory" not in kwargs:
-        kwargs["memory"] = opts.memory_limit
+    kwargs = dict(kwargs)
+    if opts.memory_limit:
+        kwargs["memory"] = opts.memory_limit  # the command line wins over the file
+    if not kwargs.get("interface") and "scheduler_options" not in kwargs:
+        # Listen on localhost unless told otherwise; a real cluster sets `interface`
+        # (e.g. ib0) or `scheduler_options: {host: ...}` so the jobs can reach it.
+        kwargs["scheduler_options"] = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
     cls = getattr(dask_jobqueue, JOBQUEUE[name])
     return cls(**kwargs)
 
