@@ -1,0 +1,359 @@
+"""Star detection and measurement for registration.
+
+Background and noise maps and detection come from ``sep`` (Source Extractor as a
+library). Positions do **not** come from sep's windowed centroids: on undersampled
+stars (FWHM 1-2 px) a Gaussian window narrower than ~1.5 px has a pixel-phase bias of
+0.02-0.1 px, and a wider one fails on faint stars. Instead every star is fitted with a
+*pixel-integrated* circular Gaussian (the model pixel value is the Gaussian integrated
+over the pixel's square, ``A [Phi(x+1/2) - Phi(x-1/2)] [Phi(y+1/2) - Phi(y-1/2)] + b``),
+which has no pixel-phase bias for any sampling. The fit is a Levenberg-Marquardt
+iteration vectorised over all stars at once (small stamps, five parameters each).
+
+Sharp single-pixel sources (hot pixels, cosmic rays, their one-pixel tails) are rejected:
+a real star, even undersampled, spreads light into its neighbours along *both* axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sep
+from scipy.special import erf
+
+#: columns of a star table, in order (the ``field`` coordinate of the store's ``stars``)
+FIELDS = ("x", "y", "flux", "fwhm", "peak", "snr", "flags")
+#: ``flags`` bits
+FLAG_SATURATED = 1  #: the star has pixels at or above the saturation level (fitted on its wings)
+FLAG_BLENDED = 2  #: deblended from, or overlapping, another source
+FLAG_TRUNCATED = 4  #: the fitting stamp was cut by the frame edge or by invalid pixels
+FLAG_NOFIT = 8  #: the profile fit did not converge; position is sep's windowed centroid
+
+SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
+_SQRT2 = np.sqrt(2.0)
+_SQRTPI = np.sqrt(np.pi)
+# sep keeps every pixel of every object in a buffer: crowded 4k x 4k frames exceed its
+# default (300 000 pixels), so raise it once (a few MB).
+_PIXSTACK = 3_000_000
+
+
+@dataclass
+class StarList:
+    """Stars of one frame and the frame's measured properties.
+
+    Attributes
+    ----------
+    table : (n, 7) float64 ndarray
+        Columns :data:`FIELDS`, sorted by decreasing flux.
+    background, noise : float
+        Median background level and global background RMS (ADU).
+    fwhm : float
+        Median FWHM of the well-measured stars (px), NaN without any.
+    n_rejected : int
+        Sharp single-pixel sources (hot pixels, cosmic rays) rejected.
+    """
+
+    table: np.ndarray
+    background: float = np.nan
+    noise: float = np.nan
+    fwhm: float = np.nan
+    n_rejected: int = 0
+
+    def __len__(self) -> int:
+        return int(self.table.shape[0])
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table[:, FIELDS.index(name)]
+
+    @property
+    def xy(self) -> np.ndarray:
+        """``(n, 2)`` positions."""
+        return self.table[:, :2]
+
+    def position_sigma(self) -> np.ndarray:
+        """Expected 1-sigma error per axis of each position (px), from FWHM and SNR.
+
+        For a Gaussian star of width ``s`` the centroid error is between ``s / SNR``
+        (source noise) and ``sqrt(2) s / SNR`` (background noise); the pessimistic
+        value is used, with the pixel width added in quadrature to ``s``.
+        """
+        s2 = (self.column("fwhm") / SIGMA_TO_FWHM) ** 2 + 1.0 / 12.0
+        snr = np.maximum(self.column("snr"), 1.0)
+        return np.sqrt(2.0 * s2) / snr
+
+
+def empty_table() -> np.ndarray:
+    return np.empty((0, len(FIELDS)), dtype=np.float64)
+
+
+def _pixel_profile(pix, centre, sigma):
+    """Pixel-integrated 1-D Gaussian (unit total) and its derivatives.
+
+    ``pix`` (n, K) pixel-centre coordinates; ``centre``, ``sigma`` (n,). Returns
+    ``E, dE/dcentre, dE/dsigma``, each (n, K).
+    """
+    c = centre[:, None]
+    s = sigma[:, None]
+    hi = (pix + 0.5 - c) / (_SQRT2 * s)
+    lo = (pix - 0.5 - c) / (_SQRT2 * s)
+    ghi, glo = np.exp(-hi * hi), np.exp(-lo * lo)
+    e = 0.5 * (erf(hi) - erf(lo))
+    de_dc = -(ghi - glo) / (_SQRTPI * _SQRT2 * s)
+    de_ds = -(hi * ghi - lo * glo) / (_SQRTPI * s)
+    return e, de_dc, de_ds
+
+
+def _model(params, px, py):
+    """Model stamps (n, K, K) and Jacobian (n, K, K, 5) for params (x, y, A, s, b)."""
+    x, y, a, s, b = params.T
+    ex, dex_dx, dex_ds = _pixel_profile(px, x, s)
+    ey, dey_dy, dey_ds = _pixel_profile(py, y, s)
+    prof = ey[:, :, None] * ex[:, None, :]
+    model = a[:, None, None] * prof + b[:, None, None]
+    jac = np.empty(prof.shape + (5,))
+    jac[..., 0] = a[:, None, None] * ey[:, :, None] * dex_dx[:, None, :]
+    jac[..., 1] = a[:, None, None] * dey_dy[:, :, None] * ex[:, None, :]
+    jac[..., 2] = prof
+    jac[..., 3] = a[:, None, None] * (dey_ds[:, :, None] * ex[:, None, :] + ey[:, :, None] * dex_ds[:, None, :])
+    jac[..., 4] = 1.0
+    return model, jac
+
+
+def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 25, min_sigma: float = 0.15):
+    """Least-squares fit of pixel-integrated circular Gaussians to many stamps at once.
+
+    Parameters
+    ----------
+    stamps : (n, K, K) float64
+        Background-subtracted pixel values (any value where not ``valid``).
+    valid : (n, K, K) bool
+        Pixels that take part in the fit.
+    px, py : (n, K) float64
+        Pixel-centre x of the stamp columns and y of its rows, in frame pixels.
+    init : (n, 5) float64
+        Starting ``(x, y, flux, sigma, background offset)``.
+
+    Returns
+    -------
+    params : (n, 5) float64
+        Fitted ``(x, y, flux, sigma, b)``.
+    cov : (n, 5, 5) float64
+        Parameter covariance, scaled by the reduced chi-square (so it includes the
+        source's own photon noise, which a uniform-weight fit does not model).
+    ok : (n,) bool
+        The fit converged to a sensible star.
+    """
+    n = stamps.shape[0]
+    w = valid.astype(np.float64)
+    data = np.where(valid, stamps, 0.0)
+    p = init.astype(np.float64).copy()
+    lam = np.full(n, 1e-3)
+    model, jac = _model(p, px, py)
+    chi2 = np.sum(w * (data - model) ** 2, axis=(1, 2))
+    eye = np.eye(5)
+    for _ in range(n_iter):
+        jw = jac * w[..., None]
+        jtj = np.einsum("nijk,nijl->nkl", jw, jac)
+        jtr = np.einsum("nijk,nij->nk", jw, data - model)
+        diag = np.einsum("nkk->nk", jtj)
+        a = jtj + lam[:, None, None] * diag[:, :, None] * eye
+        try:
+            step = np.linalg.solve(a, jtr[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            a = a + 1e-9 * eye
+            step = np.linalg.lstsq(a.reshape(-1, 5), jtr.reshape(-1), rcond=None)[0] if n == 1 else \
+                np.linalg.solve(a, jtr[..., None])[..., 0]
+        trial = p + step
+        trial[:, 3] = np.maximum(trial[:, 3], min_sigma)
+        t_model, t_jac = _model(trial, px, py)
+        t_chi2 = np.sum(w * (data - t_model) ** 2, axis=(1, 2))
+        better = np.isfinite(t_chi2) & (t_chi2 <= chi2)
+        p = np.where(better[:, None], trial, p)
+        model = np.where(better[:, None, None], t_model, model)
+        jac = np.where(better[:, None, None, None], t_jac, jac)
+        small = np.abs(chi2 - t_chi2) <= 1e-10 * np.maximum(chi2, 1e-30)
+        chi2 = np.where(better, t_chi2, chi2)
+        lam = np.where(better, lam * 0.3, lam * 10.0)
+        if np.all(small | (lam > 1e8)):
+            break
+    jw = jac * w[..., None]
+    jtj = np.einsum("nijk,nijl->nkl", jw, jac)
+    dof = np.maximum(w.sum(axis=(1, 2)) - 5.0, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = np.linalg.pinv(jtj) * (chi2 / dof)[:, None, None]
+    ok = np.all(np.isfinite(p), axis=1) & (p[:, 2] > 0)
+    return p, cov, ok
+
+
+def _stamp_indices(xc, yc, radius):
+    offs = np.arange(-radius, radius + 1)
+    ix = np.floor(xc + 0.5).astype(np.int64)[:, None] + offs
+    iy = np.floor(yc + 0.5).astype(np.int64)[:, None] + offs
+    return ix, iy
+
+
+def _spike_ratios(d, ix0, iy0):
+    """Light in the two neighbours along x and along y, relative to the peak pixel."""
+    ny, nx = d.shape
+    pad = np.pad(d, 1, mode="constant", constant_values=0.0)
+    xs, ys = ix0 + 1, iy0 + 1
+    peak = pad[ys, xs]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rx = (pad[ys, xs - 1] + pad[ys, xs + 1]) / peak
+        ry = (pad[ys - 1, xs] + pad[ys + 1, xs]) / peak
+    return rx, ry, peak
+
+
+def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, max_stars: int | None = 3000,
+                 min_snr: float = 5.0, background_box: int = 64) -> StarList:
+    """Detect and measure the stars of one frame.
+
+    Parameters
+    ----------
+    data : (ny, nx) array_like
+        Frame pixels; NaN means no data.
+    saturation : float, optional
+        Saturation level of the *raw* pixel values (ADU). Pixels at or above 99.5 % of
+        it are left out of the fits and their star is flagged :data:`FLAG_SATURATED`.
+    threshold : float
+        Detection threshold in units of the local background noise (on sep's
+        matched-filtered image).
+    max_stars : int, optional
+        Keep at most this many stars (the brightest).
+    min_snr : float
+        Drop stars whose fitted flux has a lower signal-to-noise ratio.
+    background_box : int
+        Mesh size of the background and noise maps (px).
+
+    Returns
+    -------
+    StarList
+        Empty (with the background and noise still measured when possible) when the
+        frame has no detectable star, e.g. a blank frame.
+
+    Notes
+    -----
+    Single-pixel sources are rejected when the two neighbours along x or along y hold
+    less than 12 % of the peak pixel's light (a centred FWHM 1.0 px star puts 32 % there,
+    a hot pixel ~0, a cosmic ray with a one-pixel tail ~0 across the tail), and, after
+    the fit, when a source is narrower than 40 % of the frame's median width.
+    """
+    data = np.asarray(data)
+    raw = np.ascontiguousarray(data, dtype=np.float32)
+    bad = ~np.isfinite(raw)
+    sat_level = None
+    if saturation is not None and np.isfinite(saturation) and saturation > 0:
+        sat_level = 0.995 * float(saturation)
+    if bad.all():
+        return StarList(empty_table())
+    work = np.where(bad, np.float32(0.0), raw) if bad.any() else raw
+    ny, nx = work.shape
+    box = int(min(background_box, max(8, min(ny, nx) // 4)))
+    bkg = sep.Background(work, mask=bad if bad.any() else None, bw=box, bh=box, fw=3, fh=3)
+    back = bkg.back()
+    noise = float(bkg.globalrms)
+    background = float(bkg.globalback)
+    if not np.isfinite(noise) or noise <= 0:
+        return StarList(empty_table(), background, noise)
+    rms = bkg.rms()
+    rms = np.where(np.isfinite(rms) & (rms > 0), rms, noise).astype(np.float32)
+    d = (work - back).astype(np.float32)
+    d[bad] = 0.0
+    if sep.get_extract_pixstack() < _PIXSTACK:
+        sep.set_extract_pixstack(_PIXSTACK)
+    try:
+        objs, segmap = sep.extract(d, threshold, err=rms, mask=bad if bad.any() else None, minarea=3,
+                                   segmentation_map=True)
+    except Exception:  # sep raises a bare Exception on buffer overflows in pathological frames
+        # A frame so crowded (or so noisy) that sep's buffers overflow: retry with a
+        # higher threshold rather than give up on the frame.
+        try:
+            objs, segmap = sep.extract(d, 3 * threshold, err=rms, mask=bad if bad.any() else None,
+                                       minarea=3, segmentation_map=True)
+        except Exception:
+            return StarList(empty_table(), background, noise)
+    if len(objs) == 0:
+        return StarList(empty_table(), background, noise)
+
+    # Peak pixel of each object; spikes are judged there on the unfiltered image.
+    ix0 = np.clip(objs["xpeak"].astype(np.int64), 0, nx - 1)
+    iy0 = np.clip(objs["ypeak"].astype(np.int64), 0, ny - 1)
+    rx, ry, peak = _spike_ratios(d, ix0, iy0)
+    spike = (np.minimum(rx, ry) < 0.12) & (peak > 0)
+    raw_peak = raw[iy0, ix0]
+    if sat_level is not None:
+        # A saturated star has a flat top, so its peak neighbours are bright: never a spike.
+        spike &= raw_peak < sat_level
+    labels = np.arange(1, len(objs) + 1)
+    keep = ~spike
+    n_rejected = int(spike.sum())
+    objs, labels, ix0, iy0 = objs[keep], labels[keep], ix0[keep], iy0[keep]
+    if len(objs) == 0:
+        return StarList(empty_table(), background, noise, n_rejected=n_rejected)
+
+    # First guess of the width from the brighter stars' half-light radii: it sets the
+    # stamp size and the fit's starting point.
+    r_half, _ = sep.flux_radius(d, objs["x"], objs["y"], np.full(len(objs), 6.0), 0.5, subpix=5)
+    bright = np.argsort(-objs["flux"])[: max(20, len(objs) // 4)]
+    s_eff = np.nanmedian(r_half[bright]) / 1.1774 if np.any(np.isfinite(r_half[bright])) else 1.0
+    s0 = float(np.sqrt(max(s_eff ** 2 - 1.0 / 12.0, 0.09)))
+    radius = int(np.clip(np.ceil(2.2 * s0 * SIGMA_TO_FWHM / 2.0 + 1.0), 3, 10))
+
+    # Stamps, with pixels of other objects, invalid pixels and saturated pixels left out.
+    ix, iy = _stamp_indices(objs["x"], objs["y"], radius)
+    inside = (ix[:, None, :] >= 0) & (ix[:, None, :] < nx) & (iy[:, :, None] >= 0) & (iy[:, :, None] < ny)
+    cix, ciy = np.clip(ix, 0, nx - 1), np.clip(iy, 0, ny - 1)
+    stamps = d[ciy[:, :, None], cix[:, None, :]].astype(np.float64)
+    seg = segmap[ciy[:, :, None], cix[:, None, :]]
+    usable = inside & ~bad[ciy[:, :, None], cix[:, None, :]]
+    own = (seg == 0) | (seg == labels[:, None, None])
+    saturated_px = np.zeros_like(usable)
+    if sat_level is not None:
+        saturated_px = raw[ciy[:, :, None], cix[:, None, :]] >= sat_level
+    valid = usable & own & ~saturated_px
+    flags = np.zeros(len(objs), dtype=np.int64)
+    flags[np.any(saturated_px & inside, axis=(1, 2)) | ((raw_peak[keep] >= sat_level) if sat_level else False)] \
+        |= FLAG_SATURATED
+    flags[np.any(~own & inside, axis=(1, 2)) | ((objs["flag"] & sep.OBJ_MERGED) != 0)] |= FLAG_BLENDED
+    flags[np.any(~usable, axis=(1, 2))] |= FLAG_TRUNCATED
+
+    init = np.column_stack([objs["x"], objs["y"], np.maximum(objs["flux"], 1e-3 + 0 * objs["flux"]),
+                            np.full(len(objs), s0), np.zeros(len(objs))]).astype(np.float64)
+    # Flux first guess: the stamp sum is far better than sep's isophotal flux.
+    init[:, 2] = np.maximum(np.sum(np.where(valid, stamps, 0.0), axis=(1, 2)), 1e-3)
+    params, cov, ok = fit_gaussians(stamps, valid, ix.astype(np.float64), iy.astype(np.float64), init)
+    moved = np.hypot(params[:, 0] - objs["x"], params[:, 1] - objs["y"])
+    ok &= (moved < 1.5) & (params[:, 3] < 4.0 * s0 + 1.0) & (valid.sum(axis=(1, 2)) >= 6)
+    # A few stars (blends, saturated cores) do not converge: keep them with sep's
+    # windowed centroid, flagged, so they can still serve for pattern matching.
+    if not np.all(ok):
+        bad_fit = ~ok
+        wx, wy, _ = sep.winpos(d, objs["x"][bad_fit], objs["y"][bad_fit], max(s0 * 1.5, 1.0))
+        params[bad_fit, 0], params[bad_fit, 1] = wx, wy
+        params[bad_fit, 2] = init[bad_fit, 2]
+        params[bad_fit, 3] = s0
+        flags[bad_fit] |= FLAG_NOFIT
+
+    with np.errstate(invalid="ignore"):
+        flux_err = np.sqrt(np.maximum(cov[:, 2, 2], 0.0))
+        snr = np.where(ok & (flux_err > 0), params[:, 2] / flux_err,
+                       init[:, 2] / (noise * np.sqrt(4 * np.pi * (s0 ** 2 + 1 / 12))))
+    fwhm = params[:, 3] * SIGMA_TO_FWHM
+    peak = np.array([d[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].max() for x, y in zip(ix0, iy0)], dtype=np.float64)
+
+    good_width = ok & (flags == 0) & (snr > 20)
+    med_sigma = float(np.median(params[good_width, 3])) if good_width.sum() >= 3 else s0
+    # Narrow after the fit: a spike that slipped past the neighbour test (faint ones).
+    narrow = ok & (params[:, 3] < 0.4 * med_sigma) & ((flags & FLAG_SATURATED) == 0)
+    inframe = (params[:, 0] > -0.5) & (params[:, 0] < nx - 0.5) & (params[:, 1] > -0.5) & (params[:, 1] < ny - 0.5)
+    keep = ~narrow & (snr >= min_snr) & inframe & np.isfinite(params[:, 0]) & np.isfinite(params[:, 1])
+    n_rejected += int(narrow.sum())
+    table = np.column_stack([params[:, 0], params[:, 1], params[:, 2], fwhm, peak, snr, flags.astype(np.float64)])
+    table = table[keep]
+    table = table[np.argsort(-table[:, 2], kind="stable")]
+    if max_stars is not None:
+        table = table[:max_stars]
+    sel = (table[:, 6] == 0) & (table[:, 5] > 20)
+    frame_fwhm = float(np.median(table[sel, 3])) if sel.sum() >= 3 else (
+        float(np.median(table[:, 3])) if len(table) else np.nan)
+    return StarList(table, background, noise, frame_fwhm, n_rejected)
