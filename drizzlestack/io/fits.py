@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +139,70 @@ def read_frame(path, saturation: float | None = None) -> Frame:
         saturation = type_max
     return Frame(path=path, data=data, header=header, exptime=np.nan if exptime is None else exptime,
                  saturation=float(saturation), hdu_index=index)
+
+
+# ----------------------------------------------------------------------------- writing
+BLOCK = 2880
+
+
+def _pad(n: int) -> int:
+    return (-n) % BLOCK
+
+
+def write_streamed(path, images, rows_per_read: int = 256) -> None:
+    """Write a multi-extension FITS file whose images are read a band of rows at a time.
+
+    The whole image never sits in memory: each HDU's header is written, then its data
+    (big-endian float32) band by band from ``array[y0:y1]`` (a zarr or dask array, or
+    anything sliceable), then the padding to a 2880-byte block. The file is written to
+    a temporary name and renamed at the end, so a failed write never leaves a truncated
+    file under the final name.
+
+    Parameters
+    ----------
+    path : path-like
+        Output file.
+    images : list of (astropy.io.fits.Header, array, factor)
+        One per HDU, the first becoming the primary HDU. ``factor`` multiplies the data
+        as it is written (e.g. to normalize a weights image); ``None`` for none.
+    rows_per_read : int
+        Rows read and written at a time.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with open(tmp, "wb") as fh:
+            for k, (header, array, factor) in enumerate(images):
+                ny, nx = array.shape
+                hdr = header.copy()
+                hdu = fits.PrimaryHDU() if k == 0 else fits.ImageHDU()
+                full = hdu.header
+                full["BITPIX"] = -32
+                full["NAXIS"] = 2
+                full.set("NAXIS1", nx, after="NAXIS")
+                full.set("NAXIS2", ny, after="NAXIS1")
+                for card in hdr.cards:
+                    if card.keyword in ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",
+                                        "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "END"):
+                        continue
+                    if card.keyword in ("HISTORY", "COMMENT", ""):
+                        full.add_history(card.value) if card.keyword == "HISTORY" else full.append(card)
+                    else:
+                        full.append(card, end=True)
+                if k == 0 and len(images) > 1:
+                    full.set("EXTEND", True, after="NAXIS2")
+                text = full.tostring().encode("ascii")
+                fh.write(text)
+                written = 0
+                for y0 in range(0, ny, rows_per_read):
+                    band = np.asarray(array[y0:min(y0 + rows_per_read, ny)], dtype=np.float64)
+                    if factor is not None:
+                        band = band * factor
+                    raw = band.astype(">f4").tobytes()
+                    fh.write(raw)
+                    written += len(raw)
+                fh.write(b"\0" * _pad(written))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

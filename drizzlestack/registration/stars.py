@@ -143,42 +143,49 @@ def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 25, min_sigma: floa
     ok : (n,) bool
         The fit converged to a sensible star.
     """
-    n = stamps.shape[0]
-    w = valid.astype(np.float64)
-    data = np.where(valid, stamps, 0.0)
+    n, k = stamps.shape[0], stamps.shape[1]
+    w = valid.astype(np.float64).reshape(n, k * k)
+    data = np.where(valid, stamps, 0.0).reshape(n, k * k)
     p = init.astype(np.float64).copy()
     lam = np.full(n, 1e-3)
-    model, jac = _model(p, px, py)
-    chi2 = np.sum(w * (data - model) ** 2, axis=(1, 2))
     eye = np.eye(5)
+
+    def evaluate(params, sel):
+        model, jac = _model(params, px[sel], py[sel])
+        model = model.reshape(len(params), k * k)
+        jac = jac.reshape(len(params), k * k, 5)
+        return model, jac, np.sum(w[sel] * (data[sel] - model) ** 2, axis=1)
+
+    model, jac, chi2 = evaluate(p, slice(None))
+    active = np.arange(n)
+    # Only stars that still move are iterated: most converge in a handful of steps.
     for _ in range(n_iter):
-        jw = jac * w[..., None]
-        jtj = np.einsum("nijk,nijl->nkl", jw, jac)
-        jtr = np.einsum("nijk,nij->nk", jw, data - model)
+        if active.size == 0:
+            break
+        wa, ja = w[active], jac[active]
+        jw = ja * wa[..., None]
+        jtj = np.matmul(jw.transpose(0, 2, 1), ja)
+        jtr = np.matmul(jw.transpose(0, 2, 1), (data[active] - model[active])[..., None])[..., 0]
         diag = np.einsum("nkk->nk", jtj)
-        a = jtj + lam[:, None, None] * diag[:, :, None] * eye
+        a = jtj + lam[active, None, None] * diag[:, :, None] * eye
         try:
             step = np.linalg.solve(a, jtr[..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            a = a + 1e-9 * eye
-            step = np.linalg.lstsq(a.reshape(-1, 5), jtr.reshape(-1), rcond=None)[0] if n == 1 else \
-                np.linalg.solve(a, jtr[..., None])[..., 0]
-        trial = p + step
+        except np.linalg.LinAlgError:  # one singular stamp (e.g. all pixels masked) must not stop the rest
+            step = (np.linalg.pinv(a) @ jtr[..., None])[..., 0]
+        trial = p[active] + step
         trial[:, 3] = np.maximum(trial[:, 3], min_sigma)
-        t_model, t_jac = _model(trial, px, py)
-        t_chi2 = np.sum(w * (data - t_model) ** 2, axis=(1, 2))
-        better = np.isfinite(t_chi2) & (t_chi2 <= chi2)
-        p = np.where(better[:, None], trial, p)
-        model = np.where(better[:, None, None], t_model, model)
-        jac = np.where(better[:, None, None, None], t_jac, jac)
-        small = np.abs(chi2 - t_chi2) <= 1e-10 * np.maximum(chi2, 1e-30)
-        chi2 = np.where(better, t_chi2, chi2)
-        lam = np.where(better, lam * 0.3, lam * 10.0)
-        if np.all(small | (lam > 1e8)):
-            break
+        t_model, t_jac, t_chi2 = evaluate(trial, active)
+        better = np.isfinite(t_chi2) & (t_chi2 <= chi2[active])
+        upd = active[better]
+        p[upd], model[upd], jac[upd] = trial[better], t_model[better], t_jac[better]
+        done = (np.abs(chi2[active] - t_chi2) <= 1e-9 * np.maximum(chi2[active], 1e-30)) | \
+            (better & (np.max(np.abs(step[:, :2]), axis=1) < 1e-5))
+        chi2[upd] = t_chi2[better]
+        lam[active] = np.where(better, lam[active] * 0.3, lam[active] * 10.0)
+        active = active[~done & (lam[active] < 1e8)]
     jw = jac * w[..., None]
-    jtj = np.einsum("nijk,nijl->nkl", jw, jac)
-    dof = np.maximum(w.sum(axis=(1, 2)) - 5.0, 1.0)
+    jtj = np.matmul(jw.transpose(0, 2, 1), jac)
+    dof = np.maximum(w.sum(axis=1) - 5.0, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         cov = np.linalg.pinv(jtj) * (chi2 / dof)[:, None, None]
     ok = np.all(np.isfinite(p), axis=1) & (p[:, 2] > 0)
@@ -193,14 +200,15 @@ def _stamp_indices(xc, yc, radius):
 
 
 def _spike_ratios(d, ix0, iy0):
-    """Light in the two neighbours along x and along y, relative to the peak pixel."""
+    """Light in the two neighbours along x and along y, relative to the peak pixel
+    (a neighbour outside the frame counts as the peak's other neighbour)."""
     ny, nx = d.shape
-    pad = np.pad(d, 1, mode="constant", constant_values=0.0)
-    xs, ys = ix0 + 1, iy0 + 1
-    peak = pad[ys, xs]
+    xm, xp = np.where(ix0 > 0, ix0 - 1, ix0 + 1), np.where(ix0 < nx - 1, ix0 + 1, ix0 - 1)
+    ym, yp = np.where(iy0 > 0, iy0 - 1, iy0 + 1), np.where(iy0 < ny - 1, iy0 + 1, iy0 - 1)
+    peak = d[iy0, ix0].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rx = (pad[ys, xs - 1] + pad[ys, xs + 1]) / peak
-        ry = (pad[ys - 1, xs] + pad[ys + 1, xs]) / peak
+        rx = (d[iy0, xm] + d[iy0, xp]) / peak
+        ry = (d[ym, ix0] + d[yp, ix0]) / peak
     return rx, ry, peak
 
 
@@ -257,21 +265,24 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
         return StarList(empty_table(), background, noise)
     rms = bkg.rms()
     rms = np.where(np.isfinite(rms) & (rms > 0), rms, noise).astype(np.float32)
-    d = (work - back).astype(np.float32)
+    d = work - back
     d[bad] = 0.0
+    # Detect on the signal-to-noise image with an absolute threshold: the same as giving
+    # sep the noise map, at half the cost (sep's per-pixel error path is slow).
+    snr_image = d / rms
     if sep.get_extract_pixstack() < _PIXSTACK:
         sep.set_extract_pixstack(_PIXSTACK)
+    mask = bad if bad.any() else None
     try:
-        objs, segmap = sep.extract(d, threshold, err=rms, mask=bad if bad.any() else None, minarea=3,
-                                   segmentation_map=True)
+        objs, segmap = sep.extract(snr_image, threshold, mask=mask, minarea=3, segmentation_map=True)
     except Exception:  # sep raises a bare Exception on buffer overflows in pathological frames
         # A frame so crowded (or so noisy) that sep's buffers overflow: retry with a
         # higher threshold rather than give up on the frame.
         try:
-            objs, segmap = sep.extract(d, 3 * threshold, err=rms, mask=bad if bad.any() else None,
-                                       minarea=3, segmentation_map=True)
+            objs, segmap = sep.extract(snr_image, 3 * threshold, mask=mask, minarea=3, segmentation_map=True)
         except Exception:
             return StarList(empty_table(), background, noise)
+    del snr_image
     if len(objs) == 0:
         return StarList(empty_table(), background, noise)
 
@@ -287,7 +298,12 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     labels = np.arange(1, len(objs) + 1)
     keep = ~spike
     n_rejected = int(spike.sum())
-    objs, labels, ix0, iy0 = objs[keep], labels[keep], ix0[keep], iy0[keep]
+    if max_stars is not None and keep.sum() > 1.25 * max_stars + 50:
+        # Fitting is the costly part: fit only the brightest candidates (by sep's flux),
+        # with a margin for those the fit will reject.
+        order = np.argsort(-np.where(keep, objs["flux"], -np.inf))
+        keep[order[int(1.25 * max_stars + 50):]] = False
+    objs, labels, ix0, iy0, raw_peak = objs[keep], labels[keep], ix0[keep], iy0[keep], raw_peak[keep]
     if len(objs) == 0:
         return StarList(empty_table(), background, noise, n_rejected=n_rejected)
 
@@ -297,7 +313,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     bright = np.argsort(-objs["flux"])[: max(20, len(objs) // 4)]
     s_eff = np.nanmedian(r_half[bright]) / 1.1774 if np.any(np.isfinite(r_half[bright])) else 1.0
     s0 = float(np.sqrt(max(s_eff ** 2 - 1.0 / 12.0, 0.09)))
-    radius = int(np.clip(np.ceil(2.2 * s0 * SIGMA_TO_FWHM / 2.0 + 1.0), 3, 10))
+    # +-(1.1 FWHM + 0.5) px reaches 4.5 sigma: all the light, and a ring for the local background.
+    radius = int(np.clip(np.ceil(1.1 * s0 * SIGMA_TO_FWHM + 0.5), 2, 10))
 
     # Stamps, with pixels of other objects, invalid pixels and saturated pixels left out.
     ix, iy = _stamp_indices(objs["x"], objs["y"], radius)
@@ -312,15 +329,14 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
         saturated_px = raw[ciy[:, :, None], cix[:, None, :]] >= sat_level
     valid = usable & own & ~saturated_px
     flags = np.zeros(len(objs), dtype=np.int64)
-    flags[np.any(saturated_px & inside, axis=(1, 2)) | ((raw_peak[keep] >= sat_level) if sat_level else False)] \
+    flags[np.any(saturated_px & inside, axis=(1, 2)) | ((raw_peak >= sat_level) if sat_level else False)] \
         |= FLAG_SATURATED
     flags[np.any(~own & inside, axis=(1, 2)) | ((objs["flag"] & sep.OBJ_MERGED) != 0)] |= FLAG_BLENDED
     flags[np.any(~usable, axis=(1, 2))] |= FLAG_TRUNCATED
 
-    init = np.column_stack([objs["x"], objs["y"], np.maximum(objs["flux"], 1e-3 + 0 * objs["flux"]),
+    # Flux first guess: the stamp sum (sep's isophotal flux misses the wings).
+    init = np.column_stack([objs["x"], objs["y"], np.maximum(np.sum(np.where(valid, stamps, 0.0), axis=(1, 2)), 1e-3),
                             np.full(len(objs), s0), np.zeros(len(objs))]).astype(np.float64)
-    # Flux first guess: the stamp sum is far better than sep's isophotal flux.
-    init[:, 2] = np.maximum(np.sum(np.where(valid, stamps, 0.0), axis=(1, 2)), 1e-3)
     params, cov, ok = fit_gaussians(stamps, valid, ix.astype(np.float64), iy.astype(np.float64), init)
     moved = np.hypot(params[:, 0] - objs["x"], params[:, 1] - objs["y"])
     ok &= (moved < 1.5) & (params[:, 3] < 4.0 * s0 + 1.0) & (valid.sum(axis=(1, 2)) >= 6)
@@ -339,7 +355,7 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
         snr = np.where(ok & (flux_err > 0), params[:, 2] / flux_err,
                        init[:, 2] / (noise * np.sqrt(4 * np.pi * (s0 ** 2 + 1 / 12))))
     fwhm = params[:, 3] * SIGMA_TO_FWHM
-    peak = np.array([d[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].max() for x, y in zip(ix0, iy0)], dtype=np.float64)
+    peak = np.max(np.where(inside, stamps, -np.inf)[:, radius - 1:radius + 2, radius - 1:radius + 2], axis=(1, 2))
 
     good_width = ok & (flags == 0) & (snr > 20)
     med_sigma = float(np.median(params[good_width, 3])) if good_width.sum() >= 3 else s0

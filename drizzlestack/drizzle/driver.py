@@ -1,0 +1,404 @@
+"""Step 4, drizzle: the tiled, out-of-core driver over the numba kernels.
+
+The output grid is cut into tiles and drizzled as one Dask task per tile
+(``map_blocks``). For each tile and each frame the task maps points along the tile's
+edges back into the frame (:func:`geometry.input_window`), pads by the kernel's reach,
+reads only that window of the frame (and of its rejection flags), builds the window's
+pixmap in tile coordinates and accumulates it. Memory per task is one output tile plus
+one input window, whatever the size of the stack or of the output; the tiles are
+written straight into the store (zarr region writes) and the FITS file is streamed from
+there, so the whole output never sits in memory.
+
+Saturation policy: pixels at or above their frame's saturation level are never
+rejected (they are not outliers) and keep their full weight, so an output pixel whose
+only contributions are saturated keeps a saturated value and star cores are never
+black or hollow.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from astropy.io import fits
+
+from .._version import __version__
+from .._warnings import DrizzlestackError, DrizzlestackWarning
+from ..geometry import OutputGrid, apply_homography, input_window, translation
+from ..parallel import compute
+from ..store import STATUS_OK, StackStore, open_stack
+from . import array as _array
+
+#: store variables written by this step
+OUTPUT_VARIABLES = ("drizzle", "drizzle_weights", "drizzle_coverage")
+
+
+@dataclass
+class FramePlan:
+    """What a tile task needs to know about one frame (small and picklable)."""
+
+    index: int
+    mapping: object  # FrameMapping: frame -> reference
+    to_output: np.ndarray  # reference -> output homography
+    weight: float
+    norm_scale: float  # normalized value = value * norm_scale + norm_offset
+    norm_offset: float
+    saturation: float
+    pixel_scale_ratio: float
+
+
+@dataclass
+class DrizzlePlan:
+    """Everything a tile task needs (no open files: tasks open the store themselves)."""
+
+    store: str
+    frame_shape: tuple[int, int]
+    grid: OutputGrid
+    kernel: str
+    pixfrac: float
+    frames: list[FramePlan]
+    use_rejection: bool
+    pad: float
+    coverage: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _open_array(store: str, name: str) -> zarr.Array:
+    # Opened per task (reading one small JSON document): a handle cached across tasks
+    # would go stale when a later step rewrites the variable.
+    return zarr.open_array(os.path.join(store, name), mode="r")
+
+
+def _mapping_scale(mapping, to_output, frame_shape) -> float:
+    """Output pixel size in input pixels at the frame centre (STScI's pixel_scale_ratio):
+    1 / sqrt(|det J|) of the frame -> output mapping, J by central differences."""
+    cy, cx = (frame_shape[0] - 1) / 2, (frame_shape[1] - 1) / 2
+    x = np.array([cx - 0.5, cx + 0.5, cx, cx])
+    y = np.array([cy, cy, cy - 0.5, cy + 0.5])
+    xo, yo = apply_homography(to_output, *mapping.forward(x, y))
+    jac = np.array([[xo[1] - xo[0], xo[3] - xo[2]], [yo[1] - yo[0], yo[3] - yo[2]]])
+    return 1.0 / np.sqrt(abs(np.linalg.det(jac)))
+
+
+def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Drizzle every frame of ``plan`` into output pixels ``[y0:y1, x0:x1]``.
+
+    Returns
+    -------
+    (3, y1 - y0, x1 - x0) float64
+        Image (NaN where nothing landed), raw weights, and the number of frames that
+        contributed (0 unless ``plan.coverage``).
+    """
+    shape = (y1 - y0, x1 - x0)
+    acc_wv = np.zeros(shape)
+    acc_w = np.zeros(shape)
+    cover = np.zeros(shape, dtype=np.uint16) if plan.coverage else None
+    frames = _open_array(plan.store, "frames")
+    flags = _open_array(plan.store, "rejection") if plan.use_rejection else None
+    box = (x0 - 0.5, y0 - 0.5, x1 - 0.5, y1 - 0.5)  # the tile's pixel edges in output coordinates
+    tile_shift = translation(-x0, -y0)
+    for fp in plan.frames:
+        to_out = fp.mapping.then(fp.to_output)
+        window = input_window(to_out, box, plan.frame_shape, pad=plan.pad)
+        if window is None:
+            continue
+        sy, sx = window
+        data = np.asarray(frames[fp.index, sy, sx], dtype=np.float64)
+        weights = np.full(data.shape, fp.weight)
+        # Input pixel centres of the window, in reference coordinates.
+        yy, xx = np.mgrid[sy, sx]
+        xr_, yr_ = fp.mapping.forward(xx.astype(np.float64), yy.astype(np.float64))
+        if flags is not None:
+            _apply_rejection(weights, flags, fp.index, xr_, yr_, data >= fp.saturation, plan.frame_shape)
+        if fp.norm_scale != 1.0 or fp.norm_offset != 0.0:
+            data = data * fp.norm_scale + fp.norm_offset
+        xo, yo = apply_homography(tile_shift @ fp.to_output, xr_, yr_)
+        _array.accumulate(data, np.stack([xo, yo], axis=-1), weights, acc_wv, acc_w, kernel=plan.kernel,
+                          pixfrac=plan.pixfrac, pixel_scale_ratio=fp.pixel_scale_ratio, coverage=cover)
+    image = _array.finalize(acc_wv, acc_w)
+    out = np.empty((3,) + shape)
+    out[0] = image
+    out[1] = acc_w
+    out[2] = cover if cover is not None else 0
+    return out
+
+
+def _apply_rejection(weights, flags, index, xr_, yr_, saturated, ref_shape) -> None:
+    """Zero the weight of input pixels whose nearest reference pixel was flagged by the
+    integration's rejection in this frame. Saturated pixels are exempt: they are not
+    outliers, and rejecting them is what turns star cores black."""
+    ix = np.floor(xr_ + 0.5)
+    iy = np.floor(yr_ + 0.5)
+    inside = (ix >= 0) & (ix < ref_shape[1]) & (iy >= 0) & (iy < ref_shape[0])
+    if not inside.any():
+        return
+    ix, iy = ix[inside].astype(np.intp), iy[inside].astype(np.intp)
+    ix0, iy0 = ix.min(), iy.min()
+    window = np.asarray(flags[index, iy0:iy.max() + 1, ix0:ix.max() + 1])
+    flagged = np.zeros(weights.shape, dtype=bool)
+    flagged[inside] = window[iy - iy0, ix - ix0] != 0
+    weights[flagged & ~saturated] = 0.0
+
+
+# --------------------------------------------------------------------------- public step
+def _check_parameters(scale, pixfrac, kernel, tile):
+    if kernel not in _array.KERNELS:
+        raise DrizzlestackError(f"kernel={kernel!r}: unknown kernel; choose one of {', '.join(_array.KERNELS)}")
+    if not (isinstance(pixfrac, (int, float)) and 0 < pixfrac <= 1):
+        raise DrizzlestackError(f"pixfrac={pixfrac!r}: must be in (0, 1] (the drop's size in input pixels)")
+    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise DrizzlestackError(f"scale={scale!r}: must be a positive number (output pixels per input pixel)")
+    if not (isinstance(tile, (int, np.integer)) and tile >= 16):
+        raise DrizzlestackError(f"tile={tile!r}: must be an integer of at least 16 (output pixels)")
+
+
+def _check_roi(roi, ref_shape):
+    """Clip an ROI to the reference frame (warning) or refuse one wholly outside."""
+    ny, nx = ref_shape
+    if roi is None:
+        return (0, 0, nx, ny)
+    try:
+        x0, y0, w, h = (float(v) for v in roi)
+    except (TypeError, ValueError):
+        raise DrizzlestackError(f"roi={roi!r}: expected (x0, y0, width, height) in reference pixels") from None
+    if w <= 0 or h <= 0:
+        raise DrizzlestackError(f"roi={roi!r}: width and height must be positive")
+    cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
+    cx1, cy1 = min(x0 + w, float(nx)), min(y0 + h, float(ny))
+    if cx0 >= cx1 or cy0 >= cy1:
+        raise DrizzlestackError(f"roi={roi!r}: wholly outside the reference frame ({nx} x {ny} px)")
+    clipped = (cx0, cy0, cx1 - cx0, cy1 - cy0)
+    if clipped != (x0, y0, w, h):
+        warnings.warn(f"roi={tuple(roi)} extends beyond the reference frame ({nx} x {ny} px); clipped to "
+                      f"{tuple(float(v) for v in clipped)}", DrizzlestackWarning, stacklevel=3)
+    return clipped
+
+
+def _check_output(output, overwrite):
+    if output is None:
+        return None
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise DrizzlestackError(f"output={output}: file exists; pass overwrite=True (--overwrite) to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise DrizzlestackError(f"output={output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise DrizzlestackError(f"output={output}: not writable")
+    return path
+
+
+def _select_frames(stack: xr.Dataset, frames):
+    status = [str(s) for s in stack["status"].values]
+    transform = stack["transform"].values
+    n = len(status)
+    if frames is None:
+        chosen = [i for i in range(n) if status[i] == STATUS_OK and np.all(np.isfinite(transform[i]))]
+    else:
+        chosen = []
+        for i in frames:
+            if not (0 <= int(i) < n):
+                raise DrizzlestackError(f"frames: index {i} out of range (store has {n} frames)")
+            if not np.all(np.isfinite(transform[int(i)])):
+                raise DrizzlestackError(f"frames: frame {i} has no registration ({status[int(i)]})")
+            chosen.append(int(i))
+    if not chosen:
+        why = "; ".join(f"{i}: {s}" for i, s in enumerate(status)) or "the store has no frames"
+        raise DrizzlestackError(f"every frame is excluded, nothing to drizzle ({why})")
+    return chosen
+
+
+def _frame_values(stack, name, indices, default):
+    if name in stack and stack[name].dims == ("frame",):
+        values = np.asarray(stack[name].values, dtype=np.float64)[indices]
+        return np.where(np.isfinite(values), values, default)
+    return np.full(len(indices), float(default))
+
+
+def _kernel_pad(kernel: str, pixfrac: float, psr: float) -> float:
+    """Input pixels to pad an input window by: the kernel's reach (in output pixels,
+    plus half the receiving pixel) converted to input pixels, plus one pixel."""
+    return (_array.kernel_radius(kernel, pixfrac, psr) + 0.5) * psr + 1.0
+
+
+def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | None:
+    """WCS of the output grid derived from the reference frame's (scaled and shifted), or
+    ``None`` when the reference has no celestial WCS."""
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    try:
+        header = fits.Header.fromstring(reference_header, sep="\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+    except Exception:
+        return None
+    if not wcs.has_celestial:
+        return None
+    s = grid.scale
+    out = wcs.deepcopy()
+    out.sip = None  # a SIP polynomial would need rescaling; the linear part is what drizzle keeps
+    crpix = np.asarray(wcs.wcs.crpix, dtype=float)  # 1-based
+    # x_out = s * (x_ref - x0 + 0.5) - 0.5 in zero-based pixels
+    out.wcs.crpix = [s * (crpix[0] - 1 - grid.x0 + 0.5) - 0.5 + 1, s * (crpix[1] - 1 - grid.y0 + 0.5) - 0.5 + 1]
+    if wcs.wcs.has_cd():
+        out.wcs.cd = wcs.wcs.cd / s
+    else:
+        out.wcs.cdelt = np.asarray(wcs.wcs.cdelt) / s
+    return out.to_header()
+
+
+def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
+            output="drizzle.fits", tile: int = 512, frames=None, rejection: bool = True,
+            weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
+            overwrite: bool = False) -> xr.Dataset:
+    """Drizzle the registered frames of a store onto a finer output grid.
+
+    Every input pixel of every selected frame is mapped through its registration onto
+    an output grid ``scale`` times finer than the reference frame, shrunk by
+    ``pixfrac`` and spread over the output pixels it overlaps with ``kernel``
+    (Fruchter & Hook 2002). Each output pixel is the weighted mean of what landed on
+    it, with weight = frame weight x (not rejected) x overlap / drop area.
+
+    Parameters
+    ----------
+    store : path-like
+        A stack store with a completed ``register`` step.
+    scale : float
+        Output pixels per reference pixel (2 doubles the resolution; below 1 works).
+    pixfrac : float
+        Drop size as a fraction of an input pixel, in (0, 1].
+    kernel : str
+        ``square``, ``point``, ``turbo``, ``gaussian``, ``lanczos2`` or ``lanczos3``.
+    roi : (x0, y0, width, height), optional
+        Region of the reference frame to drizzle (reference pixels); default all of it.
+        Its cost is proportional to its area.
+    output : path-like or None
+        FITS file to write (image, ``WEIGHTS``, ``COVERAGE``); ``None`` for the store only.
+    tile : int
+        Output tile size in pixels: one Dask task per tile.
+    frames : sequence of int, optional
+        Frame indices; default every frame with status ``ok`` and a registration.
+    rejection, weights, normalization, distortion : bool
+        Use the integration's per-pixel rejection flags, its frame weights, its
+        normalization, and the registration's distortion model, when present.
+    coverage : bool
+        Also count the frames that contributed to each output pixel.
+    overwrite : bool
+        Replace an existing ``output`` file.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``drizzle`` (image, NaN where nothing landed), ``drizzle_weights`` (raw sums)
+        and ``drizzle_coverage``, lazily from the store.
+    """
+    _check_parameters(scale, pixfrac, kernel, tile)
+    st = StackStore.open(store)
+    stack = open_stack(st)
+    if "transform" not in stack or not (st.step("register") or {}).get("complete", False):
+        raise DrizzlestackError(f"{store}: frames are not registered; run 'drizzlestack register {store}' first")
+    ref_shape = st.frame_shape
+    roi = _check_roi(roi, ref_shape)
+    out_path = _check_output(output, overwrite)
+    indices = _select_frames(stack, frames)
+    grid = OutputGrid.from_reference(ref_shape, scale, roi)
+    if min(grid.shape) < 1:
+        raise DrizzlestackError(f"roi={roi} at scale={scale}: the output would be empty")
+
+    from ..registration import frame_mapping
+
+    frame_w = _frame_values(stack, "weight", indices, 1.0) if weights else np.ones(len(indices))
+    if normalization:
+        n_scale = _frame_values(stack, "norm_scale", indices, 1.0)
+        n_offset = _frame_values(stack, "norm_offset", indices, 0.0)
+    else:
+        n_scale, n_offset = np.ones(len(indices)), np.zeros(len(indices))
+    saturation = _frame_values(stack, "saturation", indices, np.inf)
+    use_rejection = bool(rejection and "rejection" in stack)
+    plans = []
+    for k, i in enumerate(indices):
+        mapping = frame_mapping(stack, i, distortion=distortion)
+        psr = _mapping_scale(mapping, grid.ref_to_out, ref_shape)
+        plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
+                               float(n_offset[k]), float(saturation[k]), float(psr)))
+    pad = max(_kernel_pad(kernel, pixfrac, fp.pixel_scale_ratio) for fp in plans)
+    plan = DrizzlePlan(str(st.path), ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage)
+
+    params = {"scale": scale, "pixfrac": pixfrac, "kernel": kernel, "roi": list(roi), "tile": tile,
+              "frames": indices, "rejection": use_rejection, "weights": weights, "normalization": normalization,
+              "distortion": distortion, "coverage": coverage}
+    st.begin_step("drizzle", params)
+    ny, nx = grid.shape
+    chunks = (min(tile, ny), min(tile, nx))
+    targets = [
+        st.create_variable("drizzle", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", np.nan),
+        st.create_variable("drizzle_weights", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", 0.0),
+        st.create_variable("drizzle_coverage", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "uint16", 0),
+    ]
+    template = da.empty((ny, nx), chunks=chunks, dtype=np.float64)
+    cube = da.map_blocks(_tile_task, template, plan=plan, dtype=np.float64, new_axis=0,
+                         chunks=((3,),) + template.chunks, meta=np.empty((0, 0, 0)))
+    writes = da.store([cube[0].astype(np.float32), cube[1].astype(np.float32), cube[2].astype(np.uint16)],
+                      targets, lock=False, compute=False)
+    compute(writes)
+
+    # Totals for the header and the WEIGHTS normalization, read back tile by tile.
+    result = open_stack(st)
+    max_weight = float(result["drizzle_weights"].max().compute())
+    total_exptime = float(np.nansum(_frame_values(stack, "exptime", indices, np.nan)))
+    st.end_step("drizzle", frames=len(indices), shape=[ny, nx], max_weight=max_weight,
+                output=str(out_path) if out_path else None)
+    if out_path is not None:
+        _write_fits(out_path, st, stack, plan, params, indices, max_weight, total_exptime, coverage)
+    return open_stack(st)[list(OUTPUT_VARIABLES)]
+
+
+def _tile_task(block, plan, block_info=None):
+    (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    return drizzle_tile(plan, y0, y1, x0, x1)
+
+
+def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage):
+    grid = plan.grid
+    ref = st.attrs.get("reference")
+    header = fits.Header()
+    header["DRIZSCAL"] = (grid.scale, "drizzle output scale (output px per reference px)")
+    header["DRIZPIXF"] = (plan.pixfrac, "drizzle drop size (pixfrac)")
+    header["DRIZKERN"] = (plan.kernel, "drizzle kernel")
+    header["NDRIZIM"] = (len(indices), "number of frames drizzled")
+    header["DRIZROIX"] = (grid.x0, "ROI x0 in reference pixels")
+    header["DRIZROIY"] = (grid.y0, "ROI y0 in reference pixels")
+    header["DRIZROIW"] = (grid.width, "ROI width in reference pixels")
+    header["DRIZROIH"] = (grid.height, "ROI height in reference pixels")
+    header["EXPTIME"] = (total_exptime, "total exposure of the drizzled frames [s]")
+    header["REFFRAME"] = (ref if ref is not None else -1, "reference frame index in the stack store")
+    header["CREATOR"] = (f"drizzlestack {__version__}", "software")
+    header["DATE"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    if ref is not None:
+        wcs_header = output_wcs_header(str(stack["header"].values[int(ref)]), grid)
+        if wcs_header is not None:
+            header.update(wcs_header)
+    for key, value in params.items():
+        header.add_history(f"drizzlestack drizzle {key}={value}")
+    hdus = [(header, st.group["drizzle"], None)]
+    wh = fits.Header()
+    wh["EXTNAME"] = "WEIGHTS"
+    factor = 1.0 / max_weight if max_weight > 0 else 1.0
+    wh["WGTNORM"] = (max_weight if max_weight > 0 else 1.0, "raw weight = WGTNORM * WEIGHTS")
+    hdus.append((wh, st.group["drizzle_weights"], factor))
+    if coverage:
+        ch = fits.Header()
+        ch["EXTNAME"] = "COVERAGE"
+        ch["BUNIT"] = ("frames", "number of frames that contributed")
+        hdus.append((ch, st.group["drizzle_coverage"], None))
+    from ..io.fits import write_streamed
+
+    write_streamed(path, hdus)

@@ -1,0 +1,1216 @@
+"""Pixel rejection across the frame axis, and the weighted combine of what survives.
+
+Every function here works on a *stack*: an array ``(frame, y, x)`` of registered,
+normalized frames. Each pixel position is treated on its own: its ``n`` values, one per
+frame, are classified as kept, rejected low, rejected high, or invalid. The functions are
+blockwise by construction, so a Dask array chunked ``(frame=all, y=tile, x=tile)`` is
+processed tile by tile with memory ≈ tile × frames.
+
+Flags (the store's ``rejection`` variable, uint8)
+-------------------------------------------------
+=====  ===================================================================
+bit    meaning
+=====  ===================================================================
+``1``  rejected low by the statistical method (:data:`FLAG_LOW`)
+``2``  rejected high by the statistical method (:data:`FLAG_HIGH`)
+``4``  range-rejected or invalid: NaN/±inf, ``<= range_low`` or
+       ``>= range_high`` (:data:`FLAG_RANGE`)
+=====  ===================================================================
+A pixel carries at most one bit; ``0`` means it is used by the combine and by drizzle.
+
+Saturation
+----------
+A saturated pixel (value ``>= saturation[frame]``) is a *lower bound* on the true value,
+not an outlier. Rejecting it is what makes star cores come out black (every frame
+saturated, everything rejected, nothing left) or hollow (the saturated frames rejected,
+only the fainter unsaturated frames of the same pixel averaged, so the centre of the
+star is fainter than its shoulders). So, when ``saturation`` is given:
+
+* saturated pixels are never flagged, neither by the statistical methods nor by
+  ``range_high``: they are always kept (flag ``0``) and enter the combine and drizzle
+  with their frame weight;
+* they are left out of the statistics (median, sigma, fits) of their pixel, because a
+  censored value says nothing about the noise; the statistics, and so the low/high
+  rejection, use the unsaturated values only;
+* therefore, where every frame is saturated the combine returns the (weighted mean)
+  saturated value, and where some are, it averages saturated and unsaturated values,
+  which keeps the profile monotonic towards the centre.
+
+The price: a cosmic-ray hit that itself reaches the saturation level is kept. Leave
+``saturation=None`` (the default) for data where that matters more than star cores.
+
+Methods
+-------
+``low``/``high`` are thresholds in units of the method's dispersion (sigma) except for
+``"percentile"`` (fractions of the median) and ``"esd"`` (which uses a significance level
+instead); ``reject_low``/``reject_high`` switch each side off. Values below refer to the
+*sample* of a pixel: its valid, unsaturated values.
+
+``"none"``
+    Only range/invalid rejection.
+``"minmax"``
+    Rejects the ``n_low`` lowest and ``n_high`` highest values; at least one value is
+    always kept (the counts are lowered, high side last, when the sample is too small).
+``"percentile"``
+    Rejects ``x`` with ``(median - x) / |median| > low`` or ``(x - median) / |median| >
+    high`` (PixInsight's percentile clipping; ``low``/``high`` are fractions, e.g. 0.2
+    and 0.1). Nothing is rejected where the median is 0.
+``"sigma"``
+    Iterative sigma clipping with exactly the semantics of
+    ``astropy.stats.sigma_clip(stack, axis=0, sigma_lower=low, sigma_upper=high,
+    maxiters=max_iterations, cenfunc="median", stdfunc="std")``: bounds
+    ``median ∓ k·std`` with the population standard deviation (``ddof=0``), values
+    strictly outside are clipped, values equal to a bound kept, iterate until nothing
+    changes or nothing is left, and finally flag every value of the sample outside the
+    last bounds. The returned mask equals astropy's, bit for bit (see *Notes*).
+``"winsorized"``
+    Winsorized sigma clipping (Huber's method, as PixInsight's ImageIntegration; the
+    pipeline's default). From a robust start (median, ``1.4826·MAD``), the sample is
+    winsorized (clamped) to ``centre ± 1.5·sigma`` repeatedly, with the centre the
+    winsorized mean and ``sigma = 1.134 · std(winsorized, ddof=1)``, until sigma changes
+    by less than 0.05 %; values beyond ``centre - low·sigma`` / ``centre + high·sigma``
+    are rejected; repeat on the survivors while at least 3 remain. Where the
+    winsorization does not converge (heavily quantized samples, whose winsorized sigma
+    collapses towards 0) nothing more is rejected.
+``"averaged"``
+    Averaged sigma clipping (IRAF's ``avsigclip``, PixInsight's variant): a Poisson noise
+    model ``sigma² = k · median`` whose factor ``k = Σ(x - m)² / m / (n - 1)`` is fitted
+    once on the whole sample (``m`` its median); the clipping then iterates with
+    ``sigma = sqrt(k · median)`` about the median of the survivors. It needs a positive
+    signal: nothing is rejected where the median is ``<= 0``.
+``"linear"``
+    Linear fit clipping (PixInsight): a straight line is fitted to the sorted sample
+    against rank by least absolute deviation; ``sigma = 2 · mean |residual|``; values
+    with residuals below ``-low·sigma`` or above ``high·sigma`` are rejected; refit on
+    the survivors. Needs 5 values to start, stops below 3.
+``"esd"``
+    Generalized extreme studentized deviate test (Rosner 1983): up to
+    ``floor(esd_outliers · n)`` (at least 1, at most ``n - 2``) candidates are removed one
+    at a time, each the value farthest from the mean of the remaining ones in units of
+    their sample standard deviation (low deviations divided by ``esd_low_relaxation``);
+    the number of outliers is the largest ``i`` whose statistic exceeds Rosner's
+    two-sided critical value at significance ``esd_significance``. ``low``/``high`` are
+    not used.
+
+Notes
+-----
+*Equality with astropy.* Astropy's fast path (``astropy/stats/src/compute_bounds.c``)
+takes medians with Wirth's selection algorithm, which permutes the buffer, and then sums
+the mean and the variance in that permuted order. We clip on a sorted sample instead
+(the median is read off directly, and clipping only ever removes values from the two
+ends), so our sums run in another order and may differ from astropy's in the last bits.
+Our bounds are therefore checked at every iteration: if any value of the sample lies
+within a rigorous bound of that rounding difference from a clipping bound, the pixel is
+recomputed with a replica of astropy's algorithm, same buffer order, same selection
+algorithm, same operations. Either way the decisions are the same as astropy's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from drizzlestack._warnings import DrizzlestackError
+
+__all__ = [
+    "FLAG_LOW",
+    "FLAG_HIGH",
+    "FLAG_RANGE",
+    "METHODS",
+    "reject_stack",
+    "rejection_flags",
+    "combine_stack",
+]
+
+FLAG_LOW = 1
+"""Flag bit: rejected low by the statistical method."""
+FLAG_HIGH = 2
+"""Flag bit: rejected high by the statistical method."""
+FLAG_RANGE = 4
+"""Flag bit: invalid (NaN, ±inf) or outside ``(range_low, range_high)``."""
+
+METHODS = ("none", "minmax", "percentile", "sigma", "winsorized", "averaged", "linear", "esd")
+"""Names accepted by ``method``."""
+
+# Method codes seen by the kernel (numba freezes module globals as constants).
+_NONE, _MINMAX, _PERCENTILE, _SIGMA, _WINSORIZED, _AVERAGED, _LINEAR, _ESD = range(8)
+_METHOD_CODE = {name: code for code, name in enumerate(METHODS)}
+
+_EPS = float(np.finfo(np.float64).eps)
+_INF = math.inf
+# Ciura's gap sequence: Shell sort is insertion sort for the usual 10-50 frames and
+# stays fast for stacks of hundreds.
+_GAPS = (701, 301, 132, 57, 23, 10, 4, 1)
+# Winsorization (Huber): clamp at 1.5 sigma, 1.134 restores a Gaussian's sigma from the
+# winsorized one, convergence at 0.05 % (the constants of PixInsight's implementation).
+_WINSOR_CLAMP = 1.5
+_WINSOR_SCALE = 1.134
+_WINSOR_TOL = 5e-4
+_WINSOR_MAXIT = 50
+_MAD_TO_SIGMA = 1.482602218505602
+
+
+# ----------------------------------------------------------------------------------------
+# Small helpers on a sorted sample v[a:b]
+# ----------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _sort_with_index(v, idx, m):
+    """Sort ``v[:m]`` ascending in place, applying the same permutation to ``idx[:m]``."""
+    for gap in _GAPS:
+        if gap >= m:
+            continue
+        for i in range(gap, m):
+            x = v[i]
+            j_idx = idx[i]
+            k = i
+            while k >= gap and v[k - gap] > x:
+                v[k] = v[k - gap]
+                idx[k] = idx[k - gap]
+                k -= gap
+            v[k] = x
+            idx[k] = j_idx
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _median_sorted(v, a, b):
+    """Median of sorted ``v[a:b]``; mean of the two middle values for even counts."""
+    c = b - a
+    h = a + c // 2
+    if c % 2 == 1:
+        return v[h]
+    # Same expression as astropy's C (``0.5 * (upper + lower)``; + is commutative).
+    return 0.5 * (v[h] + v[h - 1])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _lower_bound(v, a, b, x):
+    """First index in ``[a, b)`` with ``v[i] >= x`` (``b`` if none); ``v`` sorted."""
+    while a < b:
+        mid = (a + b) // 2
+        if v[mid] < x:
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _upper_bound(v, a, b, x):
+    """First index in ``[a, b)`` with ``v[i] > x`` (``b`` if none); ``v`` sorted."""
+    while a < b:
+        mid = (a + b) // 2
+        if v[mid] <= x:
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _negligible(sigma, centre):
+    """True when a dispersion is zero or at the rounding level of the data."""
+    return not (sigma > 8.0 * _EPS * abs(centre))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _mad_sorted(v, a, b, med):
+    """Median absolute deviation from ``med`` of sorted ``v[a:b]``, in O(n).
+
+    The deviations form two sorted runs either side of ``med``; walking outwards and
+    always taking the smaller one enumerates them in increasing order.
+    """
+    c = b - a
+    j = _lower_bound(v, a, b, med)
+    left = j - 1
+    right = j
+    target = c // 2
+    prev = 0.0
+    cur = 0.0
+    for t in range(target + 1):
+        if left >= a and (right >= b or med - v[left] <= v[right] - med):
+            cur = med - v[left]
+            left -= 1
+        else:
+            cur = v[right] - med
+            right += 1
+        if t == target - 1:
+            prev = cur
+    if c % 2 == 1:
+        return cur
+    return 0.5 * (prev + cur)
+
+
+# ----------------------------------------------------------------------------------------
+# Astropy replica (used only where rounding could make our decisions differ from it)
+# ----------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _wirth_kth(a, n, k):
+    """k-th smallest of ``a[:n]`` by Wirth's selection, permuting ``a`` exactly as
+    astropy's ``kth_smallest`` (``astropy/stats/src/wirth_select.c``) does."""
+    lo = 0
+    hi = n - 1
+    while lo < hi:
+        x = a[k]
+        i = lo
+        j = hi
+        while True:
+            while a[i] < x:
+                i += 1
+            while x < a[j]:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+            if i > j:
+                break
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
+    return a[k]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _wirth_median(a, n):
+    """Median by selection, in astropy's order of calls (the upper middle first, as the
+    compiled astropy evaluates ``kth(n/2) + kth(n/2 - 1)``); permutes ``a``."""
+    if n % 2 == 0:
+        upper = _wirth_kth(a, n, n // 2)
+        lower = _wirth_kth(a, n, n // 2 - 1)
+        return 0.5 * (upper + lower)
+    return _wirth_kth(a, n, (n - 1) // 2)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _astropy_sigma_bounds(buf, count, k_low, k_high, use_low, use_high, max_iterations):
+    """Final clipping bounds of ``buf[:count]`` (frame order), operation for operation as
+    astropy's ``compute_sigma_clipped_bounds`` with median centre and std; ``buf`` is
+    used as the work buffer."""
+    iteration = 0
+    lo = -_INF
+    hi = _INF
+    while True:
+        median = _wirth_median(buf, count)
+        mean = 0.0
+        for i in range(count):
+            mean += buf[i]
+        mean /= count
+        std = 0.0
+        for i in range(count):
+            std += (buf[i] - mean) * (buf[i] - mean)
+        std = math.sqrt(std / count)
+        lo = median - k_low * std if use_low else -_INF
+        hi = median + k_high * std if use_high else _INF
+        new_count = 0
+        for i in range(count):
+            if buf[i] >= lo and buf[i] <= hi:
+                buf[new_count] = buf[i]
+                new_count += 1
+        if new_count == count or new_count == 0:
+            return lo, hi
+        count = new_count
+        iteration += 1
+        if max_iterations > 0 and iteration >= max_iterations:
+            return lo, hi
+
+
+# ----------------------------------------------------------------------------------------
+# Methods. Each receives the sorted sample v[:m] and writes status[:m]
+# (0 kept, FLAG_LOW, FLAG_HIGH) by sorted position; status arrives zeroed.
+# ----------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_minmax(v, m, status, n_low, n_high, use_low, use_high):
+    nl = min(n_low, m) if use_low else 0
+    nh = min(n_high, m) if use_high else 0
+    # Keep at least one value: give up high rejections last (bright outliers are the
+    # commoner kind).
+    while nl + nh >= m and nl + nh > 0:
+        if nl >= nh and nl > 0:
+            nl -= 1
+        else:
+            nh -= 1
+    for k in range(nl):
+        status[k] = FLAG_LOW
+    for k in range(m - nh, m):
+        status[k] = FLAG_HIGH
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_percentile(v, m, status, low, high, use_low, use_high):
+    if m < 2:
+        return
+    med = _median_sorted(v, 0, m)
+    scale = abs(med)
+    if scale == 0.0:
+        return
+    a = 0
+    if use_low:
+        while a < m and (med - v[a]) / scale > low:
+            status[a] = FLAG_LOW
+            a += 1
+    if use_high:
+        b = m - 1
+        while b >= a and (v[b] - med) / scale > high:
+            status[b] = FLAG_HIGH
+            b -= 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_sigma(v, m, status, k_low, k_high, use_low, use_high, max_iterations, orig, buf):
+    """astropy-exact iterative sigma clipping (median centre, ddof=0 std)."""
+    a = 0
+    b = m
+    it = 0
+    lo = -_INF
+    hi = _INF
+    ilo = 0
+    ihi = m
+    k_max = max(k_low if use_low else 0.0, k_high if use_high else 0.0)
+    exact = True
+    while True:
+        c = b - a
+        med = _median_sorted(v, a, b)
+        mean = 0.0
+        for k in range(a, b):
+            mean += v[k]
+        mean /= c
+        ss = 0.0
+        for k in range(a, b):
+            d = v[k] - mean
+            ss += d * d
+        std = math.sqrt(ss / c)
+        lo = med - k_low * std if use_low else -_INF
+        hi = med + k_high * std if use_high else _INF
+        # Cuts over the whole sample: the final mask compares every value, including
+        # those clipped earlier, with the last bounds (as astropy does).
+        ilo = _lower_bound(v, 0, m, lo)
+        ihi = _upper_bound(v, 0, m, hi)
+        if std > 0.0:
+            # Rounding-difference bound between our sums (sorted order) and astropy's
+            # (selection order): recursive summation errs by <= (c-1)·eps relative, the
+            # median is bit-identical, and the bounds' own rounding adds an ulp. A wide
+            # margin: only exact or near-exact ties (rare on real data) fall back.
+            tol = 32.0 * (c + 8) * _EPS * (k_max * std + abs(med) + max(abs(v[a]), abs(v[b - 1])))
+            if use_low and (
+                (ilo > 0 and v[ilo - 1] >= lo - tol) or (ilo < m and v[ilo] <= lo + tol)
+            ):
+                exact = False
+                break
+            if use_high and (
+                (ihi > 0 and v[ihi - 1] >= hi - tol) or (ihi < m and v[ihi] <= hi + tol)
+            ):
+                exact = False
+                break
+        a2 = max(a, ilo)
+        b2 = min(b, ihi)
+        new_count = b2 - a2 if b2 > a2 else 0
+        it += 1
+        if new_count == c or new_count == 0:
+            break
+        if max_iterations > 0 and it >= max_iterations:
+            break
+        a = a2
+        b = b2
+    if not exact:
+        for k in range(m):
+            buf[k] = orig[k]
+        lo, hi = _astropy_sigma_bounds(buf, m, k_low, k_high, use_low, use_high, max_iterations)
+        ilo = _lower_bound(v, 0, m, lo)
+        ihi = _upper_bound(v, 0, m, hi)
+    for k in range(ilo):
+        status[k] = FLAG_LOW
+    for k in range(ihi, m):
+        status[k] = FLAG_HIGH
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _winsorized_stats(v, a, b, p1, p2):
+    """Huber's winsorized centre and sigma of sorted ``v[a:b]`` (at least 3 values).
+
+    Returns ``(centre, sigma, converged)``. Clamping a sorted sample only replaces a
+    prefix and a suffix, so with prefix sums of (v - shift) and its square each
+    winsorization step is two binary searches and O(1) arithmetic.
+    """
+    c = b - a
+    med = _median_sorted(v, a, b)
+    sigma = _MAD_TO_SIGMA * _mad_sorted(v, a, b, med)
+    shift = med  # centring the sums keeps the one-pass variance well conditioned
+    p1[0] = 0.0
+    p2[0] = 0.0
+    for k in range(c):
+        d = v[a + k] - shift
+        p1[k + 1] = p1[k] + d
+        p2[k + 1] = p2[k] + d * d
+    if _negligible(sigma, med):
+        # More than half the sample is one value: start from the plain sample std.
+        var = (p2[c] - p1[c] * p1[c] / c) / (c - 1)
+        sigma = math.sqrt(var) if var > 0.0 else 0.0
+        if _negligible(sigma, med):
+            return med, 0.0, True
+    centre = med
+    for it in range(_WINSOR_MAXIT):
+        t0 = centre - _WINSOR_CLAMP * sigma
+        t1 = centre + _WINSOR_CLAMP * sigma
+        i0 = _lower_bound(v, a, b, t0) - a  # v < t0 are raised to t0
+        i1 = _upper_bound(v, a, b, t1) - a  # v > t1 are lowered to t1
+        d0 = t0 - shift
+        d1 = t1 - shift
+        s1 = i0 * d0 + (p1[i1] - p1[i0]) + (c - i1) * d1
+        s2 = i0 * d0 * d0 + (p2[i1] - p2[i0]) + (c - i1) * d1 * d1
+        mean_d = s1 / c
+        var = (s2 - s1 * mean_d) / (c - 1)
+        new_sigma = _WINSOR_SCALE * math.sqrt(var) if var > 0.0 else 0.0
+        centre = shift + mean_d
+        converged = abs(new_sigma - sigma) < _WINSOR_TOL * sigma
+        sigma = new_sigma
+        if _negligible(sigma, centre):
+            return centre, 0.0, True
+        if it >= 1 and converged:
+            return centre, sigma, True
+    return centre, sigma, False
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_winsorized(v, m, status, k_low, k_high, use_low, use_high, max_iterations, p1, p2):
+    a = 0
+    b = m
+    it = 0
+    while b - a >= 3:
+        centre, sigma, converged = _winsorized_stats(v, a, b, p1, p2)
+        if sigma == 0.0 or not converged:
+            break
+        nl = 0
+        if use_low:
+            lo = centre - k_low * sigma
+            while a + nl < b and v[a + nl] < lo:
+                status[a + nl] = FLAG_LOW
+                nl += 1
+        nh = 0
+        if use_high:
+            hi = centre + k_high * sigma
+            while b - 1 - nh >= a + nl and v[b - 1 - nh] > hi:
+                status[b - 1 - nh] = FLAG_HIGH
+                nh += 1
+        if nl + nh == 0:
+            break
+        a += nl
+        b -= nh
+        it += 1
+        if max_iterations > 0 and it >= max_iterations:
+            break
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_averaged(v, m, status, k_low, k_high, use_low, use_high, max_iterations):
+    if m < 3:
+        return
+    med = _median_sorted(v, 0, m)
+    if not med > 0.0:
+        return
+    # Poisson factor fitted once on the whole sample (PixInsight / IRAF avsigclip).
+    acc = 0.0
+    for k in range(m):
+        d = v[k] - med
+        acc += d * d / med
+    factor = math.sqrt(acc / (m - 1))
+    a = 0
+    b = m
+    it = 0
+    while True:
+        sigma = factor * math.sqrt(med)
+        if _negligible(sigma, med):
+            break
+        nl = 0
+        if use_low:
+            lo = med - k_low * sigma
+            while a + nl < b and v[a + nl] < lo:
+                status[a + nl] = FLAG_LOW
+                nl += 1
+        nh = 0
+        if use_high:
+            hi = med + k_high * sigma
+            while b - 1 - nh >= a + nl and v[b - 1 - nh] > hi:
+                status[b - 1 - nh] = FLAG_HIGH
+                nh += 1
+        if nl + nh == 0:
+            break
+        a += nl
+        b -= nh
+        if b - a < 3:
+            break
+        it += 1
+        if max_iterations > 0 and it >= max_iterations:
+            break
+        med = _median_sorted(v, a, b)
+        if not med > 0.0:
+            break
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _lad_sign_sum(y, n, slope, tmp, tol):
+    """For a trial slope: intercept = median(y - slope·x) (x = rank), the sum of
+    x·sign(residual) (zero at the least-absolute-deviation optimum), and Σ|residual|."""
+    for j in range(n):
+        tmp[j] = y[j] - slope * j
+    intercept = _wirth_median(tmp, n)
+    s = 0.0
+    adev = 0.0
+    for j in range(n):
+        d = y[j] - (slope * j + intercept)
+        adev += abs(d)
+        if d > tol:
+            s += j
+        elif d < -tol:
+            s -= j
+    return s, intercept, adev
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _lad_line(y, n, tmp):
+    """Least-absolute-deviation line ``y ≈ intercept + slope·rank`` through ``y[:n]``.
+
+    Bisection on the slope for the zero of the sign sum, bracketed from the
+    least-squares solution (the classical approach, e.g. Numerical Recipes' medfit).
+    Returns ``(intercept, slope, mean |residual|)``.
+    """
+    sx = 0.0
+    sy = 0.0
+    sxx = 0.0
+    sxy = 0.0
+    ymax = 0.0
+    for j in range(n):
+        sx += j
+        sy += y[j]
+        sxx += j * j
+        sxy += j * y[j]
+        ymax = max(ymax, abs(y[j]))
+    det = n * sxx - sx * sx
+    a_ls = (sxx * sy - sx * sxy) / det
+    b_ls = (n * sxy - sx * sy) / det
+    chisq = 0.0
+    for j in range(n):
+        d = y[j] - (a_ls + b_ls * j)
+        chisq += d * d
+    sig_b = math.sqrt(chisq / det)
+    tol = 16.0 * _EPS * ymax
+    b1 = b_ls
+    f1, a1, adev1 = _lad_sign_sum(y, n, b1, tmp, tol)
+    if sig_b == 0.0 or f1 == 0.0:
+        return a1, b1, adev1 / n
+    b2 = b1 + math.copysign(3.0 * sig_b, f1)
+    f2, a2, adev2 = _lad_sign_sum(y, n, b2, tmp, tol)
+    guard = 0
+    while f1 * f2 > 0.0 and guard < 64:
+        bb = b2 + 1.6 * (b2 - b1)
+        b1 = b2
+        f1 = f2
+        b2 = bb
+        f2, a2, adev2 = _lad_sign_sum(y, n, b2, tmp, tol)
+        guard += 1
+    if f2 == 0.0:
+        return a2, b2, adev2 / n
+    step = 0.01 * sig_b
+    guard = 0
+    while abs(b2 - b1) > step and guard < 200:
+        bb = b1 + 0.5 * (b2 - b1)
+        if bb == b1 or bb == b2:
+            break
+        f, aa, ad = _lad_sign_sum(y, n, bb, tmp, tol)
+        if f == 0.0:
+            return aa, bb, ad / n
+        if f * f1 > 0.0:
+            f1 = f
+            b1 = bb
+        else:
+            f2 = f
+            b2 = bb
+        guard += 1
+    slope = 0.5 * (b1 + b2)
+    f, intercept, adev = _lad_sign_sum(y, n, slope, tmp, tol)
+    return intercept, slope, adev / n
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_linear(v, m, status, k_low, k_high, use_low, use_high, max_iterations, ys, pos, tmp):
+    if m < 5:
+        return
+    c = m
+    for k in range(m):
+        ys[k] = v[k]
+        pos[k] = k
+    it = 0
+    while True:
+        intercept, slope, adev = _lad_line(ys, c, tmp)
+        sigma = 2.0 * adev  # PixInsight's scaling, so thresholds read like sigma clipping
+        if _negligible(sigma, ys[c // 2]):
+            break
+        nc = 0
+        kept = 0
+        for j in range(c):
+            r = ys[j] - (intercept + slope * j)
+            if r < 0.0:
+                if use_low and -r >= k_low * sigma:
+                    status[pos[j]] = FLAG_LOW
+                    nc += 1
+                    continue
+            elif use_high and r >= k_high * sigma:
+                status[pos[j]] = FLAG_HIGH
+                nc += 1
+                continue
+            ys[kept] = ys[j]
+            pos[kept] = pos[j]
+            kept += 1
+        if nc == 0:
+            break
+        c = kept
+        if c < 3:
+            break
+        it += 1
+        if max_iterations > 0 and it >= max_iterations:
+            break
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _reject_esd(v, m, status, use_low, use_high, lam, fraction, low_relaxation, p1, p2, side):
+    if m < 3:
+        return
+    k = int(fraction * m)
+    k = min(max(k, 1), m - 2)
+    shift = _median_sorted(v, 0, m)
+    p1[0] = 0.0
+    p2[0] = 0.0
+    for j in range(m):
+        d = v[j] - shift
+        p1[j + 1] = p1[j] + d
+        p2[j + 1] = p2[j] + d * d
+    a = 0
+    b = m
+    n_out = 0
+    for i in range(k):
+        c = b - a
+        s1 = p1[b] - p1[a]
+        s2 = p2[b] - p2[a]
+        mean_d = s1 / c
+        var = (s2 - s1 * mean_d) / (c - 1)
+        if not var > 0.0:
+            break
+        sd = math.sqrt(var)
+        mean = shift + mean_d
+        if _negligible(sd, mean):
+            break
+        # On a sorted sample the value farthest from the mean is one of the two ends.
+        r_high = (v[b - 1] - mean) / sd
+        r_low = (mean - v[a]) / (low_relaxation * sd)
+        if r_high >= r_low:
+            stat = r_high
+            side[i] = FLAG_HIGH
+            b -= 1
+        else:
+            stat = r_low
+            side[i] = FLAG_LOW
+            a += 1
+        if stat > lam[m, i]:
+            n_out = i + 1  # Rosner: the largest i whose statistic exceeds its critical value
+    a = 0
+    b = m
+    for i in range(n_out):
+        if side[i] == FLAG_LOW:
+            if use_low:
+                status[a] = FLAG_LOW
+            a += 1
+        else:
+            if use_high:
+                status[b - 1] = FLAG_HIGH
+            b -= 1
+
+
+# ----------------------------------------------------------------------------------------
+# Block kernels
+# ----------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _flags_kernel(
+    stack,
+    method,
+    k_low,
+    k_high,
+    use_low,
+    use_high,
+    range_low,
+    range_high,
+    saturation,
+    n_low,
+    n_high,
+    max_iterations,
+    esd_lambda,
+    esd_fraction,
+    esd_low_relaxation,
+    mask_only,
+    out,
+):
+    """Classify every value of a ``(frame, y, x)`` block into ``out`` (uint8, same shape).
+
+    ``out`` receives the flag bits, or 0/1 when ``mask_only`` (so that it can be viewed
+    as a bool array without a copy).
+    """
+    nf, ny, nx = stack.shape
+    v = np.empty(nf, np.float64)
+    orig = np.empty(nf, np.float64)
+    buf = np.empty(nf, np.float64)
+    idx = np.empty(nf, np.int64)
+    pos = np.empty(nf, np.int64)
+    status = np.zeros(nf, np.uint8)
+    side = np.zeros(nf, np.uint8)
+    p1 = np.empty(nf + 1, np.float64)
+    p2 = np.empty(nf + 1, np.float64)
+    code_range = 1 if mask_only else FLAG_RANGE
+    for y in range(ny):
+        for x in range(nx):
+            m = 0
+            for f in range(nf):
+                val = np.float64(stack[f, y, x])
+                if not np.isfinite(val):
+                    out[f, y, x] = code_range
+                elif val >= saturation[f]:
+                    out[f, y, x] = 0  # saturated: kept, and out of the statistics
+                elif val <= range_low or val >= range_high:
+                    out[f, y, x] = code_range
+                else:
+                    out[f, y, x] = 0
+                    orig[m] = val
+                    v[m] = val
+                    idx[m] = f
+                    m += 1
+            if m == 0 or method == _NONE:
+                continue
+            _sort_with_index(v, idx, m)
+            for k in range(m):
+                status[k] = 0
+            if method == _SIGMA:
+                _reject_sigma(v, m, status, k_low, k_high, use_low, use_high, max_iterations, orig, buf)
+            elif method == _WINSORIZED:
+                _reject_winsorized(v, m, status, k_low, k_high, use_low, use_high, max_iterations, p1, p2)
+            elif method == _MINMAX:
+                _reject_minmax(v, m, status, n_low, n_high, use_low, use_high)
+            elif method == _PERCENTILE:
+                _reject_percentile(v, m, status, k_low, k_high, use_low, use_high)
+            elif method == _AVERAGED:
+                _reject_averaged(v, m, status, k_low, k_high, use_low, use_high, max_iterations)
+            elif method == _LINEAR:
+                _reject_linear(v, m, status, k_low, k_high, use_low, use_high, max_iterations, orig, pos, buf)
+            elif method == _ESD:
+                _reject_esd(v, m, status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, p1, p2, side)
+            for k in range(m):
+                s = status[k]
+                if s != 0:
+                    out[idx[k], y, x] = 1 if mask_only else s
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _combine_kernel(stack, flags, weights, image, n_low, n_high):
+    """Weighted mean of the kept (flag 0) values of each pixel, and the low/high counts.
+
+    A pixel whose values were all rejected takes the median of its non-range-rejected
+    values (never 0: no black holes); a pixel without any valid value is NaN (no data).
+    """
+    nf, ny, nx = stack.shape
+    buf = np.empty(nf, np.float64)
+    for y in range(ny):
+        for x in range(nx):
+            sw = 0.0
+            swx = 0.0
+            cl = 0
+            ch = 0
+            for f in range(nf):
+                fl = flags[f, y, x]
+                if fl & FLAG_LOW:
+                    cl += 1
+                elif fl & FLAG_HIGH:
+                    ch += 1
+                elif fl == 0:
+                    w = weights[f]
+                    val = np.float64(stack[f, y, x])
+                    if w > 0.0 and np.isfinite(val):
+                        sw += w
+                        swx += w * val
+            n_low[y, x] = cl
+            n_high[y, x] = ch
+            if sw > 0.0:
+                image[y, x] = swx / sw
+                continue
+            m = 0
+            for f in range(nf):
+                val = np.float64(stack[f, y, x])
+                if (flags[f, y, x] & FLAG_RANGE) == 0 and weights[f] > 0.0 and np.isfinite(val):
+                    buf[m] = val
+                    m += 1
+            if m == 0:
+                image[y, x] = np.nan
+            else:
+                image[y, x] = _wirth_median(buf, m)
+
+
+# ----------------------------------------------------------------------------------------
+# Python layer
+# ----------------------------------------------------------------------------------------
+
+
+def _is_dask(array: Any) -> bool:
+    return type(array).__module__.split(".")[0] == "dask"
+
+
+def _esd_critical_values(n_frames: int, significance: float, fraction: float) -> np.ndarray:
+    """Rosner's two-sided critical values ``lam[n, i]`` for samples of ``n <= n_frames``
+    values and the ``i``-th removal (0-based); ``inf`` where undefined."""
+    from scipy.stats import t as student_t
+
+    lam = np.full((n_frames + 1, max(n_frames, 1)), np.inf)
+    for n in range(3, n_frames + 1):
+        k = min(max(int(fraction * n), 1), n - 2)
+        i = np.arange(k)
+        dof = n - i - 2
+        p = 1.0 - significance / (2.0 * (n - i))
+        t = student_t.ppf(p, dof)
+        lam[n, :k] = (n - i - 1) * t / np.sqrt((dof + t * t) * (n - i))
+    return lam
+
+
+def _kernel_arguments(
+    n_frames: int,
+    method: str,
+    low: float,
+    high: float,
+    reject_low: bool,
+    reject_high: bool,
+    range_low: float | None,
+    range_high: float | None,
+    saturation,
+    n_low: int,
+    n_high: int,
+    max_iterations: int | None,
+    esd_significance: float,
+    esd_outliers: float,
+    esd_low_relaxation: float,
+) -> tuple:
+    """Validate the parameters and turn them into the kernel's positional arguments."""
+    if method not in _METHOD_CODE:
+        raise DrizzlestackError(f"method={method!r}: unknown rejection method; choose one of {', '.join(METHODS)}")
+    for name, value in (("low", low), ("high", high)):
+        if not (np.isfinite(value) and value >= 0):
+            raise DrizzlestackError(f"{name}={value!r}: the threshold must be a finite number >= 0")
+    for name, value in (("n_low", n_low), ("n_high", n_high)):
+        if int(value) != value or value < 0:
+            raise DrizzlestackError(f"{name}={value!r}: must be an integer >= 0")
+    if max_iterations is not None and (int(max_iterations) != max_iterations or max_iterations < 1):
+        raise DrizzlestackError(f"max_iterations={max_iterations!r}: must be None or an integer >= 1")
+    if not 0.0 < esd_significance < 1.0:
+        raise DrizzlestackError(f"esd_significance={esd_significance!r}: must be in (0, 1)")
+    if not 0.0 < esd_outliers < 1.0:
+        raise DrizzlestackError(f"esd_outliers={esd_outliers!r}: must be in (0, 1)")
+    if not esd_low_relaxation > 0.0:
+        raise DrizzlestackError(f"esd_low_relaxation={esd_low_relaxation!r}: must be > 0")
+    r_low = -np.inf if range_low is None else float(range_low)
+    r_high = np.inf if range_high is None else float(range_high)
+    if np.isnan(r_low) or np.isnan(r_high):
+        raise DrizzlestackError("range_low/range_high: NaN is not a range limit (use None for no limit)")
+    if saturation is None:
+        sat = np.full(n_frames, np.inf)
+    else:
+        sat = np.asarray(saturation, dtype=np.float64)
+        if sat.ndim == 0:
+            sat = np.full(n_frames, float(sat))
+        elif sat.shape != (n_frames,):
+            raise DrizzlestackError(
+                f"saturation: expected a scalar or one level per frame ({n_frames}), got shape {sat.shape}"
+            )
+        # A NaN level means "unknown": such a frame has no saturation protection.
+        sat = np.where(np.isnan(sat), np.inf, sat)
+    if method == "esd":
+        lam = _esd_critical_values(n_frames, esd_significance, esd_outliers)
+    else:
+        lam = np.full((1, 1), np.inf)
+    return (
+        _METHOD_CODE[method],
+        float(low),
+        float(high),
+        bool(reject_low),
+        bool(reject_high),
+        r_low,
+        r_high,
+        sat,
+        int(n_low),
+        int(n_high),
+        0 if max_iterations is None else int(max_iterations),
+        lam,
+        float(esd_outliers),
+        float(esd_low_relaxation),
+    )
+
+
+def _as_float(block: np.ndarray) -> np.ndarray:
+    # float32 and float64 go to the kernel as they are (no copy); anything else is
+    # converted to float64 as astropy does.
+    if block.dtype == np.float32 or block.dtype == np.float64:
+        return block
+    return block.astype(np.float64)
+
+
+def _flags_block(block: np.ndarray, args: tuple, mask_only: bool) -> np.ndarray:
+    """Kernel call on one in-memory ``(frame, y, x)`` block."""
+    block = _as_float(np.asarray(block))
+    out = np.empty(block.shape, dtype=np.uint8)
+    if block.size:
+        _flags_kernel(block, *args, mask_only, out)
+    return out.view(np.bool_) if mask_only else out
+
+
+def _check_stack(stack: Any) -> Any:
+    if not _is_dask(stack):
+        stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise DrizzlestackError(f"stack: expected a (frame, y, x) array, got {stack.ndim} dimensions")
+    if stack.dtype.kind not in "fiu":
+        raise DrizzlestackError(f"stack: expected real numbers, got dtype {stack.dtype}")
+    if _is_dask(stack) and stack.numblocks[0] != 1:
+        # Rejection needs every frame of a pixel in one task.
+        stack = stack.rechunk({0: -1})
+    return stack
+
+
+def _flags_or_mask(stack, mask_only: bool, params: dict):
+    stack = _check_stack(stack)
+    args = _kernel_arguments(stack.shape[0], **params)
+    if _is_dask(stack):
+        return stack.map_blocks(
+            _flags_block,
+            args=args,
+            mask_only=mask_only,
+            dtype=np.bool_ if mask_only else np.uint8,
+            meta=np.empty((0, 0, 0), dtype=np.bool_ if mask_only else np.uint8),
+        )
+    return _flags_block(stack, args, mask_only)
+
+
+def rejection_flags(
+    stack,
+    method: str = "winsorized",
+    low: float = 3.0,
+    high: float = 3.0,
+    reject_low: bool = True,
+    reject_high: bool = True,
+    range_low: float | None = None,
+    range_high: float | None = None,
+    saturation: float | np.ndarray | None = None,
+    *,
+    n_low: int = 1,
+    n_high: int = 1,
+    max_iterations: int | None = None,
+    esd_significance: float = 0.05,
+    esd_outliers: float = 0.3,
+    esd_low_relaxation: float = 1.5,
+):
+    """Per-frame, per-pixel rejection flags of a stack (the store's ``rejection`` cube).
+
+    Parameters
+    ----------
+    stack : array_like or dask.array.Array, shape (frame, y, x)
+        Registered, normalized frames. NaN and ±inf mean "no data". A Dask array should
+        be chunked ``(frame=all, y=tile, x=tile)``; a frame axis in several chunks is
+        rechunked into one.
+    method : {"none", "minmax", "percentile", "sigma", "winsorized", "averaged", "linear", "esd"}
+        Rejection algorithm (see the module documentation). Default ``"winsorized"``, the
+        pipeline's default.
+    low, high : float
+        Rejection thresholds below and above the centre, in the method's units (sigma,
+        except ``"percentile"``: fractions of the median; unused by ``"minmax"`` and
+        ``"esd"``).
+    reject_low, reject_high : bool
+        Switch the rejection of low / high values on or off. A side switched off keeps
+        its outliers in the statistics too (its bound is infinite).
+    range_low, range_high : float, optional
+        Range rejection: values ``<= range_low`` or ``>= range_high`` are flagged
+        :data:`FLAG_RANGE` and left out of everything. Saturated values (see
+        ``saturation``) are never range-rejected.
+    saturation : float or array_like of shape (frame,), optional
+        Saturation level, one for all frames or one per frame (in the stack's units,
+        i.e. after normalization); NaN means unknown. Values ``>=`` their frame's level
+        are kept and excluded from the statistics (see the module documentation).
+    n_low, n_high : int
+        Number of lowest / highest values rejected by ``"minmax"``.
+    max_iterations : int, optional
+        Cap on the clipping iterations of ``"sigma"`` (astropy's ``maxiters``),
+        ``"winsorized"``, ``"averaged"`` and ``"linear"``. Default: until nothing changes.
+    esd_significance : float
+        Significance level (type I error) of the ESD test.
+    esd_outliers : float
+        Largest fraction of a sample that the ESD test may reject.
+    esd_low_relaxation : float
+        Low deviations are divided by this in the ESD test (dark values are more often
+        genuine; PixInsight's default 1.5).
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array of uint8, shape (frame, y, x)
+        :data:`FLAG_LOW`, :data:`FLAG_HIGH`, :data:`FLAG_RANGE` or 0 (kept); lazy for a
+        Dask input.
+
+    See Also
+    --------
+    reject_stack : the same decision as a boolean mask.
+    combine_stack : the weighted mean of the kept values and the rejection counts.
+    """
+    params = dict(
+        method=method, low=low, high=high, reject_low=reject_low, reject_high=reject_high,
+        range_low=range_low, range_high=range_high, saturation=saturation, n_low=n_low,
+        n_high=n_high, max_iterations=max_iterations, esd_significance=esd_significance,
+        esd_outliers=esd_outliers, esd_low_relaxation=esd_low_relaxation,
+    )  # fmt: skip
+    return _flags_or_mask(stack, False, params)
+
+
+def reject_stack(
+    stack,
+    method: str = "sigma",
+    low: float = 3.0,
+    high: float = 3.0,
+    reject_low: bool = True,
+    reject_high: bool = True,
+    range_low: float | None = None,
+    range_high: float | None = None,
+    saturation: float | np.ndarray | None = None,
+    *,
+    n_low: int = 1,
+    n_high: int = 1,
+    max_iterations: int | None = None,
+    esd_significance: float = 0.05,
+    esd_outliers: float = 0.3,
+    esd_low_relaxation: float = 1.5,
+):
+    """Boolean rejection mask of a stack: True where a value is not used.
+
+    Same parameters as :func:`rejection_flags` (but ``method`` defaults to ``"sigma"``).
+    The mask is ``flags != 0``: rejected low or high, out of range, or invalid (NaN/inf).
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array of bool, shape (frame, y, x)
+        Lazy for a Dask input.
+
+    Notes
+    -----
+    With ``method="sigma"`` and no range or saturation limits the mask is exactly
+    ``astropy.stats.sigma_clip(stack, axis=0, sigma_lower=low, sigma_upper=high,
+    maxiters=max_iterations, cenfunc="median", stdfunc="std").mask``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from drizzlestack.integration.rejection import reject_stack
+    >>> stack = np.ones((5, 1, 1), np.float32) + np.arange(5).reshape(5, 1, 1) * 0.01
+    >>> stack[2, 0, 0] = 100.0  # a cosmic ray
+    >>> reject_stack(stack, method="sigma", low=2, high=2)[:, 0, 0]
+    array([False, False,  True, False, False])
+    """
+    params = dict(
+        method=method, low=low, high=high, reject_low=reject_low, reject_high=reject_high,
+        range_low=range_low, range_high=range_high, saturation=saturation, n_low=n_low,
+        n_high=n_high, max_iterations=max_iterations, esd_significance=esd_significance,
+        esd_outliers=esd_outliers, esd_low_relaxation=esd_low_relaxation,
+    )  # fmt: skip
+    return _flags_or_mask(stack, True, params)
+
+
+def _combine_block(block: np.ndarray, flags: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    block = _as_float(np.asarray(block))
+    flags = np.asarray(flags, dtype=np.uint8)
+    _, ny, nx = block.shape
+    out = np.empty((3, ny, nx), dtype=np.float64)
+    image = np.empty((ny, nx), np.float64)
+    n_low = np.empty((ny, nx), np.int64)
+    n_high = np.empty((ny, nx), np.int64)
+    if block.size:
+        _combine_kernel(block, flags, weights, image, n_low, n_high)
+    out[0] = image
+    out[1] = n_low
+    out[2] = n_high
+    return out
+
+
+def combine_stack(stack, flags, weights=None):
+    """Integrate a stack: the weighted mean of its kept values, and rejection counts.
+
+    Parameters
+    ----------
+    stack : array_like or dask.array.Array, shape (frame, y, x)
+        The stack the flags were computed on.
+    flags : array_like or dask.array.Array of uint8, shape (frame, y, x)
+        Flags from :func:`rejection_flags` (0 = kept).
+    weights : array_like of shape (frame,), optional
+        Per-frame weights (default: all 1). Frames with weight 0 (or NaN) contribute
+        nothing.
+
+    Returns
+    -------
+    image : ndarray or dask array of float32, shape (y, x)
+        ``Σ w·x / Σ w`` over the kept values. Where every value of a pixel was rejected
+        it is the median of the pixel's in-range values instead (never 0 because of
+        rejection); where there is no valid value at all it is NaN (no data). Saturated
+        values are kept by :func:`rejection_flags`, so an all-saturated pixel stays
+        saturated.
+    rejected_low, rejected_high : ndarray or dask array of uint16, shape (y, x)
+        Number of frames flagged :data:`FLAG_LOW` / :data:`FLAG_HIGH` at each pixel.
+        Range-rejected and invalid values are in neither count, so
+        ``kept + rejected_low + rejected_high + (flags & FLAG_RANGE != 0).sum(0)`` equals
+        the number of frames.
+
+    Notes
+    -----
+    The computation is per pixel, so it runs blockwise on a Dask stack (chunked
+    ``(frame=all, y=tile, x=tile)``); the three outputs share one task per tile.
+    """
+    stack = _check_stack(stack)
+    n_frames = stack.shape[0]
+    if n_frames > np.iinfo(np.uint16).max:
+        raise DrizzlestackError(f"stack: {n_frames} frames exceed the uint16 rejection counts")
+    if weights is None:
+        w = np.ones(n_frames, np.float64)
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (n_frames,):
+            raise DrizzlestackError(f"weights: expected one weight per frame ({n_frames}), got shape {w.shape}")
+        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    if flags.shape != stack.shape:
+        raise DrizzlestackError(f"flags: shape {flags.shape} does not match the stack's {stack.shape}")
+    if _is_dask(stack) or _is_dask(flags):
+        import dask.array as da
+
+        if not _is_dask(stack):
+            stack = da.from_array(stack, chunks=(-1,) + flags.chunks[1:])
+        if not _is_dask(flags):
+            flags = da.from_array(np.asarray(flags), chunks=stack.chunks)
+        flags = flags.rechunk(stack.chunks)
+        out = da.map_blocks(
+            _combine_block,
+            stack,
+            flags,
+            weights=w,
+            chunks=((3,),) + stack.chunks[1:],
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0), np.float64),
+        )
+        return out[0].astype(np.float32), out[1].astype(np.uint16), out[2].astype(np.uint16)
+    out = _combine_block(stack, np.asarray(flags), w)
+    return out[0].astype(np.float32), out[1].astype(np.uint16), out[2].astype(np.uint16)
