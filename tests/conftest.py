@@ -50,3 +50,29 @@ def raise_if_dask_computes(max_computes: int = 0):
     sched = CountingScheduler(max_computes)
     with dask.config.set(scheduler=sched):
         yield sched
+
+
+def register_with_truth(store, truth, reference: int = 0):
+    """Write the simulator's true transforms as the store's registration (for tests of
+    the later steps that must not depend on the registration step's accuracy)."""
+    import numpy as np
+
+    from drizzlestack.store import StackStore
+
+    st = StackStore.open(store)
+    ref_inv = np.linalg.inv(truth.transforms[reference])
+    transforms = np.array([ref_inv @ t for t in truth.transforms[: st.n_frames]])
+    st.write_variable("transform", transforms, ("frame", "transform_row", "transform_col"))
+    st.attrs["reference"] = reference
+    st.begin_step("register", {"truth": True})
+    st.end_step("register")
+    return st
+
+
+@pytest.fixture(scope="session")
+def sat_sim(tmp_path_factory):
+    """8 frames of 96x112 px with saturated stars, cosmic rays, hot pixels and a trail."""
+    from drizzlestack.simulate import simulate
+
+    d = tmp_path_factory.mktemp("sat_sim")
+    return simulate(d, n_frames=8, shape=(96, 112), n_stars=60, n_galaxies=1, n_saturated=3, seed=21)

@@ -134,16 +134,17 @@ def _apply_rejection(weights, flags, index, xr_, yr_, saturated, ref_shape) -> N
     """Zero the weight of input pixels whose nearest reference pixel was flagged by the
     integration's rejection in this frame. Saturated pixels are exempt: they are not
     outliers, and rejecting them is what turns star cores black."""
-    ix = np.floor(xr_ + 0.5)
-    iy = np.floor(yr_ + 0.5)
-    inside = (ix >= 0) & (ix < ref_shape[1]) & (iy >= 0) & (iy < ref_shape[0])
-    if not inside.any():
+    # Nearest reference pixel; pixels just beyond the edge (whose drops still reach the
+    # output) take the flags of the edge pixel. Non-finite positions drop no weight anyway.
+    finite = np.isfinite(xr_) & np.isfinite(yr_)
+    if not finite.any():
         return
-    ix, iy = ix[inside].astype(np.intp), iy[inside].astype(np.intp)
-    ix0, iy0 = ix.min(), iy.min()
-    window = np.asarray(flags[index, iy0:iy.max() + 1, ix0:ix.max() + 1])
+    ix = np.clip(np.floor(np.where(finite, xr_, 0) + 0.5), 0, ref_shape[1] - 1).astype(np.intp)
+    iy = np.clip(np.floor(np.where(finite, yr_, 0) + 0.5), 0, ref_shape[0] - 1).astype(np.intp)
+    ix0, iy0 = ix[finite].min(), iy[finite].min()
+    window = np.asarray(flags[index, iy0:iy[finite].max() + 1, ix0:ix[finite].max() + 1])
     flagged = np.zeros(weights.shape, dtype=bool)
-    flagged[inside] = window[iy - iy0, ix - ix0] != 0
+    flagged[finite] = window[iy[finite] - iy0, ix[finite] - ix0] != 0
     weights[flagged & ~saturated] = 0.0
 
 
@@ -301,6 +302,11 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         and ``drizzle_coverage``, lazily from the store.
     """
     _check_parameters(scale, pixfrac, kernel, tile)
+    if kernel.startswith("lanczos") and pixfrac != 1.0:
+        # Warned once here rather than by the kernel in every tile.
+        warnings.warn(f"kernel={kernel!r} ignores pixfrac={pixfrac:g} (as STScI drizzle does); using 1",
+                      DrizzlestackWarning, stacklevel=2)
+        pixfrac = 1.0
     st = StackStore.open(store)
     stack = open_stack(st)
     if "transform" not in stack or not (st.step("register") or {}).get("complete", False):

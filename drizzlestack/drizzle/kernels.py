@@ -47,6 +47,10 @@ SQUARE_BATCH = 128
 # _square_window_areas.
 _GRID = 6144.0
 
+# A cell overlap below this fraction of the drop's area is a rounding residue of an
+# exact zero (a cell the drop only touches) and is not deposited.
+_AREA_RTOL = 1e-12
+
 # Gaussian kernel constants of STScI drizzle (FWHM = 2.3548 sigma, 2.5 sigma reach,
 # never narrower than 1.2 input pixels so that there are no holes).
 _GAUSS_FWHM = 2.3548
@@ -210,6 +214,9 @@ def _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w, touched, use_touch
             area += R[0, c, k]
         fw = FW[k] / area
         fv = FV[k] / area
+        # overlaps that are zero in exact arithmetic (a cell the drop only touches)
+        # come out as +-1e-17 rounding residues: drop them
+        tol = _AREA_RTOL * abs(area)
         ox = OX[k]
         oy = OY[k]
         hit = False
@@ -220,7 +227,7 @@ def _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w, touched, use_touch
                     a = R[r, c, k]
                     if r + 1 < wn:
                         a -= R[r + 1, c, k]
-                    if a != 0.0:
+                    if abs(a) > tol:
                         acc_w[jj, ox + c] += fw * a
                         acc_wv[jj, ox + c] += fv * a
                         hit = True
@@ -236,7 +243,7 @@ def _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w, touched, use_touch
                     a = R[r, c, k]
                     if r + 1 < wn:
                         a -= R[r + 1, c, k]
-                    if a != 0.0:
+                    if abs(a) > tol:
                         acc_w[jj, ii] += fw * a
                         acc_wv[jj, ii] += fv * a
                         hit = True
@@ -273,6 +280,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
         return 0
     fw = fw0 / area
     fv = fv0 / area
+    tol = _AREA_RTOL * abs(area)
     nlev = r1 - r0 + 2
     lev = np.zeros(nlev)
     hit = False
@@ -312,7 +320,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
                     lev[m] += w * qa
         for m in range(nlev - 1):
             a = lev[m] - lev[m + 1]
-            if a != 0.0:
+            if abs(a) > tol:
                 jj = r0 + m
                 acc_w[jj, c] += fw * a
                 acc_wv[jj, c] += fv * a

@@ -212,7 +212,28 @@ def _spike_ratios(d, ix0, iy0):
     return rx, ry, peak
 
 
-def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, max_stars: int | None = 3000,
+def _typical_sigma(d, objs, raw_peak, sat_level, n: int = 100, radius: int = 5) -> float:
+    """Median Gaussian sigma (px) of the ``n`` brightest clean stars, from wide-stamp fits."""
+    ny, nx = d.shape
+    cand = (objs["flag"] == 0) & (objs["x"] > radius) & (objs["x"] < nx - 1 - radius) & \
+        (objs["y"] > radius) & (objs["y"] < ny - 1 - radius)
+    if sat_level is not None:
+        cand &= raw_peak < sat_level
+    idx = np.flatnonzero(cand)
+    idx = idx[np.argsort(-objs["flux"][idx])][:n]
+    if idx.size < 3:
+        return 1.0
+    ix, iy = _stamp_indices(objs["x"][idx], objs["y"][idx], radius)
+    stamps = d[iy[:, :, None], ix[:, None, :]].astype(np.float64)
+    init = np.column_stack([objs["x"][idx], objs["y"][idx], np.maximum(stamps.sum(axis=(1, 2)), 1e-3),
+                            np.full(idx.size, 1.0), np.zeros(idx.size)])
+    params, _cov, ok = fit_gaussians(stamps, np.ones(stamps.shape, bool), ix.astype(np.float64),
+                                     iy.astype(np.float64), init)
+    ok &= (params[:, 3] > 0.2) & (params[:, 3] < radius)
+    return float(np.median(params[ok, 3])) if ok.sum() >= 3 else 1.0
+
+
+def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, max_stars: int | None = 2000,
                  min_snr: float = 5.0, background_box: int = 64) -> StarList:
     """Detect and measure the stars of one frame.
 
@@ -264,7 +285,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     if not np.isfinite(noise) or noise <= 0:
         return StarList(empty_table(), background, noise)
     rms = bkg.rms()
-    rms = np.where(np.isfinite(rms) & (rms > 0), rms, noise).astype(np.float32)
+    if not rms.min() > 0:  # also catches NaN: a mesh with no valid pixel
+        rms = np.where(np.isfinite(rms) & (rms > 0), rms, noise).astype(np.float32)
     d = work - back
     d[bad] = 0.0
     # Detect on the signal-to-noise image with an absolute threshold: the same as giving
@@ -307,12 +329,9 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     if len(objs) == 0:
         return StarList(empty_table(), background, noise, n_rejected=n_rejected)
 
-    # First guess of the width from the brighter stars' half-light radii: it sets the
-    # stamp size and the fit's starting point.
-    r_half, _ = sep.flux_radius(d, objs["x"], objs["y"], np.full(len(objs), 6.0), 0.5, subpix=5)
-    bright = np.argsort(-objs["flux"])[: max(20, len(objs) // 4)]
-    s_eff = np.nanmedian(r_half[bright]) / 1.1774 if np.any(np.isfinite(r_half[bright])) else 1.0
-    s0 = float(np.sqrt(max(s_eff ** 2 - 1.0 / 12.0, 0.09)))
+    # The width: a quick fit of the brightest unsaturated, unblended stars on wide stamps
+    # sets the stamp size and the starting point of the main fit.
+    s0 = _typical_sigma(d, objs, raw_peak, sat_level)
     # +-(1.1 FWHM + 0.5) px reaches 4.5 sigma: all the light, and a ring for the local background.
     radius = int(np.clip(np.ceil(1.1 * s0 * SIGMA_TO_FWHM + 0.5), 2, 10))
 
