@@ -73,6 +73,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_drizzle(args) -> int:
+    from .drizzle.driver import drizzle
+    from .parallel import scheduler
+
+    t0 = time.perf_counter()
+    with scheduler(_scheduler_options(args)):
+        result = drizzle(args.store, scale=args.scale, pixfrac=args.pixfrac, kernel=args.kernel, roi=args.roi,
+                         output=args.output, tile=args.tile, frames=args.frames, rejection=not args.no_rejection,
+                         weights=not args.no_weights, normalization=not args.no_normalization,
+                         distortion=not args.no_distortion, coverage=not args.no_coverage,
+                         overwrite=args.overwrite)
+    ny, nx = result["drizzle"].shape
+    print(f"drizzled {ny} x {nx} px (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
+          f"{time.perf_counter() - t0:.1f} s" + (f" -> {args.output}" if args.output else " (store only)"))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .pipeline import demo
 
@@ -111,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the frames of a store and what the steps found")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("drizzle", help="drizzle the registered frames onto a finer grid")
+    p.add_argument("store")
+    p.add_argument("--scale", type=float, default=2.0, help="output pixels per reference pixel (default 2)")
+    p.add_argument("--pixfrac", type=float, default=0.9, help="drop size in input pixels, (0, 1] (default 0.9)")
+    p.add_argument("--kernel", default="square", help="square (default), point, turbo, gaussian, lanczos2, lanczos3")
+    p.add_argument("--roi", type=float, nargs=4, metavar=("X0", "Y0", "WIDTH", "HEIGHT"), default=None,
+                   help="region of the reference frame, in reference pixels")
+    p.add_argument("--output", "-o", default="drizzle.fits", help="FITS file (default drizzle.fits)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--tile", type=int, default=512, help="output tile size: one task per tile (default 512)")
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="frame indices (default: every ok frame)")
+    p.add_argument("--no-rejection", action="store_true", help="ignore the integration's rejection flags")
+    p.add_argument("--no-weights", action="store_true", help="ignore the integration's frame weights")
+    p.add_argument("--no-normalization", action="store_true", help="ignore the integration's normalization")
+    p.add_argument("--no-distortion", action="store_true", help="ignore the distortion (spline) model")
+    p.add_argument("--no-coverage", action="store_true", help="no COVERAGE extension")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_drizzle)
 
     p = sub.add_parser("demo", help="simulate a small dithered field and run the pipeline on it")
     p.add_argument("directory", nargs="?", default="drizzlestack-demo")

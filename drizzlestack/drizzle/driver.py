@@ -376,7 +376,7 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
     grid = plan.grid
     ref = st.attrs.get("reference")
     header = fits.Header()
-    header["DRIZSCAL"] = (grid.scale, "drizzle output scale (output px per reference px)")
+    header["DRIZSCAL"] = (grid.scale, "output px per reference px")
     header["DRIZPIXF"] = (plan.pixfrac, "drizzle drop size (pixfrac)")
     header["DRIZKERN"] = (plan.kernel, "drizzle kernel")
     header["NDRIZIM"] = (len(indices), "number of frames drizzled")
@@ -384,8 +384,8 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
     header["DRIZROIY"] = (grid.y0, "ROI y0 in reference pixels")
     header["DRIZROIW"] = (grid.width, "ROI width in reference pixels")
     header["DRIZROIH"] = (grid.height, "ROI height in reference pixels")
-    header["EXPTIME"] = (total_exptime, "total exposure of the drizzled frames [s]")
-    header["REFFRAME"] = (ref if ref is not None else -1, "reference frame index in the stack store")
+    header["EXPTIME"] = (total_exptime, "total exposure of the frames [s]")
+    header["REFFRAME"] = (ref if ref is not None else -1, "reference frame index in the store")
     header["CREATOR"] = (f"drizzlestack {__version__}", "software")
     header["DATE"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     if ref is not None:
