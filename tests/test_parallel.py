@@ -13,6 +13,7 @@ import pytest
 
 import drizzlestack as ds
 from drizzlestack.parallel import SchedulerOptions, active_client, compute, scheduler
+from conftest import register_with_truth
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -41,20 +42,28 @@ def test_address_that_does_not_answer_fails_after_a_bounded_wait():
 
 
 @pytest.mark.slow
-def test_distributed_local_cluster_gives_the_same_results_as_threads(tmp_path, small_sim):
-    store = tmp_path / "s.zarr"
-    ds.ingest(small_sim.files, store)
-    stack = ds.open_stack(store)
-    work = (stack.frames.mean("frame").data, stack.frames.std("frame").data)
-    with scheduler(scheduler="threads"):
-        expected = compute(*work)
-    with scheduler(scheduler="distributed", workers=2, memory_limit="1GB", dashboard=":0") as client:
-        assert client is not None and active_client() is client
-        assert client.scheduler.address.startswith("tcp://127.0.0.1")  # listens on localhost
-        got = compute(*work)
+def test_distributed_local_cluster_gives_the_same_store_as_threads(tmp_path, small_sim):
+    """Ingest and drizzle once on threads and once on a local distributed cluster
+    (2 worker processes with a memory limit): every variable of the stores is identical."""
+    stores = {}
+    for name, opts in [("threads", SchedulerOptions(scheduler="threads")),
+                       ("distributed", SchedulerOptions(scheduler="distributed", workers=2, memory_limit="1GB",
+                                                        dashboard=":0"))]:
+        store = tmp_path / f"{name}.zarr"
+        with scheduler(opts) as client:
+            if name == "distributed":
+                assert client is not None and active_client() is client
+                assert client.scheduler.address.startswith("tcp://127.0.0.1")  # listens on localhost
+            ds.ingest(small_sim.files, store)
+            register_with_truth(store, small_sim)
+            ds.drizzle(store, scale=2.0, pixfrac=0.8, tile=64, output=tmp_path / f"{name}.fits")
+        stores[name] = ds.open_stack(store)
     assert active_client() is None
-    for a, b in zip(expected, got):
-        np.testing.assert_array_equal(a, b)
+    a, b = stores["threads"], stores["distributed"]
+    assert set(a.data_vars) == set(b.data_vars)
+    assert "drizzle" in a.data_vars
+    for var in a.data_vars:
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
 
 
 def test_slurm_job_script_from_the_config_file():
