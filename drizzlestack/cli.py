@@ -73,6 +73,33 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_integrate(args) -> int:
+    from .integration import integrate
+    from .parallel import scheduler
+
+    t0 = time.perf_counter()
+    options = {k: v for k, v in (("n_low", args.n_low), ("n_high", args.n_high)) if v is not None}
+    with scheduler(_scheduler_options(args)):
+        result = integrate(args.store, rejection=args.rejection, low=args.low, high=args.high,
+                           normalization=args.normalization, weights=args.weights, roi=args.roi, tile=args.tile,
+                           saturation=False if args.no_saturation else (args.saturation or True),
+                           scale_estimator=args.scale_estimator, weight_keyword=args.weight_keyword,
+                           reject_low=not args.no_reject_low, reject_high=not args.no_reject_high,
+                           range_low=args.range_low, range_high=args.range_high, rejection_options=options,
+                           frames=args.frames, output=args.output, overwrite=args.overwrite,
+                           task_memory=args.task_memory, force=args.force)
+    name = "integrate" if args.roi is None else "integrate_roi"
+    summary = result.attrs["steps"][name].get("summary", {})
+    used = summary.get("frames_used", [])
+    print(f"integrated {len(used)} frame(s) with {summary.get('rejection')} rejection "
+          f"(low {100 * summary.get('rejected_low_fraction', 0):.2f}%, "
+          f"high {100 * summary.get('rejected_high_fraction', 0):.2f}%) in {time.perf_counter() - t0:.1f} s"
+          + (f" -> {args.output}" if args.output else " (store only)"))
+    for i, reason in summary.get("excluded", {}).items():
+        print(f"  frame {i} excluded: {reason}")
+    return 0
+
+
 def cmd_drizzle(args) -> int:
     from .drizzle.driver import drizzle
     from .parallel import scheduler
@@ -87,6 +114,21 @@ def cmd_drizzle(args) -> int:
     ny, nx = result["drizzle"].shape
     print(f"drizzled {ny} x {nx} px (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
           f"{time.perf_counter() - t0:.1f} s" + (f" -> {args.output}" if args.output else " (store only)"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .pipeline import quality_summary, run
+
+    cfg = load_config(args.config, args.set)
+    cfg.scheduler = _scheduler_options(args, cfg.scheduler)
+    base = Path(args.config).resolve().parent
+    t0 = time.perf_counter()
+    run(cfg, force=args.force or (), base_dir=base)
+    for line in quality_summary(base / cfg.store if not Path(cfg.store).is_absolute() else cfg.store):
+        print(line)
+    print(f"finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -129,6 +171,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("integrate", help="normalize, weight and reject outliers; write the integration and flags")
+    p.add_argument("store")
+    p.add_argument("--rejection", default="winsorized",
+                   help="none, minmax, percentile, sigma, winsorized (default), averaged, linear, esd")
+    p.add_argument("--low", type=float, default=4.0, help="low rejection threshold (default 4)")
+    p.add_argument("--high", type=float, default=3.0, help="high rejection threshold (default 3)")
+    p.add_argument("--no-reject-low", action="store_true", help="do not reject low outliers")
+    p.add_argument("--no-reject-high", action="store_true", help="do not reject high outliers")
+    p.add_argument("--range-low", type=float, default=None, help="reject samples at or below (normalized ADU)")
+    p.add_argument("--range-high", type=float, default=None, help="reject samples at or above (normalized ADU)")
+    p.add_argument("--n-low", type=int, default=None, help="minmax: lowest values rejected (default 1)")
+    p.add_argument("--n-high", type=int, default=None, help="minmax: highest values rejected (default 1)")
+    p.add_argument("--normalization", default="additive+scaling",
+                   help="none, additive, multiplicative, additive+scaling (default), multiplicative+scaling")
+    p.add_argument("--scale-estimator", default="auto",
+                   help="scale of the +scaling normalizations: auto (default), photometry, biweight, mad")
+    p.add_argument("--weights", default="noise", help="none, exposure, noise (default), keyword")
+    p.add_argument("--weight-keyword", default=None, help="FITS keyword holding the weight (--weights keyword)")
+    p.add_argument("--saturation", type=float, default=None,
+                   help="saturation level in ADU for every frame (default: each frame's, from ingest)")
+    p.add_argument("--no-saturation", action="store_true", help="no saturation protection")
+    p.add_argument("--roi", type=int, nargs=4, metavar=("X0", "Y0", "WIDTH", "HEIGHT"), default=None,
+                   help="quick trial on a region of the reference frame (keeps the full-field products)")
+    p.add_argument("--output", "-o", default="integration.fits", help="FITS file (default integration.fits)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--tile", type=int, default=512, help="largest tile size: one task per tile (default 512)")
+    p.add_argument("--task-memory", default="256MiB", help="memory budget of one tile task (default 256MiB)")
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="frame indices (default: every ok frame)")
+    p.add_argument("--force", action="store_true", help="recompute even if the store holds this integration")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_integrate)
+
     p = sub.add_parser("drizzle", help="drizzle the registered frames onto a finer grid")
     p.add_argument("store")
     p.add_argument("--scale", type=float, default=2.0, help="output pixels per reference pixel (default 2)")
@@ -147,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-coverage", action="store_true", help="no COVERAGE extension")
     _add_scheduler_options(p)
     p.set_defaults(func=cmd_drizzle)
+
+    p = sub.add_parser("run", help="run ingest, register, integrate and drizzle from a config file")
+    p.add_argument("config", help="YAML configuration (see configs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration key, e.g. --set drizzle.scale=3 (repeatable)")
+    p.add_argument("--force", action="append", choices=["ingest", "register", "integrate", "drizzle"],
+                   help="rerun this step (and the ones after it) even if nothing changed")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="simulate a small dithered field and run the pipeline on it")
     p.add_argument("directory", nargs="?", default="drizzlestack-demo")

@@ -31,12 +31,61 @@ class IngestConfig:
 
 
 @dataclass
+class RegisterConfig:
+    reference: str | int = "auto"  # "auto", a frame index or a file name
+    model: str = "homography"  # similarity | affine | homography
+    distortion: bool = False  # add a smoothed thin-plate spline for optical distortion
+    mirror: bool = False  # accept frames flipped left-right
+    min_matches: int = 6  # fewer matched stars: the frame is excluded
+    threshold: float = 5.0  # detection threshold (sigma above background)
+    max_stars: int = 2000  # brightest stars kept per frame
+    scale_range: tuple[float, float] = (0.8, 1.25)  # accepted scale between a frame and the reference
+    smoothing: float | str = "auto"  # spline smoothing
+
+
+@dataclass
+class IntegrateConfig:
+    rejection: str = "winsorized"  # none | minmax | percentile | sigma | winsorized | averaged | linear | esd
+    low: float = 4.0  # low rejection threshold (sigma)
+    high: float = 3.0  # high rejection threshold (sigma)
+    reject_low: bool = True
+    reject_high: bool = True
+    range_low: float | None = None  # reject values at or below (ADU)
+    range_high: float | None = None  # reject values at or above (ADU)
+    normalization: str = "additive+scaling"  # none | additive | multiplicative | additive+scaling | multiplicative+scaling
+    scale_estimator: str = "auto"  # auto | photometry | biweight | mad
+    weights: str = "noise"  # none | exposure | noise | keyword
+    weight_keyword: str | None = None  # FITS keyword when weights = keyword
+    roi: list[float] | None = None  # [x0, y0, width, height] for quick trials
+    tile: int = 512  # spatial tile of the registered view (pixels)
+    output: str | None = "integration.fits"  # FITS file of the integration (null: store only)
+
+
+@dataclass
+class DrizzleConfig:
+    scale: float = 2.0  # output pixels per reference pixel
+    pixfrac: float = 0.9  # drop size in input pixels, (0, 1]
+    kernel: str = "square"  # square | point | turbo | gaussian | lanczos2 | lanczos3
+    roi: list[float] | None = None  # [x0, y0, width, height] in reference pixels
+    tile: int = 512  # output tile size (pixels): one task per tile
+    rejection: bool = True  # use the integration's per-pixel rejection flags
+    weights: bool = True  # use the integration's frame weights
+    normalization: bool = True  # use the integration's normalization
+    distortion: bool = True  # use the registration's distortion model, if any
+    coverage: bool = True  # write the COVERAGE extension
+    output: str | None = "drizzle.fits"  # FITS file (null: store only)
+
+
+@dataclass
 class RunConfig:
     """The whole configuration of a run (see ``configs/default.yaml``)."""
 
     store: str = "stack.zarr"
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    integrate: IntegrateConfig = field(default_factory=IntegrateConfig)
+    drizzle: DrizzleConfig = field(default_factory=DrizzleConfig)
 
 
 def _type_name(tp) -> str:

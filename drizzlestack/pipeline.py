@@ -1,41 +1,161 @@
-"""Orchestration of the steps: the demo (and, later, ``drizzlestack run``)."""
+"""Orchestration of the four steps: ``drizzlestack run`` and the demo.
+
+Each step records its parameters in the store and skips itself when they (and its
+inputs) have not changed since it last completed; ``force`` reruns a step and the
+pipeline then reruns the steps after it, whose inputs it changed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
+from .config import RunConfig, dump_config
 from .info import info_table
 from .parallel import SchedulerOptions, scheduler
+from .store import open_stack
+
+STEPS = ("ingest", "register", "integrate", "drizzle")
+
+
+def _resolve(path, base: Path | None):
+    if path is None or base is None or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
+def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
+    """Run ingest -> register -> integrate -> drizzle as configured.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The configuration (``config.load_config``).
+    force : iterable of str
+        Steps to rerun even if their parameters are unchanged; the steps after a
+        forced one rerun too.
+    base_dir : path-like, optional
+        Relative paths in ``cfg`` (store, inputs, outputs) are taken from here.
+    log : callable
+        Where progress lines go.
+
+    Returns
+    -------
+    dict
+        Seconds spent per step.
+    """
+    from .drizzle.driver import drizzle
+    from .ingest import ingest_files
+    from .integration import integrate
+    from .registration import register
+
+    force = set(force)
+    unknown = force - set(STEPS)
+    if unknown:
+        from ._warnings import DrizzlestackError
+
+        raise DrizzlestackError(f"--force {sorted(unknown)[0]}: unknown step (steps: {', '.join(STEPS)})")
+    base = Path(base_dir) if base_dir is not None else None
+    store = _resolve(cfg.store, base)
+    timings = {}
+    forced = False
+    with scheduler(cfg.scheduler):
+        t0 = time.perf_counter()
+        if cfg.ingest.inputs:
+            inputs = [_resolve(p, base) for p in cfg.ingest.inputs]
+            report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation)
+            for line in report.lines():
+                log(f"[ingest] {line}")
+            forced = bool(report.added)  # new frames: everything downstream reruns
+        timings["ingest"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        forced = forced or "register" in force
+        register(store, force=forced, **dataclasses.asdict(cfg.register))
+        timings["register"] = time.perf_counter() - t0
+        log(f"[register] {timings['register']:.1f} s")
+
+        t0 = time.perf_counter()
+        forced = forced or "integrate" in force
+        icfg = dataclasses.asdict(cfg.integrate)
+        icfg["output"] = _resolve(icfg["output"], base)
+        integrate(store, force=forced, overwrite=True, **icfg)
+        timings["integrate"] = time.perf_counter() - t0
+        log(f"[integrate] {timings['integrate']:.1f} s")
+
+        t0 = time.perf_counter()
+        forced = forced or "drizzle" in force
+        dcfg = dataclasses.asdict(cfg.drizzle)
+        dcfg["output"] = _resolve(dcfg["output"], base)
+        drizzle(store, overwrite=True, force=forced, **dcfg)
+        timings["drizzle"] = time.perf_counter() - t0
+        log(f"[drizzle] {timings['drizzle']:.1f} s")
+    return timings
+
+
+def quality_summary(store) -> list[str]:
+    """A few lines that tell whether the run went well."""
+    stack = open_stack(store)
+    status = [str(s) for s in stack["status"].values]
+    ok = sum(s == "ok" for s in status)
+    lines = [f"frames used: {ok} of {len(status)}"]
+    if "registration_rms" in stack:
+        rms = np.asarray(stack["registration_rms"].values, dtype=float)
+        if np.isfinite(rms).any():
+            lines.append(f"registration residual: median {np.nanmedian(rms):.3f} px, worst {np.nanmax(rms):.3f} px")
+    for var, label in (("rejected_low_fraction", "rejected low"), ("rejected_high_fraction", "rejected high")):
+        if var in stack:
+            lines.append(f"{label}: {np.nanmean(np.asarray(stack[var].values, float)):.3%} of pixels")
+    if "drizzle" in stack:
+        img = stack["drizzle"]
+        cov = stack["drizzle_coverage"].values if "drizzle_coverage" in stack else None
+        lines.append(f"drizzle: {img.shape[1]} x {img.shape[0]} px, "
+                     f"{np.isfinite(img.values).mean():.1%} of the output covered"
+                     + (f", median {np.median(cov):.0f} frames per pixel" if cov is not None else ""))
+    return lines
 
 
 def demo(directory="drizzlestack-demo", scheduler_options: SchedulerOptions | None = None, frames: int = 12,
-         size: int = 384, seed: int = 1, **_ignored) -> int:
-    """Simulate a small dithered, undersampled field and run the pipeline on it.
+         size: int = 384, seed: int = 1, log=print) -> int:
+    """Simulate a small dithered, undersampled field and run the whole pipeline on it.
 
-    Writes ``DIRECTORY/frames/*.fits`` (with the truth) and ``DIRECTORY/stack.zarr``,
-    then prints the store summary. Returns the process exit status.
+    Writes ``DIRECTORY/frames/*.fits`` (with the truth), ``DIRECTORY/stack.zarr``,
+    ``DIRECTORY/integration.fits`` and ``DIRECTORY/drizzle.fits``, then prints the
+    per-frame table and a quality summary. Returns the process exit status.
     """
-    from .ingest import ingest_files
     from .simulate import simulate
 
-    opts = scheduler_options or _ignored.get("scheduler") or SchedulerOptions()
     root = Path(directory)
-    frames_dir, store = root / "frames", root / "stack.zarr"
+    frames_dir = root / "frames"
+    store = root / "stack.zarr"
     if store.exists():
         shutil.rmtree(store)  # the demo always starts afresh; it only ever deletes its own store
-    t0 = time.perf_counter()
-    print(f"[1] simulating {frames} dithered frames of {size}x{size} px (FWHM 1.5 px) in {frames_dir}")
+    t_start = time.perf_counter()
+    log(f"simulating {frames} dithered, undersampled frames of {size}x{size} px (FWHM 1.5 px) in {frames_dir}")
     truth = simulate(frames_dir, n_frames=frames, shape=(size, size), fwhm=1.5, seed=seed,
                      n_stars=int(400 * (size / 512) ** 2) + 50)
-    with scheduler(opts):
-        print(f"[2] ingesting into {store}")
-        report = ingest_files(truth.files, store)
-        for line in report.lines():
-            print("    " + line)
-    print()
-    print(info_table(store))
-    print()
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s; results in {root.resolve()}")
-    return 0 if not report.skipped else 1
+    cfg = RunConfig(store=str(store))
+    cfg.ingest.inputs = list(truth.files)
+    cfg.integrate.output = str(root / "integration.fits")
+    cfg.drizzle.output = str(root / "drizzle.fits")
+    cfg.drizzle.tile = 256
+    if scheduler_options is not None:
+        cfg.scheduler = scheduler_options
+    (root / "config.yaml").write_text(dump_config(cfg))
+    run(cfg, log=log)
+    log("")
+    log(info_table(store))
+    log("")
+    for line in quality_summary(store):
+        log(line)
+    log("")
+    log(f"demo finished in {time.perf_counter() - t_start:.1f} s; results in {root.resolve()}:")
+    log(f"  {root / 'drizzle.fits'} (drizzled image, WEIGHTS, COVERAGE)")
+    log(f"  {root / 'integration.fits'} (integration at the reference scale)")
+    log(f"  {store} (the stack store: drizzlestack info {store})")
+    log(f"  {root / 'config.yaml'} (the configuration: drizzlestack run {root / 'config.yaml'})")
+    return 0

@@ -259,7 +259,7 @@ def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | 
 def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
             output="drizzle.fits", tile: int = 512, frames=None, rejection: bool = True,
             weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
-            overwrite: bool = False) -> xr.Dataset:
+            overwrite: bool = False, force: bool = True) -> xr.Dataset:
     """Drizzle the registered frames of a store onto a finer output grid.
 
     Every input pixel of every selected frame is mapped through its registration onto
@@ -294,6 +294,10 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         Also count the frames that contributed to each output pixel.
     overwrite : bool
         Replace an existing ``output`` file.
+    force : bool
+        Drizzle even if the store already holds a drizzle made with the same
+        parameters from the same registration and integration (and ``output`` exists);
+        ``False`` is what ``drizzlestack run`` uses to skip unchanged steps.
 
     Returns
     -------
@@ -341,7 +345,14 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     params = {"scale": scale, "pixfrac": pixfrac, "kernel": kernel, "roi": list(roi), "tile": tile,
               "frames": indices, "rejection": use_rejection, "weights": weights, "normalization": normalization,
               "distortion": distortion, "coverage": coverage}
-    st.begin_step("drizzle", params)
+    # The upstream steps' completion stamps: a rerun of either makes this drizzle stale.
+    inputs = {step: [(st.step(step) or {}).get("digest"), (st.step(step) or {}).get("finished")]
+              for step in ("ingest", "register", "integrate")}
+    inputs["n_frames"] = st.n_frames
+    if (not force and st.is_current("drizzle", params, inputs) and "drizzle" in st.group
+            and (out_path is None or out_path.exists())):
+        return open_stack(st)[list(OUTPUT_VARIABLES)]
+    st.begin_step("drizzle", params, inputs)
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
     targets = [
