@@ -56,6 +56,33 @@ def cmd_ingest(args) -> int:
     return 1 if report.skipped else 0
 
 
+def cmd_register(args) -> int:
+    import warnings
+
+    from ._warnings import DrizzlestackWarning
+    from .parallel import scheduler
+    from .registration import register
+
+    t0 = time.perf_counter()
+    reference = int(args.reference) if args.reference.isdigit() else args.reference
+    smoothing = args.smoothing if args.smoothing == "auto" else float(args.smoothing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DrizzlestackWarning)  # the summary below lists the excluded frames
+        with scheduler(_scheduler_options(args)):
+            result = register(args.store, reference=reference, model=args.model, distortion=args.distortion,
+                              mirror=args.mirror, min_matches=args.min_matches, threshold=args.threshold,
+                              max_stars=args.max_stars, smoothing=smoothing, force=args.force)
+    summary = result.attrs["steps"]["register"].get("summary", {})
+    rms = summary.get("median_rms")
+    print(f"registered {summary.get('registered', 0)} frame(s) to reference frame {summary.get('reference')} "
+          f"({args.model}{' + surface spline' if args.distortion else ''})"
+          + (f", median residual {rms:.3f} px" if rms is not None else "")
+          + f" in {time.perf_counter() - t0:.1f} s")
+    for i, reason in summary.get("excluded", {}).items():
+        print(f"  frame {i} excluded: {reason}")
+    return 0 if summary.get("reference") is not None else 1
+
+
 def cmd_simulate(args) -> int:
     from .simulate import simulate
 
@@ -154,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saturation level in ADU (default: header SATURATE, else the data type's maximum)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("register", help="detect stars, match them to the reference frame, fit the transforms")
+    p.add_argument("store")
+    p.add_argument("--reference", default="auto", help="'auto' (default), a frame index or a file name")
+    p.add_argument("--model", default="homography", choices=("homography", "affine", "similarity"))
+    p.add_argument("--distortion", action="store_true", help="add a surface spline for optical distortion")
+    p.add_argument("--mirror", action="store_true", help="accept frames mirrored relative to the reference")
+    p.add_argument("--min-matches", type=int, default=6, help="fewer matched stars exclude a frame (default 6)")
+    p.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma (default 5)")
+    p.add_argument("--max-stars", type=int, default=2000, help="brightest stars kept per frame (default 2000)")
+    p.add_argument("--smoothing", default="auto", help="spline smoothing: 'auto' (cross-validation) or a number")
+    p.add_argument("--force", action="store_true", help="rerun even if the step is up to date")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("simulate", help="write simulated dithered frames with known truth")
     p.add_argument("directory")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
 #: Pixmap coordinates beyond this (in output pixels) are treated as invalid.
 MAX_COORD = 1.0e9
@@ -74,9 +74,11 @@ def _out_index(x):
 
 
 @njit(nogil=True, cache=True)
-def _interp_rows(pixmap, yq, tx, ty):
-    """Bilinear interpolation of the pixmap along y at input row coordinate ``yq``
-    (extrapolated from the first/last pair of rows outside the frame), into tx, ty."""
+def pixmap_row(pixmap, yq, tx, ty):
+    """The pixmap interpolated linearly along y at input row coordinate ``yq``
+    (extrapolated from the first/last pair of rows beyond the frame), padded with
+    one linearly extrapolated value at each end: ``tx[i + 1]`` is pixel ``i``.
+    ``tx``, ``ty`` have ``nx + 2`` elements. Needs ``nx, ny >= 2``."""
     ny = pixmap.shape[0]
     nx = pixmap.shape[1]
     j0 = int(math.floor(yq))
@@ -87,151 +89,344 @@ def _interp_rows(pixmap, yq, tx, ty):
     t = yq - j0
     u = 1.0 - t
     for i in range(nx):
-        tx[i] = u * pixmap[j0, i, 0] + t * pixmap[j0 + 1, i, 0]
-        ty[i] = u * pixmap[j0, i, 1] + t * pixmap[j0 + 1, i, 1]
+        tx[i + 1] = u * pixmap[j0, i, 0] + t * pixmap[j0 + 1, i, 0]
+        ty[i + 1] = u * pixmap[j0, i, 1] + t * pixmap[j0 + 1, i, 1]
+    tx[0] = 2.0 * tx[1] - tx[2]
+    ty[0] = 2.0 * ty[1] - ty[2]
+    tx[nx + 1] = 2.0 * tx[nx] - tx[nx - 1]
+    ty[nx + 1] = 2.0 * ty[nx] - ty[nx - 1]
 
 
 @njit(nogil=True, cache=True)
-def _interp_cols(tx, ty, h, cxl, cyl, cxr, cyr):
-    """From a row interpolated along y, the corners at ``i - h`` (left) and ``i + h``
-    (right) of every pixel ``i``; extrapolated at both ends like STScI does."""
-    nx = tx.shape[0]
-    g = 1.0 - h
-    for i in range(1, nx - 1):
-        cxl[i] = h * tx[i - 1] + g * tx[i]
-        cyl[i] = h * ty[i - 1] + g * ty[i]
-        cxr[i] = g * tx[i] + h * tx[i + 1]
-        cyr[i] = g * ty[i] + h * ty[i + 1]
-    # first pixel, left corners: cell [0, 1] at t = -h; last pixel, right corners:
-    # cell [nx - 2, nx - 1] at t = 1 + h.
-    cxl[0] = (1.0 + h) * tx[0] - h * tx[1]
-    cyl[0] = (1.0 + h) * ty[0] - h * ty[1]
-    cxr[0] = g * tx[0] + h * tx[1]
-    cyr[0] = g * ty[0] + h * ty[1]
-    k = nx - 1
-    cxl[k] = h * tx[k - 1] + g * tx[k]
-    cyl[k] = h * ty[k - 1] + g * ty[k]
-    cxr[k] = (1.0 + h) * tx[k] - h * tx[k - 1]
-    cyr[k] = (1.0 + h) * ty[k] - h * ty[k - 1]
-
-
-@njit(nogil=True, cache=True)
-def drop_corners_row(pixmap, j, h, cx, cy):
-    """Corners of the shrunken drops of input row ``j``.
+def drop_corners(tx, ty, bx, by, i, h):
+    """Corners ``(xs, ys)`` of the drop of pixel ``i`` from the rows interpolated at
+    ``j + h`` (``tx, ty``) and ``j - h`` (``bx, by``) by :func:`pixmap_row`.
 
     The drop of pixel ``(i, j)`` is the quadrilateral whose corners are the pixmap,
     interpolated bilinearly, at ``(i - h, j + h)``, ``(i + h, j + h)``,
-    ``(i + h, j - h)``, ``(i - h, j - h)`` with ``h = pixfrac / 2`` (in that order,
-    clockwise with y up), exactly as STScI drizzle's square kernel; beyond the first
-    and last row/column the pixmap is extrapolated linearly from the edge pair.
-    ``cx``/``cy`` are ``(4, nx)`` outputs. Needs ``nx, ny >= 2``.
-    """
-    nx = pixmap.shape[1]
-    tx = np.empty(nx)
-    ty = np.empty(nx)
-    # top corners (j + h): 0 = left, 1 = right
-    _interp_rows(pixmap, j + h, tx, ty)
-    _interp_cols(tx, ty, h, cx[0], cy[0], cx[1], cy[1])
-    # bottom corners (j - h): 3 = left, 2 = right
-    _interp_rows(pixmap, j - h, tx, ty)
-    _interp_cols(tx, ty, h, cx[3], cy[3], cx[2], cy[2])
+    ``(i + h, j - h)``, ``(i - h, j - h)``, ``h = pixfrac / 2`` (in that order:
+    clockwise with y up), exactly as STScI drizzle's square kernel, including its
+    linear extrapolation beyond the first and last row and column."""
+    g = 1.0 - h
+    xs = np.empty(4)
+    ys = np.empty(4)
+    xs[0] = h * tx[i] + g * tx[i + 1]
+    ys[0] = h * ty[i] + g * ty[i + 1]
+    xs[1] = g * tx[i + 1] + h * tx[i + 2]
+    ys[1] = g * ty[i + 1] + h * ty[i + 2]
+    xs[2] = g * bx[i + 1] + h * bx[i + 2]
+    ys[2] = g * by[i + 1] + h * by[i + 2]
+    xs[3] = h * bx[i] + g * bx[i + 1]
+    ys[3] = h * by[i] + g * by[i + 1]
+    return xs, ys
+
+
+# Layout of the square kernel's scratch array: one flat float64 array, blocks of
+# SQUARE_BATCH values (one per drop of the batch) at offsets known at compile time,
+# so that LLVM sees a single base pointer with constant distances and vectorizes the
+# loops over the batch without runtime alias checks.
+_B = SQUARE_BATCH
+_WM = SQUARE_MAX_WINDOW
+_S_X = 0                      # 4 blocks: local corner x
+_S_Y = 4 * _B                 # 4 blocks: local corner y
+_S_FW = 8 * _B                # weight (0 for a drop that is not in the batch)
+_S_FV = 9 * _B                # weight x value
+_S_OX = 10 * _B               # window origin (output pixel indices, as floats)
+_S_OY = 11 * _B
+_S_ST = 12 * _B               # status: 0 skip, 1 batch, 2 too big for the window
+_S_NEED = 13 * _B             # window size the drop needs (0 if not in the batch)
+_S_SL = 14 * _B               # per edge: slope
+_S_SG = 15 * _B               # per edge: sign of its x direction
+_S_XB = 16 * _B                       # _WM + 1 blocks: edge x clipped to column boundaries
+_S_YB = _S_XB + (_WM + 1) * _B        # _WM + 1 blocks: edge height there
+_S_K = _S_YB + (_WM + 1) * _B         # _WM blocks: per column 0.5 w / (yb - ya)
+_S_F = _S_K + _WM * _B                # _WM blocks: per column w if the edge is flat
+_S_R = _S_F + _WM * _B                # (_WM + 1) * _WM blocks: R[r, c], then overlaps
+_S_SIZE = _S_R + (_WM + 1) * _WM * _B
 
 
 @njit(nogil=True, cache=True)
-def _square_window_areas(nb, wn, X, Y, R, ya_, yb_, kk, ff, lo, hi, sl, sg):
-    """Exact overlap of ``nb`` quadrilaterals with the cells of a ``wn x wn`` window.
+def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
+    """Corners (as in :func:`drop_corners`) of drops ``i0 .. i0 + nb - 1`` into the
+    batch's X, Y blocks."""
+    tvx = tx[i0:i0 + nb + 2]
+    tvy = ty[i0:i0 + nb + 2]
+    bvx = bx[i0:i0 + nb + 2]
+    bvy = by[i0:i0 + nb + 2]
+    g = 1.0 - h
+    for k in range(nb):
+        k0 = uint64(k)
+        k1 = k0 + uint64(1)
+        k2 = k0 + uint64(2)
+        S[uint64(_S_X) + k0] = h * tvx[k0] + g * tvx[k1]
+        S[uint64(_S_X + _B) + k0] = g * tvx[k1] + h * tvx[k2]
+        S[uint64(_S_X + 2 * _B) + k0] = g * bvx[k1] + h * bvx[k2]
+        S[uint64(_S_X + 3 * _B) + k0] = h * bvx[k0] + g * bvx[k1]
+        S[uint64(_S_Y) + k0] = h * tvy[k0] + g * tvy[k1]
+        S[uint64(_S_Y + _B) + k0] = g * tvy[k1] + h * tvy[k2]
+        S[uint64(_S_Y + 2 * _B) + k0] = g * bvy[k1] + h * bvy[k2]
+        S[uint64(_S_Y + 3 * _B) + k0] = h * bvy[k0] + g * bvy[k1]
 
-    Coordinates are local: cell ``(c, r)`` of the window is ``[c, c+1] x [r, r+1]``
-    and every corner lies in ``[0, wn]``. On return
-    ``R[r, c, k] = sum_e s_e * integral over column c of max(y_e(x) - r, 0) dx``,
-    the signed area of drop ``k`` above height ``r`` in column ``c`` (edges ``e``
-    with ``s_e`` the sign of their x direction: the area under the top chain minus
-    the area under the bottom chain). The overlap with cell ``(c, r)`` is then
-    ``R[r, c] - R[r + 1, c]`` (``R[wn] = 0``) and the drop's signed area is
+
+@njit(nogil=True, cache=True)
+def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
+    """Sort the batch's drops without branches: status (0 skip, 1 batch, 2 too big
+    for the window), window origin, weights, and corners made local to the window
+    (a drop not in the batch gets a harmless unit square and zero weight). Returns
+    the window size the batch needs (0 if no drop is in it)."""
+    xlim = W - 0.5
+    ylim = H - 0.5
+    drow = data[j, i0:i0 + nb]
+    wrow = weights[j, i0:i0 + nb] if use_weights else weights[0, :1]
+    for k in range(nb):
+        k0 = uint64(k)
+        v = np.float64(drow[k0])
+        wt = np.float64(wrow[k0]) if use_weights else 1.0
+        x0 = S[uint64(_S_X) + k0]
+        x1 = S[uint64(_S_X + _B) + k0]
+        x2 = S[uint64(_S_X + 2 * _B) + k0]
+        x3 = S[uint64(_S_X + 3 * _B) + k0]
+        y0 = S[uint64(_S_Y) + k0]
+        y1 = S[uint64(_S_Y + _B) + k0]
+        y2 = S[uint64(_S_Y + 2 * _B) + k0]
+        y3 = S[uint64(_S_Y + 3 * _B) + k0]
+        xmin = min(min(x0, x1), min(x2, x3))
+        xmax = max(max(x0, x1), max(x2, x3))
+        ymin = min(min(y0, y1), min(y2, y3))
+        ymax = max(max(y0, y1), max(y2, y3))
+        ex = xmax - xmin
+        ey = ymax - ymin
+        area = 0.5 * ((x1 - x3) * (y0 - y2) - (x0 - x2) * (y1 - y3))
+        # NaN fails every comparison, so NaN corners / values / weights give ok=False.
+        # (``&`` rather than ``and``: no short-circuit branches in the vector loop.)
+        ok = ((v - v) == 0.0) & (wt > 0.0)
+        ok &= (xmin > -MAX_COORD) & (xmax < MAX_COORD) & (ymin > -MAX_COORD) & (ymax < MAX_COORD)
+        ok &= (xmax > -0.5) & (xmin < xlim) & (ymax > -0.5) & (ymin < ylim)
+        # collinear / collapsed corners: no area, skipped
+        ok &= abs(area) > 1e-10 * ex * ey
+        # np.floor / np.ceil stay in float64 (math.floor returns an int64, and AVX2
+        # has no packed double -> int64 conversion: the loop would not vectorize)
+        ox = np.floor(xmin + 0.5)
+        oy = np.floor(ymin + 0.5)
+        need = np.ceil(max(xmax - ox, ymax - oy) + 0.5)
+        big = need > _WM
+        inb = ok & (not big)
+        st = (2.0 if big else 1.0) if ok else 0.0
+        bx = ox - 0.5
+        by = oy - 0.5
+        S[uint64(_S_X) + k0] = x0 - bx if inb else 0.0
+        S[uint64(_S_X + _B) + k0] = x1 - bx if inb else 1.0
+        S[uint64(_S_X + 2 * _B) + k0] = x2 - bx if inb else 1.0
+        S[uint64(_S_X + 3 * _B) + k0] = x3 - bx if inb else 0.0
+        S[uint64(_S_Y) + k0] = y0 - by if inb else 1.0
+        S[uint64(_S_Y + _B) + k0] = y1 - by if inb else 1.0
+        S[uint64(_S_Y + 2 * _B) + k0] = y2 - by if inb else 0.0
+        S[uint64(_S_Y + 3 * _B) + k0] = y3 - by if inb else 0.0
+        S[uint64(_S_FW) + k0] = wt if inb else 0.0
+        S[uint64(_S_FV) + k0] = wt * v if inb else 0.0
+        S[uint64(_S_OX) + k0] = ox if inb else 0.0
+        S[uint64(_S_OY) + k0] = oy if inb else 0.0
+        S[uint64(_S_ST) + k0] = st
+        S[uint64(_S_NEED) + k0] = need if inb else 0.0
+    # a max reduction over floats does not vectorize (NaN semantics): separate loop
+    wneed = 0.0
+    for k in range(nb):
+        wneed = max(wneed, S[_S_NEED + k])
+    return int(wneed)
+
+
+@njit(nogil=True, cache=True)
+def _sq_areas(S, nb, wn):
+    """Exact overlap of the batch's quadrilaterals with the cells of their
+    ``wn x wn`` windows.
+
+    Local coordinates: cell ``(c, r)`` is ``[c, c+1] x [r, r+1]`` and every corner
+    lies in ``[0, wn]``. Fills ``R[r, c] = sum_e s_e * integral over column c of
+    max(y_e(x) - r, 0) dx``, the signed area of the drop above height ``r`` in
+    column ``c`` (``s_e`` the sign of the edge's x direction: the area under the top
+    chain minus the area under the bottom chain, Green's theorem). The overlap with
+    cell ``(c, r)`` is ``R[r, c] - R[r + 1, c]`` and the drop's area
     ``sum_c R[0, c]``.
 
-    Over one column an edge is a segment from height ``ya`` to ``yb`` of width ``w``,
-    and the mean of ``max(t - r, 0)`` for ``t`` uniform in ``[ya, yb]`` is
-    ``(qb**2 - qa**2) / (2 (yb - ya))`` with ``q = max(y - r, 0)``: no branch, so the
-    innermost loops run across the batch of drops and vectorize. Heights are rounded
-    to a 2**-40 grid so that ``qb - qa`` equals ``yb - ya`` exactly when neither is
-    clipped, which keeps the ratio exact for nearly horizontal edges.
+    Over one column, an edge is a segment of width ``w`` from height ``ya`` to
+    ``yb``; the mean of ``max(t - r, 0)`` over ``t`` uniform in ``[ya, yb]`` is
+    ``(qb**2 - qa**2) / (2 (yb - ya))`` with ``q = max(y - r, 0)`` (``qa`` if
+    ``ya == yb``): no branch, so every loop runs across the batch and vectorizes.
+    Heights are rounded to a 2**-40 grid, which makes ``qb - qa`` exactly
+    ``yb - ya`` when neither is clipped and keeps the ratio exact even for a nearly
+    horizontal edge (tiny, non-zero ``yb - ya``).
+
+    Offsets into ``S`` are unsigned: with signed ones numba adds a negative-index
+    fix-up that stops LLVM from vectorizing; and every stage is its own loop over the
+    batch (a loop nested inside the batch loop is not unrolled, which would also stop
+    vectorization).
     """
     for r in range(wn):
         for c in range(wn):
+            o = uint64(_S_R + (r * _WM + c) * _B)
             for k in range(nb):
-                R[r, c, k] = 0.0
+                S[o + uint64(k)] = 0.0
     for e in range(4):
         e2 = (e + 1) & 3
+        ox1 = uint64(_S_X + e * _B)
+        ox2 = uint64(_S_X + e2 * _B)
+        oy1 = uint64(_S_Y + e * _B)
+        oy2 = uint64(_S_Y + e2 * _B)
+        osl = uint64(_S_SL)
+        osg = uint64(_S_SG)
         for k in range(nb):
-            x1 = X[e, k]
-            x2 = X[e2, k]
-            dx = x2 - x1
-            dy = Y[e2, k] - Y[e, k]
-            sg[k] = 1.0 if dx > 0.0 else -1.0
-            lo[k] = min(x1, x2)
-            hi[k] = max(x1, x2)
-            # |dx| <= 1e-30: the edge is vertical for all purposes (its width, hence
-            # its contribution, is below 1e-30); a zero slope keeps heights finite.
-            sl[k] = dy / dx if abs(dx) > 1e-30 else 0.0
-        for c in range(wn):
-            c0 = float(c)
-            c1 = c0 + 1.0
+            ku = uint64(k)
+            dx = S[ox2 + ku] - S[ox1 + ku]
+            dy = S[oy2 + ku] - S[oy1 + ku]
+            # |dx| <= 1e-30: vertical for all purposes (its width, hence its
+            # contribution, is below 1e-30); a zero slope keeps heights finite.
+            S[osl + ku] = dy / dx if abs(dx) > 1e-30 else 0.0
+            S[osg + ku] = 1.0 if dx > 0.0 else -1.0
+        # the edge at the column boundaries x = b, clipped to its x range
+        for b in range(wn + 1):
+            fb = float(b)
+            oxb = uint64(_S_XB + b * _B)
+            oyb = uint64(_S_YB + b * _B)
             for k in range(nb):
-                x1 = X[e, k]
-                y1 = Y[e, k]
-                xl = min(max(c0, lo[k]), hi[k])
-                xr = min(max(c1, lo[k]), hi[k])
-                w = (xr - xl) * sg[k]
-                ya = y1 + sl[k] * (xl - x1)
-                yb = y1 + sl[k] * (xr - x1)
-                ya = (ya + _GRID) - _GRID
-                yb = (yb + _GRID) - _GRID
+                ku = uint64(k)
+                x1 = S[ox1 + ku]
+                x2 = S[ox2 + ku]
+                xb = min(max(fb, min(x1, x2)), max(x1, x2))
+                yb = S[oy1 + ku] + S[osl + ku] * (xb - x1)
+                S[oxb + ku] = xb
+                S[oyb + ku] = (yb + _GRID) - _GRID
+        # per column: signed width, level-0 area, factors of the level formula
+        for c in range(wn):
+            oxa = uint64(_S_XB + c * _B)
+            oxb = uint64(_S_XB + (c + 1) * _B)
+            oya = uint64(_S_YB + c * _B)
+            oyb = uint64(_S_YB + (c + 1) * _B)
+            o0 = uint64(_S_R + c * _B)
+            okc = uint64(_S_K + c * _B)
+            ofc = uint64(_S_F + c * _B)
+            for k in range(nb):
+                ku = uint64(k)
+                w = (S[oxb + ku] - S[oxa + ku]) * S[osg + ku]
+                ya = S[oya + ku]
+                yb = S[oyb + ku]
                 d = yb - ya
-                R[0, c, k] += 0.5 * w * (ya + yb)
-                ya_[k] = ya
-                yb_[k] = yb
-                kk[k] = (0.5 * w) / d if d != 0.0 else 0.0
-                ff[k] = w if d == 0.0 else 0.0
-            for r in range(1, wn):
-                fr = float(r)
+                S[o0 + ku] += 0.5 * w * (ya + yb)
+                S[okc + ku] = (0.5 * w) / d if d != 0.0 else 0.0
+                S[ofc + ku] = w if d == 0.0 else 0.0
+        for r in range(1, wn):
+            fr = float(r)
+            for c in range(wn):
+                oya = uint64(_S_YB + c * _B)
+                oyb = uint64(_S_YB + (c + 1) * _B)
+                orc = uint64(_S_R + (r * _WM + c) * _B)
+                okc = uint64(_S_K + c * _B)
+                ofc = uint64(_S_F + c * _B)
                 for k in range(nb):
-                    qa = max(ya_[k] - fr, 0.0)
-                    qb = max(yb_[k] - fr, 0.0)
-                    R[r, c, k] += kk[k] * ((qb - qa) * (qb + qa)) + ff[k] * qa
+                    ku = uint64(k)
+                    qa = max(S[oya + ku] - fr, 0.0)
+                    qb = max(S[oyb + ku] - fr, 0.0)
+                    S[orc + ku] += S[okc + ku] * ((qb - qa) * (qb + qa)) + S[ofc + ku] * qa
 
 
 @njit(nogil=True, cache=True)
-def _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w, touched, use_touched):
-    """Add the batch's cell overlaps (from ``_square_window_areas``) times
-    ``FW = w / area`` and ``FV = w * value / area`` into the accumulators."""
+def _sq_weights(S, nb, wn):
+    """Per drop ``w / area`` and ``w * value / area`` (in the FW, FV blocks), and per
+    cell the overlap ``R[r, c] - R[r + 1, c]`` (in place of ``R[r, c]``). Overlaps that
+    are zero in exact arithmetic (cells the drop only touches) come out as +-1e-17
+    residues: below ``_AREA_RTOL`` of the drop's area they are zeroed."""
+    oa = uint64(_S_K)            # the K and F blocks are free again: reuse them
+    otol = uint64(_S_F)
+    ofw = uint64(_S_FW)
+    ofv = uint64(_S_FV)
+    for k in range(nb):
+        S[oa + uint64(k)] = 0.0
+    for c in range(wn):
+        o0 = uint64(_S_R + c * _B)
+        for k in range(nb):
+            ku = uint64(k)
+            S[oa + ku] += S[o0 + ku]
+    for k in range(nb):
+        ku = uint64(k)
+        area = S[oa + ku]
+        S[ofw + ku] = S[ofw + ku] / area
+        S[ofv + ku] = S[ofv + ku] / area
+        S[otol + ku] = _AREA_RTOL * abs(area)
+    for r in range(wn):
+        for c in range(wn):
+            orc = uint64(_S_R + (r * _WM + c) * _B)
+            onext = uint64(_S_R + ((r + 1) * _WM + c) * _B)
+            # the level above the last row is 0 (the drop is below the window top)
+            inner = r + 1 < wn
+            for k in range(nb):
+                ku = uint64(k)
+                a = S[orc + ku] - (S[onext + ku] if inner else 0.0)
+                S[orc + ku] = a if abs(a) > S[otol + ku] else 0.0
+
+
+@njit(nogil=True, cache=True)
+def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
+    """Add the batch's cell overlaps times ``w / area`` and ``w * value / area`` into
+    the accumulators (clipped to the output)."""
     H, W = acc_w.shape
+    # flat views and unsigned offsets: no negative-index fix-ups in the hot loop
+    flat_w = acc_w.reshape(H * W)
+    flat_wv = acc_wv.reshape(H * W)
+    uW = uint64(W)
     ncontrib = 0
     for k in range(nb):
-        # drop area = sum over columns of the signed area above height 0
-        area = 0.0
-        for c in range(wn):
-            area += R[0, c, k]
-        fw = FW[k] / area
-        fv = FV[k] / area
-        # overlaps that are zero in exact arithmetic (a cell the drop only touches)
-        # come out as +-1e-17 rounding residues: drop them
-        tol = _AREA_RTOL * abs(area)
-        ox = OX[k]
-        oy = OY[k]
-        hit = False
+        if S[_S_ST + k] != 1.0:
+            continue
+        fw = S[_S_FW + k]
+        fv = S[_S_FV + k]
+        ox = int(S[_S_OX + k])
+        oy = int(S[_S_OY + k])
         if ox >= 0 and oy >= 0 and ox + wn <= W and oy + wn <= H and not use_touched:
-            for r in range(wn):
-                jj = oy + r
-                for c in range(wn):
-                    a = R[r, c, k]
-                    if r + 1 < wn:
-                        a -= R[r + 1, c, k]
-                    if abs(a) > tol:
-                        acc_w[jj, ox + c] += fw * a
-                        acc_wv[jj, ox + c] += fv * a
-                        hit = True
+            base = uint64(oy) * uW + uint64(ox)
+            if wn == 3:
+                # the common case at scale ~2, unrolled
+                o = uint64(_S_R + k)
+                a = S[o]
+                flat_w[base] += fw * a
+                flat_wv[base] += fv * a
+                a = S[o + uint64(_B)]
+                flat_w[base + uint64(1)] += fw * a
+                flat_wv[base + uint64(1)] += fv * a
+                a = S[o + uint64(2 * _B)]
+                flat_w[base + uint64(2)] += fw * a
+                flat_wv[base + uint64(2)] += fv * a
+                base += uW
+                o += uint64(_WM * _B)
+                a = S[o]
+                flat_w[base] += fw * a
+                flat_wv[base] += fv * a
+                a = S[o + uint64(_B)]
+                flat_w[base + uint64(1)] += fw * a
+                flat_wv[base + uint64(1)] += fv * a
+                a = S[o + uint64(2 * _B)]
+                flat_w[base + uint64(2)] += fw * a
+                flat_wv[base + uint64(2)] += fv * a
+                base += uW
+                o += uint64(_WM * _B)
+                a = S[o]
+                flat_w[base] += fw * a
+                flat_wv[base] += fv * a
+                a = S[o + uint64(_B)]
+                flat_w[base + uint64(1)] += fw * a
+                flat_wv[base + uint64(1)] += fv * a
+                a = S[o + uint64(2 * _B)]
+                flat_w[base + uint64(2)] += fw * a
+                flat_wv[base + uint64(2)] += fv * a
+            else:
+                for r in range(wn):
+                    row = base + uint64(r) * uW
+                    o = uint64(_S_R + (r * _WM) * _B + k)
+                    for c in range(wn):
+                        a = S[o + uint64(c * _B)]
+                        flat_w[row + uint64(c)] += fw * a
+                        flat_wv[row + uint64(c)] += fv * a
+            ncontrib += 1
         else:
+            hit = False
             for r in range(wn):
                 jj = oy + r
                 if jj < 0 or jj >= H:
@@ -240,26 +435,24 @@ def _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w, touched, use_touch
                     ii = ox + c
                     if ii < 0 or ii >= W:
                         continue
-                    a = R[r, c, k]
-                    if r + 1 < wn:
-                        a -= R[r + 1, c, k]
-                    if abs(a) > tol:
+                    a = S[_S_R + (r * _WM + c) * _B + k]
+                    if a != 0.0:
                         acc_w[jj, ii] += fw * a
                         acc_wv[jj, ii] += fv * a
                         hit = True
                         if use_touched:
                             touched[jj, ii] = 1
-        if hit:
-            ncontrib += 1
+            if hit:
+                ncontrib += 1
     return ncontrib
 
 
 @njit(nogil=True, cache=True)
 def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
     """Exact overlaps of one drop of any size with the output pixels it covers
-    (clipped to the output), one cell at a time. Same column/height decomposition
-    as ``_square_window_areas`` but with a division per level, in absolute
-    coordinates; used for drops larger than the batched window."""
+    (clipped to the output), one column at a time. Same decomposition as
+    :func:`_sq_areas` but in absolute coordinates with a division per level; used
+    for drops too large for the batched window."""
     H, W = acc_w.shape
     xmin = min(min(xs[0], xs[1]), min(xs[2], xs[3]))
     xmax = max(max(xs[0], xs[1]), max(xs[2], xs[3]))
@@ -336,117 +529,43 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
     """Square kernel: exact overlap of each shrunken drop (see
     :func:`drop_corners_row`) with the output pixels.
 
-    Drops that fit a ``SQUARE_MAX_WINDOW`` window are batched along the input row
-    (``_square_window_areas``); larger ones whose bounding box is at most
-    ``max_extent`` output pixels a side go through ``_square_big_drop``; larger
-    still are skipped (a guard against absurd pixmaps). Degenerate drops (area below
-    1e-10 of their bounding box, e.g. collinear corners) are skipped.
+    Each input row is cut into batches of ``SQUARE_BATCH`` consecutive drops whose
+    overlaps are computed together over a window just large enough for the batch (at
+    most ``SQUARE_MAX_WINDOW`` output pixels a side, :func:`_sq_areas`). Larger drops
+    whose bounding box is at most ``max_extent`` output pixels a side go through
+    :func:`_square_big_drop`; larger still are skipped (a guard against absurd
+    pixmaps). Degenerate drops (area below 1e-10 of their bounding box: collinear or
+    collapsed corners) are skipped.
     """
     ny, nx = data.shape
     H, W = acc_w.shape
     h = 0.5 * pixfrac
-    B = SQUARE_BATCH
-    cx = np.empty((4, nx))
-    cy = np.empty((4, nx))
-    X = np.empty((4, B))
-    Y = np.empty((4, B))
-    R = np.empty((SQUARE_MAX_WINDOW, SQUARE_MAX_WINDOW, B))
-    ya_ = np.empty(B)
-    yb_ = np.empty(B)
-    kk = np.empty(B)
-    ff = np.empty(B)
-    lo = np.empty(B)
-    hi = np.empty(B)
-    sl = np.empty(B)
-    sg = np.empty(B)
-    OX = np.empty(B, dtype=np.int64)
-    OY = np.empty(B, dtype=np.int64)
-    FW = np.empty(B)
-    FV = np.empty(B)
-    xs = np.empty(4)
-    ys = np.empty(4)
-    xlim = W - 0.5
-    ylim = H - 0.5
+    tx = np.empty(nx + 2)
+    ty = np.empty(nx + 2)
+    bx = np.empty(nx + 2)
+    by = np.empty(nx + 2)
+    S = np.zeros(_S_SIZE)
     ncontrib = 0
     for j in range(ny):
-        drop_corners_row(pixmap, j, h, cx, cy)
-        nb = 0
-        wn = 1
-        for i in range(nx):
-            v = data[j, i]
-            if not math.isfinite(v):
-                continue
-            wt = weights[j, i] if use_weights else 1.0
-            if not wt > 0.0:
-                continue
-            x0 = cx[0, i]
-            x1 = cx[1, i]
-            x2 = cx[2, i]
-            x3 = cx[3, i]
-            y0 = cy[0, i]
-            y1 = cy[1, i]
-            y2 = cy[2, i]
-            y3 = cy[3, i]
-            xmin = min(min(x0, x1), min(x2, x3))
-            xmax = max(max(x0, x1), max(x2, x3))
-            ymin = min(min(y0, y1), min(y2, y3))
-            ymax = max(max(y0, y1), max(y2, y3))
-            # NaN fails every comparison below, so NaN corners are skipped too
-            if not (xmin > -MAX_COORD and xmax < MAX_COORD
-                    and ymin > -MAX_COORD and ymax < MAX_COORD):
-                continue
-            if xmax <= -0.5 or xmin >= xlim or ymax <= -0.5 or ymin >= ylim:
-                continue
-            ex = xmax - xmin
-            ey = ymax - ymin
-            ox = math.floor(xmin + 0.5)
-            oy = math.floor(ymin + 0.5)
-            need = int(math.ceil(max(xmax - ox, ymax - oy) + 0.5))
-            if need > SQUARE_MAX_WINDOW:
-                if ex <= max_extent and ey <= max_extent:
-                    xs[0] = x0
-                    xs[1] = x1
-                    xs[2] = x2
-                    xs[3] = x3
-                    ys[0] = y0
-                    ys[1] = y1
-                    ys[2] = y2
-                    ys[3] = y3
-                    ncontrib += _square_big_drop(xs, ys, wt, wt * v, acc_wv, acc_w,
-                                                 touched, use_touched)
-                continue
-            # signed area (shoelace, clockwise positive as in the window integrals);
-            # collinear / collapsed corners carry no area and are skipped
-            area = 0.5 * ((x1 - x3) * (y0 - y2) - (x0 - x2) * (y1 - y3))
-            if not (abs(area) > 1e-10 * ex * ey):
-                continue
-            bx = ox - 0.5
-            by = oy - 0.5
-            X[0, nb] = x0 - bx
-            X[1, nb] = x1 - bx
-            X[2, nb] = x2 - bx
-            X[3, nb] = x3 - bx
-            Y[0, nb] = y0 - by
-            Y[1, nb] = y1 - by
-            Y[2, nb] = y2 - by
-            Y[3, nb] = y3 - by
-            OX[nb] = int(ox)
-            OY[nb] = int(oy)
-            FW[nb] = wt
-            FV[nb] = wt * v
-            if need > wn:
-                wn = need
-            nb += 1
-            if nb == B:
-                _square_window_areas(nb, wn, X, Y, R, ya_, yb_, kk, ff, lo, hi, sl, sg)
-                ncontrib += _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w,
-                                            touched, use_touched)
-                nb = 0
-                wn = 1
-        if nb > 0:
-            _square_window_areas(nb, wn, X, Y, R, ya_, yb_, kk, ff, lo, hi, sl, sg)
-            ncontrib += _square_scatter(nb, wn, R, OX, OY, FW, FV, acc_wv, acc_w,
-                                        touched, use_touched)
+        pixmap_row(pixmap, j + h, tx, ty)
+        pixmap_row(pixmap, j - h, bx, by)
+        for i0 in range(0, nx, _B):
+            nb = min(_B, nx - i0)
+            _sq_corners(S, tx, ty, bx, by, h, i0, nb)
+            wn = _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W)
+            if wn > 0:
+                _sq_areas(S, nb, wn)
+                _sq_weights(S, nb, wn)
+                ncontrib += _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched)
+            for k in range(nb):
+                if S[_S_ST + k] == 2.0:
+                    i = i0 + k
+                    xs, ys = drop_corners(tx, ty, bx, by, i, h)
+                    if max(xs.max() - xs.min(), ys.max() - ys.min()) > max_extent:
+                        continue
+                    wt = np.float64(weights[j, i]) if use_weights else 1.0
+                    ncontrib += _square_big_drop(xs, ys, wt, wt * np.float64(data[j, i]),
+                                                 acc_wv, acc_w, touched, use_touched)
     return ncontrib
 
 

@@ -65,7 +65,7 @@ instead); ``reject_low``/``reject_high`` switch each side off. Values below refe
     last bounds. The returned mask equals astropy's, bit for bit (see *Notes*).
 ``"winsorized"``
     Winsorized sigma clipping (Huber's method, as PixInsight's ImageIntegration; the
-    pipeline's default). From a robust start (median, ``1.4826·MAD``), the sample is
+    pipeline's default). From a robust start (median, interquartile range), the sample is
     winsorized (clamped) to ``centre ± 1.5·sigma`` repeatedly, with the centre the
     winsorized mean and ``sigma = 1.134 · std(winsorized, ddof=1)``, until sigma changes
     by less than 0.05 %; values beyond ``centre - low·sigma`` / ``centre + high·sigma``
@@ -107,6 +107,7 @@ algorithm, same operations. Either way the decisions are the same as astropy's.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -141,16 +142,16 @@ _METHOD_CODE = {name: code for code, name in enumerate(METHODS)}
 
 _EPS = float(np.finfo(np.float64).eps)
 _INF = math.inf
-# Ciura's gap sequence: Shell sort is insertion sort for the usual 10-50 frames and
-# stays fast for stacks of hundreds.
-_GAPS = (701, 301, 132, 57, 23, 10, 4, 1)
+# Pixels processed together along x: a multiple of every SIMD width, small enough that
+# a column block of a few hundred frames stays in cache.
+_LANES = 64
 # Winsorization (Huber): clamp at 1.5 sigma, 1.134 restores a Gaussian's sigma from the
 # winsorized one, convergence at 0.05 % (the constants of PixInsight's implementation).
 _WINSOR_CLAMP = 1.5
 _WINSOR_SCALE = 1.134
 _WINSOR_TOL = 5e-4
 _WINSOR_MAXIT = 50
-_MAD_TO_SIGMA = 1.482602218505602
+_IQR_TO_SIGMA = 1.0 / 1.3489795003921634  # a Gaussian's sigma from its interquartile range
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,21 +160,25 @@ _MAD_TO_SIGMA = 1.482602218505602
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _sort_with_index(v, idx, m):
-    """Sort ``v[:m]`` ascending in place, applying the same permutation to ``idx[:m]``."""
-    for gap in _GAPS:
-        if gap >= m:
-            continue
-        for i in range(gap, m):
-            x = v[i]
-            j_idx = idx[i]
-            k = i
-            while k >= gap and v[k - gap] > x:
-                v[k] = v[k - gap]
-                idx[k] = idx[k - gap]
-                k -= gap
-            v[k] = x
-            idx[k] = j_idx
+def _network_sort(V, tmp, w, network):
+    """Sort the columns ``V[:, :w]`` ascending with a comparator network.
+
+    The same compare-exchange sequence runs on every column, so each comparator is a
+    vector min/max over ``w`` contiguous pixels: no data-dependent branches, unlike a
+    comparison sort (which mispredicts on every pixel). The minima go through ``tmp``
+    so that the compiler sees two non-overlapping stores and vectorizes the loop.
+    """
+    for c in range(network.shape[0]):
+        lower = V[network[c, 0]]
+        upper = V[network[c, 1]]
+        for l in range(w):
+            x = lower[l]
+            y = upper[l]
+            below = x < y
+            tmp[l] = x if below else y
+            upper[l] = y if below else x
+        for l in range(w):
+            lower[l] = tmp[l]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -215,34 +220,6 @@ def _upper_bound(v, a, b, x):
 def _negligible(sigma, centre):
     """True when a dispersion is zero or at the rounding level of the data."""
     return not (sigma > 8.0 * _EPS * abs(centre))
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _mad_sorted(v, a, b, med):
-    """Median absolute deviation from ``med`` of sorted ``v[a:b]``, in O(n).
-
-    The deviations form two sorted runs either side of ``med``; walking outwards and
-    always taking the smaller one enumerates them in increasing order.
-    """
-    c = b - a
-    j = _lower_bound(v, a, b, med)
-    left = j - 1
-    right = j
-    target = c // 2
-    prev = 0.0
-    cur = 0.0
-    for t in range(target + 1):
-        if left >= a and (right >= b or med - v[left] <= v[right] - med):
-            cur = med - v[left]
-            left -= 1
-        else:
-            cur = v[right] - med
-            right += 1
-        if t == target - 1:
-            prev = cur
-    if c % 2 == 1:
-        return cur
-    return 0.5 * (prev + cur)
 
 
 # ----------------------------------------------------------------------------------------
@@ -368,148 +345,326 @@ def _reject_percentile(v, m, status, low, high, use_low, use_high):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _reject_sigma(v, m, status, k_low, k_high, use_low, use_high, max_iterations, orig, buf):
-    """astropy-exact iterative sigma clipping (median centre, ddof=0 std)."""
-    a = 0
-    b = m
-    it = 0
-    lo = -_INF
-    hi = _INF
-    ilo = 0
-    ihi = m
+def _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, lane_f, lane_i, buf):
+    """astropy-exact iterative sigma clipping of the sorted columns ``Vd[:cnt[l], l]``.
+
+    Writes the final bounds of each column to ``cut_lo``/``cut_hi``: a value is clipped
+    low if ``< cut_lo``, high if ``> cut_hi``. All ``w`` columns iterate in lockstep
+    (masked sums vectorize across them); a column stops changing once it has converged.
+    Only the sums' order differs from astropy's; where that could flip a decision, the
+    column is recomputed by :func:`_astropy_sigma_bounds` from its frame-order values
+    ``U[:, l]``.
+    """
+    n = Vd.shape[0]
+    s = lane_f[0]
+    ss = lane_f[1]
+    mean = lane_f[2]
+    lo = lane_f[3]
+    hi = lane_f[4]
+    tol = lane_f[5]
+    a = lane_i[0]
+    b = lane_i[1]
+    it = lane_i[2]
+    nlo = lane_i[3]
+    nhi = lane_i[4]
+    near = lane_i[5]
+    active = lane_i[6]
+    fallback = lane_i[7]
     k_max = max(k_low if use_low else 0.0, k_high if use_high else 0.0)
-    exact = True
+    rows = 0
+    for l in range(w):
+        a[l] = 0
+        b[l] = cnt[l]
+        it[l] = 0
+        active[l] = 1 if cnt[l] > 0 else 0
+        fallback[l] = 0
+        cut_lo[l] = -_INF
+        cut_hi[l] = _INF
+        rows = max(rows, cnt[l])
     while True:
-        c = b - a
-        med = _median_sorted(v, a, b)
-        mean = 0.0
-        for k in range(a, b):
-            mean += v[k]
-        mean /= c
-        ss = 0.0
-        for k in range(a, b):
-            d = v[k] - mean
-            ss += d * d
-        std = math.sqrt(ss / c)
-        lo = med - k_low * std if use_low else -_INF
-        hi = med + k_high * std if use_high else _INF
+        n_active = 0
+        for l in range(w):
+            n_active += active[l]
+        if n_active == 0:
+            break
+        # Masked sums in sorted order. Adding 0.0 for the values outside [a, b) leaves
+        # every partial sum bit-identical to summing the kept values alone.
+        for l in range(w):
+            s[l] = 0.0
+            ss[l] = 0.0
+        for k in range(rows):
+            row = Vd[k]
+            for l in range(w):
+                keep = (k >= a[l]) & (k < b[l])
+                s[l] += row[l] if keep else 0.0
+        for l in range(w):
+            mean[l] = s[l] / (b[l] - a[l])
+        for k in range(rows):
+            row = Vd[k]
+            for l in range(w):
+                keep = (k >= a[l]) & (k < b[l])
+                d = row[l] - mean[l]
+                ss[l] += d * d if keep else 0.0
+        for l in range(w):
+            if active[l] == 0:
+                continue
+            c = b[l] - a[l]
+            h = a[l] + c // 2
+            med = Vd[h, l] if c % 2 == 1 else 0.5 * (Vd[h, l] + Vd[h - 1, l])
+            std = math.sqrt(ss[l] / c)
+            lo[l] = med - k_low * std if use_low else -_INF
+            hi[l] = med + k_high * std if use_high else _INF
+            # Bound on the rounding difference between our sums (sorted order) and
+            # astropy's (selection order): recursive summation errs by <= (c-1)·eps
+            # relative, the median is bit-identical, the bounds' own rounding adds an
+            # ulp. Generous on purpose: only exact or near-exact ties fall back. With
+            # std == 0 both compute exactly the same bounds (all values equal).
+            if std > 0.0:
+                big = max(abs(Vd[a[l], l]), abs(Vd[b[l] - 1, l]))
+                tol[l] = 32.0 * (c + 8) * _EPS * (k_max * std + abs(med) + big)
+            else:
+                tol[l] = -1.0
         # Cuts over the whole sample: the final mask compares every value, including
         # those clipped earlier, with the last bounds (as astropy does).
-        ilo = _lower_bound(v, 0, m, lo)
-        ihi = _upper_bound(v, 0, m, hi)
-        if std > 0.0:
-            # Rounding-difference bound between our sums (sorted order) and astropy's
-            # (selection order): recursive summation errs by <= (c-1)·eps relative, the
-            # median is bit-identical, and the bounds' own rounding adds an ulp. A wide
-            # margin: only exact or near-exact ties (rare on real data) fall back.
-            tol = 32.0 * (c + 8) * _EPS * (k_max * std + abs(med) + max(abs(v[a]), abs(v[b - 1])))
-            if use_low and (
-                (ilo > 0 and v[ilo - 1] >= lo - tol) or (ilo < m and v[ilo] <= lo + tol)
-            ):
-                exact = False
-                break
-            if use_high and (
-                (ihi > 0 and v[ihi - 1] >= hi - tol) or (ihi < m and v[ihi] <= hi + tol)
-            ):
-                exact = False
-                break
-        a2 = max(a, ilo)
-        b2 = min(b, ihi)
-        new_count = b2 - a2 if b2 > a2 else 0
-        it += 1
-        if new_count == c or new_count == 0:
-            break
-        if max_iterations > 0 and it >= max_iterations:
-            break
-        a = a2
-        b = b2
-    if not exact:
-        for k in range(m):
-            buf[k] = orig[k]
-        lo, hi = _astropy_sigma_bounds(buf, m, k_low, k_high, use_low, use_high, max_iterations)
-        ilo = _lower_bound(v, 0, m, lo)
-        ihi = _upper_bound(v, 0, m, hi)
-    for k in range(ilo):
-        status[k] = FLAG_LOW
-    for k in range(ihi, m):
-        status[k] = FLAG_HIGH
+        for l in range(w):
+            nlo[l] = 0
+            nhi[l] = 0
+            near[l] = 0
+        for k in range(rows):
+            row = Vd[k]
+            for l in range(w):
+                x = row[l]
+                valid = k < cnt[l]
+                nlo[l] += valid & (x < lo[l])
+                nhi[l] += valid & (x <= hi[l])
+                near[l] += valid & ((abs(x - lo[l]) <= tol[l]) | (abs(x - hi[l]) <= tol[l]))
+        for l in range(w):
+            if active[l] == 0:
+                continue
+            cut_lo[l] = lo[l]
+            cut_hi[l] = hi[l]
+            if near[l] > 0:
+                fallback[l] = 1
+                active[l] = 0
+                continue
+            c = b[l] - a[l]
+            a2 = max(a[l], nlo[l])
+            b2 = min(b[l], nhi[l])
+            new_count = b2 - a2 if b2 > a2 else 0
+            it[l] += 1
+            if new_count == c or new_count == 0 or (max_iterations > 0 and it[l] >= max_iterations):
+                active[l] = 0
+            else:
+                a[l] = a2
+                b[l] = b2
+    for l in range(w):
+        if fallback[l] == 0:
+            continue
+        m = 0
+        for f in range(n):
+            x = np.float64(U[f, l])
+            if x < _INF:
+                buf[m] = x
+                m += 1
+        cut_lo[l], cut_hi[l] = _astropy_sigma_bounds(buf, m, k_low, k_high, use_low, use_high, max_iterations)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsorized_stats(v, a, b, p1, p2):
-    """Huber's winsorized centre and sigma of sorted ``v[a:b]`` (at least 3 values).
+def _quantile_sorted(v, a, b, l, q):
+    """Quantile ``q`` (linear interpolation) of the sorted column ``v[a:b, l]``."""
+    pos = a + q * (b - a - 1)
+    i = int(pos)
+    frac = pos - i
+    if i + 1 < b:
+        return v[i, l] + frac * (v[i + 1, l] - v[i, l])
+    return v[i, l]
 
-    Returns ``(centre, sigma, converged)``. Clamping a sorted sample only replaces a
-    prefix and a suffix, so with prefix sums of (v - shift) and its square each
-    winsorization step is two binary searches and O(1) arithmetic.
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _walk_lower(V, l, a, b, i, x):
+    """First index in ``[a, b)`` of the sorted column ``V[:, l]`` with a value ``>= x``,
+    walking from the guess ``i`` (the cuts move little from one step to the next)."""
+    while i < b and V[i, l] < x:
+        i += 1
+    while i > a and V[i - 1, l] >= x:
+        i -= 1
+    return i
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _walk_upper(V, l, a, b, i, x):
+    """First index in ``[a, b)`` of the sorted column ``V[:, l]`` with a value ``> x``."""
+    while i < b and V[i, l] <= x:
+        i += 1
+    while i > a and V[i - 1, l] > x:
+        i -= 1
+    return i
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _winsor_fixed_point(V, l, a, b, shift, P1, P2, centre, sigma):
+    """Solve Huber's winsorization equations for the sorted column ``V[a:b, l]``.
+
+    The iteration "clamp at ``centre ± 1.5 sigma``, then ``centre = mean``,
+    ``sigma = 1.134 · std(ddof=1)`` of the clamped sample" stops where it reproduces
+    itself. For a given set of clamped values (``n0`` raised, ``n1`` lowered, the
+    ``nm`` others with sum ``A`` and sum of squares ``B``, all relative to ``shift``)
+    that fixed point is explicit:
+
+        centre = (A + 1.5 sigma (n1 - n0)) / nm
+        sigma² = (B - A²/nm) / ((c - 1)/1.134² - 1.5² (n0 + n1 + (n1 - n0)²/nm))
+
+    so we solve it, recompute which values it clamps, and repeat until the clamped
+    set is stable (usually one or two rounds). Returns ``(centre, sigma, ok)``; not ok
+    when no positive solution exists or the clamped set cycles.
     """
     c = b - a
-    med = _median_sorted(v, a, b)
-    sigma = _MAD_TO_SIGMA * _mad_sorted(v, a, b, med)
-    shift = med  # centring the sums keeps the one-pass variance well conditioned
-    p1[0] = 0.0
-    p2[0] = 0.0
-    for k in range(c):
-        d = v[a + k] - shift
-        p1[k + 1] = p1[k] + d
-        p2[k + 1] = p2[k] + d * d
-    if _negligible(sigma, med):
-        # More than half the sample is one value: start from the plain sample std.
-        var = (p2[c] - p1[c] * p1[c] / c) / (c - 1)
-        sigma = math.sqrt(var) if var > 0.0 else 0.0
-        if _negligible(sigma, med):
-            return med, 0.0, True
-    centre = med
-    for it in range(_WINSOR_MAXIT):
+    i0 = _walk_lower(V, l, a, b, a, centre - _WINSOR_CLAMP * sigma)
+    i1 = _walk_upper(V, l, a, b, b, centre + _WINSOR_CLAMP * sigma)
+    inv_k2 = 1.0 / (_WINSOR_SCALE * _WINSOR_SCALE)
+    for _ in range(_WINSOR_MAXIT):
+        nm = i1 - i0
+        if nm <= 0:
+            break
+        n0 = i0 - a
+        n1 = b - i1
+        s1 = P1[i1, l] - P1[i0, l]
+        s2 = P2[i1, l] - P2[i0, l]
+        q = s2 - s1 * s1 / nm
+        delta = n1 - n0
+        den = (c - 1) * inv_k2 - _WINSOR_CLAMP * _WINSOR_CLAMP * (n0 + n1 + delta * delta / nm)
+        if not den > 0.0:
+            break
+        sigma = math.sqrt(q / den) if q > 0.0 else 0.0
+        centre = shift + (s1 + _WINSOR_CLAMP * sigma * delta) / nm
+        j0 = _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma)
+        j1 = _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma)
+        if j0 == i0 and j1 == i1:
+            return centre, sigma, True
+        i0 = j0
+        i1 = j1
+    return centre, sigma, False
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _winsor_iterate(V, l, a, b, shift, P1, P2, centre, sigma):
+    """The plain winsorization iteration (PixInsight's), for the rare samples where
+    :func:`_winsor_fixed_point` finds no stable clamped set. Returns
+    ``(centre, sigma, converged)``; converged when sigma changes by < 0.05 %."""
+    c = b - a
+    i0 = a
+    i1 = b
+    for step in range(_WINSOR_MAXIT):
         t0 = centre - _WINSOR_CLAMP * sigma
         t1 = centre + _WINSOR_CLAMP * sigma
-        i0 = _lower_bound(v, a, b, t0) - a  # v < t0 are raised to t0
-        i1 = _upper_bound(v, a, b, t1) - a  # v > t1 are lowered to t1
+        i0 = _walk_lower(V, l, a, b, i0, t0)
+        i1 = _walk_upper(V, l, a, b, i1, t1)
         d0 = t0 - shift
         d1 = t1 - shift
-        s1 = i0 * d0 + (p1[i1] - p1[i0]) + (c - i1) * d1
-        s2 = i0 * d0 * d0 + (p2[i1] - p2[i0]) + (c - i1) * d1 * d1
+        n0 = i0 - a
+        n1 = b - i1
+        s1 = n0 * d0 + (P1[i1, l] - P1[i0, l]) + n1 * d1
+        s2 = n0 * d0 * d0 + (P2[i1, l] - P2[i0, l]) + n1 * d1 * d1
         mean_d = s1 / c
         var = (s2 - s1 * mean_d) / (c - 1)
         new_sigma = _WINSOR_SCALE * math.sqrt(var) if var > 0.0 else 0.0
         centre = shift + mean_d
         converged = abs(new_sigma - sigma) < _WINSOR_TOL * sigma
         sigma = new_sigma
-        if _negligible(sigma, centre):
-            return centre, 0.0, True
-        if it >= 1 and converged:
+        if _negligible(sigma, centre) or (step >= 1 and converged):
             return centre, sigma, True
     return centre, sigma, False
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _reject_winsorized(v, m, status, k_low, k_high, use_low, use_high, max_iterations, p1, p2):
-    a = 0
-    b = m
-    it = 0
-    while b - a >= 3:
-        centre, sigma, converged = _winsorized_stats(v, a, b, p1, p2)
-        if sigma == 0.0 or not converged:
+def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i):
+    """Winsorized sigma clipping of the sorted columns ``Vd[:cnt[l], l]``.
+
+    Writes the smallest and largest kept value of each column to ``cut_lo``/``cut_hi``.
+    Each clipping round: robust start (median, interquartile range), masked prefix
+    sums of ``(v - median)`` and its square (one vectorized pass over the block), then
+    per column the winsorized centre and sigma (:func:`_winsor_fixed_point`) and the
+    rejection of the values beyond ``centre - low·sigma`` / ``centre + high·sigma``.
+    """
+    shift = lane_f[0]
+    a = lane_i[0]
+    b = lane_i[1]
+    active = lane_i[2]
+    it = lane_i[3]
+    rows = 0
+    for l in range(w):
+        a[l] = 0
+        b[l] = cnt[l]
+        it[l] = 0
+        active[l] = 1 if cnt[l] >= 3 else 0
+        rows = max(rows, cnt[l])
+    while True:
+        n_active = 0
+        for l in range(w):
+            n_active += active[l]
+            # The median centres the sums, which keeps the one-pass variance well
+            # conditioned.
+            shift[l] = _quantile_sorted(Vd, a[l], b[l], l, 0.5) if active[l] else 0.0
+        if n_active == 0:
             break
-        nl = 0
-        if use_low:
-            lo = centre - k_low * sigma
-            while a + nl < b and v[a + nl] < lo:
-                status[a + nl] = FLAG_LOW
-                nl += 1
-        nh = 0
-        if use_high:
-            hi = centre + k_high * sigma
-            while b - 1 - nh >= a + nl and v[b - 1 - nh] > hi:
-                status[b - 1 - nh] = FLAG_HIGH
-                nh += 1
-        if nl + nh == 0:
-            break
-        a += nl
-        b -= nh
-        it += 1
-        if max_iterations > 0 and it >= max_iterations:
-            break
+        for l in range(w):
+            P1[0, l] = 0.0
+            P2[0, l] = 0.0
+        for k in range(rows):
+            row = Vd[k]
+            p1 = P1[k]
+            p2 = P2[k]
+            q1 = P1[k + 1]
+            q2 = P2[k + 1]
+            for l in range(w):
+                keep = (k >= a[l]) & (k < b[l])
+                d = row[l] - shift[l]
+                q1[l] = p1[l] + (d if keep else 0.0)
+                q2[l] = p2[l] + (d * d if keep else 0.0)
+        for l in range(w):
+            if active[l] == 0:
+                continue
+            lo = a[l]
+            hi = b[l]
+            c = hi - lo
+            med = shift[l]
+            sigma = (_quantile_sorted(Vd, lo, hi, l, 0.75) - _quantile_sorted(Vd, lo, hi, l, 0.25)) * _IQR_TO_SIGMA
+            if _negligible(sigma, med):
+                # Over half the sample is one value: start from the plain sample std.
+                s1 = P1[hi, l] - P1[lo, l]
+                var = (P2[hi, l] - P2[lo, l] - s1 * s1 / c) / (c - 1)
+                sigma = math.sqrt(var) if var > 0.0 else 0.0
+                if _negligible(sigma, med):
+                    active[l] = 0  # a flat sample: nothing to reject
+                    continue
+            centre, sigma, ok = _winsor_fixed_point(Vd, l, lo, hi, med, P1, P2, med, sigma)
+            if not ok:
+                centre, sigma, ok = _winsor_iterate(Vd, l, lo, hi, med, P1, P2, med, sigma)
+            if not ok or _negligible(sigma, centre):
+                # No convergence (a heavily quantized sample whose winsorized sigma
+                # collapses) or no spread: reject nothing rather than on a bad sigma.
+                active[l] = 0
+                continue
+            if use_low:
+                bound = centre - k_low * sigma
+                while lo < hi and Vd[lo, l] < bound:
+                    lo += 1
+            if use_high:
+                bound = centre + k_high * sigma
+                while hi > lo and Vd[hi - 1, l] > bound:
+                    hi -= 1
+            if lo == a[l] and hi == b[l]:
+                active[l] = 0
+                continue
+            a[l] = lo
+            b[l] = hi
+            it[l] += 1
+            if hi - lo < 3 or (max_iterations > 0 and it[l] >= max_iterations):
+                active[l] = 0
+    for l in range(w):
+        m = cnt[l]
+        cut_lo[l] = Vd[a[l], l] if a[l] < m else _INF
+        cut_hi[l] = Vd[b[l] - 1, l] if b[l] > 0 else -_INF
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -742,6 +897,81 @@ def _reject_esd(v, m, status, use_low, use_high, lam, fraction, low_relaxation, 
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def _gather(stack, y, x0, w, saturation, range_low, range_high, U, cnt):
+    """Copy the pixels ``x0 .. x0 + w`` of row ``y`` of every frame into the columns of
+    ``U`` (frame order), replacing the values that take no part in the statistics
+    (invalid, saturated, out of range) by +inf, and count the others per column."""
+    n = U.shape[0]
+    for l in range(w):
+        cnt[l] = 0
+    for f in range(n):
+        src = stack[f, y]
+        dst = U[f]
+        sat = saturation[f]
+        for l in range(w):
+            x = src[x0 + l]
+            # x - x == 0 is the branch-free "finite" test (inf - inf and NaN give NaN).
+            used = (x - x == 0) & (x < sat) & (x > range_low) & (x < range_high)
+            dst[l] = x if used else _INF
+            cnt[l] += used
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out):
+    """Flags of the pixels ``x0 .. x0 + w`` of row ``y``: from the value thresholds
+    (``< cut_lo`` low, ``> cut_hi`` high) for the values that took part in the statistics."""
+    n = stack.shape[0]
+    code_low = 1 if mask_only else FLAG_LOW
+    code_high = 1 if mask_only else FLAG_HIGH
+    code_range = 1 if mask_only else FLAG_RANGE
+    for f in range(n):
+        src = stack[f, y]
+        dst = out[f, y]
+        sat = saturation[f]
+        for l in range(w):
+            x = np.float64(src[x0 + l])
+            finite = x - x == 0
+            saturated = finite & (x >= sat)
+            in_range = (x > range_low) & (x < range_high)
+            code = code_low if x < cut_lo[l] else (code_high if x > cut_hi[l] else 0)
+            code = code if in_range else code_range
+            code = 0 if saturated else code
+            dst[x0 + l] = code if finite else code_range
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _write_by_rank(stack, y, x0, w, U, status, saturation, range_low, range_high, mask_only, rank, out):
+    """Flags of the pixels ``x0 .. x0 + w`` of row ``y`` from a status per *sorted
+    position* (``status[k, l]``): a frame's position is its rank among the column's
+    used values, ties broken by frame order, so equal values are told apart exactly."""
+    n = U.shape[0]
+    code_range = 1 if mask_only else FLAG_RANGE
+    for f in range(n):
+        uf = U[f]
+        for l in range(w):
+            rank[l] = 0
+        for g in range(n):
+            ug = U[g]
+            if g < f:
+                for l in range(w):
+                    rank[l] += ug[l] <= uf[l]
+            elif g > f:
+                for l in range(w):
+                    rank[l] += ug[l] < uf[l]
+        src = stack[f, y]
+        dst = out[f, y]
+        sat = saturation[f]
+        for l in range(w):
+            if uf[l] < _INF:
+                code = status[rank[l], l]
+                dst[x0 + l] = (1 if code != 0 else 0) if mask_only else code
+            else:
+                x = np.float64(src[x0 + l])
+                saturated = (x - x == 0) & (x >= sat)
+                dst[x0 + l] = 0 if saturated else code_range
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def _flags_kernel(
     stack,
     method,
@@ -759,64 +989,98 @@ def _flags_kernel(
     esd_fraction,
     esd_low_relaxation,
     mask_only,
+    network,
     out,
 ):
     """Classify every value of a ``(frame, y, x)`` block into ``out`` (uint8, same shape).
 
     ``out`` receives the flag bits, or 0/1 when ``mask_only`` (so that it can be viewed
-    as a bool array without a copy).
+    as a bool array without a copy). Pixels are processed ``_LANES`` at a time along x
+    (contiguous in every frame): gathered, sorted by a comparator network, rejected,
+    and written back.
     """
-    nf, ny, nx = stack.shape
-    v = np.empty(nf, np.float64)
-    orig = np.empty(nf, np.float64)
-    buf = np.empty(nf, np.float64)
-    idx = np.empty(nf, np.int64)
-    pos = np.empty(nf, np.int64)
-    status = np.zeros(nf, np.uint8)
-    side = np.zeros(nf, np.uint8)
-    p1 = np.empty(nf + 1, np.float64)
-    p2 = np.empty(nf + 1, np.float64)
-    code_range = 1 if mask_only else FLAG_RANGE
+    n, ny, nx = stack.shape
+    L = _LANES
+    U = np.empty((n, L), stack.dtype)
+    V = np.empty((n, L), stack.dtype)
+    tmp = np.empty(L, stack.dtype)
+    Vd = np.empty((n, L), np.float64)
+    status = np.zeros((n, L), np.uint8)
+    cnt = np.empty(L, np.int64)
+    rank = np.empty(L, np.int64)
+    cut_lo = np.empty(L, np.float64)
+    cut_hi = np.empty(L, np.float64)
+    P1 = np.empty((n + 1, L), np.float64)
+    P2 = np.empty((n + 1, L), np.float64)
+    lane_f = np.empty((8, L), np.float64)
+    lane_i = np.empty((8, L), np.int64)
+    col = np.empty(n, np.float64)
+    col_status = np.zeros(n, np.uint8)
+    buf = np.empty(n, np.float64)
+    buf2 = np.empty(n, np.float64)
+    pos = np.empty(n, np.int64)
+    side = np.zeros(n, np.uint8)
+    p1 = np.empty(n + 1, np.float64)
+    p2 = np.empty(n + 1, np.float64)
+    by_rank = method == _MINMAX or method == _LINEAR or method == _ESD
     for y in range(ny):
-        for x in range(nx):
-            m = 0
-            for f in range(nf):
-                val = np.float64(stack[f, y, x])
-                if not np.isfinite(val):
-                    out[f, y, x] = code_range
-                elif val >= saturation[f]:
-                    out[f, y, x] = 0  # saturated: kept, and out of the statistics
-                elif val <= range_low or val >= range_high:
-                    out[f, y, x] = code_range
-                else:
-                    out[f, y, x] = 0
-                    orig[m] = val
-                    v[m] = val
-                    idx[m] = f
-                    m += 1
-            if m == 0 or method == _NONE:
+        for x0 in range(0, nx, L):
+            w = min(L, nx - x0)
+            _gather(stack, y, x0, w, saturation, range_low, range_high, U, cnt)
+            if method == _NONE:
+                for l in range(w):
+                    cut_lo[l] = -_INF
+                    cut_hi[l] = _INF
+                _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out)
                 continue
-            _sort_with_index(v, idx, m)
-            for k in range(m):
-                status[k] = 0
-            if method == _SIGMA:
-                _reject_sigma(v, m, status, k_low, k_high, use_low, use_high, max_iterations, orig, buf)
-            elif method == _WINSORIZED:
-                _reject_winsorized(v, m, status, k_low, k_high, use_low, use_high, max_iterations, p1, p2)
-            elif method == _MINMAX:
-                _reject_minmax(v, m, status, n_low, n_high, use_low, use_high)
-            elif method == _PERCENTILE:
-                _reject_percentile(v, m, status, k_low, k_high, use_low, use_high)
-            elif method == _AVERAGED:
-                _reject_averaged(v, m, status, k_low, k_high, use_low, use_high, max_iterations)
-            elif method == _LINEAR:
-                _reject_linear(v, m, status, k_low, k_high, use_low, use_high, max_iterations, orig, pos, buf)
-            elif method == _ESD:
-                _reject_esd(v, m, status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, p1, p2, side)
-            for k in range(m):
-                s = status[k]
-                if s != 0:
-                    out[idx[k], y, x] = 1 if mask_only else s
+            for k in range(n):
+                for l in range(w):
+                    V[k, l] = U[k, l]
+            _network_sort(V, tmp, w, network)
+            for k in range(n):
+                for l in range(w):
+                    Vd[k, l] = V[k, l]
+            if method == _SIGMA or method == _WINSORIZED:
+                if method == _SIGMA:
+                    _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, lane_f, lane_i, buf)
+                else:
+                    _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i)
+                _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out)
+                continue
+            # The other methods run column by column on the sorted sample.
+            for l in range(w):
+                m = cnt[l]
+                for k in range(m):
+                    col[k] = Vd[k, l]
+                    col_status[k] = 0
+                if method == _AVERAGED:
+                    _reject_averaged(col, m, col_status, k_low, k_high, use_low, use_high, max_iterations)
+                elif method == _PERCENTILE:
+                    _reject_percentile(col, m, col_status, k_low, k_high, use_low, use_high)
+                elif method == _MINMAX:
+                    _reject_minmax(col, m, col_status, n_low, n_high, use_low, use_high)
+                elif method == _LINEAR:
+                    _reject_linear(col, m, col_status, k_low, k_high, use_low, use_high, max_iterations, buf, pos, buf2)
+                elif method == _ESD:
+                    _reject_esd(col, m, col_status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, p1, p2, side)
+                if by_rank:
+                    for k in range(m):
+                        status[k, l] = col_status[k]
+                else:
+                    # These methods clip by value from both ends: the rejected are the
+                    # values below the smallest kept one and above the largest.
+                    a = 0
+                    while a < m and col_status[a] == FLAG_LOW:
+                        a += 1
+                    b = m
+                    while b > a and col_status[b - 1] == FLAG_HIGH:
+                        b -= 1
+                    cut_lo[l] = col[a] if a < m else _INF
+                    cut_hi[l] = col[b - 1] if b > 0 else -_INF
+            if by_rank:
+                _write_by_rank(stack, y, x0, w, U, status, saturation, range_low, range_high, mask_only, rank, out)
+            else:
+                _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -960,6 +1224,35 @@ def _kernel_arguments(
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _sorting_network(n: int) -> np.ndarray:
+    """Comparators ``(i, j)``, ``i < j``, of Batcher's odd-even merge sort for ``n`` values.
+
+    Built for the next power of two and pruned of every comparator that touches an
+    index ``>= n``: padding with +inf makes those comparators no-ops, so the pruned
+    network still sorts ``n`` values. About ``n log2(n)^2 / 4`` comparators.
+    """
+    size = 1
+    while size < n:
+        size *= 2
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            j = k % p
+            while j + k < size:
+                for i in range(k):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+                j += 2 * k
+            k //= 2
+        p *= 2
+    network = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    network.flags.writeable = False
+    return network
+
+
 def _as_float(block: np.ndarray) -> np.ndarray:
     # float32 and float64 go to the kernel as they are (no copy); anything else is
     # converted to float64 as astropy does.
@@ -973,7 +1266,7 @@ def _flags_block(block: np.ndarray, args: tuple, mask_only: bool) -> np.ndarray:
     block = _as_float(np.asarray(block))
     out = np.empty(block.shape, dtype=np.uint8)
     if block.size:
-        _flags_kernel(block, *args, mask_only, out)
+        _flags_kernel(block, *args, mask_only, _sorting_network(block.shape[0]), out)
     return out.view(np.bool_) if mask_only else out
 
 

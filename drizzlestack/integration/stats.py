@@ -22,6 +22,7 @@ read and where the work runs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,9 +268,13 @@ def aperture_photometry(image: np.ndarray, x, y, apertures: Apertures, saturatio
     w = _overlap_weights(dx, dy, apertures.radius)
     in_ap = w > 0
     annulus = (r2 >= apertures.inner**2) & (r2 <= apertures.outer**2)
-    ann = np.where(annulus, stamps, np.nan)
-    bg = np.nanmedian(ann.reshape(idx.size, -1), axis=1)
-    bg_var = np.nanvar(ann.reshape(idx.size, -1), axis=1)
+    ann = np.where(annulus, stamps, np.nan).reshape(idx.size, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an annulus entirely in a NaN region: NaN flux
+        bg = np.nanmedian(ann, axis=1)
+        # Robust (MAD) background noise: a cosmic ray or a hot pixel in the annulus must
+        # not make a bright star look faint in signal-to-noise.
+        bg_var = (MAD_TO_SIGMA * np.nanmedian(np.abs(ann - bg[:, None]), axis=1)) ** 2
     ap_vals = np.where(in_ap, stamps, 0.0)
     bad = np.any(in_ap & ~np.isfinite(stamps), axis=(1, 2)) | np.any(in_ap & (stamps >= saturation), axis=(1, 2))
     area = w.sum(axis=(1, 2))

@@ -32,9 +32,6 @@ FLAG_NOFIT = 8  #: the profile fit did not converge; position is sep's windowed 
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 _SQRT2 = np.sqrt(2.0)
 _SQRTPI = np.sqrt(np.pi)
-# sep keeps every pixel of every object in a buffer: crowded 4k x 4k frames exceed its
-# default (300 000 pixels), so raise it once (a few MB).
-_PIXSTACK = 3_000_000
 
 
 @dataclass
@@ -178,8 +175,10 @@ def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 25, min_sigma: floa
         better = np.isfinite(t_chi2) & (t_chi2 <= chi2[active])
         upd = active[better]
         p[upd], model[upd], jac[upd] = trial[better], t_model[better], t_jac[better]
-        done = (np.abs(chi2[active] - t_chi2) <= 1e-9 * np.maximum(chi2[active], 1e-30)) | \
-            (better & (np.max(np.abs(step[:, :2]), axis=1) < 1e-5))
+        # converged: the position moves by less than 1e-4 px (50x below the best
+        # centroid errors), or chi-square no longer changes
+        done = (np.abs(chi2[active] - t_chi2) <= 1e-7 * np.maximum(chi2[active], 1e-30)) | \
+            (better & (np.max(np.abs(step[:, :2]), axis=1) < 1e-4))
         chi2[upd] = t_chi2[better]
         lam[active] = np.where(better, lam[active] * 0.3, lam[active] * 10.0)
         active = active[~done & (lam[active] < 1e8)]
@@ -187,7 +186,11 @@ def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 25, min_sigma: floa
     jtj = np.matmul(jw.transpose(0, 2, 1), jac)
     dof = np.maximum(w.sum(axis=1) - 5.0, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cov = np.linalg.pinv(jtj) * (chi2 / dof)[:, None, None]
+        try:
+            inv = np.linalg.inv(jtj)
+        except np.linalg.LinAlgError:  # a degenerate stamp; the pseudo-inverse handles it
+            inv = np.linalg.pinv(jtj)
+        cov = inv * (chi2 / dof)[:, None, None]
     ok = np.all(np.isfinite(p), axis=1) & (p[:, 2] > 0)
     return p, cov, ok
 
@@ -244,6 +247,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     saturation : float, optional
         Saturation level of the *raw* pixel values (ADU). Pixels at or above 99.5 % of
         it are left out of the fits and their star is flagged :data:`FLAG_SATURATED`.
+        When four or more pixels share the frame's maximum value, that value is taken
+        as the level if it is lower (clipped data in a wider integer type).
     threshold : float
         Detection threshold in units of the local background noise (on sep's
         matched-filtered image).
@@ -275,6 +280,12 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
         sat_level = 0.995 * float(saturation)
     if bad.all():
         return StarList(empty_table())
+    # Cameras that store 12- or 14-bit data in 16-bit files saturate far below the type's
+    # maximum (the usual default). Several pixels sharing the frame's exact maximum are
+    # clipped, whatever the header says.
+    top = float(np.nanmax(raw))
+    if np.count_nonzero(raw == top) >= 4 and (sat_level is None or top < sat_level):
+        sat_level = top
     work = np.where(bad, np.float32(0.0), raw) if bad.any() else raw
     ny, nx = work.shape
     box = int(min(background_box, max(8, min(ny, nx) // 4)))
@@ -292,18 +303,20 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     # Detect on the signal-to-noise image with an absolute threshold: the same as giving
     # sep the noise map, at half the cost (sep's per-pixel error path is slow).
     snr_image = d / rms
-    if sep.get_extract_pixstack() < _PIXSTACK:
-        sep.set_extract_pixstack(_PIXSTACK)
     mask = bad if bad.any() else None
-    try:
-        objs, segmap = sep.extract(snr_image, threshold, mask=mask, minarea=3, segmentation_map=True)
-    except Exception:  # sep raises a bare Exception on buffer overflows in pathological frames
-        # A frame so crowded (or so noisy) that sep's buffers overflow: retry with a
-        # higher threshold rather than give up on the frame.
+    objs = segmap = None
+    # sep allocates its pixel buffer on every call, at a cost that grows with its size:
+    # start with a tenth of the frame and grow it only when a crowded frame overflows it.
+    for stack, thresh in ((max(300_000, ny * nx // 10), threshold), (ny * nx + 10_000, threshold),
+                          (ny * nx + 10_000, 3 * threshold)):
+        sep.set_extract_pixstack(int(stack))
         try:
-            objs, segmap = sep.extract(snr_image, 3 * threshold, mask=mask, minarea=3, segmentation_map=True)
-        except Exception:
-            return StarList(empty_table(), background, noise)
+            objs, segmap = sep.extract(snr_image, thresh, mask=mask, minarea=3, segmentation_map=True)
+            break
+        except Exception:  # sep raises a bare Exception when its buffers overflow
+            continue
+    if objs is None:
+        return StarList(empty_table(), background, noise)
     del snr_image
     if len(objs) == 0:
         return StarList(empty_table(), background, noise)
@@ -369,7 +382,7 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
         params[bad_fit, 3] = s0
         flags[bad_fit] |= FLAG_NOFIT
 
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         flux_err = np.sqrt(np.maximum(cov[:, 2, 2], 0.0))
         snr = np.where(ok & (flux_err > 0), params[:, 2] / flux_err,
                        init[:, 2] / (noise * np.sqrt(4 * np.pi * (s0 ** 2 + 1 / 12))))

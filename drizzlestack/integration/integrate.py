@@ -1,0 +1,749 @@
+"""Step 3, integrate: statistics, normalization and weights, then blockwise pixel
+rejection on the registered view, written tile by tile.
+
+The step runs in two passes over the stack, both as Dask tasks on the active scheduler:
+
+1. **Per frame** (one task per frame): robust statistics of the unresampled frame
+   (location, scale, noise; :mod:`.stats`) and forced aperture photometry at the
+   reference stars mapped into the frame through its transform. From these the driver
+   derives each frame's normalization ``v * norm_scale + norm_offset`` and weight
+   (:mod:`.normalize`).
+2. **Per tile** (one task per spatial tile of the reference grid, every frame at once):
+   resample the tile of every frame (:mod:`.resample`), normalize, flag outliers
+   (:func:`.rejection.rejection_flags`), combine (:func:`.rejection.combine_stack`), and
+   write the tile of every product straight into the store (zarr region writes). The
+   task returns only per-frame counts, so nothing the size of the image or of the stack
+   is ever gathered; memory per task is ``tile**2 * frames`` samples, and the tile is
+   shrunk as frames are added so that it stays within ``task_memory``.
+
+Saturation (issue 5: star cores never black or hollow): saturated samples are kept with
+their full weight and left out of the rejection statistics -- the rejection kernels do
+this for samples at or above the (normalized) saturation level, and the registered view
+additionally marks samples interpolated next to a saturated pixel, whose flags are
+cleared here. Where every frame is saturated the integration keeps the saturated value.
+
+The FITS product (image, ``REJLOW``, ``REJHIGH``, ``WEIGHTS``) is streamed from the
+store afterwards, a band of rows at a time.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from astropy.io import fits
+from dask.utils import parse_bytes
+
+from .._version import __version__
+from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from ..parallel import compute
+from ..store import STATUS_OK, StackStore, open_stack
+from . import normalize as _norm
+from . import rejection as _rej
+from .resample import _open_frames, frame_mapping, resample_tile
+from .stats import Apertures, aperture_photometry, frame_statistics, photometric_ratio
+
+#: per-frame variables written by a full run (``info`` shows several of them)
+FRAME_VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale", "norm_scale", "norm_offset",
+                   "weight", "rejected_low_fraction", "rejected_high_fraction")
+#: image variables written by a full run, dims (y, x)
+IMAGE_VARIABLES = ("integration", "rejected_low", "rejected_high", "integration_weight")
+#: prefix of the image variables of a region-of-interest trial, dims (roi_y, roi_x)
+ROI_PREFIX = "roi_"
+
+#: rejection needs at least this many frames; fewer are averaged without rejection
+MIN_FRAMES_FOR_REJECTION = 3
+#: bytes of task memory per sample of a tile (resampled value, saturation mask, flags,
+#: and the temporaries of the combine), used to size tiles from ``task_memory``
+BYTES_PER_SAMPLE = 12
+#: statistics of a frame larger than this are measured on chunk-sized blocks spread
+#: over it: a million pixels pin the scale down to 0.1 %, and the float64 temporaries
+#: of the robust estimators stay near 50 MB per task whatever the frame size
+MAX_STATISTICS_PIXELS = 1 << 20
+#: at most this many reference stars are measured in every frame
+MAX_PHOTOMETRY_STARS = 400
+_REJECTION_OPTIONS = ("n_low", "n_high", "max_iterations", "esd_significance", "esd_outliers", "esd_low_relaxation")
+
+
+# ----------------------------------------------------------------------------- pass 1
+def _sample_blocks(frames: zarr.Array, i: int, max_pixels: int):
+    """The whole frame ``i`` as one block, or -- when it is larger than ``max_pixels`` --
+    whole zarr chunks picked evenly over it (whole chunks: no chunk is decompressed for
+    a sliver of it). Yields ``(block, (y0, x0))``."""
+    _, ny, nx = frames.shape
+    if ny * nx <= max_pixels:
+        yield np.asarray(frames[i], dtype=np.float32), (0, 0)
+        return
+    _, cy, cx = frames.chunks
+    origins = [(y0, x0) for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+    step = max(1, int(np.ceil(len(origins) * cy * cx / max_pixels)))
+    for y0, x0 in origins[step // 2::step]:
+        yield np.asarray(frames[i, y0:y0 + cy, x0:x0 + cx], dtype=np.float32), (y0, x0)
+
+
+def _photometry_bands(frames: zarr.Array, i: int, x, y, apertures: Apertures, saturation: float):
+    """Aperture photometry of frame ``i`` read one band of chunk rows at a time (plus
+    the apertures' reach above and below), each star measured in the band holding its
+    centre: every star is measured, and memory is one band, not the frame."""
+    _, ny, nx = frames.shape
+    band = frames.chunks[1]
+    half = int(np.ceil(apertures.outer)) + 2
+    flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    row = np.floor(np.asarray(y) + 0.5)
+    for y0 in range(0, ny, band):
+        sel = np.flatnonzero((row >= y0) & (row < y0 + band))
+        if sel.size == 0:
+            continue
+        ya, yb = max(y0 - half, 0), min(y0 + band + half, ny)
+        data = np.asarray(frames[i, ya:yb, :], dtype=np.float32)
+        flux[sel], err[sel] = aperture_photometry(data, x[sel], y[sel], apertures, saturation, (ya, 0))
+    return flux, err
+
+
+def measure_frame(store_path: str, i: int, star_x, star_y, apertures: Apertures | None, saturation: float,
+                  max_pixels: int = MAX_STATISTICS_PIXELS) -> dict:
+    """Statistics and star photometry of frame ``i`` (one Dask task).
+
+    Parameters
+    ----------
+    store_path : str
+    i : int
+    star_x, star_y : ndarray
+        Positions of the reference stars in this frame's pixels.
+    apertures : Apertures or None
+        ``None``: no photometry.
+    saturation : float
+        The frame's saturation level (ADU).
+    max_pixels : int
+        Statistics are measured on at most this many pixels (whole chunks spread over
+        the frame), which bounds the task's memory for any frame size.
+
+    Returns
+    -------
+    dict
+        ``stats`` (:class:`~.stats.FrameStatistics`), ``flux`` and ``error`` (per star).
+    """
+    frames = _open_frames(store_path)
+    sat = saturation if np.isfinite(saturation) else np.inf
+    st = frame_statistics([b for b, _ in _sample_blocks(frames, i, max_pixels)], saturation=sat)
+    n = len(star_x)
+    flux, err = np.full(n, np.nan), np.full(n, np.nan)
+    if apertures is not None and n:
+        # Close to saturation a sensor is no longer linear: leave those stars out.
+        flux, err = _photometry_bands(frames, i, np.asarray(star_x), np.asarray(star_y), apertures, 0.9 * sat)
+    return {"stats": st, "flux": flux, "error": err}
+
+
+def _star_table(st: StackStore, ref: int):
+    """Reference stars from registration (``stars`` variable): x, y, fwhm and flags
+    columns, looked up by the ``field`` names when the store records them."""
+    if "stars" not in st.group:
+        return None
+    arr = st.group["stars"]
+    names = arr.attrs.get("fields") or arr.attrs.get("field")
+    if not names and "field" in st.group:
+        names = [str(v) for v in st.group["field"][:]]
+    if not names:
+        from ..registration.stars import FIELDS as names  # the registration's column order
+    names = [str(n) for n in names]
+    table = np.asarray(arr[ref], dtype=np.float64)
+    return {name: table[:, k] for k, name in enumerate(names) if k < table.shape[1]}
+
+
+def reference_stars(st: StackStore, ref: int, saturation: float):
+    """Isolated, unsaturated reference stars for photometry, and the aperture radii.
+
+    The registration's star list is used when the store has one; otherwise stars are
+    detected in the reference frame here.
+
+    Returns
+    -------
+    x, y : ndarray
+        Reference pixel positions (at most :data:`MAX_PHOTOMETRY_STARS`, brightest first).
+    apertures : Apertures or None
+        ``None`` when no star is available (no photometry).
+    """
+    cols = _star_table(st, ref)
+    if cols is None:
+        try:
+            from ..registration.stars import FIELDS, detect_stars
+
+            found = detect_stars(np.asarray(st.frame(ref), dtype=np.float32), saturation=saturation)
+            table = np.asarray(found.table, dtype=np.float64)
+            cols = {name: table[:, k] for k, name in enumerate(FIELDS)}
+        except (ImportError, ValueError, RuntimeError, AttributeError):
+            return np.empty(0), np.empty(0), None
+    x, y, flux = cols.get("x"), cols.get("y"), cols.get("flux")
+    if x is None or y is None or flux is None:
+        return np.empty(0), np.empty(0), None
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
+    if "flags" in cols:
+        f = np.nan_to_num(cols["flags"], nan=0).astype(np.int64)
+        ok &= (f & (1 | 2 | 4)) == 0  # saturated, blended, truncated
+    fwhm = cols.get("fwhm")
+    fwhm_value = float(np.nanmedian(fwhm[ok])) if fwhm is not None and ok.any() else float("nan")
+    apertures = Apertures.for_fwhm(fwhm_value)
+    # Isolation. Light of a neighbour dims and brightens with the star itself, so it
+    # leaves the flux *ratio* alone; what does not scale is a neighbour cut by the
+    # aperture's edge at a different sub-pixel phase in each frame. So only a bright
+    # neighbour (over 10 % of the star) near the aperture excludes a star; cosmic rays
+    # and hot pixels are left to the clipping of the ratios.
+    finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux)
+    if ok.any() and finite.sum() > 1:
+        from scipy.spatial import cKDTree
+
+        xa, ya, fa = x[finite], y[finite], flux[finite]
+        tree = cKDTree(np.column_stack([xa, ya]))
+        sel = np.flatnonzero(ok)
+        reach = apertures.radius + 2.0
+        for j, near in zip(sel, tree.query_ball_point(np.column_stack([x[sel], y[sel]]), reach)):
+            near = np.asarray(near, dtype=np.int64)
+            others = near[(xa[near] != x[j]) | (ya[near] != y[j])]
+            if np.any(fa[others] > 0.1 * flux[j]):
+                ok[j] = False
+    order = np.flatnonzero(ok)[np.argsort(-flux[ok])][:MAX_PHOTOMETRY_STARS]
+    if order.size == 0:
+        return np.empty(0), np.empty(0), None
+    return x[order], y[order], apertures
+
+
+# ----------------------------------------------------------------------------- pass 2
+@dataclass
+class TilePlan:
+    """What a tile task needs (small and picklable; tasks open the store themselves)."""
+
+    store: str
+    indices: list  # frames taking part, in store order
+    mappings: list  # their FrameMapping
+    frame_shape: tuple
+    origin: tuple  # (y0, x0) of the output on the reference grid
+    shape: tuple  # output shape (ny, nx)
+    tile: int
+    raw_saturation: np.ndarray  # per frame, ADU (inf: no protection)
+    norm_scale: np.ndarray  # float32 per frame
+    norm_offset: np.ndarray
+    weights: np.ndarray  # float64 per frame
+    rejection: dict  # keyword arguments of rejection_flags
+    outputs: dict  # product -> store variable name
+    flags_variable: str | None  # "rejection", or None (ROI trials keep no flags)
+
+
+def _normalized_saturation(plan: TilePlan) -> np.ndarray:
+    # Computed with the same float32 operations as the samples, then lowered by a
+    # relative 1e-6, so that a sample equal to the raw level always compares >=.
+    raw = plan.raw_saturation.astype(np.float32)
+    level = (raw * plan.norm_scale + plan.norm_offset).astype(np.float64)
+    return np.where(np.isfinite(level), level - 1e-6 * np.abs(level), np.inf)
+
+
+def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
+    """Integrate one tile and write its products into the store (one Dask task).
+
+    Returns
+    -------
+    (3 * n_frames + 1,) float64
+        Per frame: samples flagged low, flagged high, valid samples; then the largest
+        per-pixel weight sum of the tile (for the FITS ``WEIGHTS`` normalization).
+    """
+    t = plan.tile
+    sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
+    sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
+    n = len(plan.indices)
+    values, saturated = resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx,
+                                      plan.frame_shape, plan.raw_saturation, plan.origin)
+    values *= plan.norm_scale[:, None, None]
+    values += plan.norm_offset[:, None, None]
+    flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan), **plan.rejection)
+    # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
+    flags[saturated] = 0
+    image, n_low, n_high = _rej.combine_stack(values, flags, plan.weights)
+    kept = (flags == 0) & np.isfinite(values)
+    wsum = np.tensordot(plan.weights, kept, axes=(0, 0)).astype(np.float32)
+
+    group = zarr.open_group(plan.store, mode="r+", zarr_format=3)
+    out = plan.outputs
+    group[out["integration"]][sy, sx] = np.asarray(image, np.float32)
+    group[out["rejected_low"]][sy, sx] = np.asarray(n_low, np.uint16)
+    group[out["rejected_high"]][sy, sx] = np.asarray(n_high, np.uint16)
+    group[out["integration_weight"]][sy, sx] = wsum
+    if plan.flags_variable is not None:
+        y0, x0 = plan.origin
+        group[plan.flags_variable].set_orthogonal_selection(
+            (np.asarray(plan.indices), slice(y0 + sy.start, y0 + sy.stop), slice(x0 + sx.start, x0 + sx.stop)),
+            flags)
+    counts = np.empty(3 * n + 1)
+    counts[0:n] = ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
+    counts[n:2 * n] = ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
+    counts[2 * n:3 * n] = np.isfinite(values).sum(axis=(1, 2))
+    counts[3 * n] = float(wsum.max()) if wsum.size else 0.0
+    return counts
+
+
+def _tile_block(plan, block_info=None):
+    iy, ix, _ = block_info[None]["chunk-location"]
+    return integrate_tile(plan, iy, ix)[None, None, :]
+
+
+def tile_size(tile: int, n_frames: int, task_memory) -> int:
+    """Largest tile (a multiple of 32, at least 64, at most ``tile``) whose samples of
+    ``n_frames`` frames fit in ``task_memory`` bytes: tiles shrink as frames are added,
+    so the memory of a task -- and the peak memory of the run -- stays flat."""
+    budget = parse_bytes(task_memory) if isinstance(task_memory, str) else int(task_memory)
+    fit = int(np.sqrt(budget / (BYTES_PER_SAMPLE * max(n_frames, 1))))
+    return int(max(64, min(int(tile), fit // 32 * 32)))
+
+
+# ------------------------------------------------------------------------------ driver
+def _check_roi(roi, frame_shape):
+    ny, nx = frame_shape
+    if roi is None:
+        return None
+    try:
+        x0, y0, w, h = (float(v) for v in roi)
+    except (TypeError, ValueError):
+        raise DrizzlestackError(f"roi={roi!r}: expected (x0, y0, width, height) in reference pixels") from None
+    if not all(float(v).is_integer() for v in (x0, y0, w, h)):
+        raise DrizzlestackError(f"roi={roi!r}: the integration grid is the reference grid; use whole pixels")
+    x0, y0, w, h = int(x0), int(y0), int(w), int(h)
+    if w < 1 or h < 1 or x0 < 0 or y0 < 0 or x0 + w > nx or y0 + h > ny:
+        raise DrizzlestackError(f"roi={roi!r}: must lie inside the reference frame ({nx} x {ny} px) "
+                                f"with a positive width and height")
+    return x0, y0, w, h
+
+
+def _check_output(output, overwrite: bool) -> None:
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise DrizzlestackError(f"output={output}: is a directory; give a FITS file name")
+    if path.exists() and not overwrite:
+        raise DrizzlestackError(f"output={output}: file exists; pass overwrite=True (--overwrite) to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise DrizzlestackError(f"output={output}: directory {parent} does not exist")
+
+
+def _registration_inputs(st: StackStore) -> dict:
+    """What the integration depends on besides its parameters (for re-run decisions)."""
+    import hashlib
+
+    n = st.n_frames
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(st.group["transform"][:n], dtype=np.float64).tobytes())
+    for name in ("status", "path"):
+        h.update("\n".join(str(s) for s in st.group[name][:n]).encode())
+    for name in sorted(k for k in st.group.array_keys() if k.startswith("distortion")):
+        h.update(np.ascontiguousarray(st.group[name][...]).tobytes())
+    return {"n_frames": n, "reference": st.attrs.get("reference"), "registration": h.hexdigest()[:16]}
+
+
+def _require_registration(st: StackStore) -> int:
+    hint = f"run 'drizzlestack register {st.path}' first"
+    rec = st.step("register")
+    if "transform" not in st.group or st.attrs.get("reference") is None:
+        raise StoreError(f"{st.path}: the frames are not registered; {hint}")
+    if rec is not None and not rec.get("complete", False):
+        raise StoreError(f"{st.path}: the registration did not complete; {hint}")
+    return int(st.attrs["reference"])
+
+
+def _write_frame_variable(st: StackStore, name: str, values, dtype=np.float64) -> None:
+    st.write_variable(name, np.asarray(values, dtype=dtype), ("frame",))
+
+
+def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: float = 3.0,
+              normalization: str = "additive+scaling", weights: str = "noise", roi=None, tile: int = 512,
+              saturation: bool | float = True, *, scale_estimator: str = "auto", weight_keyword: str | None = None,
+              reject_low: bool = True, reject_high: bool = True, range_low: float | None = None,
+              range_high: float | None = None, rejection_options: dict | None = None, frames=None,
+              output=None, overwrite: bool = False, task_memory: int | str = "256MiB",
+              force: bool = False) -> xr.Dataset:
+    """Pre-integrate a registered stack: statistics, normalization, weights, pixel
+    rejection on the registered view, and the integrated image.
+
+    Parameters
+    ----------
+    store : str or path-like
+        A registered stack store.
+    rejection : str
+        Rejection method: ``none``, ``minmax``, ``percentile``, ``sigma``,
+        ``winsorized`` (default), ``averaged``, ``linear`` or ``esd`` (see
+        :mod:`drizzlestack.integration.rejection`).
+    low, high : float
+        Rejection thresholds below and above the centre (sigma units for the sigma
+        methods, fractions for ``percentile``).
+    normalization : str
+        ``none``, ``additive``, ``multiplicative``, ``additive+scaling`` (default) or
+        ``multiplicative+scaling`` (see :mod:`drizzlestack.integration.normalize`).
+    weights : str
+        ``none``, ``exposure``, ``noise`` (default: inverse variance of the normalized
+        frame) or ``keyword`` (with ``weight_keyword``).
+    roi : (x0, y0, width, height), optional
+        Region of the reference grid (whole pixels) for quick parameter trials: the
+        products go to ``roi_integration``, ``roi_rejected_low``, ``roi_rejected_high``
+        and ``roi_integration_weight`` and nothing the drizzle step uses (flags,
+        weights, normalization) is touched. Default: the whole field.
+    tile : int
+        Largest tile side (reference pixels); smaller when ``task_memory`` requires.
+    saturation : bool or float
+        ``True``: protect pixels at or above each frame's saturation level (the store's
+        ``saturation``); a number: that level (ADU) for every frame; ``False``: none.
+    scale_estimator : {"auto", "photometry", "biweight", "mad"}
+        Source of the scale factor of the ``+scaling`` normalizations; ``auto`` is star
+        photometry when every frame has it, else the biweight midvariance.
+    weight_keyword : str, optional
+        FITS keyword for ``weights="keyword"``.
+    reject_low, reject_high : bool
+        Switch rejection of low / high outliers.
+    range_low, range_high : float, optional
+        Range rejection in normalized units (the reference frame's ADU): samples at or
+        below / at or above are flagged. Saturated samples are exempt.
+    rejection_options : dict, optional
+        Further keywords of :func:`~drizzlestack.integration.rejection.rejection_flags`:
+        ``n_low``, ``n_high``, ``max_iterations``, ``esd_significance``,
+        ``esd_outliers``, ``esd_low_relaxation``.
+    frames : sequence of int, optional
+        Frames to integrate (default: every frame with status ``ok`` and a transform).
+    output : path-like, optional
+        FITS file to write (image, ``REJLOW``, ``REJHIGH``, ``WEIGHTS``), streamed from
+        the store.
+    overwrite : bool
+        Replace an existing ``output`` file (otherwise refused before any work).
+    task_memory : int or str
+        Memory budget of one tile task (e.g. ``"256MiB"``); sets the tile size.
+    force : bool
+        Recompute even when the store already holds this integration.
+
+    Returns
+    -------
+    xarray.Dataset
+        The store, opened lazily (:func:`drizzlestack.open_stack`).
+
+    Warns
+    -----
+    DrizzlestackWarning
+        For every excluded frame (unregistered, no statistics, zero weight) and when
+        fewer than 3 frames remain (they are averaged without rejection).
+
+    Raises
+    ------
+    StoreError
+        The store is not registered.
+    DrizzlestackError
+        A bad parameter, or no frame left to integrate.
+
+    Notes
+    -----
+    Store variables written by a full run (``roi=None``):
+
+    ``location``, ``scale``, ``scale_mad``, ``noise`` (frame; float64, ADU)
+        Median, sqrt of the biweight midvariance, normalized MAD, wavelet noise.
+    ``photometric_scale`` (frame; float64)
+        Star flux ratio to the reference (NaN: not measured).
+    ``norm_scale``, ``norm_offset`` (frame; float64)
+        Normalization ``v * norm_scale + norm_offset`` (NaN for excluded frames).
+    ``weight`` (frame; float64)
+        Combination weight relative to the reference; 0 for excluded frames.
+    ``rejected_low_fraction``, ``rejected_high_fraction`` (frame; float64)
+        Fraction of the frame's valid samples on the reference grid rejected low/high.
+    ``rejection`` (frame, y, x; uint8)
+        Flags on the reference grid: 1 low, 2 high, 4 range or invalid (no data);
+        excluded frames are 4 everywhere.
+    ``integration`` (y, x; float32)
+        Weighted mean of the kept normalized samples (NaN: no data).
+    ``rejected_low``, ``rejected_high`` (y, x; uint16)
+        Number of frames rejected low / high per pixel.
+    ``integration_weight`` (y, x; float32)
+        Sum of the weights of the kept samples per pixel.
+
+    Examples
+    --------
+    >>> import drizzlestack as ds
+    >>> stack = ds.integrate("stack.zarr", rejection="winsorized", low=4, high=3,
+    ...                      output="integration.fits")  # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    st = StackStore.open(store)
+    ref = _require_registration(st)
+    n_all = st.n_frames
+    frame_shape = st.frame_shape
+    if rejection not in _rej.METHODS:
+        raise DrizzlestackError(f"rejection={rejection!r}: choose one of {', '.join(_rej.METHODS)}")
+    _norm.check_choice("normalization", normalization, _norm.NORMALIZATIONS)
+    _norm.check_choice("weights", weights, _norm.WEIGHTS)
+    _norm.check_choice("scale_estimator", scale_estimator, _norm.SCALE_ESTIMATORS)
+    if not (isinstance(tile, (int, np.integer)) and tile >= 16):
+        raise DrizzlestackError(f"tile={tile!r}: must be an integer of at least 16 (pixels)")
+    options = dict(rejection_options or {})
+    unknown = sorted(set(options) - set(_REJECTION_OPTIONS))
+    if unknown:
+        raise DrizzlestackError(f"rejection_options: unknown option {unknown[0]!r} "
+                                f"(known: {', '.join(_REJECTION_OPTIONS)})")
+    roi = _check_roi(roi, frame_shape)
+    _check_output(output, overwrite)
+    if not 0 <= ref < n_all:
+        raise StoreError(f"{st.path}: reference frame {ref} is not in the store ({n_all} frames)")
+
+    params = {"rejection": rejection, "low": low, "high": high, "normalization": normalization,
+              "weights": weights, "roi": list(roi) if roi else None, "saturation": saturation,
+              "scale_estimator": scale_estimator, "weight_keyword": weight_keyword, "reject_low": reject_low,
+              "reject_high": reject_high, "range_low": range_low, "range_high": range_high,
+              "rejection_options": options, "frames": None if frames is None else [int(i) for i in frames]}
+    inputs = _registration_inputs(st)
+    step_name = "integrate" if roi is None else "integrate_roi"
+    if not force and st.is_current(step_name, params, inputs) and all(
+            (ROI_PREFIX + v if roi else v) in st.group for v in IMAGE_VARIABLES):
+        if output is not None:
+            _write_fits(output, st, roi, st.step(step_name))
+        return open_stack(st)
+
+    # ------------------------------------------------------------- which frames
+    status = [str(s) for s in st.group["status"][:n_all]]
+    transform = np.asarray(st.group["transform"][:n_all], dtype=np.float64)
+    chosen = range(n_all) if frames is None else [int(i) for i in frames]
+    excluded: dict[int, str] = {}
+    candidates = []
+    for i in chosen:
+        if not 0 <= i < n_all:
+            raise DrizzlestackError(f"frames: {i} is not a frame of the store (0..{n_all - 1})")
+        if status[i] != STATUS_OK:
+            excluded[i] = status[i] or "no status"
+        elif not np.all(np.isfinite(transform[i])):
+            excluded[i] = "unregistered: no transform"
+        else:
+            candidates.append(i)
+    if ref not in candidates:
+        raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
+                                f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
+
+    st.begin_step(step_name, params, inputs)
+
+    # ------------------------------------------------------------- pass 1: per frame
+    store_path = str(Path(st.path).resolve())
+    raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
+    raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
+    mappings = {i: frame_mapping(st, i) for i in candidates}
+    star_x, star_y, apertures = reference_stars(st, ref, raw_sat[ref])
+    tasks = []
+    for i in candidates:
+        xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
+        tasks.append(dask.delayed(measure_frame, pure=True)(store_path, i, xf, yf, apertures, raw_sat[i]))
+    t0 = time.perf_counter()
+    measured = dict(zip(candidates, compute(*tasks)))
+    t_stats = time.perf_counter() - t0
+
+    nan = np.full(n_all, np.nan)
+    location, scale, scale_mad, noise, phot = nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy()
+    n_phot = np.zeros(n_all, int)
+    for i, m in measured.items():
+        s = m["stats"]
+        location[i], scale[i], scale_mad[i], noise[i] = s.location, s.scale, s.scale_mad, s.noise
+    if apertures is not None:
+        ref_m = measured[ref]
+        for i, m in measured.items():
+            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
+    for name, values in (("location", location), ("scale", scale), ("scale_mad", scale_mad), ("noise", noise),
+                         ("photometric_scale", phot)):
+        _write_frame_variable(st, name, values)
+
+    # ---------------------------------------------- normalization, weights, exclusion
+    dispersion = scale_mad if scale_estimator == "mad" else scale
+    k, estimator = _norm.scale_factors(ref, dispersion, phot if apertures is not None else None, scale_estimator)
+    norm = _norm.normalization(normalization, ref, location, k, estimator)
+    if normalization.endswith("+scaling") and scale_estimator == "auto" and estimator != "photometry":
+        missing = [i for i in candidates if not np.isfinite(phot[i])]
+        why = (f"frames {missing} matched too few reference stars" if apertures is not None
+               else "no reference stars were found")
+        warnings.warn(f"photometric scaling unavailable ({why}); scaling every frame by its {estimator} "
+                      f"dispersion instead, which is wrong for frames whose transparency changed",
+                      DrizzlestackWarning, stacklevel=2)
+    headers = [str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None
+    exptime = np.asarray(st.group["exptime"][:n_all], dtype=np.float64)
+    w = _norm.frame_weights(weights, ref, noise=noise, norm_scale=norm.scale, exptime=exptime,
+                            headers=headers, keyword=weight_keyword)
+    used = []
+    for i in candidates:
+        if not np.isfinite(location[i]):
+            excluded[i] = "no valid pixels for statistics"
+        elif not (np.isfinite(norm.scale[i]) and np.isfinite(norm.offset[i])):
+            excluded[i] = f"no {estimator} scale factor (photometry matched {n_phot[i]} stars)" \
+                if estimator == "photometry" else "no normalization (scale statistics missing)"
+        elif not np.isfinite(w[i]):
+            excluded[i] = f"no weight ({weights})"
+        elif w[i] == 0:
+            excluded[i] = "zero weight"
+        else:
+            used.append(i)
+    for i in sorted(excluded):
+        warnings.warn(f"frame {i} excluded from the integration: {excluded[i]}", DrizzlestackWarning, stacklevel=2)
+    if not used:
+        raise DrizzlestackError(f"{st.path}: no frame left to integrate "
+                                f"({'; '.join(f'{i}: {r}' for i, r in sorted(excluded.items()))})")
+    method = rejection
+    if len(used) < MIN_FRAMES_FOR_REJECTION and rejection != "none":
+        warnings.warn(f"only {len(used)} usable frame(s): pixel rejection needs at least "
+                      f"{MIN_FRAMES_FOR_REJECTION}; producing a plain weighted average without rejection",
+                      DrizzlestackWarning, stacklevel=2)
+        method = "none"
+
+    weight_all = np.zeros(n_all)
+    weight_all[used] = w[used]
+    if roi is None:
+        norm_scale = np.full(n_all, np.nan)
+        norm_offset = np.full(n_all, np.nan)
+        norm_scale[used], norm_offset[used] = norm.scale[used], norm.offset[used]
+        _write_frame_variable(st, "norm_scale", norm_scale)
+        _write_frame_variable(st, "norm_offset", norm_offset)
+        _write_frame_variable(st, "weight", weight_all)
+
+    # ------------------------------------------------------------- pass 2: per tile
+    if saturation is True:
+        sat_levels = raw_sat[used]
+    elif saturation is False or saturation is None:
+        sat_levels = np.full(len(used), np.inf)
+    else:
+        sat_levels = np.full(len(used), float(saturation))
+    if roi is None:
+        origin, shape = (0, 0), frame_shape
+    else:
+        origin, shape = (roi[1], roi[0]), (roi[3], roi[2])
+    eff_tile = tile_size(tile, len(used), task_memory)
+    prefix = "" if roi is None else ROI_PREFIX
+    dims = ("y", "x") if roi is None else ("roi_y", "roi_x")
+    chunks2 = (min(eff_tile, shape[0]), min(eff_tile, shape[1]))
+    outputs = {v: prefix + v for v in IMAGE_VARIABLES}
+    st.create_variable(outputs["integration"], shape, dims, chunks2, "float32", np.nan)
+    st.create_variable(outputs["rejected_low"], shape, dims, chunks2, "uint16", 0)
+    st.create_variable(outputs["rejected_high"], shape, dims, chunks2, "uint16", 0)
+    st.create_variable(outputs["integration_weight"], shape, dims, chunks2, "float32", 0.0)
+    flags_variable = None
+    if roi is None:
+        # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
+        st.create_variable("rejection", (n_all,) + tuple(frame_shape), ("frame", "y", "x"),
+                           (1,) + chunks2, "uint8", _rej.FLAG_RANGE)
+        flags_variable = "rejection"
+    for name in outputs.values():
+        st.group[name].attrs.update({"roi": list(roi) if roi else None})
+
+    rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
+                      reject_high=bool(reject_high), range_low=range_low, range_high=range_high, **options)
+    _rej.rejection_flags(np.zeros((1, 1, 1), np.float32), **rej_kwargs)  # validate before the tasks run
+    plan = TilePlan(
+        store=store_path, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
+        origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
+        norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
+        weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs=outputs,
+        flags_variable=flags_variable,
+    )
+    nty, ntx = -(-shape[0] // eff_tile), -(-shape[1] // eff_tile)
+    n = len(used)
+    counts = da.map_blocks(_tile_block, dask.delayed(plan, pure=True), chunks=((1,) * nty, (1,) * ntx, (3 * n + 1,)),
+                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
+    t0 = time.perf_counter()
+    (per_tile,) = compute(counts)
+    t_tiles = time.perf_counter() - t0
+    per_tile = np.asarray(per_tile).reshape(-1, 3 * n + 1)
+    low_n, high_n, valid_n = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
+    max_weight = float(per_tile[:, 3 * n].max())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low_frac = np.where(valid_n > 0, low_n / valid_n, np.nan)
+        high_frac = np.where(valid_n > 0, high_n / valid_n, np.nan)
+    if roi is None:
+        lf, hf = np.full(n_all, np.nan), np.full(n_all, np.nan)
+        lf[used], hf[used] = low_frac, high_frac
+        _write_frame_variable(st, "rejected_low_fraction", lf)
+        _write_frame_variable(st, "rejected_high_fraction", hf)
+
+    summary = {
+        "frames_used": [int(i) for i in used],
+        "excluded": {str(i): r for i, r in sorted(excluded.items())},
+        "rejection": method,
+        "scale_estimator": norm.estimator,
+        "photometry_stars": {str(i): int(n_phot[i]) for i in used} if apertures is not None else {},
+        "tile": eff_tile,
+        "shape": [int(v) for v in shape],
+        "roi": list(roi) if roi else None,
+        "max_weight": max_weight,
+        "rejected_low_fraction": float(low_n.sum() / max(valid_n.sum(), 1)),
+        "rejected_high_fraction": float(high_n.sum() / max(valid_n.sum(), 1)),
+        "exptime": float(np.nansum(exptime[used])),
+        "seconds": {"statistics": round(t_stats, 3), "tiles": round(t_tiles, 3),
+                    "total": round(time.perf_counter() - t_start, 3)},
+    }
+    st.end_step(step_name, **summary)
+    if output is not None:
+        _write_fits(output, st, roi, st.step(step_name))
+    return open_stack(st)
+
+
+# -------------------------------------------------------------------------------- FITS
+def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
+    """The reference frame's celestial WCS, shifted to the ROI (the integration is on the
+    reference grid, so the WCS carries over); ``None`` if the header has none."""
+    ref = st.attrs.get("reference")
+    if ref is None:
+        return None
+    try:
+        from astropy.wcs import WCS
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = fits.Header.fromstring(str(st.group["header"][int(ref)]), sep="\n")
+            wcs = WCS(header)
+            if not wcs.has_celestial:
+                return None
+            wcs = wcs.celestial
+            if roi is not None:
+                wcs = wcs.slice((slice(roi[1], roi[1] + roi[3]), slice(roi[0], roi[0] + roi[2])))
+            return wcs.to_header()
+    except Exception:  # a malformed WCS in a camera header must not stop the output
+        return None
+
+
+def _write_fits(path, st: StackStore, roi, record: dict) -> None:
+    """Stream the integration products from the store into a multi-extension FITS file."""
+    from ..io.fits import write_streamed
+
+    params = record.get("params", {})
+    summary = record.get("summary", {})
+    prefix = "" if roi is None else ROI_PREFIX
+    header = fits.Header()
+    header["NCOMBINE"] = (len(summary.get("frames_used", [])), "number of frames integrated")
+    header["REFFRAME"] = (st.attrs.get("reference"), "reference frame index in the stack store")
+    header["REJECT"] = (summary.get("rejection", params.get("rejection")), "pixel rejection method")
+    header["REJLOWK"] = (params.get("low"), "low rejection threshold")
+    header["REJHIGHK"] = (params.get("high"), "high rejection threshold")
+    header["NORMALIZ"] = (params.get("normalization"), "normalization")
+    header["SCALEEST"] = (summary.get("scale_estimator"), "normalization scale estimator")
+    header["WEIGHTS"] = (params.get("weights"), "frame weighting")
+    header["EXPTIME"] = (summary.get("exptime"), "total exposure of the integrated frames [s]")
+    if roi is not None:
+        header["ROIX0"], header["ROIY0"], header["ROIW"], header["ROIH"] = roi
+    header["CREATOR"] = (f"drizzlestack {__version__}", "software")
+    wcs = _reference_wcs(st, roi)
+    if wcs is not None:
+        header.update(wcs)
+    for key, value in params.items():
+        header.add_history(f"drizzlestack integrate {key}={value}")
+    low_h, high_h, w_h = fits.Header(), fits.Header(), fits.Header()
+    low_h["EXTNAME"] = "REJLOW"
+    low_h["BUNIT"] = ("frames", "frames rejected low per pixel")
+    high_h["EXTNAME"] = "REJHIGH"
+    high_h["BUNIT"] = ("frames", "frames rejected high per pixel")
+    w_h["EXTNAME"] = "WEIGHTS"
+    max_w = float(summary.get("max_weight") or 0.0)
+    w_h["WGTNORM"] = (max_w if max_w > 0 else 1.0, "raw weight sum = WGTNORM * WEIGHTS")
+    write_streamed(path, [
+        (header, st.group[prefix + "integration"], None),
+        (low_h, st.group[prefix + "rejected_low"], None),
+        (high_h, st.group[prefix + "rejected_high"], None),
+        (w_h, st.group[prefix + "integration_weight"], 1.0 / max_w if max_w > 0 else None),
+    ])

@@ -1,0 +1,428 @@
+"""Integration step: statistics, normalization (the hazy frame), the registered view,
+rejection of cosmic rays / hot pixels / trails, saturated star cores, stored flags for
+drizzle, ROI trials, FITS output and bad input."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.stats import biweight_midvariance as astropy_bwmv
+from astropy.stats import mad_std as astropy_mad_std
+from scipy import ndimage
+
+import drizzlestack as ds
+from drizzlestack import DrizzlestackError, DrizzlestackWarning, StoreError
+from drizzlestack.geometry import apply_homography
+from drizzlestack.ingest import ingest_files
+from drizzlestack.integration import normalize, registered_view, stats
+from drizzlestack.integration.integrate import tile_size
+from drizzlestack.integration.resample import resample_window
+from drizzlestack.simulate import render_stars, simulate
+from drizzlestack.store import StackStore
+from conftest import raise_if_dask_computes, register_with_truth
+
+HAZY = 4
+STAR_FIELDS = ("x", "y", "flux", "fwhm", "peak", "snr", "flags")
+
+
+def write_reference_stars(store, truth, reference: int = 0):
+    """The reference frame's star list as registration stores it (frame, star, field),
+    from the truth catalogue, so that photometry does not depend on star detection."""
+    st = StackStore.open(store)
+    ny, nx = st.frame_shape
+    cat = truth.stars
+    inside = (cat["x"] > -0.5) & (cat["x"] < nx - 0.5) & (cat["y"] > -0.5) & (cat["y"] < ny - 0.5)
+    cat = cat[inside]
+    table = np.full((st.n_frames, len(cat), len(STAR_FIELDS)), np.nan)
+    table[reference, :, 0] = cat["x"]
+    table[reference, :, 1] = cat["y"]
+    table[reference, :, 2] = cat["flux"]
+    table[reference, :, 3] = truth.config.fwhm
+    table[reference, :, 6] = np.where(cat["saturated"], 1, 0)
+    st.write_variable("stars", table, ("frame", "star", "field"), attrs={"fields": list(STAR_FIELDS)})
+
+
+def _copy_store(field, tmp_path):
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(field.store, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    """10 dithered frames of 128x160 px, no galaxies (so every pixel away from a star is
+    background), with cosmic rays, hot pixels, a satellite trail, saturated stars and a
+    hazy frame; registered with the true transforms and integrated with the defaults."""
+    d = tmp_path_factory.mktemp("integration")
+    truth = simulate(d / "frames", n_frames=10, shape=(128, 160), n_stars=150, flux_min=1000.0, n_galaxies=0,
+                     hazy_frame=HAZY, seed=11)
+    store = d / "stack.zarr"
+    ingest_files(truth.files, store, chunk=64)
+    register_with_truth(store, truth)
+    write_reference_stars(store, truth)
+    result = ds.integrate(store, tile=64, output=d / "integration.fits")
+    return SimpleNamespace(truth=truth, store=store, dir=d, result=result)
+
+
+def _star_mask(truth, shape, sigma):
+    """Pixels of the reference grid touched by a catalogued star above ``sigma / 2``."""
+    model = np.zeros(shape)
+    render_stars(model, truth.stars["x"], truth.stars["y"], truth.stars["flux"], truth.config.fwhm)
+    return ndimage.binary_dilation(model > 0.5 * sigma, iterations=2)
+
+
+def _background_excess(image, truth):
+    """Largest (image - background) / sigma over background pixels."""
+    finite = np.isfinite(image)
+    bg = np.median(image[finite])
+    sigma = stats.mad_std(image[finite].astype(np.float64))
+    mask = _star_mask(truth, image.shape, sigma)
+    sel = finite & ~mask
+    return float(np.max((image[sel] - bg) / sigma)), sigma
+
+
+# ------------------------------------------------------------------------ statistics
+def test_scale_estimators_equal_astropy():
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(100.0, 7.0, 20000), rng.uniform(1e3, 1e4, 300)]  # noise plus "stars"
+    assert stats.biweight_midvariance(x) == pytest.approx(astropy_bwmv(x), rel=1e-10)
+    assert stats.mad_std(x) == pytest.approx(astropy_mad_std(x), rel=1e-12)
+    s = stats.frame_statistics(x[:20300].reshape(203, 100).astype(np.float32))
+    assert s.scale == pytest.approx(7.0, rel=0.03)
+
+
+def test_noise_estimate_ignores_stars_gradients_and_defects():
+    rng = np.random.default_rng(1)
+    ny, nx = 256, 256
+    noise = rng.normal(0.0, 12.0, (ny, nx))
+    yy, xx = np.mgrid[:ny, :nx]
+    sky = 300.0 + 1.5 * xx + 0.8 * yy  # a strong gradient: 600 ADU across the frame
+    stars_img = np.zeros((ny, nx))
+    render_stars(stars_img, rng.uniform(0, nx, 80), rng.uniform(0, ny, 80), rng.uniform(2e3, 1e5, 80), 1.6)
+    image = (sky + stars_img + noise).astype(np.float32)
+    image[rng.integers(0, ny, 40), rng.integers(0, nx, 40)] += 5e3  # hot pixels
+    image[100:140, 50:90] = np.nan  # no data
+    truth = float(np.std(noise))
+    est = stats.frame_statistics(image, saturation=65535.0)
+    assert est.noise == pytest.approx(truth, rel=0.03)
+    # The plain dispersion is inflated by the gradient; the wavelet noise is not.
+    assert est.scale > 2 * truth
+
+
+# ------------------------------------------------------------------ normalization
+def test_normalization_formulas_and_noise_weights():
+    m = np.array([100.0, 130.0, 80.0])
+    k = np.array([1.0, 2.0, 0.5])
+    cases = {
+        "none": ([1, 1, 1], [0, 0, 0]),
+        "additive": ([1, 1, 1], [0, -30, 20]),
+        "multiplicative": ([1, 100 / 130, 100 / 80], [0, 0, 0]),
+        "additive+scaling": ([1, 2, 0.5], [0, 100 - 260, 100 - 40]),
+        "multiplicative+scaling": ([1, 2, 0.5], [0, 0, 0]),
+    }
+    for method, (a, b) in cases.items():
+        n = normalize.normalization(method, 0, m, k)
+        np.testing.assert_allclose(n.scale, a, err_msg=method)
+        np.testing.assert_allclose(n.offset, b, err_msg=method)
+        # every frame's location lands on the reference's for the additive methods
+        if method.startswith("additive"):
+            np.testing.assert_allclose(m * n.scale + n.offset, m[0])
+    w = normalize.frame_weights("noise", 0, noise=np.array([10.0, 10.0, 20.0]), norm_scale=np.array([1.0, 2.0, 1.0]))
+    np.testing.assert_allclose(w, [1.0, 0.25, 0.25])
+    with pytest.raises(DrizzlestackError, match="normalization="):
+        normalize.normalization("bogus", 0, m, k)
+
+
+def test_hazy_frame_comes_out_on_the_reference_photometric_scale(field):
+    truth, stack = field.truth, field.result
+    phot = stack.photometric_scale.values
+    np.testing.assert_allclose(phot, truth.transmission / truth.transmission[0], rtol=0.01)
+    assert field.result.attrs["steps"]["integrate"]["summary"]["scale_estimator"] == "photometry"
+    # Star fluxes and background of the normalized, registered hazy frame equal the reference's.
+    view = registered_view(field.store, frames=[0, HAZY], tile=64,
+                           normalization=(stack.norm_scale.values, stack.norm_offset.values)).compute()
+    cat = truth.stars[~truth.stars["saturated"] & (truth.stars["flux"] > 5e3)]
+    ap = stats.Apertures.for_fwhm(truth.config.fwhm)
+    f0, e0 = stats.aperture_photometry(view[0], cat["x"], cat["y"], ap, 6e4)
+    fh, eh = stats.aperture_photometry(view[1], cat["x"], cat["y"], ap, 6e4)
+    ratio, n = stats.photometric_ratio(fh, f0, eh, e0)
+    assert n >= 10
+    assert ratio == pytest.approx(1.0, abs=0.01)
+    assert np.nanmedian(view[1]) == pytest.approx(np.nanmedian(view[0]), abs=1.0)
+    # The dispersion alone would put the hazy frame far off (this is why photometry is used).
+    assert stack.scale.values[0] / stack.scale.values[HAZY] < 0.95
+
+
+def test_noise_weights_are_inverse_variance_of_the_normalized_frames(field):
+    s = field.result
+    expected = 1.0 / (s.norm_scale.values * s.noise.values) ** 2
+    np.testing.assert_allclose(s.weight.values, expected / expected[0], rtol=1e-12)
+    assert s.weight.values[HAZY] < 0.4  # hazy: fainter stars, brighter sky
+
+
+# -------------------------------------------------------------------- registered view
+def test_registered_view_is_lazy_tiled_and_exact_on_the_reference(field):
+    with raise_if_dask_computes(0):
+        view = registered_view(field.store, tile=48)
+    n = StackStore.open(field.store).n_frames
+    assert view.chunks[0] == (n,) and view.chunks[1] == (48, 48, 32) and view.chunks[2] == (48, 48, 48, 16)
+    block = view.blocks[0, 1, 2].compute()
+    ref = StackStore.open(field.store).frame(0)
+    np.testing.assert_array_equal(block[0], ref[48:96, 96:144])  # identity transform: the pixels themselves
+    full = view.compute()
+    # Where a frame does not cover the reference grid there is no data, not zeros.
+    t = field.truth.transforms
+    for i in range(1, n):
+        x, y = apply_homography(np.linalg.inv(t[i]), 0.0, 0.0)  # reference (0, 0) in frame i
+        if x < -1 or y < -1:
+            assert np.isnan(full[i, 0, 0])
+
+
+def test_clamped_lanczos_does_not_ring_next_to_a_saturated_plateau():
+    img = np.full((40, 40), 200.0, np.float32)
+    img[15:25, 15:25] = 65535.0  # saturated core, flat-topped
+    yy, xx = np.mgrid[:40, :40].astype(np.float64)
+    values, saturated = resample_window(img, (0, 0), img.shape, xx + 0.4, yy - 0.3, saturation=65535.0)
+    inner = values[3:-3, 3:-3]
+    assert inner.min() >= 200.0 and inner.max() <= 65535.0  # plain Lanczos undershoots here
+    assert saturated[20, 20] and not saturated[5, 5]
+    # smooth data keeps Lanczos accuracy
+    f = np.sin(xx / 6.0) * np.cos(yy / 5.0) * 50.0 + 500.0
+    v, _ = resample_window(f.astype(np.float32), (0, 0), f.shape, xx + 0.5, yy + 0.25)
+    exact = np.sin((xx + 0.5) / 6.0) * np.cos((yy + 0.25) / 5.0) * 50.0 + 500.0
+    assert np.abs(v - exact)[4:-4, 4:-4].max() < 0.5
+
+
+def test_nan_pixels_never_spread_in_the_view():
+    img = np.full((30, 30), 100.0, np.float32)
+    img[10, 12] = np.nan
+    yy, xx = np.mgrid[:30, :30].astype(np.float64)
+    v, _ = resample_window(img, (0, 0), img.shape, xx + 0.2, yy - 0.2)
+    assert np.argwhere(np.isnan(v)).tolist() == [[10, 12]]  # only where the nearest pixel is NaN
+    np.testing.assert_allclose(v[np.isfinite(v)], 100.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------- rejection and products
+def test_no_background_pixel_stands_above_8_sigma(field):
+    img = field.result.integration.values
+    assert np.isfinite(img).all()
+    excess, sigma = _background_excess(img, field.truth)
+    assert excess < 8.0
+    # Without rejection the same field has cosmic rays, hot pixels and the trail in it.
+    st = StackStore.open(_copy_store(field, field.dir / "norej"))
+    plain = ds.integrate(st.path, rejection="none", tile=64).integration.values
+    assert _background_excess(plain, field.truth)[0] > 20.0
+
+
+def test_rejection_flags_are_stored_per_frame_on_the_reference_grid(field):
+    s = field.result
+    flags = s.rejection.values
+    n, ny, nx = flags.shape
+    assert flags.dtype == np.uint8 and (n, ny, nx) == (10, 128, 160)
+    truth = field.truth
+    hit = total = 0
+    for i, crs in enumerate(truth.cosmic_rays):
+        for cx, cy in crs:
+            xr, yr = apply_homography(truth.transforms[i], cx, cy)
+            ix, iy = int(np.floor(xr + 0.5)), int(np.floor(yr + 0.5))
+            if 2 <= ix < nx - 2 and 2 <= iy < ny - 2:
+                total += 1
+                hit += bool(flags[i, iy, ix] & 2)
+    assert total > 200 and hit / total > 0.95
+    # the count maps are the per-pixel sums of the flags
+    np.testing.assert_array_equal(s.rejected_high.values, ((flags & 2) != 0).sum(axis=0))
+    np.testing.assert_array_equal(s.rejected_low.values, ((flags & 1) != 0).sum(axis=0))
+    frac = s.rejected_high_fraction.values
+    assert np.argmax(frac) in (truth.trail_frame, HAZY)
+    assert np.all((frac > 0) & (frac < 0.1))
+    from drizzlestack.info import info_table
+
+    assert "rej.high%" in info_table(field.store)
+
+
+def test_saturated_star_cores_are_never_black_or_hollow(field):
+    # range_high below the saturation level is the classic way to punch holes in cores.
+    st = StackStore.open(_copy_store(field, field.dir / "sat"))
+    sat = field.truth.config.saturation
+    for kwargs in ({}, {"rejection": "sigma", "low": 2.0, "high": 2.0, "range_high": 0.8 * sat}):
+        img = ds.integrate(st.path, tile=64, **kwargs).integration.values
+        checked = 0
+        for star in field.truth.stars[field.truth.stars["saturated"]]:
+            ix, iy = int(round(star["x"])), int(round(star["y"]))
+            if not (4 <= ix < img.shape[1] - 4 and 4 <= iy < img.shape[0] - 4):
+                continue
+            core = img[iy - 1:iy + 2, ix - 1:ix + 2]
+            ring = np.r_[img[iy - 4, ix - 4:ix + 5], img[iy + 4, ix - 4:ix + 5],
+                         img[iy - 4:iy + 5, ix - 4], img[iy - 4:iy + 5, ix + 4]]
+            assert np.all(np.isfinite(core)), kwargs
+            assert core.max() >= 0.95 * sat, f"black core {kwargs}"
+            assert core.max() > 5 * ring.max(), f"hollow core {kwargs}"
+            checked += 1
+        assert checked >= 2
+
+
+def test_pixel_saturated_in_every_frame_keeps_the_saturated_value(tmp_path):
+    st = StackStore.create(tmp_path / "s.zarr", (40, 40), chunk=32)
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        frame = rng.normal(100.0, 5.0, (40, 40)).astype(np.float32)
+        frame[18:23, 18:23] = 4000.0
+        st.append_frame(frame, path=f"/f{i}", exptime=10.0, header="", status="ok", saturation=4000.0)
+    st.write_variable("transform", np.tile(np.eye(3), (5, 1, 1)), ("frame", "transform_row", "transform_col"))
+    st.attrs["reference"] = 0
+    for normalization in ("none", "additive+scaling"):
+        out = ds.integrate(st.path, normalization=normalization, scale_estimator="biweight", tile=32,
+                           range_high=3000.0, force=True)
+        assert (out.rejection.values[:, 18:23, 18:23] == 0).all()  # saturated samples are never flagged
+        # the weighted mean of the frames' (normalized) saturation levels
+        w, a, b = out.weight.values, out.norm_scale.values, out.norm_offset.values
+        level = np.sum(w * (4000.0 * a + b)) / w.sum()
+        np.testing.assert_allclose(out.integration.values[19:22, 19:22], level, rtol=1e-5)
+        assert level >= np.min(4000.0 * a + b) * (1 - 1e-12)
+    assert level != 4000.0  # the scaled case really rescaled
+
+
+def test_result_does_not_depend_on_the_tile_size(field):
+    st = StackStore.open(_copy_store(field, field.dir / "tiles"))
+    big = ds.integrate(st.path, tile=4096)
+    np.testing.assert_allclose(big.integration.values, field.result.integration.values, rtol=1e-6)
+    np.testing.assert_array_equal(big.rejection.values, field.result.rejection.values)
+
+
+def test_roi_equals_the_window_of_the_full_integration_and_keeps_the_full_products(field):
+    st = StackStore.open(_copy_store(field, field.dir / "roi"))
+    before = st.group["weight"][:], st.group["rejection"][:]
+    out = ds.integrate(st.path, tile=64, roi=(30, 20, 70, 50))
+    full = field.result.integration.values
+    np.testing.assert_allclose(out.roi_integration.values, full[20:70, 30:100], rtol=1e-6)
+    np.testing.assert_array_equal(st.group["weight"][:], before[0])
+    np.testing.assert_array_equal(st.group["rejection"][:], before[1])
+    with pytest.raises(DrizzlestackError, match="roi="):
+        ds.integrate(st.path, roi=(150, 0, 20, 20))
+
+
+def test_fits_output_streams_the_products(field):
+    with fits.open(field.dir / "integration.fits") as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "REJLOW", "REJHIGH", "WEIGHTS"]
+        s = field.result
+        np.testing.assert_array_equal(hdul[0].data, s.integration.values)
+        np.testing.assert_array_equal(hdul["REJHIGH"].data, s.rejected_high.values)
+        w = hdul["WEIGHTS"].data
+        assert w.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(w * hdul["WEIGHTS"].header["WGTNORM"], s.integration_weight.values, rtol=1e-6)
+        assert hdul[0].header["NCOMBINE"] == 10 and hdul[0].header["REJECT"] == "winsorized"
+
+
+def test_rerun_with_the_same_parameters_is_skipped(field, monkeypatch):
+    import importlib
+
+    integ = importlib.import_module("drizzlestack.integration.integrate")  # the module, not the function
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(integ, "measure_frame", fail)
+    monkeypatch.setattr(integ, "integrate_tile", fail)
+    ds.integrate(field.store, tile=64)  # same parameters and registration: nothing to do
+
+
+# ------------------------------------------------------------------------ bad input
+def test_refuses_a_store_without_registration(tmp_path, small_sim):
+    store = tmp_path / "s.zarr"
+    ingest_files(small_sim.files, store)
+    with pytest.raises(StoreError, match="drizzlestack register"):
+        ds.integrate(store)
+
+
+def test_fewer_than_three_frames_give_a_plain_average_with_a_warning(field):
+    st = StackStore.open(_copy_store(field, field.dir / "two"))
+    with pytest.warns(DrizzlestackWarning, match="rejection needs at least 3"):
+        out = ds.integrate(st.path, frames=[0, 1], tile=64)
+    assert out.attrs["steps"]["integrate"]["summary"]["rejection"] == "none"
+    assert not (out.rejection.values[:2] & 3).any()
+    v = registered_view(st.path, frames=[0, 1], normalization=(out.norm_scale.values, out.norm_offset.values))
+    v = v.compute().astype(np.float64)
+    w = out.weight.values[:2, None, None] * np.isfinite(v)
+    expected = np.nansum(w * v, axis=0) / w.sum(axis=0)  # the weighted mean of everything
+    np.testing.assert_allclose(out.integration.values, expected, rtol=1e-5)
+
+
+def test_unregistered_and_zero_weight_frames_are_excluded_and_reported(field):
+    st = StackStore.open(_copy_store(field, field.dir / "bad"))
+    st.set_frame_values("status", 2, "unregistered: 4 stars matched")
+    header = fits.Header.fromstring(str(st.group["header"][5]), sep="\n")
+    for i in range(st.n_frames):
+        h = fits.Header.fromstring(str(st.group["header"][i]), sep="\n")
+        h["QUALITY"] = 0.0 if i == 5 else 1.0 + 0.1 * i
+        st.set_frame_values("header", i, h.tostring(sep="\n"))
+    assert "QUALITY" not in header
+    with pytest.warns(DrizzlestackWarning) as record:
+        out = ds.integrate(st.path, tile=64, weights="keyword", weight_keyword="QUALITY")
+    messages = " ".join(str(r.message) for r in record)
+    assert "frame 2" in messages and "unregistered" in messages
+    assert "frame 5" in messages and "zero weight" in messages
+    assert out.weight.values[2] == 0 and out.weight.values[5] == 0
+    assert (out.rejection.values[[2, 5]] == 4).all()  # excluded frames: invalid everywhere
+    np.testing.assert_allclose(out.weight.values[[0, 1, 3]], [1.0, 1.1, 1.3])
+    summary = out.attrs["steps"]["integrate"]["summary"]
+    assert set(summary["excluded"]) == {"2", "5"}
+    assert np.isfinite(out.integration.values).all()
+
+
+def test_a_large_nan_region_is_no_data_not_an_outlier(field):
+    st = StackStore.open(_copy_store(field, field.dir / "nan"))
+    frames = st.group["frames"]
+    data = frames[3]
+    data[:, :90] = np.nan  # more than half the frame
+    frames[3] = data
+    out = ds.integrate(st.path, tile=64, force=True)  # frames never change after ingest: force the rerun
+    assert np.isfinite(out.noise.values[3]) and np.isfinite(out.location.values[3])
+    assert np.isfinite(out.integration.values).all()
+    flags = out.rejection.values[3]
+    ny, nx = flags.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    xf, yf = apply_homography(np.linalg.inv(field.truth.transforms[3]), xx, yy)  # reference -> frame 3
+    inside = (yf > 1) & (yf < ny - 2)
+    assert (flags[inside & (xf < 89.0)] == 4).all()  # no data there: flagged invalid, not low or high
+    data_side = inside & (xf > 91.0) & (xf < nx - 2)
+    assert (flags[data_side] == 4).mean() < 0.01
+    # Losing frame 3 there neither biases nor blanks the integration.
+    diff = (out.integration.values - field.result.integration.values)[inside & (xf < 89.0)]
+    sigma = stats.mad_std(field.result.integration.values.ravel().astype(np.float64))
+    assert abs(np.median(diff)) < 0.1 * sigma
+
+
+def test_zero_and_bad_parameters_are_refused(field):
+    with pytest.raises(DrizzlestackError, match="rejection="):
+        ds.integrate(field.store, rejection="kappa")
+    with pytest.raises(DrizzlestackError, match="weights="):
+        ds.integrate(field.store, weights="snr")
+    with pytest.raises(DrizzlestackError, match="tile="):
+        ds.integrate(field.store, tile=4)
+    with pytest.raises(DrizzlestackError, match="weight_keyword"):
+        ds.integrate(field.store, weights="keyword", force=True)
+
+
+def test_tiles_shrink_as_frames_are_added_to_bound_task_memory():
+    assert tile_size(512, 10, "256MiB") == 512
+    sizes = [tile_size(512, n, "64MiB") for n in (10, 50, 200, 1000)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 64
+    for n, t in zip((10, 50, 200, 1000), sizes):
+        assert t * t * n * 12 <= 64 * 2**20 or t == 64
+
+
+def test_cli_integrate(field, tmp_path, capsys):
+    from drizzlestack.cli import main
+
+    store = _copy_store(field, tmp_path)
+    out = tmp_path / "cli.fits"
+    code = main(["integrate", str(store), "--rejection", "sigma", "--low", "4", "--high", "3", "--tile", "64",
+                 "--output", str(out), "--scheduler", "synchronous", "--no-progress"])
+    assert code == 0
+    assert out.exists()
+    text = capsys.readouterr().out
+    assert "integrated 10 frame(s)" in text
