@@ -194,3 +194,19 @@ def test_real_frames_and_paths_spelled_differently(tmp_path, hatp32_files):
     relative = [f.parent / ".." / f.parent.name / f.name for f in hatp32_files[:3]]
     ds.ingest(relative, tmp_path / "s.zarr")
     assert StackStore.open(tmp_path / "s.zarr").n_frames == 3
+
+
+def test_saturation_of_a_12_bit_camera_in_a_16_bit_container(tmp_path):
+    data = RNG.integers(100, 3000, SHAPE).astype(np.int16)
+    data[5:7, 5:7] = 4095  # a saturated star core at the 12-bit converter's ceiling
+    _write(tmp_path / "adc12.fits", [fits.PrimaryHDU(data)])
+    one = data.copy()
+    one[5:7, 5:7] = 3001  # a bright but unsaturated pixel pile: not a ceiling
+    _write(tmp_path / "plain.fits", [fits.PrimaryHDU(one)])
+    stack = ds.ingest([tmp_path / "adc12.fits", tmp_path / "plain.fits"], tmp_path / "s.zarr")
+    assert list(stack.saturation.values) == [4095.0, 32767.0]
+
+
+def test_real_frames_saturate_at_their_converter_ceiling(tmp_path, hatp32_files):
+    stack = ds.ingest(hatp32_files[:1], tmp_path / "s.zarr")
+    assert stack.saturation.values[0] == 4095.0  # 12-bit camera (data README)
