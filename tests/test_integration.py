@@ -224,15 +224,24 @@ def test_rejection_flags_are_stored_per_frame_on_the_reference_grid(field):
     n, ny, nx = flags.shape
     assert flags.dtype == np.uint8 and (n, ny, nx) == (10, 128, 160)
     truth = field.truth
-    hit = total = 0
+    st = StackStore.open(field.store)
+    hit = total = tails = tails_hit = 0
     for i, crs in enumerate(truth.cosmic_rays):
+        frame = st.frame(i)
         for cx, cy in crs:
-            xr, yr = apply_homography(truth.transforms[i], cx, cy)
-            ix, iy = int(np.floor(xr + 0.5)), int(np.floor(yr + 0.5))
-            if 2 <= ix < nx - 2 and 2 <= iy < ny - 2:
-                total += 1
-                hit += bool(flags[i, iy, ix] & 2)
+            # the hit, and its tail into the next pixel when it has one (over 1000 ADU)
+            has_tail = frame[cy, cx + 1] - np.median(frame[cy - 1:cy + 2, cx - 3:cx - 1]) > 1000
+            for px, is_tail in ((cx, False), (cx + 1, True)):
+                if is_tail and not has_tail:
+                    continue
+                xr, yr = apply_homography(truth.transforms[i], px, cy)
+                ix, iy = int(np.floor(xr + 0.5)), int(np.floor(yr + 0.5))
+                if 2 <= ix < nx - 2 and 2 <= iy < ny - 2:
+                    flagged = bool(flags[i, iy, ix] & 2)
+                    total, hit = total + (not is_tail), hit + (flagged and not is_tail)
+                    tails, tails_hit = tails + is_tail, tails_hit + (flagged and is_tail)
     assert total > 200 and hit / total > 0.95
+    assert tails > 50 and tails_hit / tails > 0.9  # drizzle must not let the tails through either
     # the count maps are the per-pixel sums of the flags
     np.testing.assert_array_equal(s.rejected_high.values, ((flags & 2) != 0).sum(axis=0))
     np.testing.assert_array_equal(s.rejected_low.values, ((flags & 1) != 0).sum(axis=0))
@@ -303,6 +312,16 @@ def test_roi_equals_the_window_of_the_full_integration_and_keeps_the_full_produc
     np.testing.assert_array_equal(st.group["rejection"][:], before[1])
     with pytest.raises(DrizzlestackError, match="roi="):
         ds.integrate(st.path, roi=(150, 0, 20, 20))
+    # The FITS file of a trial carries the reference frame's WCS, shifted to the ROI.
+    header = fits.Header.fromstring(str(st.group["header"][0]), sep="\n")
+    header.update({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 80.0, "CRPIX2": 64.0,
+                   "CRVAL1": 150.0, "CRVAL2": 2.0, "CDELT1": -3e-4, "CDELT2": 3e-4})
+    st.set_frame_values("header", 0, header.tostring(sep="\n"))
+    ds.integrate(st.path, tile=64, roi=(30, 20, 70, 50), output=field.dir / "roi.fits")
+    with fits.open(field.dir / "roi.fits") as hdul:
+        assert hdul[0].data.shape == (50, 70)
+        assert hdul[0].header["CRPIX1"] == pytest.approx(50.0) and hdul[0].header["CRPIX2"] == pytest.approx(44.0)
+        assert hdul[0].header["ROIX0"] == 30
 
 
 def test_fits_output_streams_the_products(field):

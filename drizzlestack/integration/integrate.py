@@ -264,8 +264,10 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
     flags[saturated] = 0
     image, n_low, n_high = _rej.combine_stack(values, flags, plan.weights)
-    kept = (flags == 0) & np.isfinite(values)
-    wsum = np.tensordot(plan.weights, kept, axes=(0, 0)).astype(np.float32)
+    finite = np.isfinite(values)
+    wsum = np.zeros(values.shape[1:], np.float32)
+    for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
+        wsum += np.float32(plan.weights[k]) * ((flags[k] == 0) & finite[k])
 
     group = zarr.open_group(plan.store, mode="r+", zarr_format=3)
     out = plan.outputs
@@ -281,7 +283,7 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     counts = np.empty(3 * n + 1)
     counts[0:n] = ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
     counts[n:2 * n] = ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
-    counts[2 * n:3 * n] = np.isfinite(values).sum(axis=(1, 2))
+    counts[2 * n:3 * n] = finite.sum(axis=(1, 2))
     counts[3 * n] = float(wsum.max()) if wsum.size else 0.0
     return counts
 
@@ -686,8 +688,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
 
 # -------------------------------------------------------------------------------- FITS
 def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
-    """The reference frame's celestial WCS, shifted to the ROI (the integration is on the
-    reference grid, so the WCS carries over); ``None`` if the header has none."""
+    """The reference frame's celestial WCS, shifted to the ROI; ``None`` if the header has
+    none. The integration *is* the reference grid, so the WCS carries over whole,
+    distortion (SIP) terms included -- unlike drizzle's rescaled grid."""
     ref = st.attrs.get("reference")
     if ref is None:
         return None

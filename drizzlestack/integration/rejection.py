@@ -502,77 +502,63 @@ def _walk_upper(V, l, a, b, i, x):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsor_fixed_point(V, l, a, b, shift, P1, P2, centre, sigma):
-    """Solve Huber's winsorization equations for the sorted column ``V[a:b, l]``.
+def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
+    """Huber's winsorized centre and sigma of the sorted column ``V[a:b, l]``.
 
-    The iteration "clamp at ``centre ± 1.5 sigma``, then ``centre = mean``,
-    ``sigma = 1.134 · std(ddof=1)`` of the clamped sample" stops where it reproduces
-    itself. For a given set of clamped values (``n0`` raised, ``n1`` lowered, the
-    ``nm`` others with sum ``A`` and sum of squares ``B``, all relative to ``shift``)
-    that fixed point is explicit:
+    The iteration (PixInsight's): clamp the sample at ``centre ± 1.5 sigma``, then
+    ``centre = mean`` and ``sigma = 1.134 · std(ddof=1)`` of the clamped sample, until
+    sigma changes by less than 0.05 %. With prefix sums ``P1``, ``P2`` of ``(v - shift)``
+    and its square, a step costs two short pointer walks and O(1) arithmetic.
+
+    Once a step leaves the set of clamped values unchanged, the fixed point for that
+    set is explicit (``n0`` values raised, ``n1`` lowered, the ``nm`` others with sums
+    ``A``, ``B`` relative to ``shift``, ``c`` values in all)::
 
         centre = (A + 1.5 sigma (n1 - n0)) / nm
         sigma² = (B - A²/nm) / ((c - 1)/1.134² - 1.5² (n0 + n1 + (n1 - n0)²/nm))
 
-    so we solve it, recompute which values it clamps, and repeat until the clamped
-    set is stable (usually one or two rounds). Returns ``(centre, sigma, ok)``; not ok
-    when no positive solution exists or the clamped set cycles.
+    and is taken when it clamps the same set: the iteration's limit, reached in a
+    couple of steps instead of ten. Returns ``(centre, sigma, converged)``.
     """
     c = b - a
+    inv_k2 = 1.0 / (_WINSOR_SCALE * _WINSOR_SCALE)
     i0 = _walk_lower(V, l, a, b, a, centre - _WINSOR_CLAMP * sigma)
     i1 = _walk_upper(V, l, a, b, b, centre + _WINSOR_CLAMP * sigma)
-    inv_k2 = 1.0 / (_WINSOR_SCALE * _WINSOR_SCALE)
-    for _ in range(_WINSOR_MAXIT):
-        nm = i1 - i0
-        if nm <= 0:
-            break
-        n0 = i0 - a
-        n1 = b - i1
-        s1 = P1[i1, l] - P1[i0, l]
-        s2 = P2[i1, l] - P2[i0, l]
-        q = s2 - s1 * s1 / nm
-        delta = n1 - n0
-        den = (c - 1) * inv_k2 - _WINSOR_CLAMP * _WINSOR_CLAMP * (n0 + n1 + delta * delta / nm)
-        if not den > 0.0:
-            break
-        sigma = math.sqrt(q / den) if q > 0.0 else 0.0
-        centre = shift + (s1 + _WINSOR_CLAMP * sigma * delta) / nm
-        j0 = _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma)
-        j1 = _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma)
-        if j0 == i0 and j1 == i1:
-            return centre, sigma, True
-        i0 = j0
-        i1 = j1
-    return centre, sigma, False
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _winsor_iterate(V, l, a, b, shift, P1, P2, centre, sigma):
-    """The plain winsorization iteration (PixInsight's), for the rare samples where
-    :func:`_winsor_fixed_point` finds no stable clamped set. Returns
-    ``(centre, sigma, converged)``; converged when sigma changes by < 0.05 %."""
-    c = b - a
-    i0 = a
-    i1 = b
     for step in range(_WINSOR_MAXIT):
         t0 = centre - _WINSOR_CLAMP * sigma
         t1 = centre + _WINSOR_CLAMP * sigma
-        i0 = _walk_lower(V, l, a, b, i0, t0)
-        i1 = _walk_upper(V, l, a, b, i1, t1)
-        d0 = t0 - shift
-        d1 = t1 - shift
         n0 = i0 - a
         n1 = b - i1
+        d0 = t0 - shift
+        d1 = t1 - shift
         s1 = n0 * d0 + (P1[i1, l] - P1[i0, l]) + n1 * d1
         s2 = n0 * d0 * d0 + (P2[i1, l] - P2[i0, l]) + n1 * d1 * d1
         mean_d = s1 / c
         var = (s2 - s1 * mean_d) / (c - 1)
         new_sigma = _WINSOR_SCALE * math.sqrt(var) if var > 0.0 else 0.0
-        centre = shift + mean_d
         converged = abs(new_sigma - sigma) < _WINSOR_TOL * sigma
+        centre = shift + mean_d
         sigma = new_sigma
         if _negligible(sigma, centre) or (step >= 1 and converged):
             return centre, sigma, True
+        j0 = _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma)
+        j1 = _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma)
+        nm = j1 - j0
+        if j0 == i0 and j1 == i1 and nm > 0:
+            # Same clamped set as the last step: try its explicit fixed point.
+            a_sum = P1[j1, l] - P1[j0, l]
+            q = P2[j1, l] - P2[j0, l] - a_sum * a_sum / nm
+            delta = n1 - n0
+            den = (c - 1) * inv_k2 - _WINSOR_CLAMP * _WINSOR_CLAMP * (n0 + n1 + delta * delta / nm)
+            if den > 0.0 and q > 0.0:
+                fp_sigma = math.sqrt(q / den)
+                fp_centre = shift + (a_sum + _WINSOR_CLAMP * fp_sigma * delta) / nm
+                k0 = _walk_lower(V, l, a, b, j0, fp_centre - _WINSOR_CLAMP * fp_sigma)
+                k1 = _walk_upper(V, l, a, b, j1, fp_centre + _WINSOR_CLAMP * fp_sigma)
+                if k0 == j0 and k1 == j1:
+                    return fp_centre, fp_sigma, True
+        i0 = j0
+        i1 = j1
     return centre, sigma, False
 
 
@@ -581,10 +567,10 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
     """Winsorized sigma clipping of the sorted columns ``Vd[:cnt[l], l]``.
 
     Writes the smallest and largest kept value of each column to ``cut_lo``/``cut_hi``.
-    Each clipping round: robust start (median, interquartile range), masked prefix
-    sums of ``(v - median)`` and its square (one vectorized pass over the block), then
-    per column the winsorized centre and sigma (:func:`_winsor_fixed_point`) and the
-    rejection of the values beyond ``centre - low·sigma`` / ``centre + high·sigma``.
+    Each clipping round: robust start (median, interquartile range), prefix sums of
+    ``(v - median)`` and its square, the winsorized centre and sigma
+    (:func:`_winsorize`), and the rejection of the values beyond ``centre - low·sigma``
+    / ``centre + high·sigma``.
     """
     shift = lane_f[0]
     a = lane_i[0]
@@ -602,25 +588,9 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
         n_active = 0
         for l in range(w):
             n_active += active[l]
-            # The median centres the sums, which keeps the one-pass variance well
-            # conditioned.
             shift[l] = _quantile_sorted(Vd, a[l], b[l], l, 0.5) if active[l] else 0.0
         if n_active == 0:
             break
-        for l in range(w):
-            P1[0, l] = 0.0
-            P2[0, l] = 0.0
-        for k in range(rows):
-            row = Vd[k]
-            p1 = P1[k]
-            p2 = P2[k]
-            q1 = P1[k + 1]
-            q2 = P2[k + 1]
-            for l in range(w):
-                keep = (k >= a[l]) & (k < b[l])
-                d = row[l] - shift[l]
-                q1[l] = p1[l] + (d if keep else 0.0)
-                q2[l] = p2[l] + (d * d if keep else 0.0)
         for l in range(w):
             if active[l] == 0:
                 continue
@@ -628,6 +598,19 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
             hi = b[l]
             c = hi - lo
             med = shift[l]
+            # Prefix sums of the kept values, relative to the median (which keeps the
+            # one-pass variance well conditioned). Per column: only the columns still
+            # clipping pay for another round.
+            s1 = 0.0
+            s2 = 0.0
+            P1[lo, l] = 0.0
+            P2[lo, l] = 0.0
+            for k in range(lo, hi):
+                d = Vd[k, l] - med
+                s1 += d
+                s2 += d * d
+                P1[k + 1, l] = s1
+                P2[k + 1, l] = s2
             sigma = (_quantile_sorted(Vd, lo, hi, l, 0.75) - _quantile_sorted(Vd, lo, hi, l, 0.25)) * _IQR_TO_SIGMA
             if _negligible(sigma, med):
                 # Over half the sample is one value: start from the plain sample std.
@@ -637,9 +620,7 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
                 if _negligible(sigma, med):
                     active[l] = 0  # a flat sample: nothing to reject
                     continue
-            centre, sigma, ok = _winsor_fixed_point(Vd, l, lo, hi, med, P1, P2, med, sigma)
-            if not ok:
-                centre, sigma, ok = _winsor_iterate(Vd, l, lo, hi, med, P1, P2, med, sigma)
+            centre, sigma, ok = _winsorize(Vd, l, lo, hi, med, P1, P2, med, sigma)
             if not ok or _negligible(sigma, centre):
                 # No convergence (a heavily quantized sample whose winsorized sigma
                 # collapses) or no spread: reject nothing rather than on a bad sigma.

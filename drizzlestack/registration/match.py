@@ -100,7 +100,12 @@ class PatternMatch:
     matrix: np.ndarray | None  # frame -> reference similarity, None if nothing found
     inliers: int = 0  # bright frame stars landing on a reference star
     mirrored: bool = False
-    hypotheses: int = 0
+    hypotheses: int = 0  # hypotheses verified
+    required: int = 0  # inliers needed to beat chance (see :func:`required_inliers`)
+
+    @property
+    def found(self) -> bool:
+        return self.matrix is not None and self.inliers >= self.required
 
 
 def find_similarity(src, dst, mirror: bool = False, only_mirrored: bool = False, scale_range=(0.8, 1.25),
@@ -161,6 +166,7 @@ def find_similarity(src, dst, mirror: bool = False, only_mirrored: bool = False,
     best, best_count = -1, 0
     zconj = np.conj(zs_all)
     batch = 256
+    tried = 0
     for start in range(0, alpha.size, batch):
         sl = slice(start, start + batch)
         z = np.where(reflect[sl, None], zconj[None, :], zs_all[None, :])
@@ -173,15 +179,36 @@ def find_similarity(src, dst, mirror: bool = False, only_mirrored: bool = False,
         j = np.where(hit, j.reshape(mapped.shape), -1)
         js = np.sort(j, axis=1)
         counts = np.sum((js[:, 1:] != js[:, :-1]) & (js[:, 1:] >= 0), axis=1) + (js[:, 0] >= 0)
+        tried += counts.size
         k = int(np.argmax(counts))
         if counts[k] > best_count:
             best, best_count = start + k, int(counts[k])
         if best_count >= good_enough:
             break
+    required = required_inliers(src, dst, tolerance, tried)
     if best < 0:
-        return PatternMatch(None, hypotheses=int(alpha.size))
+        return PatternMatch(None, hypotheses=tried, required=required)
     return PatternMatch(_matrix(alpha[best], beta[best], bool(reflect[best])), best_count, bool(reflect[best]),
-                        int(alpha.size))
+                        tried, required)
+
+
+def required_inliers(src, dst, tolerance: float, hypotheses: int, false_alarm: float = 1e-3) -> int:
+    """Inliers a hypothesis needs so that, over all ``hypotheses`` tried, a wrong one
+    reaches it by chance with probability below ``false_alarm``.
+
+    A wrong hypothesis still brings in its own triangle (3 stars); each other frame star
+    lands within ``tolerance`` of some reference star with probability
+    ``density * pi * tolerance^2``, so the extra count is Poisson with mean
+    ``lam = n_src * density * pi * tolerance^2``.
+    """
+    from scipy.stats import poisson
+
+    area = float(np.prod(np.ptp(dst, axis=0) + 2 * tolerance)) if len(dst) > 1 else 1.0
+    lam = len(src) * len(dst) / area * np.pi * tolerance ** 2
+    k = 1
+    while max(hypotheses, 1) * poisson.sf(k - 1, lam) >= false_alarm and k < len(src):
+        k += 1
+    return 3 + k
 
 
 # ------------------------------------------------------------------ refinement
@@ -299,20 +326,13 @@ def align_stars(src_table: np.ndarray, dst_table: np.ndarray, model: str = "homo
     for nb in n_bright:
         pm = find_similarity(src_xy[:nb], dst_xy[: int(1.5 * nb)], mirror=mirror, scale_range=scale_range,
                              tolerance=tolerance)
-        if pm.matrix is not None and pm.inliers >= max(need, 5):
+        if pm.found or nb >= min(len(src_xy), len(dst_xy)):
             break
-        if nb >= min(len(src_xy), len(dst_xy)):
-            break
-    if pm.matrix is None or pm.inliers < max(need, 5):
+    if not pm.found:
         found = 0 if pm.matrix is None else pm.inliers
-        if not mirror:
-            flipped = find_similarity(src_xy[:n_bright[0]], dst_xy[: int(1.5 * n_bright[0])], only_mirrored=True,
-                                      scale_range=scale_range, tolerance=tolerance)
-            if flipped.matrix is not None and flipped.inliers >= max(need, 8):
-                return Alignment(status="unregistered: frame is mirrored (flipped) relative to the reference; "
-                                        "register with mirror=True to accept it", mirrored=True)
-        return Alignment(status=f"unregistered: no star pattern in common with the reference "
-                                f"(best candidate {found} star(s), {need} needed); another field?")
+        return _failure(f"no star pattern in common with the reference (best candidate {found} star(s), "
+                        f"{max(pm.required, need)} needed); another field?", src_xy, dst_xy, mirror, n_bright[0],
+                        scale_range, tolerance)
 
     # 2. refinement on all stars
     sig_src, sig_dst = _position_sigma(src_table), _position_sigma(dst_table)
@@ -364,8 +384,8 @@ def align_stars(src_table: np.ndarray, dst_table: np.ndarray, model: str = "homo
     area = float(np.prod(np.ptp(dst_xy, axis=0) + 1.0))
     expected = overlap * len(dst_xy) / area * np.pi * radius ** 2
     if ii.size < expected + 5.0 * np.sqrt(expected) + need:
-        return Alignment(status=f"unregistered: {ii.size} matches are not above chance ({expected:.0f} expected "
-                                f"at random); another field?")
+        return _failure(f"{ii.size} matches are not above chance ({expected:.0f} expected at random); "
+                        "another field?", src_xy, dst_xy, mirror, n_bright[0], scale_range, tolerance)
     det = np.linalg.det(matrix[:2, :2])
     scale = np.sqrt(abs(det))
     if not scale_range[0] <= scale <= scale_range[1]:
@@ -374,6 +394,17 @@ def align_stars(src_table: np.ndarray, dst_table: np.ndarray, model: str = "homo
         return Alignment(status="unregistered: frame is mirrored (flipped) relative to the reference; "
                                 "register with mirror=True to accept it", mirrored=True)
     return Alignment(matrix, correction, int(ii.size), rms, "ok", bool(det < 0), np.column_stack([ii, jj]))
+
+
+def _failure(why, src_xy, dst_xy, mirror, nb, scale_range, tolerance) -> Alignment:
+    """The failed alignment's status; a frame that matches only when mirrored says so."""
+    if not mirror:
+        flipped = find_similarity(src_xy[:nb], dst_xy[: int(1.5 * nb)], only_mirrored=True,
+                                  scale_range=scale_range, tolerance=tolerance)
+        if flipped.found:
+            return Alignment(status="unregistered: frame is mirrored (flipped) relative to the reference; "
+                                    "register with mirror=True to accept it", mirrored=True)
+    return Alignment(status=f"unregistered: {why}")
 
 
 def _in_box(xy, ref_xy) -> int:

@@ -154,22 +154,48 @@ def _keys_interpolate(nodes, ix, iy, tx, ty, out):
     wx = np.empty(4)
     wy = np.empty(4)
     for p in range(ix.size):
-        for w, t in ((wx, tx[p]), (wy, ty[p])):
-            t2 = t * t
-            t3 = t2 * t
-            w[0] = 0.5 * (-t3 + 2.0 * t2 - t)
-            w[1] = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
-            w[2] = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
-            w[3] = 0.5 * (t3 - t2)
+        t = tx[p]
+        t2 = t * t
+        t3 = t2 * t
+        wx[0] = 0.5 * (-t3 + 2.0 * t2 - t)
+        wx[1] = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
+        wx[2] = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
+        wx[3] = 0.5 * (t3 - t2)
+        t = ty[p]
+        t2 = t * t
+        t3 = t2 * t
+        wy[0] = 0.5 * (-t3 + 2.0 * t2 - t)
+        wy[1] = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
+        wy[2] = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
+        wy[3] = 0.5 * (t3 - t2)
         ax = 0.0
         ay = 0.0
+        r0 = iy[p] - 1
+        c0 = ix[p] - 1
         for m in range(4):
-            r = iy[p] - 1 + m
             for k in range(4):
-                c = ix[p] - 1 + k
                 wk = wy[m] * wx[k]
-                ax += wk * nodes[r, c, 0]
-                ay += wk * nodes[r, c, 1]
+                ax += wk * nodes[r0 + m, c0 + k, 0]
+                ay += wk * nodes[r0 + m, c0 + k, 1]
+        out[p, 0] = ax
+        out[p, 1] = ay
+
+
+@numba.njit(nogil=True, cache=True)
+def _tps_evaluate(qx, qy, cq, coeffs, affine, out):
+    """``out[p] = a0 + a1 qx + a2 qy + sum_i c_i phi(|q_p - q_i|)`` (both components),
+    without the ``n_points x n_controls`` temporaries of the numpy expression."""
+    for p in range(qx.size):
+        ax = affine[0, 0] + affine[1, 0] * qx[p] + affine[2, 0] * qy[p]
+        ay = affine[0, 1] + affine[1, 1] * qx[p] + affine[2, 1] * qy[p]
+        for i in range(cq.shape[0]):
+            dx = qx[p] - cq[i, 0]
+            dy = qy[p] - cq[i, 1]
+            r2 = dx * dx + dy * dy
+            if r2 > 0.0:
+                k = 0.5 * r2 * np.log(r2)
+                ax += coeffs[i, 0] * k
+                ay += coeffs[i, 1] * k
         out[p, 0] = ax
         out[p, 1] = ay
 
@@ -248,7 +274,7 @@ class SurfaceSpline:
     #: point sets up to this size are evaluated directly
     DIRECT_MAX = 4096
     #: lattice spacing (px) and block size (nodes) of the fast evaluation
-    grid_step = 16.0
+    grid_step = 8.0
     block = 16
 
     def __init__(self, points, coeffs, affine, centre, length, domain=None):
@@ -332,15 +358,11 @@ class SurfaceSpline:
 
     # -- evaluation
     def _direct(self, x, y):
-        qx = (np.ravel(x) - self.centre[0]) / self.length
-        qy = (np.ravel(y) - self.centre[1]) / self.length
+        qx = (np.ravel(np.asarray(x, np.float64)) - self.centre[0]) / self.length
+        qy = (np.ravel(np.asarray(y, np.float64)) - self.centre[1]) / self.length
         out = np.empty((qx.size, 2))
-        step = max(1, 2_000_000 // max(len(self._q), 1))  # bounded temporary memory
-        for s in range(0, qx.size, step):
-            ex, ey = qx[s:s + step], qy[s:s + step]
-            r2 = (ex[:, None] - self._q[None, :, 0]) ** 2 + (ey[:, None] - self._q[None, :, 1]) ** 2
-            out[s:s + step] = _tps_kernel(r2) @ self.coeffs
-            out[s:s + step] += self.affine[0] + ex[:, None] * self.affine[1] + ey[:, None] * self.affine[2]
+        _tps_evaluate(qx, qy, np.ascontiguousarray(self._q), np.ascontiguousarray(self.coeffs),
+                      np.ascontiguousarray(self.affine), out)
         return out
 
     def _lattice(self, bx0, bx1, by0, by1):

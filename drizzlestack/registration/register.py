@@ -297,7 +297,7 @@ def _write_results(st: StackStore, n: int, eligible, detected, new_status, resul
                       attrs={"fields": list(FIELDS),
                              "flags": {"saturated": 1, "blended": 2, "truncated": 4, "no_fit": 8},
                              "description": "detected stars, brightest first, NaN-padded"})
-    st.write_variable("transform", transform, ("frame", "row", "col"),
+    st.write_variable("transform", transform, ("frame", "transform_row", "transform_col"),
                       attrs={"description": "frame -> reference homography on [x, y, 1]; NaN if unregistered"})
     st.write_variable("n_stars", n_stars, ("frame",))
     st.write_variable("n_matches", n_matches, ("frame",))

@@ -164,10 +164,13 @@ def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 25, min_sigma: floa
         jtj = np.matmul(jw.transpose(0, 2, 1), ja)
         jtr = np.matmul(jw.transpose(0, 2, 1), (data[active] - model[active])[..., None])[..., 0]
         diag = np.einsum("nkk->nk", jtj)
-        a = jtj + lam[active, None, None] * diag[:, :, None] * eye
+        # A tiny ridge keeps degenerate stamps (e.g. a flux that ran to 0) from making
+        # the whole batched solve singular.
+        ridge = 1e-12 * np.max(diag, axis=1) + 1e-300
+        a = jtj + (lam[active, None] * diag + ridge[:, None])[:, :, None] * eye
         try:
             step = np.linalg.solve(a, jtr[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # one singular stamp (e.g. all pixels masked) must not stop the rest
+        except np.linalg.LinAlgError:
             step = (np.linalg.pinv(a) @ jtr[..., None])[..., 0]
         trial = p[active] + step
         trial[:, 3] = np.maximum(trial[:, 3], min_sigma)
@@ -186,8 +189,9 @@ def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 25, min_sigma: floa
     jtj = np.matmul(jw.transpose(0, 2, 1), jac)
     dof = np.maximum(w.sum(axis=1) - 5.0, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
+        ridge = 1e-12 * np.max(np.einsum("nkk->nk", jtj), axis=1) + 1e-300
         try:
-            inv = np.linalg.inv(jtj)
+            inv = np.linalg.inv(jtj + ridge[:, None, None] * eye)
         except np.linalg.LinAlgError:  # a degenerate stamp; the pseudo-inverse handles it
             inv = np.linalg.pinv(jtj)
         cov = inv * (chi2 / dof)[:, None, None]
