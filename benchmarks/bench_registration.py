@@ -78,6 +78,7 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     ref = detect_stars(frames[0], saturation=65535)
     t_ref_ours = time.perf_counter() - t
+    align_stars(ref.table[:300], ref.table[:300], frame_shape=shape)  # warm-up
     t = time.perf_counter()
     ref_sources = aa._find_sources(frames[0])[:50]  # find_transform's default max_control_points
     t_ref_aa = time.perf_counter() - t
@@ -131,6 +132,27 @@ def main(argv=None) -> None:
     print(f"| astroalign.find_transform(frame, reference image) | {med(6):.3f} | {err_stats(7)} |")
     print(f"| astroalign.find_transform(frame, reference sources) | {med(8):.3f} | {err_stats(9)} |")
     print(f"reference detection, once per run: drizzlestack {t_ref_ours:.3f} s, astroalign {t_ref_aa:.3f} s")
+
+    # First-call cost of the numba kernels with an empty cache (a fresh install).
+    import os
+    import subprocess
+    import sys
+
+    code = ("import time, numpy as np; t = time.perf_counter();"
+            "from drizzlestack.registration.stars import detect_stars;"
+            "from drizzlestack.registration.models import SurfaceSpline;"
+            "rng = np.random.default_rng(0); img = rng.normal(100, 5, (256, 256)).astype(np.float32);"
+            "img[100:103, 100:103] += 500; detect_stars(img);"
+            "s = SurfaceSpline.fit(rng.uniform(0, 256, (30, 2)), rng.normal(0, 1, (30, 2)), None, 1.0);"
+            "g = np.mgrid[0:100, 0:100].astype(float); s.displacement(g[1], g[0]);"
+            "print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        cold = float(subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": cache},
+                                    capture_output=True, text=True, check=True).stdout)
+        warm = float(subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": cache},
+                                    capture_output=True, text=True, check=True).stdout)
+    print(f"numba kernels, first use in a process: {cold:.1f} s with an empty cache (compile), "
+          f"{warm:.1f} s from the on-disk cache")
 
     # The whole step through the store and the threads scheduler.
     import drizzlestack as ds

@@ -15,10 +15,13 @@ from drizzlestack.simulate import simulate
 @pytest.fixture(scope="module")
 def outlier_field(tmp_path_factory):
     """12 frames with cosmic rays (some spanning two pixels), hot pixels, a satellite
-    trail and saturated stars, registered and integrated."""
+    trail and saturated stars, registered and integrated. The dither (up to 12 px) is
+    what lets rejection see a hot pixel: with a dither of a few pixels, three or four
+    frames put the same hot pixel on the same sky pixel and no statistic can call it an
+    outlier (calibration frames, not rejection, remove those)."""
     d = tmp_path_factory.mktemp("outliers")
-    truth = simulate(d / "frames", n_frames=12, shape=(128, 128), n_stars=90, n_galaxies=2, cosmic_rays=40,
-                     hot_pixels=25, trail=True, n_saturated=3, seed=33)
+    truth = simulate(d / "frames", n_frames=12, shape=(160, 160), n_stars=150, n_galaxies=0, cosmic_rays=50,
+                     hot_pixels=25, trail=True, n_saturated=3, max_shift=12.0, seed=33)
     store = d / "s.zarr"
     ds.ingest(truth.files, store)
     ds.register(store)
@@ -34,18 +37,24 @@ def test_no_outlier_leaks_into_the_drizzled_background(outlier_field):
     ny, nx = img.shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     xr_, yr_ = (xx + 0.5) / 2 - 0.5, (yy + 0.5) / 2 - 0.5
+    ref = int(out.attrs["reference"]) if "reference" in out.attrs else int(ds.open_stack(store).attrs["reference"])
+    sx, sy = truth.reference_to_frame(ref, np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"]))
     near = np.zeros(img.shape, bool)
-    for s in truth.stars:
-        radius = 4 + 2 * np.log10(max(s["flux"], 10) / 1e3).clip(0)
-        near |= (xr_ - s["x"]) ** 2 + (yr_ - s["y"]) ** 2 < radius ** 2
-    background = img[~near & np.isfinite(img)]
+    for x, y, f in zip(sx, sy, truth.stars["flux"]):
+        radius = 4 + 2 * np.log10(max(f, 10) / 1e3).clip(0)
+        near |= (xr_ - x) ** 2 + (yr_ - y) ** 2 < radius ** 2
+    # Statistical rejection needs several values: the margins that only 2-3 dithered
+    # frames reach are left out (no rejection method can tell an outlier among 3).
+    well_covered = out.drizzle_coverage.values >= 6
+    assert well_covered.mean() > 0.8
+    background = img[~near & np.isfinite(img) & well_covered]
     assert background.size > 0.3 * img.size
     _, med, std = sigma_clipped_stats(background, sigma=3)
     worst = (background.max() - med) / std
     assert worst < 8, f"a background pixel stands {worst:.1f} sigma above the background"
     # Without the rejection flags the same pixels do leak: the test can fail.
     raw = ds.drizzle(store, scale=2.0, pixfrac=0.8, output=None, tile=64, rejection=False).drizzle.values
-    leaked = raw[~near & np.isfinite(raw)]
+    leaked = raw[~near & np.isfinite(raw) & well_covered]
     assert (leaked.max() - med) / std > 8
 
 
@@ -60,7 +69,7 @@ def test_saturated_cores_survive_integration_and_drizzle(outlier_field):
     for s in truth.stars[truth.stars["saturated"]]:
         x, y = truth.reference_to_frame(ref, np.array([s["x"]]), np.array([s["y"]]))
         ix, iy = int(round(x[0])), int(round(y[0]))
-        if not (3 <= ix < 125 and 3 <= iy < 125):
+        if not (3 <= ix < 157 and 3 <= iy < 157):
             continue
         core = integ[iy - 1:iy + 2, ix - 1:ix + 2]
         assert np.all(np.isfinite(core)) and core.max() >= 0.9 * sat

@@ -69,12 +69,13 @@ def _check_psr(pixel_scale_ratio):
 
 
 def _as_data(data, name="data") -> np.ndarray:
+    # Always float64: one compiled signature per kernel (a cold numba compile of the
+    # square kernel takes ~15 s), and converting a window costs little next to
+    # drizzling it.
     data = np.asarray(data)
     if data.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array, got shape {data.shape}")
-    if data.dtype != np.float32:
-        data = data.astype(np.float64, copy=False)
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(data, dtype=np.float64)
 
 
 def _as_pixmap(pixmap, shape) -> np.ndarray:
@@ -88,7 +89,7 @@ def _as_pixmap(pixmap, shape) -> np.ndarray:
 
 def _as_weights(weights, shape):
     if weights is None:
-        return np.ones((1, 1), dtype=np.float32), False
+        return np.ones((1, 1)), False
     weights = _as_data(weights, "weights")
     if weights.shape != tuple(shape):
         raise ValueError(f"weights: shape {weights.shape} differs from data shape {tuple(shape)}")
@@ -486,8 +487,12 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
         acc_wv.fill(0.0)
         acc_w.fill(0.0)
     else:
-        acc_wv = np.zeros(shape)
-        acc_w = np.zeros(shape)
+        # empty + fill: the pages are faulted in by one sequential pass, which is
+        # cheaper than faulting them in from inside the kernel's scattered writes
+        acc_wv = np.empty(shape)
+        acc_w = np.empty(shape)
+        acc_wv.fill(0.0)
+        acc_w.fill(0.0)
     accumulate(data, pixmap, weights, acc_wv, acc_w, kernel, pixfrac, pixel_scale_ratio)
     image = finalize(acc_wv, acc_w, out=acc_wv)
     if out is not None and not direct:

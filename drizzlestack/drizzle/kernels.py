@@ -62,7 +62,7 @@ _GAUSS_MIN_REACH = 1.2
 LANCZOS_LUT_DENSITY = 4096
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _out_index(x):
     """Output pixel containing coordinate ``x`` (half-up, origin independent)."""
     return int(math.floor(x + 0.5))
@@ -73,7 +73,7 @@ def _out_index(x):
 # ---------------------------------------------------------------------------------
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def pixmap_row(pixmap, yq, tx, ty):
     """The pixmap interpolated linearly along y at input row coordinate ``yq``
     (extrapolated from the first/last pair of rows beyond the frame), padded with
@@ -97,7 +97,7 @@ def pixmap_row(pixmap, yq, tx, ty):
     ty[nx + 1] = 2.0 * ty[nx] - ty[nx - 1]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def drop_corners(tx, ty, bx, by, i, h):
     """Corners ``(xs, ys)`` of the drop of pixel ``i`` from the rows interpolated at
     ``j + h`` (``tx, ty``) and ``j - h`` (``bx, by``) by :func:`pixmap_row`.
@@ -145,7 +145,7 @@ _S_R = _S_F + _WM * _B                # (_WM + 1) * _WM blocks: R[r, c], then ov
 _S_SIZE = _S_R + (_WM + 1) * _WM * _B
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
     """Corners (as in :func:`drop_corners`) of drops ``i0 .. i0 + nb - 1`` into the
     batch's X, Y blocks."""
@@ -168,7 +168,7 @@ def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
         S[uint64(_S_Y + 3 * _B) + k0] = h * bvy[k0] + g * bvy[k1]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
     """Sort the batch's drops without branches: status (0 skip, 1 batch, 2 too big
     for the window), window origin, weights, and corners made local to the window
@@ -235,7 +235,7 @@ def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
     return int(wneed)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _sq_areas(S, nb, wn):
     """Exact overlap of the batch's quadrilaterals with the cells of their
     ``wn x wn`` windows.
@@ -328,7 +328,7 @@ def _sq_areas(S, nb, wn):
                     S[orc + ku] += S[okc + ku] * ((qb - qa) * (qb + qa)) + S[ofc + ku] * qa
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _sq_weights(S, nb, wn):
     """Per drop ``w / area`` and ``w * value / area`` (in the FW, FV blocks), and per
     cell the overlap ``R[r, c] - R[r + 1, c]`` (in place of ``R[r, c]``). Overlaps that
@@ -363,7 +363,7 @@ def _sq_weights(S, nb, wn):
                 S[orc + ku] = a if abs(a) > S[otol + ku] else 0.0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
     """Add the batch's cell overlaps times ``w / area`` and ``w * value / area`` into
     the accumulators (clipped to the output)."""
@@ -447,7 +447,7 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
     return ncontrib
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
     """Exact overlaps of one drop of any size with the output pixels it covers
     (clipped to the output), one column at a time. Same decomposition as
@@ -724,7 +724,7 @@ def lanczos_lut(order, density):
     return lut
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, inline="always")
 def _lanczos_weight(lut, density, order, t):
     """``L(t)`` for ``t >= 0`` by linear interpolation in ``lut``."""
     if t >= order:

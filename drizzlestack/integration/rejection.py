@@ -502,28 +502,58 @@ def _walk_upper(V, l, a, b, i, x):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
-    """Huber's winsorized centre and sigma of the sorted column ``V[a:b, l]``.
+def _winsor_jump(V, l, a, b, shift, P1, P2, i0, i1):
+    """Explicit winsorization fixed point for a given clamped set, and whether it
+    clamps that same set. Returns ``(centre, sigma, ok)``.
 
-    The iteration (PixInsight's): clamp the sample at ``centre ± 1.5 sigma``, then
-    ``centre = mean`` and ``sigma = 1.134 · std(ddof=1)`` of the clamped sample, until
-    sigma changes by less than 0.05 %. With prefix sums ``P1``, ``P2`` of ``(v - shift)``
-    and its square, a step costs two short pointer walks and O(1) arithmetic.
-
-    Once a step leaves the set of clamped values unchanged, the fixed point for that
-    set is explicit (``n0`` values raised, ``n1`` lowered, the ``nm`` others with sums
-    ``A``, ``B`` relative to ``shift``, ``c`` values in all)::
+    With ``n0`` values raised to the lower clamp, ``n1`` lowered to the upper one and
+    the ``nm`` others summing to ``A`` (squares: ``B``) relative to ``shift``, ``c``
+    values in all, "clamp at ``centre ± 1.5 sigma``, then ``centre = mean`` and
+    ``sigma = 1.134 · std(ddof=1)`` of the clamped sample" reproduces itself at::
 
         centre = (A + 1.5 sigma (n1 - n0)) / nm
         sigma² = (B - A²/nm) / ((c - 1)/1.134² - 1.5² (n0 + n1 + (n1 - n0)²/nm))
-
-    and is taken when it clamps the same set: the iteration's limit, reached in a
-    couple of steps instead of ten. Returns ``(centre, sigma, converged)``.
     """
     c = b - a
-    inv_k2 = 1.0 / (_WINSOR_SCALE * _WINSOR_SCALE)
+    nm = i1 - i0
+    if nm <= 0:
+        return 0.0, 0.0, False
+    n0 = i0 - a
+    n1 = b - i1
+    a_sum = P1[i1, l] - P1[i0, l]
+    q = P2[i1, l] - P2[i0, l] - a_sum * a_sum / nm
+    delta = n1 - n0
+    den = (c - 1) / (_WINSOR_SCALE * _WINSOR_SCALE) - _WINSOR_CLAMP * _WINSOR_CLAMP * (n0 + n1 + delta * delta / nm)
+    if not (den > 0.0 and q > 0.0):
+        return 0.0, 0.0, False
+    sigma = math.sqrt(q / den)
+    centre = shift + (a_sum + _WINSOR_CLAMP * sigma * delta) / nm
+    ok = (
+        _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma) == i0
+        and _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma) == i1
+    )
+    return centre, sigma, ok
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
+    """Huber's winsorized centre and sigma of the sorted column ``V[a:b, l]``.
+
+    Defined by the iteration of PixInsight's ImageIntegration: clamp the sample at
+    ``centre ± 1.5 sigma``, then ``centre = mean`` and ``sigma = 1.134 · std(ddof=1)``
+    of the clamped sample, until sigma changes by less than 0.05 %. Its limit for a
+    given set of clamped values is explicit (:func:`_winsor_jump`), so we take that
+    as soon as a guess of the clamped set checks out: from the start values, then
+    whenever a step leaves the set unchanged. With prefix sums ``P1``, ``P2`` of
+    ``(v - shift)`` and its square each step is two short pointer walks and O(1)
+    arithmetic. Returns ``(centre, sigma, converged)``.
+    """
+    c = b - a
     i0 = _walk_lower(V, l, a, b, a, centre - _WINSOR_CLAMP * sigma)
     i1 = _walk_upper(V, l, a, b, b, centre + _WINSOR_CLAMP * sigma)
+    fp_centre, fp_sigma, ok = _winsor_jump(V, l, a, b, shift, P1, P2, i0, i1)
+    if ok:
+        return fp_centre, fp_sigma, True
     for step in range(_WINSOR_MAXIT):
         t0 = centre - _WINSOR_CLAMP * sigma
         t1 = centre + _WINSOR_CLAMP * sigma
@@ -543,20 +573,10 @@ def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
             return centre, sigma, True
         j0 = _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma)
         j1 = _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma)
-        nm = j1 - j0
-        if j0 == i0 and j1 == i1 and nm > 0:
-            # Same clamped set as the last step: try its explicit fixed point.
-            a_sum = P1[j1, l] - P1[j0, l]
-            q = P2[j1, l] - P2[j0, l] - a_sum * a_sum / nm
-            delta = n1 - n0
-            den = (c - 1) * inv_k2 - _WINSOR_CLAMP * _WINSOR_CLAMP * (n0 + n1 + delta * delta / nm)
-            if den > 0.0 and q > 0.0:
-                fp_sigma = math.sqrt(q / den)
-                fp_centre = shift + (a_sum + _WINSOR_CLAMP * fp_sigma * delta) / nm
-                k0 = _walk_lower(V, l, a, b, j0, fp_centre - _WINSOR_CLAMP * fp_sigma)
-                k1 = _walk_upper(V, l, a, b, j1, fp_centre + _WINSOR_CLAMP * fp_sigma)
-                if k0 == j0 and k1 == j1:
-                    return fp_centre, fp_sigma, True
+        if j0 == i0 and j1 == i1:
+            fp_centre, fp_sigma, ok = _winsor_jump(V, l, a, b, shift, P1, P2, j0, j1)
+            if ok:
+                return fp_centre, fp_sigma, True
         i0 = j0
         i1 = j1
     return centre, sigma, False

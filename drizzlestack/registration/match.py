@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from scipy.spatial import cKDTree
 
 from ..geometry import apply_homography
 from .models import MIN_POINTS, DistortionCorrection, SurfaceSpline, fit_model
-from .stars import FIELDS, FLAG_BLENDED, FLAG_NOFIT, FLAG_SATURATED, SIGMA_TO_FWHM
+from .stars import FIELDS, FLAG_NOFIT, position_sigma
 
 _F = {name: i for i, name in enumerate(FIELDS)}
 
@@ -201,14 +202,26 @@ def required_inliers(src, dst, tolerance: float, hypotheses: int, false_alarm: f
     ``density * pi * tolerance^2``, so the extra count is Poisson with mean
     ``lam = n_src * density * pi * tolerance^2``.
     """
-    from scipy.stats import poisson
-
     area = float(np.prod(np.ptp(dst, axis=0) + 2 * tolerance)) if len(dst) > 1 else 1.0
     lam = len(src) * len(dst) / area * np.pi * tolerance ** 2
     k = 1
-    while max(hypotheses, 1) * poisson.sf(k - 1, lam) >= false_alarm and k < len(src):
+    while max(hypotheses, 1) * _poisson_tail(k, lam) >= false_alarm and k < len(src):
         k += 1
     return 3 + k
+
+
+def _poisson_tail(k: int, lam: float) -> float:
+    """P(X >= k) for X ~ Poisson(lam), summed over the upper tail (no cancellation;
+    and no scipy.stats import, which costs a second)."""
+    if lam <= 0:
+        return 0.0 if k > 0 else 1.0
+    term = math.exp(-lam + k * math.log(lam) - math.lgamma(k + 1))
+    total, j = 0.0, k
+    while term > 1e-18 * max(total, 1e-300) and j < k + 10_000:
+        total += term
+        j += 1
+        term *= lam / j
+    return min(total, 1.0)
 
 
 # ------------------------------------------------------------------ refinement
@@ -248,16 +261,6 @@ class Alignment:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-def _position_sigma(table: np.ndarray) -> np.ndarray:
-    """Expected per-axis centroid error of each star (px); saturated, blended and unfitted
-    stars get a systematic term on top (their profile is not the model's)."""
-    s2 = (table[:, _F["fwhm"]] / SIGMA_TO_FWHM) ** 2 + 1.0 / 12.0
-    sig = np.sqrt(2.0 * s2) / np.maximum(table[:, _F["snr"]], 1.0)
-    flags = table[:, _F["flags"]].astype(np.int64)
-    extra = np.where(flags & (FLAG_SATURATED | FLAG_BLENDED), 0.05, 0.0) + np.where(flags & FLAG_NOFIT, 0.3, 0.0)
-    return np.sqrt(sig ** 2 + extra ** 2)
 
 
 def _map(matrix, correction, xy):
@@ -335,7 +338,7 @@ def align_stars(src_table: np.ndarray, dst_table: np.ndarray, model: str = "homo
                         scale_range, tolerance)
 
     # 2. refinement on all stars
-    sig_src, sig_dst = _position_sigma(src_table), _position_sigma(dst_table)
+    sig_src, sig_dst = position_sigma(src_table), position_sigma(dst_table)
     sig_src = np.where(usable_src, sig_src, np.inf)
     tree = cKDTree(dst_xy)
     if frame_shape is not None:

@@ -342,7 +342,7 @@ def _write_distortion(st: StackStore, n: int, results: dict, distortion: bool) -
 
 # ------------------------------------------------------------------- reading back
 _MAPPING_CACHE: dict = {}
-_MAPPING_CACHE_SIZE = 256
+_MAPPING_CACHE_SIZE = 64  # a spline's evaluation lattice is ~1 MB per 4 Mpx touched
 
 
 def frame_mapping(ds_or_store, i: int, distortion: bool = True) -> FrameMapping:
