@@ -106,10 +106,11 @@ def cmd_integrate(args) -> int:
 
     t0 = time.perf_counter()
     options = {k: v for k, v in (("n_low", args.n_low), ("n_high", args.n_high)) if v is not None}
+    saturation = False if args.no_saturation else (True if args.saturation is None else args.saturation)
     with scheduler(_scheduler_options(args)):
         result = integrate(args.store, rejection=args.rejection, low=args.low, high=args.high,
                            normalization=args.normalization, weights=args.weights, roi=args.roi, tile=args.tile,
-                           saturation=False if args.no_saturation else (args.saturation or True),
+                           saturation=saturation,
                            scale_estimator=args.scale_estimator, weight_keyword=args.weight_keyword,
                            reject_low=not args.no_reject_low, reject_high=not args.no_reject_high,
                            range_low=args.range_low, range_high=args.range_high, rejection_options=options,

@@ -17,7 +17,6 @@ from scipy import ndimage
 import drizzlestack as ds
 from drizzlestack import DrizzlestackError, DrizzlestackWarning, StoreError
 from drizzlestack.geometry import apply_homography
-from drizzlestack.ingest import ingest_files
 from drizzlestack.integration import normalize, registered_view, stats
 from drizzlestack.integration.integrate import tile_size
 from drizzlestack.integration.resample import resample_window
@@ -61,7 +60,7 @@ def field(tmp_path_factory):
     truth = simulate(d / "frames", n_frames=10, shape=(128, 160), n_stars=150, flux_min=1000.0, n_galaxies=0,
                      hazy_frame=HAZY, seed=11)
     store = d / "stack.zarr"
-    ingest_files(truth.files, store, chunk=64)
+    ds.ingest(truth.files, store, chunk=64)
     register_with_truth(store, truth)
     write_reference_stars(store, truth)
     result = ds.integrate(store, tile=64, output=d / "integration.fits")
@@ -228,9 +227,10 @@ def test_rejection_flags_are_stored_per_frame_on_the_reference_grid(field):
     hit = total = tails = tails_hit = 0
     for i, crs in enumerate(truth.cosmic_rays):
         frame = st.frame(i)
+        sky = np.median(frame)
         for cx, cy in crs:
             # the hit, and its tail into the next pixel when it has one (over 1000 ADU)
-            has_tail = frame[cy, cx + 1] - np.median(frame[cy - 1:cy + 2, cx - 3:cx - 1]) > 1000
+            has_tail = frame[cy, cx + 1] - sky > 1000
             for px, is_tail in ((cx, False), (cx + 1, True)):
                 if is_tail and not has_tail:
                     continue
@@ -352,7 +352,7 @@ def test_rerun_with_the_same_parameters_is_skipped(field, monkeypatch):
 # ------------------------------------------------------------------------ bad input
 def test_refuses_a_store_without_registration(tmp_path, small_sim):
     store = tmp_path / "s.zarr"
-    ingest_files(small_sim.files, store)
+    ds.ingest(small_sim.files, store)
     with pytest.raises(StoreError, match="drizzlestack register"):
         ds.integrate(store)
 

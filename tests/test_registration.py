@@ -339,6 +339,20 @@ def test_detection_and_matching_run_as_dask_tasks(undersampled, tmp_path):
     assert sum(k.startswith("register-match-0-") for k in seen) == 4
 
 
+def test_any_rotation_and_large_shifts_end_to_end(tmp_path):
+    """Frames rotated by up to 180 degrees and shifted by up to 180 px on 512 x 512
+    (down to ~40 % overlap), through detection, matching and the store."""
+    shape = (512, 512)
+    truth = simulate(tmp_path / "frames", n_frames=4, shape=shape, fwhm=1.6, n_stars=1500, max_shift=180.0,
+                     max_rotation=180.0, seed=5, trail=False)
+    store = tmp_path / "stack.zarr"
+    ds.ingest(truth.files, store)
+    result = ds.register(store, reference=0)
+    assert list(result["status"].values) == ["ok"] * 4
+    errors = [mapping_error(frame_mapping(result, i), truth, i, 0, shape) for i in range(1, 4)]
+    assert max(errors) < 0.05, errors
+
+
 @pytest.fixture(scope="session")
 def distorted(tmp_path_factory):
     """4 frames with a radial distortion of 10 px at the corners, registered with the

@@ -212,6 +212,90 @@ def _check_accumulator(name, acc, shape=None) -> np.ndarray:
     return acc
 
 
+class _Plan:
+    """Validated inputs and per-kernel constants of one drizzle call."""
+
+    def __init__(self, data, pixmap, weights, kernel, pixfrac, pixel_scale_ratio, out_shape):
+        self.kernel = _check_kernel(kernel)
+        self.pixfrac = _check_pixfrac(pixfrac)
+        psr = _check_psr(pixel_scale_ratio)
+        self.data = _as_data(data)
+        self.pixmap = _as_pixmap(pixmap, self.data.shape)
+        self.weights, self.use_weights = _as_weights(weights, self.data.shape)
+        self.empty = self.data.size == 0
+        if self.kernel in _SCALED_KERNELS and psr is None and not self.empty:
+            psr = estimate_pixel_scale_ratio(self.pixmap, out_shape)
+        self.psr = psr
+        self.reach = 0.0  # beyond the envelope of the pixel centres (square: corners)
+        if self.kernel in _SCALED_KERNELS and not self.empty:
+            self.reach = kernel_radius(self.kernel, self.pixfrac, psr)
+            if self.reach > MAX_KERNEL_RADIUS:
+                raise ValueError(
+                    f"pixel_scale_ratio={psr:g}: the {self.kernel} kernel would reach "
+                    f"{self.reach:.0f} output pixels (limit {MAX_KERNEL_RADIUS:.0f}); "
+                    "pixel_scale_ratio is the output pixel size in input pixels, 1/scale"
+                )
+        self.max_extent = 0.0
+        if self.kernel == "square" and not self.empty:
+            if min(self.data.shape) < 2:
+                raise ValueError(
+                    "data: the square kernel needs at least 2x2 input pixels to find drop "
+                    f"corners, got shape {self.data.shape}"
+                )
+            # Guard against absurd pixmaps: a drop more than 16 times the typical drop
+            # size (and more than 64 output pixels) is skipped rather than looped over.
+            scales = _local_scales(self.pixmap)
+            scales = scales[np.isfinite(scales)]
+            typical = float(np.median(scales)) if scales.size else 1.0
+            self.max_extent = max(64.0, 16.0 * typical)
+        if self.kernel.startswith("lanczos") and self.pixfrac != 1.0:
+            warnings.warn(
+                f"kernel={self.kernel!r} ignores pixfrac={self.pixfrac:g} (as STScI drizzle does)",
+                DrizzlestackWarning,
+                stacklevel=3,
+            )
+
+    def run(self, acc_wv, acc_w, touched, use_touched, j0, j1, yoff) -> int:
+        """Drizzle input rows ``j0 .. j1 - 1`` into accumulators whose row 0 is output
+        row ``yoff``."""
+        k = self.kernel
+        args = (self.data, self.pixmap, self.weights, self.use_weights)
+        tail = (acc_wv, acc_w, touched, use_touched, int(j0), int(j1), float(yoff))
+        if k == "square":
+            return _k.square_kernel(*args, self.pixfrac, self.max_extent, *tail)
+        if k == "point":
+            return _k.point_kernel(*args, *tail)
+        if k == "turbo":
+            return _k.turbo_kernel(*args, self.pixfrac, self.psr, *tail)
+        if k == "gaussian":
+            return _k.gaussian_kernel(*args, self.pixfrac, self.psr, *tail)
+        order = 2 if k == "lanczos2" else 3
+        return _k.lanczos_kernel(*args, order, self.psr, _lanczos_lut(order), *tail)
+
+    def row_reach(self):
+        """Output rows ``(first, last)`` (float arrays) that each input row can deposit
+        weight in: conservative; ``first > last`` for a row with nothing valid."""
+        ny = self.data.shape[0]
+        lo = np.empty(ny)
+        hi = np.empty(ny)
+        _k.row_y_bounds(self.pixmap, lo, hi)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if self.kernel == "square" and ny >= 2:
+                # A drop's corners interpolate (inside the frame: are convex
+                # combinations of) the centres of rows j - 1 .. j + 1, and beyond the
+                # first / last row extrapolate them: bound those by 2 row0 - row1.
+                lo_m = np.concatenate([[2 * lo[0] - hi[1]], lo, [2 * lo[-1] - hi[-2]]])
+                hi_m = np.concatenate([[2 * hi[0] - lo[1]], hi, [2 * hi[-1] - lo[-2]]])
+                lo_m = np.where(np.isnan(lo_m), np.inf, lo_m)
+                hi_m = np.where(np.isnan(hi_m), -np.inf, hi_m)
+                lo = np.minimum(np.minimum(lo_m[:-2], lo_m[1:-1]), lo_m[2:])
+                hi = np.maximum(np.maximum(hi_m[:-2], hi_m[1:-1]), hi_m[2:])
+            # one extra row on each side for rounding
+            first = np.floor(lo - self.reach + 0.5) - 1
+            last = np.floor(hi + self.reach + 0.5) + 1
+        return first, last
+
+
 def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
                pixfrac: float = 1.0, pixel_scale_ratio: float | None = None, *,
                coverage=None) -> int:
@@ -266,14 +350,9 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
     long as its window extends at least one input pixel beyond the pixels whose drops
     reach the tile, which any window padded by the kernel's reach does.
     """
-    kernel = _check_kernel(kernel)
-    pixfrac = _check_pixfrac(pixfrac)
-    psr = _check_psr(pixel_scale_ratio)
-    data = _as_data(data)
-    pixmap = _as_pixmap(pixmap, data.shape)
-    weights, use_weights = _as_weights(weights, data.shape)
     acc_w = _check_accumulator("acc_w", acc_w)
     acc_wv = _check_accumulator("acc_wv", acc_wv, acc_w.shape)
+    plan = _Plan(data, pixmap, weights, kernel, pixfrac, pixel_scale_ratio, acc_w.shape)
     if coverage is not None:
         if not (isinstance(coverage, np.ndarray) and coverage.shape == acc_w.shape
                 and coverage.dtype.kind in "iu"):
@@ -281,55 +360,10 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
         touched = np.zeros(acc_w.shape, dtype=np.uint8)
     else:
         touched = np.zeros((1, 1), dtype=np.uint8)
-    use_touched = coverage is not None
-    if data.size == 0 or acc_w.size == 0:
+    if plan.empty or acc_w.size == 0:
         return 0
-
-    if kernel in _SCALED_KERNELS and psr is None:
-        psr = estimate_pixel_scale_ratio(pixmap, acc_w.shape)
-    if kernel in _SCALED_KERNELS:
-        radius = kernel_radius(kernel, pixfrac, psr)
-        if radius > MAX_KERNEL_RADIUS:
-            raise ValueError(
-                f"pixel_scale_ratio={psr:g}: the {kernel} kernel would reach {radius:.0f} output "
-                f"pixels (limit {MAX_KERNEL_RADIUS:.0f}); pixel_scale_ratio is the output pixel "
-                "size in input pixels, 1/scale"
-            )
-
-    if kernel == "square":
-        if min(data.shape) < 2:
-            raise ValueError(
-                f"data: the square kernel needs at least 2x2 input pixels to find drop corners, "
-                f"got shape {data.shape}"
-            )
-        # Guard against absurd pixmaps: a drop more than 16 times the typical drop size
-        # (and more than 64 output pixels) is skipped rather than looped over.
-        scales = _local_scales(pixmap)
-        scales = scales[np.isfinite(scales)]
-        typical = float(np.median(scales)) if scales.size else 1.0
-        max_extent = max(64.0, 16.0 * typical)
-        n = _k.square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
-                             acc_wv, acc_w, touched, use_touched)
-    elif kernel == "point":
-        n = _k.point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w,
-                            touched, use_touched)
-    elif kernel == "turbo":
-        n = _k.turbo_kernel(data, pixmap, weights, use_weights, pixfrac, psr,
-                            acc_wv, acc_w, touched, use_touched)
-    elif kernel == "gaussian":
-        n = _k.gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, psr,
-                               acc_wv, acc_w, touched, use_touched)
-    else:
-        order = 2 if kernel == "lanczos2" else 3
-        if pixfrac != 1.0:
-            warnings.warn(
-                f"kernel={kernel!r} ignores pixfrac={pixfrac:g} (as STScI drizzle does)",
-                DrizzlestackWarning,
-                stacklevel=2,
-            )
-        n = _k.lanczos_kernel(data, pixmap, weights, use_weights, order, psr,
-                              _lanczos_lut(order), acc_wv, acc_w, touched, use_touched)
-    if use_touched:
+    n = plan.run(acc_wv, acc_w, touched, coverage is not None, 0, plan.data.shape[0], 0.0)
+    if coverage is not None:
         _k.add_touched(coverage, touched)
     return int(n)
 
@@ -463,7 +497,6 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
     >>> float(np.nansum(img * wht))
     16.0
     """
-    kernel = _check_kernel(kernel)
     try:
         H, W = (int(v) for v in out_shape)
     except (TypeError, ValueError):
@@ -482,21 +515,65 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
                 raise ValueError(f"{name}: must be a float numpy array of shape {shape}")
         direct = all(a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable
                      for a in (img_out, wht_out))
+    plan = _Plan(data, pixmap, weights, kernel, pixfrac, pixel_scale_ratio, shape)
     if direct:
-        acc_wv, acc_w = img_out, wht_out
-        acc_wv.fill(0.0)
-        acc_w.fill(0.0)
+        image, wht = img_out, wht_out
     else:
-        # empty + fill: the pages are faulted in by one sequential pass, which is
-        # cheaper than faulting them in from inside the kernel's scattered writes
-        acc_wv = np.empty(shape)
-        acc_w = np.empty(shape)
+        image = np.empty(shape)
+        wht = np.empty(shape)
+    touched = np.zeros((1, 1), dtype=np.uint8)
+    for y0, y1, runs in _bands(plan, H, W):
+        # zero, drizzle and divide one band of output rows while it is in cache
+        acc_wv = image[y0:y1]
+        acc_w = wht[y0:y1]
         acc_wv.fill(0.0)
         acc_w.fill(0.0)
-    accumulate(data, pixmap, weights, acc_wv, acc_w, kernel, pixfrac, pixel_scale_ratio)
-    image = finalize(acc_wv, acc_w, out=acc_wv)
+        for j0, j1 in runs:
+            plan.run(acc_wv, acc_w, touched, False, j0, j1, y0)
+        _k.finalize_kernel(acc_wv, acc_w, acc_wv)
     if out is not None and not direct:
         img_out[...] = image
-        wht_out[...] = acc_w
+        wht_out[...] = wht
         return img_out, wht_out
-    return image, acc_w
+    return image, wht
+
+
+#: drizzle_array works on bands of output rows of about this many bytes (two float64
+#: arrays), so that each band is zeroed, drizzled and divided while in cache.
+BAND_BYTES = 8 << 20
+
+
+def _bands(plan: _Plan, H: int, W: int):
+    """``(y0, y1, runs)``: output bands and, for each, the runs ``(j0, j1)`` of input
+    rows that can deposit weight in it. One band for the whole output when banding
+    would make the kernel visit input rows much more than once (e.g. a frame rotated
+    by 90 degrees, whose every row spans the whole output)."""
+    ny = plan.data.shape[0]
+    if plan.empty:
+        return [(0, H, [])]
+    first, last = plan.row_reach()
+    valid = first <= last
+    hb = max(16, BAND_BYTES // (16 * W))
+    if hb >= H:
+        return [(0, H, _runs(valid))]
+    bands = []
+    visits = 0
+    for y0 in range(0, H, hb):
+        y1 = min(y0 + hb, H)
+        rows = valid & (first <= y1 - 1) & (last >= y0)
+        visits += int(np.count_nonzero(rows))
+        bands.append((y0, y1, _runs(rows)))
+    if visits > 1.5 * max(int(np.count_nonzero(valid)), 1):
+        return [(0, H, _runs(valid))]
+    return bands
+
+
+def _runs(mask: np.ndarray):
+    """Runs ``(j0, j1)`` of consecutive True values of a boolean vector."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    stops = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    return list(zip(starts.tolist(), stops.tolist()))

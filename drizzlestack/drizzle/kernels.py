@@ -74,11 +74,12 @@ def _out_index(x):
 
 
 @njit(nogil=True, inline="always")
-def pixmap_row(pixmap, yq, tx, ty):
+def pixmap_row(pixmap, yq, tx, ty, yoff):
     """The pixmap interpolated linearly along y at input row coordinate ``yq``
     (extrapolated from the first/last pair of rows beyond the frame), padded with
-    one linearly extrapolated value at each end: ``tx[i + 1]`` is pixel ``i``.
-    ``tx``, ``ty`` have ``nx + 2`` elements. Needs ``nx, ny >= 2``."""
+    one linearly extrapolated value at each end: ``tx[i + 1]`` is pixel ``i``; output
+    y shifted by ``-yoff``. ``tx``, ``ty`` have ``nx + 2`` elements. Needs
+    ``nx, ny >= 2``."""
     ny = pixmap.shape[0]
     nx = pixmap.shape[1]
     j0 = int(math.floor(yq))
@@ -90,7 +91,7 @@ def pixmap_row(pixmap, yq, tx, ty):
     u = 1.0 - t
     for i in range(nx):
         tx[i + 1] = u * pixmap[j0, i, 0] + t * pixmap[j0 + 1, i, 0]
-        ty[i + 1] = u * pixmap[j0, i, 1] + t * pixmap[j0 + 1, i, 1]
+        ty[i + 1] = u * pixmap[j0, i, 1] + t * pixmap[j0 + 1, i, 1] - yoff
     tx[0] = 2.0 * tx[1] - tx[2]
     ty[0] = 2.0 * ty[1] - ty[2]
     tx[nx + 1] = 2.0 * tx[nx] - tx[nx - 1]
@@ -171,17 +172,19 @@ def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
 @njit(nogil=True, inline="always")
 def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
     """Sort the batch's drops without branches: status (0 skip, 1 batch, 2 too big
-    for the window), window origin, weights, and corners made local to the window
-    (a drop not in the batch gets a harmless unit square and zero weight). Returns
-    the window size the batch needs (0 if no drop is in it)."""
+    for the window), window origin, weights, and corners made local to the window.
+    Returns the window size the batch needs (0 if no drop is in it)."""
     xlim = W - 0.5
     ylim = H - 0.5
     drow = data[j, i0:i0 + nb]
+    # without weights, read weights[0, 0] (= 1) for every drop: an index rather than
+    # a branch, which LLVM would answer by compiling the loop twice
     wrow = weights[j, i0:i0 + nb] if use_weights else weights[0, :1]
+    wstep = uint64(1) if use_weights else uint64(0)
     for k in range(nb):
         k0 = uint64(k)
-        v = np.float64(drow[k0])
-        wt = np.float64(wrow[k0]) if use_weights else 1.0
+        v = drow[k0]
+        wt = wrow[k0 * wstep]
         x0 = S[uint64(_S_X) + k0]
         x1 = S[uint64(_S_X + _B) + k0]
         x2 = S[uint64(_S_X + 2 * _B) + k0]
@@ -214,18 +217,20 @@ def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
         st = (2.0 if big else 1.0) if ok else 0.0
         bx = ox - 0.5
         by = oy - 0.5
-        S[uint64(_S_X) + k0] = x0 - bx if inb else 0.0
-        S[uint64(_S_X + _B) + k0] = x1 - bx if inb else 1.0
-        S[uint64(_S_X + 2 * _B) + k0] = x2 - bx if inb else 1.0
-        S[uint64(_S_X + 3 * _B) + k0] = x3 - bx if inb else 0.0
-        S[uint64(_S_Y) + k0] = y0 - by if inb else 1.0
-        S[uint64(_S_Y + _B) + k0] = y1 - by if inb else 1.0
-        S[uint64(_S_Y + 2 * _B) + k0] = y2 - by if inb else 0.0
-        S[uint64(_S_Y + 3 * _B) + k0] = y3 - by if inb else 0.0
-        S[uint64(_S_FW) + k0] = wt if inb else 0.0
-        S[uint64(_S_FV) + k0] = wt * v if inb else 0.0
-        S[uint64(_S_OX) + k0] = ox if inb else 0.0
-        S[uint64(_S_OY) + k0] = oy if inb else 0.0
+        # A drop not in the batch still goes through the vector stages (its lane may
+        # turn into NaN there, which stays in its lane); only its status matters.
+        S[uint64(_S_X) + k0] = x0 - bx
+        S[uint64(_S_X + _B) + k0] = x1 - bx
+        S[uint64(_S_X + 2 * _B) + k0] = x2 - bx
+        S[uint64(_S_X + 3 * _B) + k0] = x3 - bx
+        S[uint64(_S_Y) + k0] = y0 - by
+        S[uint64(_S_Y + _B) + k0] = y1 - by
+        S[uint64(_S_Y + 2 * _B) + k0] = y2 - by
+        S[uint64(_S_Y + 3 * _B) + k0] = y3 - by
+        S[uint64(_S_FW) + k0] = wt
+        S[uint64(_S_FV) + k0] = wt * v
+        S[uint64(_S_OX) + k0] = ox
+        S[uint64(_S_OY) + k0] = oy
         S[uint64(_S_ST) + k0] = st
         S[uint64(_S_NEED) + k0] = need if inb else 0.0
     # a max reduction over floats does not vectorize (NaN semantics): separate loop
@@ -525,7 +530,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
 
 @njit(nogil=True, cache=True)
 def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
-                  acc_wv, acc_w, touched, use_touched):
+                  acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Square kernel: exact overlap of each shrunken drop (see
     :func:`drop_corners_row`) with the output pixels.
 
@@ -546,9 +551,9 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
     by = np.empty(nx + 2)
     S = np.zeros(_S_SIZE)
     ncontrib = 0
-    for j in range(ny):
-        pixmap_row(pixmap, j + h, tx, ty)
-        pixmap_row(pixmap, j - h, bx, by)
+    for j in range(j0, j1):
+        pixmap_row(pixmap, j + h, tx, ty, yoff)
+        pixmap_row(pixmap, j - h, bx, by, yoff)
         for i0 in range(0, nx, _B):
             nb = min(_B, nx - i0)
             _sq_corners(S, tx, ty, bx, by, h, i0, nb)
@@ -575,13 +580,14 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
 
 
 @njit(nogil=True, cache=True)
-def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched):
+def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched,
+                 j0, j1, yoff):
     """Point kernel: the whole drop goes to the output pixel containing the
     mapped centre, with weight ``w``."""
     ny, nx = data.shape
     H, W = acc_w.shape
     ncontrib = 0
-    for j in range(ny):
+    for j in range(j0, j1):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -590,7 +596,7 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
+            y = pixmap[j, i, 1] - yoff
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):  # also rejects NaN
                 continue
             ii = _out_index(x)
@@ -607,7 +613,7 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
 
 @njit(nogil=True, cache=True)
 def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                 acc_wv, acc_w, touched, use_touched):
+                 acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Turbo kernel: the drop is an axis-aligned square of side
     ``pixfrac / pixel_scale_ratio`` output pixels centred on the mapped centre;
     weight ``w * overlap / side**2`` (STScI's ``dover * pscale_ratio**2 / pixfrac**2``)."""
@@ -616,7 +622,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
     pfo = 0.5 * pixfrac / pixel_scale_ratio
     scale = 1.0 / (4.0 * pfo * pfo)
     ncontrib = 0
-    for j in range(ny):
+    for j in range(j0, j1):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -625,7 +631,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
+            y = pixmap[j, i, 1] - yoff
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
             xxi = x - pfo
@@ -660,7 +666,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
 
 @njit(nogil=True, cache=True)
 def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                    acc_wv, acc_w, touched, use_touched):
+                    acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Gaussian kernel of STScI drizzle: FWHM ``pixfrac`` input pixels, weight
     ``w * exp(-r**2 * efac) * efac / pi`` (unit integral over the output plane),
     truncated to output pixels within ``max(2.5 sigma, 1.2 input px)`` of the
@@ -674,7 +680,7 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
     efac = _GAUSS_FWHM * _GAUSS_FWHM * psr * psr / (pixfrac * pixfrac) / 2.0
     es = efac / math.pi
     ncontrib = 0
-    for j in range(ny):
+    for j in range(j0, j1):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -683,7 +689,7 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
+            y = pixmap[j, i, 1] - yoff
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
             i0 = max(_out_index(x - pfo), 0)
@@ -737,7 +743,7 @@ def _lanczos_weight(lut, density, order, t):
 
 @njit(nogil=True, cache=True)
 def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio, lut,
-                   acc_wv, acc_w, touched, use_touched):
+                   acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Lanczos kernel of order 2 or 3 (separable, in input-pixel units: weight
     ``w * L(dx * psr) * L(dy * psr)`` over output pixels strictly within
     ``order / psr`` of the mapped centre). As in STScI drizzle, ``pixfrac`` plays
@@ -751,7 +757,7 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
     wx = np.empty(nwin)
     wy = np.empty(nwin)
     ncontrib = 0
-    for j in range(ny):
+    for j in range(j0, j1):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -760,7 +766,7 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
+            y = pixmap[j, i, 1] - yoff
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
             i0 = max(int(math.floor(x - pfo)) + 1, 0)
@@ -810,6 +816,33 @@ def finalize_kernel(acc_wv, acc_w, image):
                 image[j, i] = acc_wv[j, i] / w
             else:
                 image[j, i] = np.nan
+
+
+@njit(nogil=True, cache=True)
+def row_y_bounds(pixmap, lo, hi):
+    """Per input row, the smallest and largest output y of its pixel centres
+    (ignoring NaN and values beyond ``MAX_COORD``), including the values extrapolated
+    one pixel beyond both ends of the row (as the square kernel's edge corners are);
+    ``+inf`` / ``-inf`` for a row without any valid value."""
+    ny, nx = pixmap.shape[0], pixmap.shape[1]
+    for j in range(ny):
+        a = np.inf
+        b = -np.inf
+        for i in range(nx):
+            y = pixmap[j, i, 1]
+            if abs(y) < MAX_COORD:
+                a = min(a, y)
+                b = max(b, y)
+        if nx >= 2:
+            for e in range(2):
+                y0 = pixmap[j, 0, 1] if e == 0 else pixmap[j, nx - 1, 1]
+                y1 = pixmap[j, 1, 1] if e == 0 else pixmap[j, nx - 2, 1]
+                y = 2.0 * y0 - y1
+                if abs(y) < MAX_COORD:
+                    a = min(a, y)
+                    b = max(b, y)
+        lo[j] = a
+        hi[j] = b
 
 
 @njit(nogil=True, cache=True)

@@ -44,10 +44,11 @@ from dask.utils import parse_bytes
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..parallel import compute
+from ..registration import frame_mapping
 from ..store import STATUS_OK, StackStore, open_stack
 from . import normalize as _norm
 from . import rejection as _rej
-from .resample import _open_frames, frame_mapping, resample_tile
+from .resample import _open_frames, resample_tile
 from .stats import Apertures, aperture_photometry, frame_statistics, photometric_ratio
 
 #: per-frame variables written by a full run (``info`` shows several of them)

@@ -151,6 +151,9 @@ _WINSOR_CLAMP = 1.5
 _WINSOR_SCALE = 1.134
 _WINSOR_TOL = 5e-4
 _WINSOR_MAXIT = 50
+_WINSOR_JUMPS = 4
+_INV_WINSOR_SCALE2 = 1.0 / (_WINSOR_SCALE * _WINSOR_SCALE)
+_WINSOR_CLAMP2 = _WINSOR_CLAMP * _WINSOR_CLAMP
 _IQR_TO_SIGMA = 1.0 / 1.3489795003921634  # a Gaussian's sigma from its interquartile range
 
 
@@ -520,14 +523,15 @@ def _winsor_jump(V, l, a, b, shift, P1, P2, i0, i1):
         return 0.0, 0.0, False
     n0 = i0 - a
     n1 = b - i1
+    inv_nm = 1.0 / nm
     a_sum = P1[i1, l] - P1[i0, l]
-    q = P2[i1, l] - P2[i0, l] - a_sum * a_sum / nm
-    delta = n1 - n0
-    den = (c - 1) / (_WINSOR_SCALE * _WINSOR_SCALE) - _WINSOR_CLAMP * _WINSOR_CLAMP * (n0 + n1 + delta * delta / nm)
+    q = P2[i1, l] - P2[i0, l] - a_sum * a_sum * inv_nm
+    delta = np.float64(n1 - n0)
+    den = (c - 1) * _INV_WINSOR_SCALE2 - _WINSOR_CLAMP2 * ((n0 + n1) + delta * delta * inv_nm)
     if not (den > 0.0 and q > 0.0):
         return 0.0, 0.0, False
     sigma = math.sqrt(q / den)
-    centre = shift + (a_sum + _WINSOR_CLAMP * sigma * delta) / nm
+    centre = shift + (a_sum + _WINSOR_CLAMP * sigma * delta) * inv_nm
     ok = (
         _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma) == i0
         and _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma) == i1
@@ -551,9 +555,19 @@ def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
     c = b - a
     i0 = _walk_lower(V, l, a, b, a, centre - _WINSOR_CLAMP * sigma)
     i1 = _walk_upper(V, l, a, b, b, centre + _WINSOR_CLAMP * sigma)
-    fp_centre, fp_sigma, ok = _winsor_jump(V, l, a, b, shift, P1, P2, i0, i1)
-    if ok:
-        return fp_centre, fp_sigma, True
+    # Guess the clamped set from the start values, then from each explicit solution;
+    # this settles in one or two rounds for most samples. It can also cycle between
+    # sets: then the plain iteration from the start values decides.
+    j0 = i0
+    j1 = i1
+    for _ in range(_WINSOR_JUMPS):
+        fp_centre, fp_sigma, ok = _winsor_jump(V, l, a, b, shift, P1, P2, j0, j1)
+        if ok:
+            return fp_centre, fp_sigma, True
+        if not fp_sigma > 0.0:
+            break
+        j0 = _walk_lower(V, l, a, b, j0, fp_centre - _WINSOR_CLAMP * fp_sigma)
+        j1 = _walk_upper(V, l, a, b, j1, fp_centre + _WINSOR_CLAMP * fp_sigma)
     for step in range(_WINSOR_MAXIT):
         t0 = centre - _WINSOR_CLAMP * sigma
         t1 = centre + _WINSOR_CLAMP * sigma
@@ -583,20 +597,62 @@ def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, n0, n1, s1, s2):
+    """One vectorized pass over the block: per column ``l``, among ``Vd[a:b, l]``, the
+    number of values below ``t0[l]`` (``n0``), not above ``t1[l]`` (``n1``), and the sum
+    and sum of squares of ``v - shift[l]`` over those in between (``s1``, ``s2``)."""
+    for l in range(w):
+        n0[l] = 0
+        n1[l] = 0
+        s1[l] = 0.0
+        s2[l] = 0.0
+    for k in range(rows):
+        row = Vd[k]
+        for l in range(w):
+            x = row[l]
+            inside = (k >= a[l]) & (k < b[l])
+            below = x < t0[l]
+            above = x > t1[l]
+            n0[l] += inside & below
+            n1[l] += inside & (not above)
+            mid = inside & (not below) & (not above)
+            d = x - shift[l]
+            s1[l] += d if mid else 0.0
+            s2[l] += d * d if mid else 0.0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i):
     """Winsorized sigma clipping of the sorted columns ``Vd[:cnt[l], l]``.
 
     Writes the smallest and largest kept value of each column to ``cut_lo``/``cut_hi``.
-    Each clipping round: robust start (median, interquartile range), prefix sums of
-    ``(v - median)`` and its square, the winsorized centre and sigma
-    (:func:`_winsorize`), and the rejection of the values beyond ``centre - low·sigma``
-    / ``centre + high·sigma``.
+    Each clipping round: robust start (median, interquartile range), the winsorized
+    centre and sigma, and the rejection of the values beyond ``centre - low·sigma`` /
+    ``centre + high·sigma``.
+
+    The winsorized statistics are the explicit fixed points of :func:`_winsor_jump`,
+    found for all columns in lockstep: from the clamped set of the start values, solve,
+    find the set the solution clamps (with its sums: one vectorized pass over the
+    block), and repeat until the set reproduces itself. The few columns still unsettled
+    after ``_WINSOR_JUMPS`` rounds run the plain iteration (:func:`_winsorize`).
     """
     shift = lane_f[0]
+    centre = lane_f[1]
+    sigma = lane_f[2]
+    t0 = lane_f[3]
+    t1 = lane_f[4]
+    sigma0 = lane_f[5]
+    s1 = lane_f[6]
+    s2 = lane_f[7]
     a = lane_i[0]
     b = lane_i[1]
-    active = lane_i[2]
-    it = lane_i[3]
+    active = lane_i[2]  # still clipping
+    settled = lane_i[3]  # 1: statistics found in this round; 2: needs the iteration
+    it = lane_i[4]
+    i0 = lane_i[5]
+    i1 = lane_i[6]
+    j0 = lane_i[7]
+    j1 = lane_i[8]
     rows = 0
     for l in range(w):
         a[l] = 0
@@ -608,50 +664,106 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
         n_active = 0
         for l in range(w):
             n_active += active[l]
-            shift[l] = _quantile_sorted(Vd, a[l], b[l], l, 0.5) if active[l] else 0.0
         if n_active == 0:
             break
+        # Robust start: median and interquartile range; flat samples reject nothing.
+        for l in range(w):
+            settled[l] = 1
+            if active[l] == 0:
+                continue
+            lo = a[l]
+            hi = b[l]
+            med = _quantile_sorted(Vd, lo, hi, l, 0.5)
+            # Sums relative to the median keep the one-pass variance well conditioned.
+            shift[l] = med
+            s0 = (_quantile_sorted(Vd, lo, hi, l, 0.75) - _quantile_sorted(Vd, lo, hi, l, 0.25)) * _IQR_TO_SIGMA
+            if _negligible(s0, med):
+                # Over half the sample is one value: start from the plain sample std.
+                c = hi - lo
+                m1 = 0.0
+                m2 = 0.0
+                for k in range(lo, hi):
+                    d = Vd[k, l] - med
+                    m1 += d
+                    m2 += d * d
+                var = (m2 - m1 * m1 / c) / (c - 1)
+                s0 = math.sqrt(var) if var > 0.0 else 0.0
+                if _negligible(s0, med):
+                    active[l] = 0
+                    continue
+            sigma0[l] = s0
+            t0[l] = med - _WINSOR_CLAMP * s0
+            t1[l] = med + _WINSOR_CLAMP * s0
+            i0[l] = -1  # no previous clamped set
+            settled[l] = 0
+        for round_ in range(_WINSOR_JUMPS + 1):
+            _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, j0, j1, s1, s2)
+            n_open = 0
+            for l in range(w):
+                if settled[l]:
+                    continue
+                if j0[l] == i0[l] and j1[l] == i1[l]:
+                    settled[l] = 1  # the last solution clamps the set it was solved for
+                    continue
+                if round_ == _WINSOR_JUMPS:
+                    settled[l] = 2
+                    continue
+                i0[l] = j0[l]
+                i1[l] = j1[l]
+                c = b[l] - a[l]
+                nm = i1[l] - i0[l]
+                n_lo = i0[l]
+                n_hi = c - i1[l]
+                inv_nm = 1.0 / nm
+                q = s2[l] - s1[l] * s1[l] * inv_nm
+                delta = np.float64(n_hi - n_lo)
+                den = (c - 1) * _INV_WINSOR_SCALE2 - _WINSOR_CLAMP2 * ((n_lo + n_hi) + delta * delta * inv_nm)
+                if nm > 0 and den > 0.0 and q > 0.0:
+                    s = math.sqrt(q / den)
+                    ctr = shift[l] + (s1[l] + _WINSOR_CLAMP * s * delta) * inv_nm
+                    centre[l] = ctr
+                    sigma[l] = s
+                    t0[l] = ctr - _WINSOR_CLAMP * s
+                    t1[l] = ctr + _WINSOR_CLAMP * s
+                    n_open += 1
+                else:
+                    settled[l] = 2  # no explicit solution: leave it to the iteration
+            if n_open == 0:
+                break
         for l in range(w):
             if active[l] == 0:
                 continue
             lo = a[l]
             hi = b[l]
-            c = hi - lo
-            med = shift[l]
-            # Prefix sums of the kept values, relative to the median (which keeps the
-            # one-pass variance well conditioned). Per column: only the columns still
-            # clipping pay for another round.
-            s1 = 0.0
-            s2 = 0.0
-            P1[lo, l] = 0.0
-            P2[lo, l] = 0.0
-            for k in range(lo, hi):
-                d = Vd[k, l] - med
-                s1 += d
-                s2 += d * d
-                P1[k + 1, l] = s1
-                P2[k + 1, l] = s2
-            sigma = (_quantile_sorted(Vd, lo, hi, l, 0.75) - _quantile_sorted(Vd, lo, hi, l, 0.25)) * _IQR_TO_SIGMA
-            if _negligible(sigma, med):
-                # Over half the sample is one value: start from the plain sample std.
-                s1 = P1[hi, l] - P1[lo, l]
-                var = (P2[hi, l] - P2[lo, l] - s1 * s1 / c) / (c - 1)
-                sigma = math.sqrt(var) if var > 0.0 else 0.0
-                if _negligible(sigma, med):
-                    active[l] = 0  # a flat sample: nothing to reject
+            if settled[l] != 1:
+                med = shift[l]
+                acc1 = 0.0
+                acc2 = 0.0
+                P1[lo, l] = 0.0
+                P2[lo, l] = 0.0
+                for k in range(lo, hi):
+                    d = Vd[k, l] - med
+                    acc1 += d
+                    acc2 += d * d
+                    P1[k + 1, l] = acc1
+                    P2[k + 1, l] = acc2
+                ctr, sg, ok = _winsorize(Vd, l, lo, hi, med, P1, P2, med, sigma0[l])
+                if not ok:
+                    # No convergence (a heavily quantized sample whose winsorized
+                    # sigma collapses): reject nothing rather than on a bad sigma.
+                    active[l] = 0
                     continue
-            centre, sigma, ok = _winsorize(Vd, l, lo, hi, med, P1, P2, med, sigma)
-            if not ok or _negligible(sigma, centre):
-                # No convergence (a heavily quantized sample whose winsorized sigma
-                # collapses) or no spread: reject nothing rather than on a bad sigma.
+                centre[l] = ctr
+                sigma[l] = sg
+            if _negligible(sigma[l], centre[l]):
                 active[l] = 0
                 continue
             if use_low:
-                bound = centre - k_low * sigma
+                bound = centre[l] - k_low * sigma[l]
                 while lo < hi and Vd[lo, l] < bound:
                     lo += 1
             if use_high:
-                bound = centre + k_high * sigma
+                bound = centre[l] + k_high * sigma[l]
                 while hi > lo and Vd[hi - 1, l] > bound:
                     hi -= 1
             if lo == a[l] and hi == b[l]:
@@ -1014,7 +1126,7 @@ def _flags_kernel(
     P1 = np.empty((n + 1, L), np.float64)
     P2 = np.empty((n + 1, L), np.float64)
     lane_f = np.empty((8, L), np.float64)
-    lane_i = np.empty((8, L), np.int64)
+    lane_i = np.empty((9, L), np.int64)
     col = np.empty(n, np.float64)
     col_status = np.zeros(n, np.uint8)
     buf = np.empty(n, np.float64)

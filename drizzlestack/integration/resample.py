@@ -35,7 +35,8 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from ..geometry import FrameMapping, input_window, pixel_grid
+from ..geometry import input_window, pixel_grid
+from ..registration import frame_mapping
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
@@ -225,30 +226,6 @@ def _open_frames(path: str) -> zarr.Array:
     # Opened per task, not cached: an append resizes ``frames`` and a cached handle would
     # keep the old shape. Opening costs one small metadata read.
     return zarr.open_group(path, mode="r", zarr_format=3)["frames"]
-
-
-def frames_array(store) -> zarr.Array:
-    """The ``frames`` zarr array of a store (path, :class:`~drizzlestack.store.StackStore`)."""
-    path = getattr(store, "path", store)
-    return _open_frames(str(Path(path).resolve()))
-
-
-def frame_mapping(store, i: int, distortion: bool = True) -> FrameMapping:
-    """Frame ``i`` -> reference mapping from the store's registration.
-
-    Uses :func:`drizzlestack.registration.frame_mapping` (homography plus surface-spline
-    distortion when registration fitted one).
-    """
-    try:
-        from ..registration import frame_mapping as _registered_mapping
-    except ImportError:  # FALLBACK (registration not merged yet): the bare homography.
-        _registered_mapping = None
-    if _registered_mapping is not None:
-        return _registered_mapping(store, i, distortion=distortion)
-    from ..store import StackStore
-
-    st = store if isinstance(store, StackStore) else StackStore.open(getattr(store, "path", store), mode="r")
-    return FrameMapping(np.asarray(st.group["transform"][i], dtype=np.float64))
 
 
 def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tuple[float, float, float, float]:

@@ -143,7 +143,9 @@ def register(store, reference="auto", model: str = "homography", distortion: boo
     min_matches : int
         Fewest matched stars for a frame to count as registered.
     threshold : float
-        Detection threshold in units of the background noise.
+        Detection threshold: signal-to-noise ratio of a star's peak in the frame
+        filtered with a 3x3 matched filter (see
+        :func:`~drizzlestack.registration.stars.detect_stars`).
     max_stars : int
         Most stars measured and kept per frame (the brightest).
     scale_range : (float, float)
