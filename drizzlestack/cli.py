@@ -100,6 +100,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"report {write_report(args.store, args.output)}")
+    return 0
+
+
 def cmd_integrate(args) -> int:
     from .integration import integrate
     from .parallel import scheduler
@@ -212,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the frames of a store and what the steps found")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("report", help="write an HTML quality report (previews, per-frame plots, dither, parameters)")
+    p.add_argument("store")
+    p.add_argument("--output", "-o", default=None, help="directory (default: report/ next to the store)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("integrate", help="normalize, weight and reject outliers; write the integration and flags")
     p.add_argument("store")

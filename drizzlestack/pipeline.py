@@ -94,6 +94,10 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         drizzle(store, overwrite=True, force=forced, **dcfg)
         timings["drizzle"] = time.perf_counter() - t0
         log(f"[drizzle] {timings['drizzle']:.1f} s")
+
+        from .report import write_report
+
+        log(f"[report] {write_report(store)}")
     return timings
 
 

@@ -57,7 +57,7 @@ def field(tmp_path_factory):
     background), with cosmic rays, hot pixels, a satellite trail, saturated stars and a
     hazy frame; registered with the true transforms and integrated with the defaults."""
     d = tmp_path_factory.mktemp("integration")
-    truth = simulate(d / "frames", n_frames=10, shape=(128, 160), n_stars=150, flux_min=1000.0, n_galaxies=0,
+    truth = simulate(d / "frames", n_frames=10, shape=(128, 160), n_stars=250, flux_min=2000.0, n_galaxies=0,
                      hazy_frame=HAZY, seed=11)
     store = d / "stack.zarr"
     ds.ingest(truth.files, store, chunk=64)

@@ -1,7 +1,7 @@
 """Numba kernels of drizzle: each one adds the drops of one input window into
 float64 accumulators ``acc_wv`` (sum of weight x value) and ``acc_w`` (sum of weight).
 
-Plain arrays in and out, ``@njit(nogil=True, cache=True)``, no Python objects, no
+Plain arrays in and out, ``@njit(nogil=True, cache=True, error_model="numpy")``, no Python objects, no
 ``parallel=True`` (the drivers run many kernels at once on Dask threads). Validation,
 dispatch and the maths write-up live in :mod:`drizzlestack.drizzle.array`.
 
@@ -22,6 +22,10 @@ Conventions shared by every kernel (DESIGN.md):
   a coverage count.
 
 Every kernel returns the number of input pixels that deposited weight in the output.
+
+All kernels use ``error_model="numpy"``: a division by zero gives inf / NaN instead of
+raising (it only happens in batch lanes of drops that are skipped anyway), and it keeps
+loops with a division vectorizable.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ _GAUSS_MIN_REACH = 1.2
 LANCZOS_LUT_DENSITY = 4096
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _out_index(x):
     """Output pixel containing coordinate ``x`` (half-up, origin independent)."""
     return int(math.floor(x + 0.5))
@@ -73,7 +77,7 @@ def _out_index(x):
 # ---------------------------------------------------------------------------------
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def pixmap_row(pixmap, yq, tx, ty, yoff):
     """The pixmap interpolated linearly along y at input row coordinate ``yq``
     (extrapolated from the first/last pair of rows beyond the frame), padded with
@@ -98,7 +102,7 @@ def pixmap_row(pixmap, yq, tx, ty, yoff):
     ty[nx + 1] = 2.0 * ty[nx] - ty[nx - 1]
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def drop_corners(tx, ty, bx, by, i, h):
     """Corners ``(xs, ys)`` of the drop of pixel ``i`` from the rows interpolated at
     ``j + h`` (``tx, ty``) and ``j - h`` (``bx, by``) by :func:`pixmap_row`.
@@ -146,7 +150,7 @@ _S_R = _S_F + _WM * _B                # (_WM + 1) * _WM blocks: R[r, c], then ov
 _S_SIZE = _S_R + (_WM + 1) * _WM * _B
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
     """Corners (as in :func:`drop_corners`) of drops ``i0 .. i0 + nb - 1`` into the
     batch's X, Y blocks."""
@@ -169,7 +173,7 @@ def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
         S[uint64(_S_Y + 3 * _B) + k0] = h * bvy[k0] + g * bvy[k1]
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
     """Sort the batch's drops without branches: status (0 skip, 1 batch, 2 too big
     for the window), window origin, weights, and corners made local to the window.
@@ -240,7 +244,7 @@ def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
     return int(wneed)
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_areas(S, nb, wn):
     """Exact overlap of the batch's quadrilaterals with the cells of their
     ``wn x wn`` windows.
@@ -333,7 +337,7 @@ def _sq_areas(S, nb, wn):
                     S[orc + ku] += S[okc + ku] * ((qb - qa) * (qb + qa)) + S[ofc + ku] * qa
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_weights(S, nb, wn):
     """Per drop ``w / area`` and ``w * value / area`` (in the FW, FV blocks), and per
     cell the overlap ``R[r, c] - R[r + 1, c]`` (in place of ``R[r, c]``). Overlaps that
@@ -368,7 +372,7 @@ def _sq_weights(S, nb, wn):
                 S[orc + ku] = a if abs(a) > S[otol + ku] else 0.0
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
     """Add the batch's cell overlaps times ``w / area`` and ``w * value / area`` into
     the accumulators (clipped to the output)."""
@@ -452,7 +456,7 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
     return ncontrib
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
     """Exact overlaps of one drop of any size with the output pixels it covers
     (clipped to the output), one column at a time. Same decomposition as
@@ -528,7 +532,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
     return 1 if hit else 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
                   acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Square kernel: exact overlap of each shrunken drop (see
@@ -579,7 +583,7 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
 # ---------------------------------------------------------------------------------
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched,
                  j0, j1, yoff):
     """Point kernel: the whole drop goes to the output pixel containing the
@@ -611,7 +615,7 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
     return ncontrib
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
                  acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Turbo kernel: the drop is an axis-aligned square of side
@@ -664,7 +668,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
     return ncontrib
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
                     acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Gaussian kernel of STScI drizzle: FWHM ``pixfrac`` input pixels, weight
@@ -715,7 +719,7 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
     return ncontrib
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def lanczos_lut(order, density):
     """Samples of ``L(x) = sinc(x) sinc(x / order)`` at ``x = k / density`` for
     ``0 <= x <= order`` (plus one zero sample past the end)."""
@@ -730,7 +734,7 @@ def lanczos_lut(order, density):
     return lut
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", error_model="numpy")
 def _lanczos_weight(lut, density, order, t):
     """``L(t)`` for ``t >= 0`` by linear interpolation in ``lut``."""
     if t >= order:
@@ -741,7 +745,7 @@ def _lanczos_weight(lut, density, order, t):
     return lut[k] + f * (lut[k + 1] - lut[k])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio, lut,
                    acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
     """Lanczos kernel of order 2 or 3 (separable, in input-pixel units: weight
@@ -804,7 +808,7 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
 # ---------------------------------------------------------------------------------
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def finalize_kernel(acc_wv, acc_w, image):
     """``image = acc_wv / acc_w`` where ``acc_w != 0``, NaN elsewhere (``image`` may
     be ``acc_wv`` itself)."""
@@ -818,7 +822,7 @@ def finalize_kernel(acc_wv, acc_w, image):
                 image[j, i] = np.nan
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def row_y_bounds(pixmap, lo, hi):
     """Per input row, the smallest and largest output y of its pixel centres
     (ignoring NaN and values beyond ``MAX_COORD``), including the values extrapolated
@@ -845,7 +849,7 @@ def row_y_bounds(pixmap, lo, hi):
         hi[j] = b
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def add_touched(coverage, touched):
     """``coverage += touched`` (in place)."""
     H, W = touched.shape

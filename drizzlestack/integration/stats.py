@@ -271,10 +271,17 @@ def aperture_photometry(image: np.ndarray, x, y, apertures: Apertures, saturatio
     ann = np.where(annulus, stamps, np.nan).reshape(idx.size, -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an annulus entirely in a NaN region: NaN flux
-        bg = np.nanmedian(ann, axis=1)
+        med = np.nanmedian(ann, axis=1)
         # Robust (MAD) background noise: a cosmic ray or a hot pixel in the annulus must
         # not make a bright star look faint in signal-to-noise.
-        bg_var = (MAD_TO_SIGMA * np.nanmedian(np.abs(ann - bg[:, None]), axis=1)) ** 2
+        sig = MAD_TO_SIGMA * np.nanmedian(np.abs(ann - med[:, None]), axis=1)
+        # Background: the mean of the annulus within 3 sigma of its median. The median
+        # itself is biased on integer (ADC) data by up to half a unit, which the aperture
+        # area multiplies into a flux error that differs between a frame and the
+        # reference when their sky levels differ (haze) -- a few 0.1 % on a faint star.
+        clip = np.abs(ann - med[:, None]) <= 3.0 * np.maximum(sig, 0.5)[:, None]
+        bg = np.nanmean(np.where(clip, ann, np.nan), axis=1)
+        bg_var = sig**2
     ap_vals = np.where(in_ap, stamps, 0.0)
     bad = np.any(in_ap & ~np.isfinite(stamps), axis=(1, 2)) | np.any(in_ap & (stamps >= saturation), axis=(1, 2))
     area = w.sum(axis=(1, 2))
@@ -286,13 +293,20 @@ def aperture_photometry(image: np.ndarray, x, y, apertures: Apertures, saturatio
 
 
 def photometric_ratio(flux: np.ndarray, ref_flux: np.ndarray, error=None, ref_error=None,
-                      min_snr: float = 20.0, min_stars: int = 5, k: float = 3.0):
+                      min_snr: float = 10.0, min_stars: int = 5, k: float = 3.0, floor: float = 0.003):
     """Photometric scale of a frame relative to the reference from matched star fluxes.
 
-    The estimator is the ratio of summed fluxes over the stars kept by an iterative
-    ``k``-MAD clip of the individual ratios (cosmic rays and blends in an aperture,
-    variable stars): summing weights every star by its flux, which is close to
-    inverse-variance weighting when photon noise dominates.
+    Each star gives a ratio ``r_j = F_j / F0_j`` with the error ``s_j`` propagated from
+    both fluxes. Starting from the median, ratios further than ``k * sqrt(s_j^2 +
+    (floor * r)^2)`` from the current estimate are dropped and the estimate becomes the
+    inverse-variance weighted mean of the rest, until the set is stable. Clipping
+    against each star's *own* error (not the spread of all ratios, which faint stars
+    dominate) is what removes a cosmic ray on a bright star of either frame: such a
+    star would otherwise bias a flux-weighted estimate by its full excess. ``floor``
+    is a relative systematic error (flat field, aperture) below which stars are not
+    told apart.
+
+    Without errors, the ratio of summed fluxes over a ``k``-MAD clip of the ratios is used.
 
     Parameters
     ----------
@@ -304,6 +318,9 @@ def photometric_ratio(flux: np.ndarray, ref_flux: np.ndarray, error=None, ref_er
     min_stars : int
         Fewer usable stars give NaN.
     k : float
+        Clipping threshold.
+    floor : float
+        Relative systematic error added in quadrature.
 
     Returns
     -------
@@ -315,18 +332,35 @@ def photometric_ratio(flux: np.ndarray, ref_flux: np.ndarray, error=None, ref_er
     f = np.asarray(flux, dtype=np.float64)
     r = np.asarray(ref_flux, dtype=np.float64)
     ok = np.isfinite(f) & np.isfinite(r) & (f > 0) & (r > 0)
-    if error is not None and ref_error is not None:
+    with_errors = error is not None and ref_error is not None
+    if with_errors:
+        e = np.asarray(error, dtype=np.float64)
+        e0 = np.asarray(ref_error, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ok &= (f / np.asarray(error) >= min_snr) & (r / np.asarray(ref_error) >= min_snr)
+            ok &= (f / e >= min_snr) & (r / e0 >= min_snr) & np.isfinite(e) & np.isfinite(e0)
     if ok.sum() < min_stars:
         return float("nan"), int(ok.sum())
+    ratios = f[ok] / r[ok]
+    if with_errors:
+        var = ratios**2 * ((e[ok] / f[ok]) ** 2 + (e0[ok] / r[ok]) ** 2)
+        est = float(np.median(ratios))
+        keep = np.ones(ratios.size, bool)
+        for _ in range(20):
+            new = np.abs(ratios - est) <= k * np.sqrt(var + (floor * est) ** 2)
+            if new.sum() < min_stars:
+                return float("nan"), int(new.sum())
+            w = 1.0 / (var[new] + (floor * est) ** 2)
+            est = float(np.sum(w * ratios[new]) / np.sum(w))
+            if np.array_equal(new, keep):
+                break
+            keep = new
+        return est, int(keep.sum())
     f, r = f[ok], r[ok]
     keep = np.ones(f.size, bool)
     for _ in range(10):
-        ratios = f[keep] / r[keep]
-        med = np.median(ratios)
-        spread = max(mad_std(ratios, med), 1e-6 * abs(med))
-        new = np.abs(f / r - med) <= k * spread
+        med = np.median(ratios[keep])
+        spread = max(mad_std(ratios[keep], med), 1e-6 * abs(med))
+        new = np.abs(ratios - med) <= k * spread
         if new.sum() < min_stars or np.array_equal(new, keep):
             break
         keep = new
