@@ -11,24 +11,30 @@ Public API (DESIGN.md)::
     ds.drizzle_array(data, pixmap, out_shape, kernel="square", pixfrac=1.0, weights=None)
     ds.reject_stack(stack, method="sigma", low=3.0, high=3.0)
 
-Submodules are imported on first use, so ``import drizzlestack`` (and the CLI) start fast.
+The other functions are imported on first use, so the CLI starts faster.
 """
 
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 
+# These three share their names with submodules (drizzlestack.ingest, .simulate and the
+# drizzlestack.drizzle package): importing the submodule would rebind the package
+# attribute to the module, so they are bound eagerly, after their submodules load.
+from .ingest import ingest  # noqa: E402
+from .simulate import simulate  # noqa: E402
+from .drizzle.driver import drizzle  # noqa: E402
+
 _LAZY = {
-    "ingest": ("drizzlestack.ingest", "ingest"),
     "open_stack": ("drizzlestack.store", "open_stack"),
-    "simulate": ("drizzlestack.simulate", "simulate"),
     "register": ("drizzlestack.registration", "register"),
     "integrate": ("drizzlestack.integration", "integrate"),
     "reject_stack": ("drizzlestack.integration.rejection", "reject_stack"),
-    "drizzle": ("drizzlestack.drizzle.driver", "drizzle"),
-    "drizzle_array": ("drizzlestack.drizzle", "drizzle_array"),
+    "drizzle_array": ("drizzlestack.drizzle.array", "drizzle_array"),
+    "write_report": ("drizzlestack.report", "write_report"),
 }
 
-__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", *_LAZY]
+__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", "ingest", "simulate",
+           "drizzle", *_LAZY]
 
 
 def __getattr__(name):

@@ -159,6 +159,7 @@ def demo(directory="drizzlestack-demo", scheduler_options: SchedulerOptions | No
     log("")
     log(f"demo finished in {time.perf_counter() - t_start:.1f} s; results in {root.resolve()}:")
     log(f"  {root / 'drizzle.fits'} (drizzled image, WEIGHTS, COVERAGE)")
+    log(f"  {root / 'report' / 'report.html'} (quality report: open it in a browser)")
     log(f"  {root / 'integration.fits'} (integration at the reference scale)")
     log(f"  {store} (the stack store: drizzlestack info {store})")
     log(f"  {root / 'config.yaml'} (the configuration: drizzlestack run {root / 'config.yaml'})")

@@ -478,29 +478,6 @@ def test_drizzle_array_out_arrays():
         np.testing.assert_allclose(buf[0], img, rtol=1e-6)
 
 
-def test_large_output_is_drizzled_in_bands_identically():
-    """drizzle_array works on bands of output rows (cache-sized); the result equals
-    one accumulate + finalize over the whole output."""
-    rng = np.random.default_rng(13)
-    shape = (260, 200)
-    pixmap = make_pixmap(shape, scale=2.0, angle=1.5, distortion=0.03)
-    pixmap, out = place(pixmap)
-    data, weights = random_frame(rng, shape)
-    import drizzlestack.drizzle.array as array_mod
-
-    old = array_mod.BAND_BYTES
-    array_mod.BAND_BYTES = 16 * out[1] * 40  # bands of 40 rows
-    try:
-        for kernel in KERNELS:
-            img, wht = drizzle_array(data, pixmap, out, kernel, 1.0, weights, pixel_scale_ratio=0.5)
-            acc_wv, acc_w = np.zeros(out), np.zeros(out)
-            accumulate(data, pixmap, weights, acc_wv, acc_w, kernel, 1.0, 0.5)
-            np.testing.assert_allclose(wht, acc_w, rtol=1e-10, atol=1e-12)
-            np.testing.assert_allclose(img, finalize(acc_wv, acc_w), rtol=1e-10, atol=1e-12)
-    finally:
-        array_mod.BAND_BYTES = old
-
-
 # ---------------------------------------------------------------------------------
 # pixel_scale_ratio, kernel parameters, validation
 # ---------------------------------------------------------------------------------

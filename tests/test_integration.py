@@ -74,14 +74,19 @@ def _star_mask(truth, shape, sigma):
     return ndimage.binary_dilation(model > 0.5 * sigma, iterations=2)
 
 
-def _background_excess(image, truth):
-    """Largest (image - background) / sigma over background pixels."""
+def _background_excess(image, truth, where=None):
+    """Largest (image - background) / sigma over background pixels (and ``where``)."""
     finite = np.isfinite(image)
     bg = np.median(image[finite])
     sigma = stats.mad_std(image[finite].astype(np.float64))
     mask = _star_mask(truth, image.shape, sigma)
-    sel = finite & ~mask
+    sel = finite & ~mask & (True if where is None else where)
     return float(np.max((image[sel] - bg) / sigma)), sigma
+
+
+def _coverage(store):
+    """Number of frames with data at each reference pixel."""
+    return np.isfinite(registered_view(store, tile=64).compute()).sum(axis=0)
 
 
 # ------------------------------------------------------------------------ statistics
@@ -151,7 +156,10 @@ def test_hazy_frame_comes_out_on_the_reference_photometric_scale(field):
     ratio, n = stats.photometric_ratio(fh, f0, eh, e0)
     assert n >= 10
     assert ratio == pytest.approx(1.0, abs=0.01)
-    assert np.nanmedian(view[1]) == pytest.approx(np.nanmedian(view[0]), abs=1.0)
+    # Additive part: the sky of the normalized hazy frame is the reference's (within a
+    # tenth of the reference noise), away from every star.
+    sky = ~_star_mask(truth, view.shape[1:], 0.5 * stack.noise.values[0]) & np.isfinite(view).all(axis=0)
+    assert abs(np.median(view[1][sky] - view[0][sky])) < 0.1 * stack.noise.values[0]
     # The dispersion alone would put the hazy frame far off (this is why photometry is used).
     assert stack.scale.values[0] / stack.scale.values[HAZY] < 0.95
 
@@ -209,12 +217,16 @@ def test_nan_pixels_never_spread_in_the_view():
 def test_no_background_pixel_stands_above_8_sigma(field):
     img = field.result.integration.values
     assert np.isfinite(img).all()
-    excess, sigma = _background_excess(img, field.truth)
+    # As in the pipeline test: the margins that only a few dithered frames reach are
+    # left out (rejection needs several values to tell an outlier).
+    well_covered = _coverage(field.store) >= 6
+    assert well_covered.mean() > 0.8
+    excess, sigma = _background_excess(img, field.truth, well_covered)
     assert excess < 8.0
     # Without rejection the same field has cosmic rays, hot pixels and the trail in it.
     st = StackStore.open(_copy_store(field, field.dir / "norej"))
     plain = ds.integrate(st.path, rejection="none", tile=64).integration.values
-    assert _background_excess(plain, field.truth)[0] > 20.0
+    assert _background_excess(plain, field.truth, well_covered)[0] > 20.0
 
 
 def test_rejection_flags_are_stored_per_frame_on_the_reference_grid(field):

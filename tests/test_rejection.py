@@ -417,7 +417,10 @@ def reference_winsorized(x, low, high):
         sigma = (np.quantile(v, 0.75) - np.quantile(v, 0.25)) / 1.3489795003921634
         for _ in range(400):
             w = np.clip(v, centre - 1.5 * sigma, centre + 1.5 * sigma)
+            previous = sigma
             centre, sigma = w.mean(), 1.134 * w.std(ddof=1)
+            if abs(sigma - previous) <= 1e-13 * sigma:
+                break
         lo = a + np.count_nonzero(v < centre - low * sigma)
         hi = b - np.count_nonzero(v > centre + high * sigma)
         if (lo, hi) == (a, b):

@@ -226,13 +226,12 @@ class _Plan:
         if self.kernel in _SCALED_KERNELS and psr is None and not self.empty:
             psr = estimate_pixel_scale_ratio(self.pixmap, out_shape)
         self.psr = psr
-        self.reach = 0.0  # beyond the envelope of the pixel centres (square: corners)
         if self.kernel in _SCALED_KERNELS and not self.empty:
-            self.reach = kernel_radius(self.kernel, self.pixfrac, psr)
-            if self.reach > MAX_KERNEL_RADIUS:
+            reach = kernel_radius(self.kernel, self.pixfrac, psr)
+            if reach > MAX_KERNEL_RADIUS:
                 raise ValueError(
                     f"pixel_scale_ratio={psr:g}: the {self.kernel} kernel would reach "
-                    f"{self.reach:.0f} output pixels (limit {MAX_KERNEL_RADIUS:.0f}); "
+                    f"{reach:.0f} output pixels (limit {MAX_KERNEL_RADIUS:.0f}); "
                     "pixel_scale_ratio is the output pixel size in input pixels, 1/scale"
                 )
         self.max_extent = 0.0
@@ -255,12 +254,11 @@ class _Plan:
                 stacklevel=3,
             )
 
-    def run(self, acc_wv, acc_w, touched, use_touched, j0, j1, yoff) -> int:
-        """Drizzle input rows ``j0 .. j1 - 1`` into accumulators whose row 0 is output
-        row ``yoff``."""
+    def run(self, acc_wv, acc_w, touched, use_touched) -> int:
+        """Add the drops into the accumulators; the number of input pixels used."""
         k = self.kernel
         args = (self.data, self.pixmap, self.weights, self.use_weights)
-        tail = (acc_wv, acc_w, touched, use_touched, int(j0), int(j1), float(yoff))
+        tail = (acc_wv, acc_w, touched, use_touched)
         if k == "square":
             return _k.square_kernel(*args, self.pixfrac, self.max_extent, *tail)
         if k == "point":
@@ -271,29 +269,6 @@ class _Plan:
             return _k.gaussian_kernel(*args, self.pixfrac, self.psr, *tail)
         order = 2 if k == "lanczos2" else 3
         return _k.lanczos_kernel(*args, order, self.psr, _lanczos_lut(order), *tail)
-
-    def row_reach(self):
-        """Output rows ``(first, last)`` (float arrays) that each input row can deposit
-        weight in: conservative; ``first > last`` for a row with nothing valid."""
-        ny = self.data.shape[0]
-        lo = np.empty(ny)
-        hi = np.empty(ny)
-        _k.row_y_bounds(self.pixmap, lo, hi)
-        with np.errstate(invalid="ignore", over="ignore"):
-            if self.kernel == "square" and ny >= 2:
-                # A drop's corners interpolate (inside the frame: are convex
-                # combinations of) the centres of rows j - 1 .. j + 1, and beyond the
-                # first / last row extrapolate them: bound those by 2 row0 - row1.
-                lo_m = np.concatenate([[2 * lo[0] - hi[1]], lo, [2 * lo[-1] - hi[-2]]])
-                hi_m = np.concatenate([[2 * hi[0] - lo[1]], hi, [2 * hi[-1] - lo[-2]]])
-                lo_m = np.where(np.isnan(lo_m), np.inf, lo_m)
-                hi_m = np.where(np.isnan(hi_m), -np.inf, hi_m)
-                lo = np.minimum(np.minimum(lo_m[:-2], lo_m[1:-1]), lo_m[2:])
-                hi = np.maximum(np.maximum(hi_m[:-2], hi_m[1:-1]), hi_m[2:])
-            # one extra row on each side for rounding
-            first = np.floor(lo - self.reach + 0.5) - 1
-            last = np.floor(hi + self.reach + 0.5) + 1
-        return first, last
 
 
 def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
@@ -362,7 +337,7 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
         touched = np.zeros((1, 1), dtype=np.uint8)
     if plan.empty or acc_w.size == 0:
         return 0
-    n = plan.run(acc_wv, acc_w, touched, coverage is not None, 0, plan.data.shape[0], 0.0)
+    n = plan.run(acc_wv, acc_w, touched, coverage is not None)
     if coverage is not None:
         _k.add_touched(coverage, touched)
     return int(n)
@@ -517,63 +492,19 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
                      for a in (img_out, wht_out))
     plan = _Plan(data, pixmap, weights, kernel, pixfrac, pixel_scale_ratio, shape)
     if direct:
-        image, wht = img_out, wht_out
+        acc_wv, acc_w = img_out, wht_out
     else:
-        image = np.empty(shape)
-        wht = np.empty(shape)
-    touched = np.zeros((1, 1), dtype=np.uint8)
-    for y0, y1, runs in _bands(plan, H, W):
-        # zero, drizzle and divide one band of output rows while it is in cache
-        acc_wv = image[y0:y1]
-        acc_w = wht[y0:y1]
-        acc_wv.fill(0.0)
-        acc_w.fill(0.0)
-        for j0, j1 in runs:
-            plan.run(acc_wv, acc_w, touched, False, j0, j1, y0)
-        _k.finalize_kernel(acc_wv, acc_w, acc_wv)
+        acc_wv = np.empty(shape)
+        acc_w = np.empty(shape)
+    # Fault the (fresh) pages in with one sequential pass: cheaper than faulting them
+    # from inside the kernel's scattered writes.
+    acc_wv.fill(0.0)
+    acc_w.fill(0.0)
+    if not plan.empty:
+        plan.run(acc_wv, acc_w, np.zeros((1, 1), dtype=np.uint8), False)
+    image = finalize(acc_wv, acc_w, out=acc_wv)
     if out is not None and not direct:
         img_out[...] = image
-        wht_out[...] = wht
+        wht_out[...] = acc_w
         return img_out, wht_out
-    return image, wht
-
-
-#: drizzle_array works on bands of output rows of about this many bytes (two float64
-#: arrays), so that each band is zeroed, drizzled and divided while in cache.
-BAND_BYTES = 8 << 20
-
-
-def _bands(plan: _Plan, H: int, W: int):
-    """``(y0, y1, runs)``: output bands and, for each, the runs ``(j0, j1)`` of input
-    rows that can deposit weight in it. One band for the whole output when banding
-    would make the kernel visit input rows much more than once (e.g. a frame rotated
-    by 90 degrees, whose every row spans the whole output)."""
-    ny = plan.data.shape[0]
-    if plan.empty:
-        return [(0, H, [])]
-    first, last = plan.row_reach()
-    valid = first <= last
-    hb = max(16, BAND_BYTES // (16 * W))
-    if hb >= H:
-        return [(0, H, _runs(valid))]
-    bands = []
-    visits = 0
-    for y0 in range(0, H, hb):
-        y1 = min(y0 + hb, H)
-        rows = valid & (first <= y1 - 1) & (last >= y0)
-        visits += int(np.count_nonzero(rows))
-        bands.append((y0, y1, _runs(rows)))
-    if visits > 1.5 * max(int(np.count_nonzero(valid)), 1):
-        return [(0, H, _runs(valid))]
-    return bands
-
-
-def _runs(mask: np.ndarray):
-    """Runs ``(j0, j1)`` of consecutive True values of a boolean vector."""
-    idx = np.flatnonzero(mask)
-    if idx.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > 1)
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    stops = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    return list(zip(starts.tolist(), stops.tolist()))
+    return image, acc_w

@@ -78,12 +78,11 @@ def _out_index(x):
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def pixmap_row(pixmap, yq, tx, ty, yoff):
+def pixmap_row(pixmap, yq, tx, ty):
     """The pixmap interpolated linearly along y at input row coordinate ``yq``
     (extrapolated from the first/last pair of rows beyond the frame), padded with
-    one linearly extrapolated value at each end: ``tx[i + 1]`` is pixel ``i``; output
-    y shifted by ``-yoff``. ``tx``, ``ty`` have ``nx + 2`` elements. Needs
-    ``nx, ny >= 2``."""
+    one linearly extrapolated value at each end: ``tx[i + 1]`` is pixel ``i``.
+    ``tx``, ``ty`` have ``nx + 2`` elements. Needs ``nx, ny >= 2``."""
     ny = pixmap.shape[0]
     nx = pixmap.shape[1]
     j0 = int(math.floor(yq))
@@ -95,7 +94,7 @@ def pixmap_row(pixmap, yq, tx, ty, yoff):
     u = 1.0 - t
     for i in range(nx):
         tx[i + 1] = u * pixmap[j0, i, 0] + t * pixmap[j0 + 1, i, 0]
-        ty[i + 1] = u * pixmap[j0, i, 1] + t * pixmap[j0 + 1, i, 1] - yoff
+        ty[i + 1] = u * pixmap[j0, i, 1] + t * pixmap[j0 + 1, i, 1]
     tx[0] = 2.0 * tx[1] - tx[2]
     ty[0] = 2.0 * ty[1] - ty[2]
     tx[nx + 1] = 2.0 * tx[nx] - tx[nx - 1]
@@ -392,39 +391,44 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
         if ox >= 0 and oy >= 0 and ox + wn <= W and oy + wn <= H and not use_touched:
             base = uint64(oy) * uW + uint64(ox)
             if wn == 3:
-                # the common case at scale ~2, unrolled
+                # the common case at scale ~2, unrolled; all loads from S first (LLVM
+                # cannot tell S from the accumulators, so it would not move a load of
+                # S above a store to them)
                 o = uint64(_S_R + k)
-                a = S[o]
-                flat_w[base] += fw * a
-                flat_wv[base] += fv * a
-                a = S[o + uint64(_B)]
-                flat_w[base + uint64(1)] += fw * a
-                flat_wv[base + uint64(1)] += fv * a
-                a = S[o + uint64(2 * _B)]
-                flat_w[base + uint64(2)] += fw * a
-                flat_wv[base + uint64(2)] += fv * a
-                base += uW
+                a0 = S[o]
+                a1 = S[o + uint64(_B)]
+                a2 = S[o + uint64(2 * _B)]
                 o += uint64(_WM * _B)
-                a = S[o]
-                flat_w[base] += fw * a
-                flat_wv[base] += fv * a
-                a = S[o + uint64(_B)]
-                flat_w[base + uint64(1)] += fw * a
-                flat_wv[base + uint64(1)] += fv * a
-                a = S[o + uint64(2 * _B)]
-                flat_w[base + uint64(2)] += fw * a
-                flat_wv[base + uint64(2)] += fv * a
-                base += uW
+                a3 = S[o]
+                a4 = S[o + uint64(_B)]
+                a5 = S[o + uint64(2 * _B)]
                 o += uint64(_WM * _B)
-                a = S[o]
-                flat_w[base] += fw * a
-                flat_wv[base] += fv * a
-                a = S[o + uint64(_B)]
-                flat_w[base + uint64(1)] += fw * a
-                flat_wv[base + uint64(1)] += fv * a
-                a = S[o + uint64(2 * _B)]
-                flat_w[base + uint64(2)] += fw * a
-                flat_wv[base + uint64(2)] += fv * a
+                a6 = S[o]
+                a7 = S[o + uint64(_B)]
+                a8 = S[o + uint64(2 * _B)]
+                b0 = base
+                b1 = base + uW
+                b2 = b1 + uW
+                u1 = uint64(1)
+                u2 = uint64(2)
+                flat_w[b0] += fw * a0
+                flat_w[b0 + u1] += fw * a1
+                flat_w[b0 + u2] += fw * a2
+                flat_w[b1] += fw * a3
+                flat_w[b1 + u1] += fw * a4
+                flat_w[b1 + u2] += fw * a5
+                flat_w[b2] += fw * a6
+                flat_w[b2 + u1] += fw * a7
+                flat_w[b2 + u2] += fw * a8
+                flat_wv[b0] += fv * a0
+                flat_wv[b0 + u1] += fv * a1
+                flat_wv[b0 + u2] += fv * a2
+                flat_wv[b1] += fv * a3
+                flat_wv[b1 + u1] += fv * a4
+                flat_wv[b1 + u2] += fv * a5
+                flat_wv[b2] += fv * a6
+                flat_wv[b2 + u1] += fv * a7
+                flat_wv[b2 + u2] += fv * a8
             else:
                 for r in range(wn):
                     row = base + uint64(r) * uW
@@ -534,7 +538,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
-                  acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
+                  acc_wv, acc_w, touched, use_touched):
     """Square kernel: exact overlap of each shrunken drop (see
     :func:`drop_corners_row`) with the output pixels.
 
@@ -555,9 +559,9 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
     by = np.empty(nx + 2)
     S = np.zeros(_S_SIZE)
     ncontrib = 0
-    for j in range(j0, j1):
-        pixmap_row(pixmap, j + h, tx, ty, yoff)
-        pixmap_row(pixmap, j - h, bx, by, yoff)
+    for j in range(ny):
+        pixmap_row(pixmap, j + h, tx, ty)
+        pixmap_row(pixmap, j - h, bx, by)
         for i0 in range(0, nx, _B):
             nb = min(_B, nx - i0)
             _sq_corners(S, tx, ty, bx, by, h, i0, nb)
@@ -584,14 +588,13 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched,
-                 j0, j1, yoff):
+def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched):
     """Point kernel: the whole drop goes to the output pixel containing the
     mapped centre, with weight ``w``."""
     ny, nx = data.shape
     H, W = acc_w.shape
     ncontrib = 0
-    for j in range(j0, j1):
+    for j in range(ny):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -600,7 +603,7 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1] - yoff
+            y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):  # also rejects NaN
                 continue
             ii = _out_index(x)
@@ -617,7 +620,7 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                 acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
+                 acc_wv, acc_w, touched, use_touched):
     """Turbo kernel: the drop is an axis-aligned square of side
     ``pixfrac / pixel_scale_ratio`` output pixels centred on the mapped centre;
     weight ``w * overlap / side**2`` (STScI's ``dover * pscale_ratio**2 / pixfrac**2``)."""
@@ -626,7 +629,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
     pfo = 0.5 * pixfrac / pixel_scale_ratio
     scale = 1.0 / (4.0 * pfo * pfo)
     ncontrib = 0
-    for j in range(j0, j1):
+    for j in range(ny):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -635,7 +638,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1] - yoff
+            y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
             xxi = x - pfo
@@ -670,7 +673,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                    acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
+                    acc_wv, acc_w, touched, use_touched):
     """Gaussian kernel of STScI drizzle: FWHM ``pixfrac`` input pixels, weight
     ``w * exp(-r**2 * efac) * efac / pi`` (unit integral over the output plane),
     truncated to output pixels within ``max(2.5 sigma, 1.2 input px)`` of the
@@ -684,7 +687,7 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
     efac = _GAUSS_FWHM * _GAUSS_FWHM * psr * psr / (pixfrac * pixfrac) / 2.0
     es = efac / math.pi
     ncontrib = 0
-    for j in range(j0, j1):
+    for j in range(ny):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -693,7 +696,7 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1] - yoff
+            y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
             i0 = max(_out_index(x - pfo), 0)
@@ -747,7 +750,7 @@ def _lanczos_weight(lut, density, order, t):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio, lut,
-                   acc_wv, acc_w, touched, use_touched, j0, j1, yoff):
+                   acc_wv, acc_w, touched, use_touched):
     """Lanczos kernel of order 2 or 3 (separable, in input-pixel units: weight
     ``w * L(dx * psr) * L(dy * psr)`` over output pixels strictly within
     ``order / psr`` of the mapped centre). As in STScI drizzle, ``pixfrac`` plays
@@ -761,7 +764,7 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
     wx = np.empty(nwin)
     wy = np.empty(nwin)
     ncontrib = 0
-    for j in range(j0, j1):
+    for j in range(ny):
         for i in range(nx):
             v = data[j, i]
             if not math.isfinite(v):
@@ -770,7 +773,7 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
             if not wt > 0.0:
                 continue
             x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1] - yoff
+            y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
             i0 = max(int(math.floor(x - pfo)) + 1, 0)
@@ -820,33 +823,6 @@ def finalize_kernel(acc_wv, acc_w, image):
                 image[j, i] = acc_wv[j, i] / w
             else:
                 image[j, i] = np.nan
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def row_y_bounds(pixmap, lo, hi):
-    """Per input row, the smallest and largest output y of its pixel centres
-    (ignoring NaN and values beyond ``MAX_COORD``), including the values extrapolated
-    one pixel beyond both ends of the row (as the square kernel's edge corners are);
-    ``+inf`` / ``-inf`` for a row without any valid value."""
-    ny, nx = pixmap.shape[0], pixmap.shape[1]
-    for j in range(ny):
-        a = np.inf
-        b = -np.inf
-        for i in range(nx):
-            y = pixmap[j, i, 1]
-            if abs(y) < MAX_COORD:
-                a = min(a, y)
-                b = max(b, y)
-        if nx >= 2:
-            for e in range(2):
-                y0 = pixmap[j, 0, 1] if e == 0 else pixmap[j, nx - 1, 1]
-                y1 = pixmap[j, 1, 1] if e == 0 else pixmap[j, nx - 2, 1]
-                y = 2.0 * y0 - y1
-                if abs(y) < MAX_COORD:
-                    a = min(a, y)
-                    b = max(b, y)
-        lo[j] = a
-        hi[j] = b
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

@@ -610,19 +610,18 @@ def _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, n0, n1, s1, s2):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i):
-    """Winsorized sigma clipping of the sorted columns ``Vd[:cnt[l], l]``.
+def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, lane_i, done):
+    """One clipping round of winsorized sigma clipping on the sorted columns
+    ``V[a[j]:b[j], j]``, ``j < k``: updates ``a``/``b`` past the values rejected, and
+    sets ``done[j]`` where the column stops (nothing rejected, no spread, no
+    convergence).
 
-    Writes the smallest and largest kept value of each column to ``cut_lo``/``cut_hi``.
-    Each clipping round: robust start (median, interquartile range), the winsorized
-    centre and sigma, and the rejection of the values beyond ``centre - low·sigma`` /
-    ``centre + high·sigma``.
-
-    The winsorized statistics are the explicit fixed points of :func:`_winsor_jump`,
-    found for all columns in lockstep: from the clamped set of the start values, solve,
-    find the set the solution clamps (with its sums: one vectorized pass over the
-    block), and repeat until the set reproduces itself. The few columns still unsettled
-    after ``_WINSOR_JUMPS`` rounds run the plain iteration (:func:`_winsorize`).
+    The winsorized centre and sigma are the explicit fixed points of
+    :func:`_winsor_jump`, found for all columns in lockstep: from the clamped set of the
+    robust start (median, interquartile range), solve, find the set the solution clamps
+    (with its sums: one vectorized pass over the block), and repeat until the set
+    reproduces itself. The few columns still unsettled after ``_WINSOR_JUMPS`` solutions
+    run the plain iteration (:func:`_winsorize`).
     """
     shift = lane_f[0]
     centre = lane_f[1]
@@ -632,143 +631,169 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
     sigma0 = lane_f[5]
     s1 = lane_f[6]
     s2 = lane_f[7]
-    a = lane_i[0]
-    b = lane_i[1]
-    active = lane_i[2]  # still clipping
-    settled = lane_i[3]  # 1: statistics found in this round; 2: needs the iteration
-    it = lane_i[4]
-    i0 = lane_i[5]
-    i1 = lane_i[6]
-    j0 = lane_i[7]
-    j1 = lane_i[8]
+    settled = lane_i[0]  # 0: searching; 1: statistics found; 2: needs the iteration
+    i0 = lane_i[1]
+    i1 = lane_i[2]
+    j0 = lane_i[3]
+    j1 = lane_i[4]
     rows = 0
-    for l in range(w):
-        a[l] = 0
-        b[l] = cnt[l]
-        it[l] = 0
-        active[l] = 1 if cnt[l] >= 3 else 0
-        rows = max(rows, cnt[l])
-    while True:
-        n_active = 0
-        for l in range(w):
-            n_active += active[l]
-        if n_active == 0:
-            break
-        # The lockstep passes cost the same for every column of the block: once few
-        # columns are left (later clipping rounds), they iterate alone.
-        lockstep = 4 * n_active >= w
-        # Robust start: median and interquartile range; flat samples reject nothing.
-        for l in range(w):
-            settled[l] = 1
-            if active[l] == 0:
-                continue
-            lo = a[l]
-            hi = b[l]
-            med = _quantile_sorted(Vd, lo, hi, l, 0.5)
-            # Sums relative to the median keep the one-pass variance well conditioned.
-            shift[l] = med
-            s0 = (_quantile_sorted(Vd, lo, hi, l, 0.75) - _quantile_sorted(Vd, lo, hi, l, 0.25)) * _IQR_TO_SIGMA
+    for j in range(k):
+        done[j] = 0
+        settled[j] = 0
+        rows = max(rows, b[j])
+        lo = a[j]
+        hi = b[j]
+        med = _quantile_sorted(V, lo, hi, j, 0.5)
+        # Sums relative to the median keep the one-pass variance well conditioned.
+        shift[j] = med
+        s0 = (_quantile_sorted(V, lo, hi, j, 0.75) - _quantile_sorted(V, lo, hi, j, 0.25)) * _IQR_TO_SIGMA
+        if _negligible(s0, med):
+            # Over half the sample is one value: start from the plain sample std.
+            c = hi - lo
+            m1 = 0.0
+            m2 = 0.0
+            for r in range(lo, hi):
+                d = V[r, j] - med
+                m1 += d
+                m2 += d * d
+            var = (m2 - m1 * m1 / c) / (c - 1)
+            s0 = math.sqrt(var) if var > 0.0 else 0.0
             if _negligible(s0, med):
-                # Over half the sample is one value: start from the plain sample std.
-                c = hi - lo
-                m1 = 0.0
-                m2 = 0.0
-                for k in range(lo, hi):
-                    d = Vd[k, l] - med
-                    m1 += d
-                    m2 += d * d
-                var = (m2 - m1 * m1 / c) / (c - 1)
-                s0 = math.sqrt(var) if var > 0.0 else 0.0
-                if _negligible(s0, med):
-                    active[l] = 0
-                    continue
-            sigma0[l] = s0
-            t0[l] = med - _WINSOR_CLAMP * s0
-            t1[l] = med + _WINSOR_CLAMP * s0
-            i0[l] = -1  # no previous clamped set
-            settled[l] = 0 if lockstep else 2
-        for round_ in range(_WINSOR_JUMPS + 1 if lockstep else 0):
-            _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, j0, j1, s1, s2)
-            n_open = 0
-            for l in range(w):
-                if settled[l]:
-                    continue
-                if j0[l] == i0[l] and j1[l] == i1[l]:
-                    settled[l] = 1  # the last solution clamps the set it was solved for
-                    continue
-                if round_ == _WINSOR_JUMPS:
-                    settled[l] = 2
-                    continue
-                i0[l] = j0[l]
-                i1[l] = j1[l]
-                c = b[l] - a[l]
-                nm = i1[l] - i0[l]
-                n_lo = i0[l]
-                n_hi = c - i1[l]
-                inv_nm = 1.0 / nm
-                q = s2[l] - s1[l] * s1[l] * inv_nm
-                delta = np.float64(n_hi - n_lo)
-                den = (c - 1) * _INV_WINSOR_SCALE2 - _WINSOR_CLAMP2 * ((n_lo + n_hi) + delta * delta * inv_nm)
-                if nm > 0 and den > 0.0 and q > 0.0:
-                    s = math.sqrt(q / den)
-                    ctr = shift[l] + (s1[l] + _WINSOR_CLAMP * s * delta) * inv_nm
-                    centre[l] = ctr
-                    sigma[l] = s
-                    t0[l] = ctr - _WINSOR_CLAMP * s
-                    t1[l] = ctr + _WINSOR_CLAMP * s
-                    n_open += 1
-                else:
-                    settled[l] = 2  # no explicit solution: leave it to the iteration
-            if n_open == 0:
-                break
-        for l in range(w):
-            if active[l] == 0:
+                done[j] = 1  # a flat sample: nothing to reject
+                settled[j] = 1
                 continue
-            lo = a[l]
-            hi = b[l]
-            if settled[l] != 1:
-                med = shift[l]
-                acc1 = 0.0
-                acc2 = 0.0
-                P1[lo, l] = 0.0
-                P2[lo, l] = 0.0
-                for k in range(lo, hi):
-                    d = Vd[k, l] - med
-                    acc1 += d
-                    acc2 += d * d
-                    P1[k + 1, l] = acc1
-                    P2[k + 1, l] = acc2
-                ctr, sg, ok = _winsorize(Vd, l, lo, hi, med, P1, P2, med, sigma0[l])
-                if not ok:
-                    # No convergence (a heavily quantized sample whose winsorized
-                    # sigma collapses): reject nothing rather than on a bad sigma.
-                    active[l] = 0
-                    continue
-                centre[l] = ctr
-                sigma[l] = sg
-            if _negligible(sigma[l], centre[l]):
-                active[l] = 0
+        sigma0[j] = s0
+        t0[j] = med - _WINSOR_CLAMP * s0
+        t1[j] = med + _WINSOR_CLAMP * s0
+        i0[j] = -1  # no clamped set solved for yet
+    for round_ in range(_WINSOR_JUMPS + 1):
+        _clamp_pass(V, rows, k, a, b, shift, t0, t1, j0, j1, s1, s2)
+        n_open = 0
+        for j in range(k):
+            if settled[j]:
                 continue
-            if use_low:
-                bound = centre[l] - k_low * sigma[l]
-                while lo < hi and Vd[lo, l] < bound:
-                    lo += 1
-            if use_high:
-                bound = centre[l] + k_high * sigma[l]
-                while hi > lo and Vd[hi - 1, l] > bound:
-                    hi -= 1
-            if lo == a[l] and hi == b[l]:
-                active[l] = 0
+            if j0[j] == i0[j] and j1[j] == i1[j]:
+                settled[j] = 1  # the last solution clamps the set it was solved for
                 continue
-            a[l] = lo
-            b[l] = hi
-            it[l] += 1
-            if hi - lo < 3 or (max_iterations > 0 and it[l] >= max_iterations):
-                active[l] = 0
+            if round_ == _WINSOR_JUMPS:
+                settled[j] = 2
+                continue
+            i0[j] = j0[j]
+            i1[j] = j1[j]
+            c = b[j] - a[j]
+            nm = i1[j] - i0[j]
+            n_lo = i0[j]
+            n_hi = c - i1[j]
+            inv_nm = 1.0 / nm
+            q = s2[j] - s1[j] * s1[j] * inv_nm
+            delta = np.float64(n_hi - n_lo)
+            den = (c - 1) * _INV_WINSOR_SCALE2 - _WINSOR_CLAMP2 * ((n_lo + n_hi) + delta * delta * inv_nm)
+            if nm > 0 and den > 0.0 and q > 0.0:
+                s = math.sqrt(q / den)
+                ctr = shift[j] + (s1[j] + _WINSOR_CLAMP * s * delta) * inv_nm
+                centre[j] = ctr
+                sigma[j] = s
+                t0[j] = ctr - _WINSOR_CLAMP * s
+                t1[j] = ctr + _WINSOR_CLAMP * s
+                n_open += 1
+            else:
+                settled[j] = 2  # no explicit solution: leave it to the iteration
+        if n_open == 0:
+            break
+    for j in range(k):
+        if done[j]:
+            continue
+        lo = a[j]
+        hi = b[j]
+        if settled[j] != 1:
+            med = shift[j]
+            acc1 = 0.0
+            acc2 = 0.0
+            P1[lo, j] = 0.0
+            P2[lo, j] = 0.0
+            for r in range(lo, hi):
+                d = V[r, j] - med
+                acc1 += d
+                acc2 += d * d
+                P1[r + 1, j] = acc1
+                P2[r + 1, j] = acc2
+            ctr, sg, ok = _winsorize(V, j, lo, hi, med, P1, P2, med, sigma0[j])
+            if not ok:
+                # No convergence (a heavily quantized sample whose winsorized sigma
+                # collapses): reject nothing rather than on a bad sigma.
+                done[j] = 1
+                continue
+            centre[j] = ctr
+            sigma[j] = sg
+        if _negligible(sigma[j], centre[j]):
+            done[j] = 1
+            continue
+        if use_low:
+            bound = centre[j] - k_low * sigma[j]
+            while lo < hi and V[lo, j] < bound:
+                lo += 1
+        if use_high:
+            bound = centre[j] + k_high * sigma[j]
+            while hi > lo and V[hi - 1, j] > bound:
+                hi -= 1
+        if lo == a[j] and hi == b[j]:
+            done[j] = 1
+        a[j] = lo
+        b[j] = hi
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i):
+    """Winsorized sigma clipping of the sorted columns ``Vd[:cnt[l], l]`` (``Vd`` is
+    used as work space).
+
+    Writes the smallest and largest kept value of each column to ``cut_lo``/``cut_hi``.
+    Rounds of :func:`_winsor_round` repeat on the survivors while at least 3 remain.
+    Between rounds the columns still clipping are packed to the left of the block, so
+    that the lockstep passes of later rounds (a few columns, typically) stay dense.
+    """
+    lane = lane_i[5]  # column of Vd (and of cut_lo, cut_hi) each packed column came from
+    a = lane_i[6]
+    b = lane_i[7]
+    it = lane_i[8]
+    done = lane_i[9]
+    k = 0
     for l in range(w):
         m = cnt[l]
-        cut_lo[l] = Vd[a[l], l] if a[l] < m else _INF
-        cut_hi[l] = Vd[b[l] - 1, l] if b[l] > 0 else -_INF
+        if m >= 3:
+            lane[k] = l
+            a[k] = 0
+            b[k] = m
+            it[k] = 0
+            if k != l:
+                for r in range(m):
+                    Vd[r, k] = Vd[r, l]
+            k += 1
+        else:
+            cut_lo[l] = Vd[0, l] if m > 0 else _INF
+            cut_hi[l] = Vd[m - 1, l] if m > 0 else -_INF
+    while k > 0:
+        _winsor_round(Vd, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, lane_i, done)
+        kept = 0
+        for j in range(k):
+            lo = a[j]
+            hi = b[j]
+            it[j] += 1
+            if done[j] or hi - lo < 3 or (max_iterations > 0 and it[j] >= max_iterations):
+                # Everything below the smallest kept value, and above the largest, was
+                # rejected (an empty kept range cannot happen: rounds need 3 values).
+                cut_lo[lane[j]] = Vd[lo, j] if lo < hi else _INF
+                cut_hi[lane[j]] = Vd[hi - 1, j] if lo < hi else -_INF
+                continue
+            if kept != j:
+                for r in range(lo, hi):
+                    Vd[r, kept] = Vd[r, j]
+                lane[kept] = lane[j]
+                a[kept] = lo
+                b[kept] = hi
+                it[kept] = it[j]
+            kept += 1
+        k = kept
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -1108,7 +1133,7 @@ def _flags_kernel_lockstep(stack, method, k_low, k_high, use_low, use_high, rang
     P1 = np.empty((n + 1, L), np.float64)
     P2 = np.empty((n + 1, L), np.float64)
     lane_f = np.empty((8, L), np.float64)
-    lane_i = np.empty((9, L), np.int64)
+    lane_i = np.empty((10, L), np.int64)
     buf = np.empty(n, np.float64)
     for y in range(ny):
         for x0 in range(0, nx, L):
