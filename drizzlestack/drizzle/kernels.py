@@ -1,9 +1,11 @@
 """Numba kernels of drizzle: each one adds the drops of one input window into
 float64 accumulators ``acc_wv`` (sum of weight x value) and ``acc_w`` (sum of weight).
 
-Plain arrays in and out, ``@njit(nogil=True, cache=True, error_model="numpy")``, no Python objects, no
-``parallel=True`` (the drivers run many kernels at once on Dask threads). Validation,
-dispatch and the maths write-up live in :mod:`drizzlestack.drizzle.array`.
+Plain arrays in and out, ``@njit(nogil=True, cache=True, error_model="numpy")``, no
+Python objects, no ``parallel=True`` (the drivers run many kernels at once on Dask
+threads). Validation, dispatch and the maths write-up live in
+:mod:`drizzlestack.drizzle.array`. Every kernel takes data and weights as float64 (one
+compiled signature each: a cold compile of the square kernel takes 15-30 s).
 
 Conventions shared by every kernel (DESIGN.md):
 
@@ -48,7 +50,7 @@ SQUARE_BATCH = 128
 # (v + _GRID) - _GRID rounds v (|v| < 2048) to a multiple of 2**-40. Edge heights
 # rounded this way make every later difference of heights exact, which keeps the
 # overlap of a nearly horizontal edge (tiny but non-zero slope) accurate; see
-# _square_window_areas.
+# _sq_areas. (It relies on numba not using fast-math.)
 _GRID = 6144.0
 
 # A cell overlap below this fraction of the drop's area is a rounding residue of an
@@ -372,6 +374,93 @@ def _sq_weights(S, nb, wn):
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
+def _w3_column(x1, y1, lo, hi, sl, sg, c):
+    """One edge over column ``c`` of a 3x3 window: its contributions to ``R[0..2, c]``
+    (see :func:`_sq_areas`), in straight-line code."""
+    xa = min(max(c, lo), hi)
+    xb = min(max(c + 1.0, lo), hi)
+    w = (xb - xa) * sg
+    ya = (y1 + sl * (xa - x1) + _GRID) - _GRID
+    yb = (y1 + sl * (xb - x1) + _GRID) - _GRID
+    d = yb - ya
+    kk = (0.5 * w) / d if d != 0.0 else 0.0
+    ff = w if d == 0.0 else 0.0
+    l0 = 0.5 * w * (ya + yb)
+    qa = max(ya - 1.0, 0.0)
+    qb = max(yb - 1.0, 0.0)
+    l1 = kk * ((qb - qa) * (qb + qa)) + ff * qa
+    qa = max(ya - 2.0, 0.0)
+    qb = max(yb - 2.0, 0.0)
+    l2 = kk * ((qb - qa) * (qb + qa)) + ff * qa
+    return l0, l1, l2
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _w3_edge(x1, y1, x2, y2):
+    """One edge over the three columns of a 3x3 window: 9 contributions
+    ``R[r, c]`` in the order (r0c0, r0c1, r0c2, r1c0, ...)."""
+    dx = x2 - x1
+    sg = 1.0 if dx > 0.0 else -1.0
+    lo = min(x1, x2)
+    hi = max(x1, x2)
+    sl = (y2 - y1) / dx if abs(dx) > 1e-30 else 0.0
+    a0, a1, a2 = _w3_column(x1, y1, lo, hi, sl, sg, 0.0)
+    b0, b1, b2 = _w3_column(x1, y1, lo, hi, sl, sg, 1.0)
+    c0, c1, c2 = _w3_column(x1, y1, lo, hi, sl, sg, 2.0)
+    return a0, b0, c0, a1, b1, c1, a2, b2, c2
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _sq_areas_weights3(S, nb):
+    """:func:`_sq_areas` followed by :func:`_sq_weights` for a 3x3 window (drops up to
+    2 output pixels across: scale up to ~2 at pixfrac 1), fused into one loop over the
+    batch of straight-line code: a loop nested in the batch loop would not be unrolled,
+    and a chain of short loops costs as much in overhead as in work."""
+    for k in range(nb):
+        ku = uint64(k)
+        x0 = S[uint64(_S_X) + ku]
+        x1 = S[uint64(_S_X + _B) + ku]
+        x2 = S[uint64(_S_X + 2 * _B) + ku]
+        x3 = S[uint64(_S_X + 3 * _B) + ku]
+        y0 = S[uint64(_S_Y) + ku]
+        y1 = S[uint64(_S_Y + _B) + ku]
+        y2 = S[uint64(_S_Y + 2 * _B) + ku]
+        y3 = S[uint64(_S_Y + 3 * _B) + ku]
+        e = _w3_edge(x0, y0, x1, y1)
+        f = _w3_edge(x1, y1, x2, y2)
+        g = _w3_edge(x2, y2, x3, y3)
+        h = _w3_edge(x3, y3, x0, y0)
+        r00 = e[0] + f[0] + g[0] + h[0]
+        r01 = e[1] + f[1] + g[1] + h[1]
+        r02 = e[2] + f[2] + g[2] + h[2]
+        r10 = e[3] + f[3] + g[3] + h[3]
+        r11 = e[4] + f[4] + g[4] + h[4]
+        r12 = e[5] + f[5] + g[5] + h[5]
+        r20 = e[6] + f[6] + g[6] + h[6]
+        r21 = e[7] + f[7] + g[7] + h[7]
+        r22 = e[8] + f[8] + g[8] + h[8]
+        area = r00 + r01 + r02
+        S[uint64(_S_FW) + ku] = S[uint64(_S_FW) + ku] / area
+        S[uint64(_S_FV) + ku] = S[uint64(_S_FV) + ku] / area
+        tol = _AREA_RTOL * abs(area)
+        a = r00 - r10
+        S[uint64(_S_R) + ku] = a if abs(a) > tol else 0.0
+        a = r01 - r11
+        S[uint64(_S_R + _B) + ku] = a if abs(a) > tol else 0.0
+        a = r02 - r12
+        S[uint64(_S_R + 2 * _B) + ku] = a if abs(a) > tol else 0.0
+        a = r10 - r20
+        S[uint64(_S_R + _WM * _B) + ku] = a if abs(a) > tol else 0.0
+        a = r11 - r21
+        S[uint64(_S_R + (_WM + 1) * _B) + ku] = a if abs(a) > tol else 0.0
+        a = r12 - r22
+        S[uint64(_S_R + (_WM + 2) * _B) + ku] = a if abs(a) > tol else 0.0
+        S[uint64(_S_R + 2 * _WM * _B) + ku] = r20 if abs(r20) > tol else 0.0
+        S[uint64(_S_R + (2 * _WM + 1) * _B) + ku] = r21 if abs(r21) > tol else 0.0
+        S[uint64(_S_R + (2 * _WM + 2) * _B) + ku] = r22 if abs(r22) > tol else 0.0
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
     """Add the batch's cell overlaps times ``w / area`` and ``w * value / area`` into
     the accumulators (clipped to the output)."""
@@ -539,13 +628,17 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
 @njit(nogil=True, cache=True, error_model="numpy")
 def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
                   acc_wv, acc_w, touched, use_touched):
-    """Square kernel: exact overlap of each shrunken drop (see
-    :func:`drop_corners_row`) with the output pixels.
+    """Square kernel: exact overlap of each shrunken drop (see :func:`drop_corners`)
+    with the output pixels.
 
-    Each input row is cut into batches of ``SQUARE_BATCH`` consecutive drops whose
-    overlaps are computed together over a window just large enough for the batch (at
-    most ``SQUARE_MAX_WINDOW`` output pixels a side, :func:`_sq_areas`). Larger drops
-    whose bounding box is at most ``max_extent`` output pixels a side go through
+    Each input row is cut into batches of ``SQUARE_BATCH`` consecutive drops, sorted
+    without branches (:func:`_sq_classify`), whose overlaps are computed together over
+    a window just large enough for the batch: 3x3 output pixels, the common case up to
+    scale ~2, by the fused :func:`_sq_areas_weights3`; other sizes up to
+    ``SQUARE_MAX_WINDOW`` by :func:`_sq_areas` and :func:`_sq_weights`. Every loop over
+    the batch is branch-free and vectorized; :func:`_sq_scatter` then adds the cells into
+    the accumulators. Drops larger than the window whose bounding box is at most
+    ``max_extent`` output pixels a side go one by one through
     :func:`_square_big_drop`; larger still are skipped (a guard against absurd
     pixmaps). Degenerate drops (area below 1e-10 of their bounding box: collinear or
     collapsed corners) are skipped.
@@ -566,9 +659,13 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
             nb = min(_B, nx - i0)
             _sq_corners(S, tx, ty, bx, by, h, i0, nb)
             wn = _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W)
-            if wn > 0:
+            if wn == 3:
+                # the common case (scale up to ~2): fused, straight-line code
+                _sq_areas_weights3(S, nb)
+            elif wn > 0:
                 _sq_areas(S, nb, wn)
                 _sq_weights(S, nb, wn)
+            if wn > 0:
                 ncontrib += _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched)
             for k in range(nb):
                 if S[_S_ST + k] == 2.0:
@@ -593,27 +690,30 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
     mapped centre, with weight ``w``."""
     ny, nx = data.shape
     H, W = acc_w.shape
+    flat_w = acc_w.reshape(H * W)
+    flat_wv = acc_wv.reshape(H * W)
+    xlim = W - 0.5
+    ylim = H - 0.5
     ncontrib = 0
     for j in range(ny):
+        drow = data[j]
+        prow = pixmap[j]
         for i in range(nx):
-            v = data[j, i]
-            if not math.isfinite(v):
-                continue
+            v = drow[i]
             wt = weights[j, i] if use_weights else 1.0
-            if not wt > 0.0:
+            x = prow[i, 0]
+            y = prow[i, 1]
+            # one test for everything: finite value, positive weight, and a centre
+            # inside the output (NaN fails every comparison)
+            if not ((v - v) == 0.0 and wt > 0.0 and x >= -0.5 and x < xlim
+                    and y >= -0.5 and y < ylim):
                 continue
-            x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
-            if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):  # also rejects NaN
-                continue
-            ii = _out_index(x)
-            jj = _out_index(y)
-            if ii < 0 or ii >= W or jj < 0 or jj >= H:
-                continue
-            acc_w[jj, ii] += wt
-            acc_wv[jj, ii] += wt * v
+            # x >= -0.5 here, so floor(x + 0.5) >= 0: unsigned, no wraparound fix-up
+            o = uint64(math.floor(y + 0.5)) * uint64(W) + uint64(math.floor(x + 0.5))
+            flat_w[o] += wt
+            flat_wv[o] += wt * v
             if use_touched:
-                touched[jj, ii] = 1
+                touched[int(math.floor(y + 0.5)), int(math.floor(x + 0.5))] = 1
             ncontrib += 1
     return ncontrib
 

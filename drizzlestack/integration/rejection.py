@@ -585,15 +585,31 @@ def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, n0, n1, s1, s2):
+def _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, n0, n1, s1, s2, full):
     """One vectorized pass over the block: per column ``l``, among ``Vd[a:b, l]``, the
     number of values below ``t0[l]`` (``n0``), not above ``t1[l]`` (``n1``), and the sum
-    and sum of squares of ``v - shift[l]`` over those in between (``s1``, ``s2``)."""
+    and sum of squares of ``v - shift[l]`` over those in between (``s1``, ``s2``).
+    ``full``: every column spans all ``rows`` (``a == 0``, ``b == rows``), the common
+    case, which saves the range mask."""
     for l in range(w):
         n0[l] = 0
         n1[l] = 0
         s1[l] = 0.0
         s2[l] = 0.0
+    if full:
+        for k in range(rows):
+            row = Vd[k]
+            for l in range(w):
+                x = row[l]
+                below = x < t0[l]
+                above = x > t1[l]
+                n0[l] += below
+                n1[l] += not above
+                mid = not (below | above)
+                d = x - shift[l]
+                s1[l] += d if mid else 0.0
+                s2[l] += d * d if mid else 0.0
+        return
     for k in range(rows):
         row = Vd[k]
         for l in range(w):
@@ -638,9 +654,12 @@ def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, 
     j1 = lane_i[4]
     rows = 0
     for j in range(k):
+        rows = max(rows, b[j])
+    full = True
+    for j in range(k):
+        full = full and a[j] == 0 and b[j] == rows
         done[j] = 0
         settled[j] = 0
-        rows = max(rows, b[j])
         lo = a[j]
         hi = b[j]
         med = _quantile_sorted(V, lo, hi, j, 0.5)
@@ -667,7 +686,7 @@ def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, 
         t1[j] = med + _WINSOR_CLAMP * s0
         i0[j] = -1  # no clamped set solved for yet
     for round_ in range(_WINSOR_JUMPS + 1):
-        _clamp_pass(V, rows, k, a, b, shift, t0, t1, j0, j1, s1, s2)
+        _clamp_pass(V, rows, k, a, b, shift, t0, t1, j0, j1, s1, s2, full)
         n_open = 0
         for j in range(k):
             if settled[j]:
