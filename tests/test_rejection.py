@@ -465,9 +465,9 @@ def test_sorting_network_sorts():
 
 def test_many_frames_and_ragged_width():
     """70 frames (a non-power-of-two network) and a width that is not a multiple of the
-    64-pixel lanes."""
+    128-pixel lanes."""
     rng = np.random.default_rng(12)
-    stack = noisy_stack(rng, n=70, shape=(3, 131))
+    stack = noisy_stack(rng, n=70, shape=(3, 291))
     np.testing.assert_array_equal(reject_stack(stack, method="sigma", low=2.5, high=2.5), astropy_mask(stack, 2.5, 2.5))
 
 
