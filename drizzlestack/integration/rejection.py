@@ -64,17 +64,16 @@ instead); ``reject_low``/``reject_high`` switch each side off. Values below refe
     changes or nothing is left, and finally flag every value of the sample outside the
     last bounds. The returned mask equals astropy's, bit for bit (see *Notes*).
 ``"winsorized"``
-    Winsorized sigma clipping (Huber's method, as PixInsight's ImageIntegration; the
-    pipeline's default). The sample is winsorized (clamped) to ``centre ± 1.5·sigma``,
-    with the centre the mean and ``sigma = 1.134 · std(ddof=1)`` of the winsorized
-    sample, until that reproduces itself; values beyond ``centre - low·sigma`` /
-    ``centre + high·sigma`` are rejected, and the whole repeats on the survivors while
-    at least 3 remain. PixInsight iterates the winsorization from a robust start until
-    sigma changes by less than 0.05 %; we start from the median and the interquartile
-    range and solve for the iteration's limit exactly (see :func:`_winsor_jump`), so
-    the two agree to that tolerance. Where there is no spread, or the winsorization
-    does not converge (heavily quantized samples, whose winsorized sigma collapses
-    towards 0), nothing more is rejected.
+    Winsorized sigma clipping (as PixInsight's ImageIntegration; the pipeline's
+    default). The sample is winsorized (clamped) to ``median ± 1.5·sigma`` and
+    ``sigma = 1.134 · std(ddof=1)`` of the winsorized sample, iterated from the
+    interquartile-range sigma until sigma changes by less than 0.05 %; values beyond
+    ``median - low·sigma`` / ``median + high·sigma`` are rejected, and the whole repeats
+    on the survivors while at least 3 remain. Centring on the median keeps the
+    iteration stable with a quarter of the sample made of outliers (a clamped-mean
+    centre drifts away there and would reject nothing; see :func:`_winsorize`). Where
+    there is no spread, or the winsorization does not converge (heavily quantized
+    samples, whose winsorized sigma collapses towards 0), nothing more is rejected.
 ``"averaged"``
     Averaged sigma clipping (IRAF's ``avsigclip``, as in PixInsight): a Poisson noise
     model ``sigma² = k · median`` whose factor ``k = Σ(x - m)² / m / (n' - 1)`` is fitted
@@ -163,8 +162,7 @@ _LANES = 128
 _WINSOR_CLAMP = 1.5
 _WINSOR_SCALE = 1.134
 _WINSOR_TOL = 5e-4
-_WINSOR_MAXIT = 50
-_WINSOR_JUMPS = 4
+_WINSOR_MAXIT = 1000  # the contraction can be slow (0.85 a step) when it starts from an outlier-inflated IQR
 _INV_WINSOR_SCALE2 = 1.0 / (_WINSOR_SCALE * _WINSOR_SCALE)
 _WINSOR_CLAMP2 = _WINSOR_CLAMP * _WINSOR_CLAMP
 _IQR_TO_SIGMA = 1.0 / 1.3489795003921634  # a Gaussian's sigma from its interquartile range
@@ -494,136 +492,44 @@ def _walk_upper(V, l, a, b, i, x):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsor_jump(V, l, a, b, shift, P1, P2, i0, i1):
-    """Explicit winsorization fixed point for a given clamped set, and whether it
-    clamps that same set. Returns ``(centre, sigma, ok)``.
-
-    With ``n0`` values raised to the lower clamp, ``n1`` lowered to the upper one and
-    the ``nm`` others summing to ``A`` (squares: ``B``) relative to ``shift``, ``c``
-    values in all, "clamp at ``centre ± 1.5 sigma``, then ``centre = mean`` and
-    ``sigma = 1.134 · std(ddof=1)`` of the clamped sample" reproduces itself at::
-
-        centre = (A + 1.5 sigma (n1 - n0)) / nm
-        sigma² = (B - A²/nm) / ((c - 1)/1.134² - 1.5² (n0 + n1 + (n1 - n0)²/nm))
-    """
-    c = b - a
-    nm = i1 - i0
-    if nm <= 0:
-        return 0.0, 0.0, False
-    n0 = i0 - a
-    n1 = b - i1
-    inv_nm = 1.0 / nm
-    a_sum = P1[i1, l] - P1[i0, l]
-    q = P2[i1, l] - P2[i0, l] - a_sum * a_sum * inv_nm
-    delta = np.float64(n1 - n0)
-    den = (c - 1) * _INV_WINSOR_SCALE2 - _WINSOR_CLAMP2 * ((n0 + n1) + delta * delta * inv_nm)
-    if not (den > 0.0 and q > 0.0):
-        return 0.0, 0.0, False
-    sigma = math.sqrt(q / den)
-    centre = shift + (a_sum + _WINSOR_CLAMP * sigma * delta) * inv_nm
-    ok = (
-        _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma) == i0
-        and _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma) == i1
-    )
-    return centre, sigma, ok
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
 def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
-    """Huber's winsorized centre and sigma of the sorted column ``V[a:b, l]``.
+    """Winsorized centre and sigma of the sorted column ``V[a:b, l]``.
 
-    Defined by the iteration of PixInsight's ImageIntegration: clamp the sample at
-    ``centre ± 1.5 sigma``, then ``centre = mean`` and ``sigma = 1.134 · std(ddof=1)``
-    of the clamped sample, until sigma changes by less than 0.05 %. Its limit for a
-    given set of clamped values is explicit (:func:`_winsor_jump`), so we take that
-    as soon as a guess of the clamped set checks out: from the start values, then
-    whenever a step leaves the set unchanged. With prefix sums ``P1``, ``P2`` of
+    PixInsight's ImageIntegration loop, centred on the median: clamp the sample at
+    ``median ± 1.5 sigma``, then ``sigma = 1.134 · std(ddof=1)`` of the clamped
+    sample, until sigma changes by less than 0.05 %. Clamping symmetrically about the
+    median leaves the median where it is, so only sigma iterates, and the iteration is
+    a contraction even with a quarter of the sample made of outliers. (Re-centring on
+    the clamped *mean* instead, as a Huber M-estimator does, drifts away without
+    converging once about 25 % of the sample are outliers: then nothing at all would
+    be rejected.) ``shift`` must be the median; with prefix sums ``P1``, ``P2`` of
     ``(v - shift)`` and its square each step is two short pointer walks and O(1)
     arithmetic. Returns ``(centre, sigma, converged)``.
     """
     c = b - a
-    i0 = _walk_lower(V, l, a, b, a, centre - _WINSOR_CLAMP * sigma)
-    i1 = _walk_upper(V, l, a, b, b, centre + _WINSOR_CLAMP * sigma)
-    # Guess the clamped set from the start values, then from each explicit solution;
-    # this settles in one or two rounds for most samples. It can also cycle between
-    # sets: then the plain iteration from the start values decides.
-    j0 = i0
-    j1 = i1
-    for _ in range(_WINSOR_JUMPS):
-        fp_centre, fp_sigma, ok = _winsor_jump(V, l, a, b, shift, P1, P2, j0, j1)
-        if ok:
-            return fp_centre, fp_sigma, True
-        if not fp_sigma > 0.0:
-            break
-        j0 = _walk_lower(V, l, a, b, j0, fp_centre - _WINSOR_CLAMP * fp_sigma)
-        j1 = _walk_upper(V, l, a, b, j1, fp_centre + _WINSOR_CLAMP * fp_sigma)
+    centre = shift
+    i0 = a
+    i1 = b
     for step in range(_WINSOR_MAXIT):
         t0 = centre - _WINSOR_CLAMP * sigma
         t1 = centre + _WINSOR_CLAMP * sigma
+        i0 = _walk_lower(V, l, a, b, i0, t0)
+        i1 = _walk_upper(V, l, a, b, i1, t1)
         n0 = i0 - a
         n1 = b - i1
         d0 = t0 - shift
         d1 = t1 - shift
         s1 = n0 * d0 + (P1[i1, l] - P1[i0, l]) + n1 * d1
         s2 = n0 * d0 * d0 + (P2[i1, l] - P2[i0, l]) + n1 * d1 * d1
-        mean_d = s1 / c
-        var = (s2 - s1 * mean_d) / (c - 1)
+        var = (s2 - s1 * (s1 / c)) / (c - 1)
         new_sigma = _WINSOR_SCALE * math.sqrt(var) if var > 0.0 else 0.0
         converged = abs(new_sigma - sigma) < _WINSOR_TOL * sigma
-        centre = shift + mean_d
         sigma = new_sigma
-        if _negligible(sigma, centre) or (step >= 1 and converged):
+        if _negligible(sigma, centre):
             return centre, sigma, True
-        j0 = _walk_lower(V, l, a, b, i0, centre - _WINSOR_CLAMP * sigma)
-        j1 = _walk_upper(V, l, a, b, i1, centre + _WINSOR_CLAMP * sigma)
-        if j0 == i0 and j1 == i1:
-            fp_centre, fp_sigma, ok = _winsor_jump(V, l, a, b, shift, P1, P2, j0, j1)
-            if ok:
-                return fp_centre, fp_sigma, True
-        i0 = j0
-        i1 = j1
+        if converged:
+            return centre, sigma, True
     return centre, sigma, False
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _clamp_pass(Vd, rows, w, a, b, shift, t0, t1, n0, n1, s1, s2, full):
-    """One vectorized pass over the block: per column ``l``, among ``Vd[a:b, l]``, the
-    number of values below ``t0[l]`` (``n0``), not above ``t1[l]`` (``n1``), and the sum
-    and sum of squares of ``v - shift[l]`` over those in between (``s1``, ``s2``).
-    ``full``: every column spans all ``rows`` (``a == 0``, ``b == rows``), the common
-    case, which saves the range mask."""
-    for l in range(w):
-        n0[l] = 0
-        n1[l] = 0
-        s1[l] = 0.0
-        s2[l] = 0.0
-    if full:
-        for k in range(rows):
-            row = Vd[k]
-            for l in range(w):
-                x = row[l]
-                below = x < t0[l]
-                above = x > t1[l]
-                n0[l] += below
-                n1[l] += not above
-                mid = not (below | above)
-                d = x - shift[l]
-                s1[l] += d if mid else 0.0
-                s2[l] += d * d if mid else 0.0
-        return
-    for k in range(rows):
-        row = Vd[k]
-        for l in range(w):
-            x = row[l]
-            inside = (k >= a[l]) & (k < b[l])
-            below = x < t0[l]
-            above = x > t1[l]
-            n0[l] += inside & below
-            n1[l] += inside & (not above)
-            mid = inside & (not below) & (not above)
-            d = x - shift[l]
-            s1[l] += d if mid else 0.0
-            s2[l] += d * d if mid else 0.0
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -633,34 +539,15 @@ def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, 
     sets ``done[j]`` where the column stops (nothing rejected, no spread, no
     convergence).
 
-    The winsorized centre and sigma are the explicit fixed points of
-    :func:`_winsor_jump`, found for all columns in lockstep: from the clamped set of the
-    robust start (median, interquartile range), solve, find the set the solution clamps
-    (with its sums: one vectorized pass over the block), and repeat until the set
-    reproduces itself. The few columns still unsettled after ``_WINSOR_JUMPS`` solutions
-    run the plain iteration (:func:`_winsorize`).
+    The centre is the median and the sigma the winsorized one of :func:`_winsorize`,
+    iterated from the interquartile-range sigma.
     """
     shift = lane_f[0]
     centre = lane_f[1]
     sigma = lane_f[2]
-    t0 = lane_f[3]
-    t1 = lane_f[4]
     sigma0 = lane_f[5]
-    s1 = lane_f[6]
-    s2 = lane_f[7]
-    settled = lane_i[0]  # 0: searching; 1: statistics found; 2: needs the iteration
-    i0 = lane_i[1]
-    i1 = lane_i[2]
-    j0 = lane_i[3]
-    j1 = lane_i[4]
-    rows = 0
     for j in range(k):
-        rows = max(rows, b[j])
-    full = True
-    for j in range(k):
-        full = full and a[j] == 0 and b[j] == rows
         done[j] = 0
-        settled[j] = 0
         lo = a[j]
         hi = b[j]
         med = _quantile_sorted(V, lo, hi, j, 0.5)
@@ -680,71 +567,32 @@ def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, 
             s0 = math.sqrt(var) if var > 0.0 else 0.0
             if _negligible(s0, med):
                 done[j] = 1  # a flat sample: nothing to reject
-                settled[j] = 1
                 continue
         sigma0[j] = s0
-        t0[j] = med - _WINSOR_CLAMP * s0
-        t1[j] = med + _WINSOR_CLAMP * s0
-        i0[j] = -1  # no clamped set solved for yet
-    for round_ in range(_WINSOR_JUMPS + 1):
-        _clamp_pass(V, rows, k, a, b, shift, t0, t1, j0, j1, s1, s2, full)
-        n_open = 0
-        for j in range(k):
-            if settled[j]:
-                continue
-            if j0[j] == i0[j] and j1[j] == i1[j]:
-                settled[j] = 1  # the last solution clamps the set it was solved for
-                continue
-            if round_ == _WINSOR_JUMPS:
-                settled[j] = 2
-                continue
-            i0[j] = j0[j]
-            i1[j] = j1[j]
-            c = b[j] - a[j]
-            nm = i1[j] - i0[j]
-            n_lo = i0[j]
-            n_hi = c - i1[j]
-            inv_nm = 1.0 / nm
-            q = s2[j] - s1[j] * s1[j] * inv_nm
-            delta = np.float64(n_hi - n_lo)
-            den = (c - 1) * _INV_WINSOR_SCALE2 - _WINSOR_CLAMP2 * ((n_lo + n_hi) + delta * delta * inv_nm)
-            if nm > 0 and den > 0.0 and q > 0.0:
-                s = math.sqrt(q / den)
-                ctr = shift[j] + (s1[j] + _WINSOR_CLAMP * s * delta) * inv_nm
-                centre[j] = ctr
-                sigma[j] = s
-                t0[j] = ctr - _WINSOR_CLAMP * s
-                t1[j] = ctr + _WINSOR_CLAMP * s
-                n_open += 1
-            else:
-                settled[j] = 2  # no explicit solution: leave it to the iteration
-        if n_open == 0:
-            break
     for j in range(k):
         if done[j]:
             continue
         lo = a[j]
         hi = b[j]
-        if settled[j] != 1:
-            med = shift[j]
-            acc1 = 0.0
-            acc2 = 0.0
-            P1[lo, j] = 0.0
-            P2[lo, j] = 0.0
-            for r in range(lo, hi):
-                d = V[r, j] - med
-                acc1 += d
-                acc2 += d * d
-                P1[r + 1, j] = acc1
-                P2[r + 1, j] = acc2
-            ctr, sg, ok = _winsorize(V, j, lo, hi, med, P1, P2, med, sigma0[j])
-            if not ok:
-                # No convergence (a heavily quantized sample whose winsorized sigma
-                # collapses): reject nothing rather than on a bad sigma.
-                done[j] = 1
-                continue
-            centre[j] = ctr
-            sigma[j] = sg
+        med = shift[j]
+        acc1 = 0.0
+        acc2 = 0.0
+        P1[lo, j] = 0.0
+        P2[lo, j] = 0.0
+        for r in range(lo, hi):
+            d = V[r, j] - med
+            acc1 += d
+            acc2 += d * d
+            P1[r + 1, j] = acc1
+            P2[r + 1, j] = acc2
+        ctr, sg, ok = _winsorize(V, j, lo, hi, med, P1, P2, med, sigma0[j])
+        if not ok:
+            # No convergence (a heavily quantized sample whose winsorized sigma
+            # collapses): reject nothing rather than on a bad sigma.
+            done[j] = 1
+            continue
+        centre[j] = ctr
+        sigma[j] = sg
         if _negligible(sigma[j], centre[j]):
             done[j] = 1
             continue
