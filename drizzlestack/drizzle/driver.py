@@ -131,20 +131,32 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
 
 
 def _apply_rejection(weights, flags, index, xr_, yr_, saturated, ref_shape) -> None:
-    """Zero the weight of input pixels whose nearest reference pixel was flagged by the
-    integration's rejection in this frame. Saturated pixels are exempt: they are not
-    outliers, and rejecting them is what turns star cores black."""
-    # Nearest reference pixel; pixels just beyond the edge (whose drops still reach the
-    # output) take the flags of the edge pixel. Non-finite positions drop no weight anyway.
+    """Zero the weight of input pixels whose footprint touches a reference pixel that the
+    integration's rejection flagged in this frame. Saturated pixels are exempt: they are
+    not outliers, and rejecting them is what turns star cores black.
+
+    An input pixel, mapped to the reference grid, overlaps the 2x2 reference pixels
+    around its mapped centre (for the small scale changes and rotations between frames
+    of one camera). Looking only at the nearest one misses outliers that the registered
+    view shows a pixel away: the two halves of a cosmic ray spanning two pixels, or a
+    trail pixel whose interpolated value was hidden by a cosmic ray's ringing next to it.
+    """
     finite = np.isfinite(xr_) & np.isfinite(yr_)
     if not finite.any():
         return
-    ix = np.clip(np.floor(np.where(finite, xr_, 0) + 0.5), 0, ref_shape[1] - 1).astype(np.intp)
-    iy = np.clip(np.floor(np.where(finite, yr_, 0) + 0.5), 0, ref_shape[0] - 1).astype(np.intp)
-    ix0, iy0 = ix[finite].min(), iy[finite].min()
-    window = np.asarray(flags[index, iy0:iy[finite].max() + 1, ix0:ix[finite].max() + 1])
+    # Pixels just beyond the edge (whose drops still reach the output) take the edge's flags.
+    fx = np.floor(np.where(finite, xr_, 0.0))
+    fy = np.floor(np.where(finite, yr_, 0.0))
+    x0 = np.clip(fx, 0, ref_shape[1] - 1).astype(np.intp)
+    x1 = np.clip(fx + 1, 0, ref_shape[1] - 1).astype(np.intp)
+    y0 = np.clip(fy, 0, ref_shape[0] - 1).astype(np.intp)
+    y1 = np.clip(fy + 1, 0, ref_shape[0] - 1).astype(np.intp)
+    wx0, wy0 = x0[finite].min(), y0[finite].min()
+    window = np.asarray(flags[index, wy0:y1[finite].max() + 1, wx0:x1[finite].max() + 1]) != 0
     flagged = np.zeros(weights.shape, dtype=bool)
-    flagged[finite] = window[iy[finite] - iy0, ix[finite] - ix0] != 0
+    f = finite
+    flagged[f] = (window[y0[f] - wy0, x0[f] - wx0] | window[y0[f] - wy0, x1[f] - wx0]
+                  | window[y1[f] - wy0, x0[f] - wx0] | window[y1[f] - wy0, x1[f] - wx0])
     weights[flagged & ~saturated] = 0.0
 
 
