@@ -46,7 +46,7 @@ def make_store(path: Path, n_frames: int, size: int, seed: int = 0) -> None:
     st.end_step("register")
 
 
-def run_drizzle(store, scale, workers, tile=512):
+def run_drizzle(store, scale, workers, tile=1024):
     import drizzlestack as ds
     from drizzlestack.parallel import scheduler
 
@@ -115,7 +115,7 @@ def main():
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--frame-counts", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     scaling(args) if args.mode == "scaling" else memory(args)

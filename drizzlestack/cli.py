@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="region of the reference frame, in reference pixels")
     p.add_argument("--output", "-o", default="drizzle.fits", help="FITS file (default drizzle.fits)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--tile", type=int, default=512, help="output tile size: one task per tile (default 512)")
+    p.add_argument("--tile", type=int, default=1024, help="output tile size: one task per tile (default 1024)")
     p.add_argument("--frames", type=int, nargs="+", default=None, help="frame indices (default: every ok frame)")
     p.add_argument("--no-rejection", action="store_true", help="ignore the integration's rejection flags")
     p.add_argument("--no-weights", action="store_true", help="ignore the integration's frame weights")

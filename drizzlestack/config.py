@@ -67,7 +67,7 @@ class DrizzleConfig:
     pixfrac: float = 0.9  # drop size in input pixels, (0, 1]
     kernel: str = "square"  # square | point | turbo | gaussian | lanczos2 | lanczos3
     roi: list[float] | None = None  # [x0, y0, width, height] in reference pixels
-    tile: int = 512  # output tile size (pixels): one task per tile
+    tile: int = 1024  # output tile size (pixels): one task per tile
     rejection: bool = True  # use the integration's per-pixel rejection flags
     weights: bool = True  # use the integration's frame weights
     normalization: bool = True  # use the integration's normalization

@@ -269,7 +269,7 @@ def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | 
 
 
 def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
-            output="drizzle.fits", tile: int = 512, frames=None, rejection: bool = True,
+            output="drizzle.fits", tile: int = 1024, frames=None, rejection: bool = True,
             weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
             overwrite: bool = False, force: bool = True) -> xr.Dataset:
     """Drizzle the registered frames of a store onto a finer output grid.
