@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from ._warnings import DrizzlestackError, DrizzlestackWarning
 from .io.fits import FrameReadError, read_frame
 from .store import STATUS_OK, StackStore, open_stack
 

@@ -3,7 +3,6 @@ saturation, NaN, FITS output and WCS, and refusal of bad parameters."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest

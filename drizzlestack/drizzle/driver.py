@@ -20,8 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -32,6 +31,7 @@ from astropy.io import fits
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
+from ..io.fits import check_output_path, write_streamed
 from ..parallel import compute
 from ..store import STATUS_OK, StackStore, open_stack
 from . import array as _array
@@ -67,7 +67,6 @@ class DrizzlePlan:
     use_rejection: bool
     pad: float
     coverage: bool
-    extra: dict = field(default_factory=dict)
 
 
 def _open_array(store: str, name: str) -> zarr.Array:
@@ -194,20 +193,6 @@ def _check_roi(roi, ref_shape):
     return clipped
 
 
-def _check_output(output, overwrite):
-    if output is None:
-        return None
-    path = Path(output)
-    if path.exists() and not overwrite:
-        raise DrizzlestackError(f"output={output}: file exists; pass overwrite=True (--overwrite) to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise DrizzlestackError(f"output={output}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise DrizzlestackError(f"output={output}: not writable")
-    return path
-
-
 def _select_frames(stack: xr.Dataset, frames):
     status = [str(s) for s in stack["status"].values]
     transform = stack["transform"].values
@@ -329,7 +314,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         raise DrizzlestackError(f"{store}: frames are not registered; run 'drizzlestack register {store}' first")
     ref_shape = st.frame_shape
     roi = _check_roi(roi, ref_shape)
-    out_path = _check_output(output, overwrite)
+    out_path = check_output_path(output, overwrite)
     indices = _select_frames(stack, frames)
     grid = OutputGrid.from_reference(ref_shape, scale, roi)
     if min(grid.shape) < 1:
@@ -428,6 +413,4 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
         ch["EXTNAME"] = "COVERAGE"
         ch["BUNIT"] = ("frames", "number of frames that contributed")
         hdus.append((ch, st.group["drizzle_coverage"], None))
-    from ..io.fits import write_streamed
-
     write_streamed(path, hdus)

@@ -43,6 +43,7 @@ from dask.utils import parse_bytes
 
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from ..io.fits import check_output_path
 from ..parallel import compute
 from ..registration import frame_mapping
 from ..store import STATUS_OK, StackStore, open_stack
@@ -321,19 +322,6 @@ def _check_roi(roi, frame_shape):
     return x0, y0, w, h
 
 
-def _check_output(output, overwrite: bool) -> None:
-    if output is None:
-        return
-    path = Path(output)
-    if path.is_dir():
-        raise DrizzlestackError(f"output={output}: is a directory; give a FITS file name")
-    if path.exists() and not overwrite:
-        raise DrizzlestackError(f"output={output}: file exists; pass overwrite=True (--overwrite) to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise DrizzlestackError(f"output={output}: directory {parent} does not exist")
-
-
 def _registration_inputs(st: StackStore) -> dict:
     """What the integration depends on besides its parameters (for re-run decisions)."""
     import hashlib
@@ -491,7 +479,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         raise DrizzlestackError(f"rejection_options: unknown option {unknown[0]!r} "
                                 f"(known: {', '.join(_REJECTION_OPTIONS)})")
     roi = _check_roi(roi, frame_shape)
-    _check_output(output, overwrite)
+    check_output_path(output, overwrite)
     if not 0 <= ref < n_all:
         raise StoreError(f"{st.path}: reference frame {ref} is not in the store ({n_all} frames)")
 

@@ -165,6 +165,27 @@ def read_frame(path, saturation: float | None = None) -> Frame:
 BLOCK = 2880
 
 
+def check_output_path(output, overwrite: bool) -> Path | None:
+    """Refuse an output file before any work starts: it exists (unless ``overwrite``),
+    it is a directory, its directory is missing, or it cannot be written.
+
+    Returns the path, or ``None`` when ``output`` is ``None`` (no file wanted).
+    """
+    if output is None:
+        return None
+    path = Path(output)
+    if path.is_dir():
+        raise DrizzlestackError(f"output={output}: is a directory; give a FITS file name")
+    if path.exists() and not overwrite:
+        raise DrizzlestackError(f"output={output}: file exists; pass overwrite=True (--overwrite) to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise DrizzlestackError(f"output={output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise DrizzlestackError(f"output={output}: not writable")
+    return path
+
+
 def _pad(n: int) -> int:
     return (-n) % BLOCK
 
