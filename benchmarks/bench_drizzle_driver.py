@@ -46,14 +46,28 @@ def make_store(path: Path, n_frames: int, size: int, seed: int = 0) -> None:
     st.end_step("register")
 
 
-def run_drizzle(store, scale, workers, tile=1024):
+def run_drizzle(store, scale, workers, tile=1024, scheduler_name="threads", client=None):
     import drizzlestack as ds
     from drizzlestack.parallel import scheduler
 
-    with scheduler(scheduler="threads", workers=workers, progress=False):
+    if client is not None:  # an already running distributed cluster of `workers` processes
         t0 = time.perf_counter()
         ds.drizzle(store, scale=scale, pixfrac=0.9, kernel="square", tile=tile, output=None)
         return time.perf_counter() - t0
+    with scheduler(scheduler=scheduler_name, workers=workers, progress=False):
+        t0 = time.perf_counter()
+        ds.drizzle(store, scale=scale, pixfrac=0.9, kernel="square", tile=tile, output=None)
+        return time.perf_counter() - t0
+
+
+def distributed_times(store, workers, repeat, tile):
+    """Times on a local cluster of `workers` single-threaded processes (started once,
+    warmed up, then timed), so that cluster start-up is not counted."""
+    from drizzlestack.parallel import scheduler
+
+    with scheduler(scheduler="distributed", workers=workers, progress=False) as client:
+        run_drizzle(store, 2.0, workers, tile=tile, client=client)  # warm-up: workers load numba's cache
+        return [run_drizzle(store, 2.0, workers, tile=tile, client=client) for _ in range(repeat)]
 
 
 def scaling(args):
@@ -68,12 +82,17 @@ def scaling(args):
         for _ in range(args.repeat):
             for w in (1, 2):
                 times[w].append(run_drizzle(store, 2.0, w, tile=args.tile))
-        t1, t2 = min(times[1]), min(times[2])
         mpix = args.frames * args.size ** 2 / 1e6
         print(f"{args.frames} frames of {args.size}^2, scale 2, square, pixfrac 0.9, tile {args.tile}")
-        print(f"1 worker : {t1:.2f} s ({mpix / t1:.1f} input Mpix/s)  runs {['%.2f' % t for t in times[1]]}")
-        print(f"2 workers: {t2:.2f} s ({mpix / t2:.1f} input Mpix/s)  runs {['%.2f' % t for t in times[2]]}")
-        print(f"speed-up : {t1 / t2:.2f}x")
+
+        def report(label, times):
+            t1, t2 = min(times[1]), min(times[2])
+            print(f"{label}: 1 worker {t1:.2f} s ({mpix / t1:.1f} Mpix/s), 2 workers {t2:.2f} s "
+                  f"({mpix / t2:.1f} Mpix/s), speed-up {t1 / t2:.2f}x   runs {times}")
+
+        report("threads", times)
+        dist = {w: distributed_times(store, w, args.repeat, args.tile) for w in (1, 2)}
+        report("distributed (1-thread worker processes)", dist)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
