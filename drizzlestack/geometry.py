@@ -197,15 +197,6 @@ class MappedThen:
         return self.mapping.inverse(*apply_homography(self.inverse_matrix, x, y))
 
 
-def window_pixmap(mapping, window: tuple[slice, slice]) -> np.ndarray:
-    """Pixmap (``(ny, nx, 2)`` float64) of the input pixels in ``window`` through
-    ``mapping.forward`` (a :class:`FrameMapping` or :class:`MappedThen`)."""
-    sy, sx = window
-    x, y = pixel_grid((sy.stop - sy.start, sx.stop - sx.start), sy.start, sx.start)
-    xt, yt = mapping.forward(x, y)
-    return np.stack([xt, yt], axis=-1)
-
-
 def input_window(mapping, box, input_shape, pad: float = 1.0, n: int = 9):
     """Window of an input frame whose pixels can land in ``box = (x0, y0, x1, y1)``
     (pixel-edge coordinates of the target grid): points along the box's edges are
@@ -228,12 +219,3 @@ def input_window(mapping, box, input_shape, pad: float = 1.0, n: int = 9):
     if xa >= xb or ya >= yb:
         return None
     return slice(ya, yb), slice(xa, xb)
-
-
-def tiles(shape: tuple[int, int], tile: int | tuple[int, int]):
-    """Split a grid of ``shape = (ny, nx)`` into tiles of ``tile`` pixels; yields
-    ``(slice_y, slice_x)``. Used by the registered view and by drizzle alike."""
-    ty, tx = (tile, tile) if np.isscalar(tile) else tile
-    for y0 in range(0, shape[0], ty):
-        for x0 in range(0, shape[1], tx):
-            yield slice(y0, min(y0 + ty, shape[0])), slice(x0, min(x0 + tx, shape[1]))

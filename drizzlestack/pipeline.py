@@ -71,6 +71,7 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
             for line in report.lines():
                 log(f"[ingest] {line}")
             forced = bool(report.added)  # new frames: everything downstream reruns
+        forced = forced or "ingest" in force
         timings["ingest"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +293,3 @@ def open_stack(store) -> xr.Dataset:
     if "frame" in ds.dims:
         ds = ds.assign_coords(frame=np.arange(ds.sizes["frame"]))
     return ds
-
-
-def default_store_name(directory) -> str:
-    return os.path.join(str(directory), "stack.zarr")
