@@ -112,14 +112,20 @@ def scheduler(opts: SchedulerOptions | None = None, **kwargs):
         from distributed import Client, LocalCluster
 
         if name == "distributed":
-            cluster = LocalCluster(
-                n_workers=opts.workers or os.cpu_count() or 1,
-                threads_per_worker=1,
-                processes=True,
-                memory_limit=opts.memory_limit or "auto",
-                host="127.0.0.1",
-                dashboard_address=_dashboard_address(opts.dashboard or True),
-            )
+            # distributed's nannies set MALLOC_TRIM_THRESHOLD_ in their workers, which
+            # turns off glibc's adaptive mmap threshold: every large array a tile task
+            # allocates is then mapped afresh and page-faulted in, and drizzle tiles ran
+            # 3x slower than on the threaded scheduler (benchmarks/README.md). Unset
+            # (None) for the workers this cluster spawns.
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                cluster = LocalCluster(
+                    n_workers=opts.workers or os.cpu_count() or 1,
+                    threads_per_worker=1,
+                    processes=True,
+                    memory_limit=opts.memory_limit or "auto",
+                    host="127.0.0.1",
+                    dashboard_address=_dashboard_address(opts.dashboard or True),
+                )
             closer = cluster
         elif name.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
             cluster, closer = name, None

@@ -18,14 +18,12 @@ black or hollow.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import warnings
 from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 from astropy.io import fits
 
 from .._version import __version__
@@ -33,8 +31,9 @@ from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
 from ..io.fits import check_output_path, write_streamed
 from ..parallel import compute
-from ..store import STATUS_OK, StackStore, open_stack
+from ..store import STATUS_OK, StackStore, DirectArray, open_stack, record_tile
 from . import array as _array
+from . import kernels as _kernels
 
 #: store variables written by this step
 OUTPUT_VARIABLES = ("drizzle", "drizzle_weights", "drizzle_coverage")
@@ -67,12 +66,8 @@ class DrizzlePlan:
     use_rejection: bool
     pad: float
     coverage: bool
-
-
-def _open_array(store: str, name: str) -> zarr.Array:
-    # Opened per task (reading one small JSON document): a handle cached across tasks
-    # would go stale when a later step rewrites the variable.
-    return zarr.open_array(os.path.join(store, name), mode="r")
+    tile: tuple[int, int] = (1024, 1024)  # output tile shape (the store's chunks)
+    done: np.ndarray | None = None  # tile ledger of an interrupted run: finite rows are finished tiles
 
 
 def _mapping_scale(mapping, to_output, frame_shape) -> float:
@@ -99,8 +94,10 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
     acc_wv = np.zeros(shape)
     acc_w = np.zeros(shape)
     cover = np.zeros(shape, dtype=np.uint16) if plan.coverage else None
-    frames = _open_array(plan.store, "frames")
-    flags = _open_array(plan.store, "rejection") if plan.use_rejection else None
+    # Readers decode chunks in this task's thread (zarr's own reads all queue on one
+    # event-loop thread and would serialize the tile tasks).
+    frames = DirectArray(plan.store, "frames")
+    flags = DirectArray(plan.store, "rejection") if plan.use_rejection else None
     box = (x0 - 0.5, y0 - 0.5, x1 - 0.5, y1 - 0.5)  # the tile's pixel edges in output coordinates
     tile_shift = translation(-x0, -y0)
     for fp in plan.frames:
@@ -109,17 +106,27 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         if window is None:
             continue
         sy, sx = window
-        data = np.asarray(frames[fp.index, sy, sx], dtype=np.float64)
+        data = frames[fp.index, sy, sx]  # float32, used as is by the kernels
         weights = np.full(data.shape, fp.weight)
-        # Input pixel centres of the window, in reference coordinates.
-        yy, xx = np.mgrid[sy, sx]
-        xr_, yr_ = fp.mapping.forward(xx.astype(np.float64), yy.astype(np.float64))
+        ref_xy = None  # input pixel centres of the window in reference coordinates
+        if fp.mapping.is_homography:
+            # The common case, one fused pass: frame -> reference -> tile coordinates.
+            pixmap = np.empty(data.shape + (2,))
+            _kernels.homography_grid(tile_shift @ fp.to_output @ fp.mapping.matrix, sy.start, sx.start,
+                                     *data.shape, pixmap)
+            if flags is not None:
+                ref_xy = np.empty(data.shape + (2,))
+                _kernels.homography_grid(fp.mapping.matrix, sy.start, sx.start, *data.shape, ref_xy)
+                ref_xy = ref_xy[..., 0], ref_xy[..., 1]
+        else:  # with the distortion spline
+            yy, xx = np.mgrid[sy, sx]
+            ref_xy = fp.mapping.forward(xx.astype(np.float64), yy.astype(np.float64))
+            pixmap = np.stack(apply_homography(tile_shift @ fp.to_output, *ref_xy), axis=-1)
         if flags is not None:
-            _apply_rejection(weights, flags, fp.index, xr_, yr_, data >= fp.saturation, plan.frame_shape)
+            _apply_rejection(weights, flags, fp.index, *ref_xy, data >= fp.saturation, plan.frame_shape)
         if fp.norm_scale != 1.0 or fp.norm_offset != 0.0:
-            data = data * fp.norm_scale + fp.norm_offset
-        xo, yo = apply_homography(tile_shift @ fp.to_output, xr_, yr_)
-        _array.accumulate(data, np.stack([xo, yo], axis=-1), weights, acc_wv, acc_w, kernel=plan.kernel,
+            data = data * fp.norm_scale + fp.norm_offset  # float64
+        _array.accumulate(data, pixmap, weights, acc_wv, acc_w, kernel=plan.kernel,
                           pixfrac=plan.pixfrac, pixel_scale_ratio=fp.pixel_scale_ratio, coverage=cover)
     image = _array.finalize(acc_wv, acc_w)
     out = np.empty((3,) + shape)
@@ -330,9 +337,13 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         n_scale, n_offset = np.ones(len(indices)), np.zeros(len(indices))
     saturation = _frame_values(stack, "saturation", indices, np.inf)
     use_rejection = bool(rejection and "rejection" in stack)
+    # The registration's small per-frame variables, loaded once (not one dask compute
+    # per frame and variable).
+    registration = stack[[v for v in stack.data_vars if v in ("transform", "status") or v.startswith("distortion")]]
+    registration = registration.load()
     plans = []
     for k, i in enumerate(indices):
-        mapping = frame_mapping(stack, i, distortion=distortion)
+        mapping = frame_mapping(registration, i, distortion=distortion)
         psr = _mapping_scale(mapping, grid.ref_to_out, ref_shape)
         plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
                                float(n_offset[k]), float(saturation[k]), float(psr)))
@@ -349,24 +360,34 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     if (not force and st.is_current("drizzle", params, inputs) and "drizzle" in st.group
             and (out_path is None or out_path.exists())):
         return open_stack(st)[list(OUTPUT_VARIABLES)]
-    st.begin_step("drizzle", params, inputs)
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
-    targets = [
-        st.create_variable("drizzle", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", np.nan),
-        st.create_variable("drizzle_weights", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", 0.0),
-        st.create_variable("drizzle_coverage", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "uint16", 0),
-    ]
-    template = da.empty((ny, nx), chunks=chunks, dtype=np.float64)
-    cube = da.map_blocks(_tile_task, template, plan=plan, dtype=np.float64, new_axis=0,
-                         chunks=((3,),) + template.chunks, meta=np.empty((0, 0, 0)))
-    writes = da.store([cube[0].astype(np.float32), cube[1].astype(np.float32), cube[2].astype(np.uint16)],
-                      targets, lock=False, compute=False)
-    compute(writes)
-
-    # Totals for the header and the WEIGHTS normalization, read back tile by tile.
-    result = open_stack(st)
-    max_weight = float(result["drizzle_weights"].max().compute())
+    tiles = (-(-ny // chunks[0]), -(-nx // chunks[1]))
+    # An interrupted run with the same parameters and inputs keeps its finished tiles.
+    done = None if force else st.resume_tiles("drizzle", params, inputs, tiles, 1, tile, OUTPUT_VARIABLES)
+    if done is None:
+        # The ledger is created last: a ledger present for this step's record always
+        # belongs to the output arrays next to it.
+        st.delete_variables(*OUTPUT_VARIABLES, "drizzle_tiles")
+        st.begin_step("drizzle", params, inputs)
+        st.create_variable("drizzle", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", np.nan)
+        st.create_variable("drizzle_weights", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", 0.0)
+        st.create_variable("drizzle_coverage", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "uint16", 0)
+        done = st.start_tiles("drizzle", tiles, 1, tile)
+    else:
+        n_done = int(np.isfinite(done[..., 0]).sum())
+        warnings.warn(f"{store}: resuming an interrupted drizzle ({n_done} of {tiles[0] * tiles[1]} tiles "
+                      f"already done)", DrizzlestackWarning, stacklevel=2)
+    plan.tile, plan.done = (int(chunks[0]), int(chunks[1])), done
+    # One task per tile: it drizzles the tile, writes it into the store and records it
+    # in the ledger, and returns only the tile's maximum weight (for the WEIGHTS
+    # normalization). Nothing large passes between tasks or workers.
+    # The plan rides inside every task (a keyword argument), not as a task of its own:
+    # a distributed scheduler would run every tile on the worker that holds that task.
+    max_weights = da.map_blocks(_tile_task, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1]),
+                                dtype=np.float64, meta=np.empty((0, 0), np.float64))
+    (per_tile,) = compute(max_weights)
+    max_weight = float(np.max(per_tile))
     total_exptime = float(np.nansum(_frame_values(stack, "exptime", indices, np.nan)))
     st.end_step("drizzle", frames=len(indices), shape=[ny, nx], max_weight=max_weight,
                 output=str(out_path) if out_path else None)
@@ -375,9 +396,24 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     return open_stack(st)[list(OUTPUT_VARIABLES)]
 
 
-def _tile_task(block, plan, block_info=None):
-    (y0, y1), (x0, x1) = block_info[0]["array-location"]
-    return drizzle_tile(plan, y0, y1, x0, x1)
+def _tile_task(plan: DrizzlePlan, block_info=None) -> np.ndarray:
+    """Drizzle output tile ``block_info``'s chunk location, write it into the store,
+    record it in the ledger; returns its maximum weight as a (1, 1) block."""
+    iy, ix = block_info[None]["chunk-location"]
+    if plan.done is not None and np.isfinite(plan.done[iy, ix, 0]):
+        return plan.done[iy, ix, :1].reshape(1, 1)  # finished before an interruption
+    ny, nx = plan.grid.shape
+    y0, x0 = iy * plan.tile[0], ix * plan.tile[1]
+    y1, x1 = min(y0 + plan.tile[0], ny), min(x0 + plan.tile[1], nx)
+    cube = drizzle_tile(plan, y0, y1, x0, x1)
+    weights = cube[1].astype(np.float32)
+    # Whole chunks, encoded and written in this task's thread (DirectArray).
+    DirectArray(plan.store, "drizzle", "r+")[y0:y1, x0:x1] = cube[0]
+    DirectArray(plan.store, "drizzle_weights", "r+")[y0:y1, x0:x1] = weights
+    DirectArray(plan.store, "drizzle_coverage", "r+")[y0:y1, x0:x1] = cube[2]
+    max_weight = float(weights.max())
+    record_tile(plan.store, "drizzle", iy, ix, [max_weight])
+    return np.full((1, 1), max_weight)
 
 
 def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage):

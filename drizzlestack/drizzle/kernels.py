@@ -933,3 +933,23 @@ def add_touched(coverage, touched):
         for i in range(W):
             if touched[j, i]:
                 coverage[j, i] += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def homography_grid(matrix, y0, x0, ny, nx, out):
+    """``out[j, i] = (x, y)`` of pixel ``(x0 + i, y0 + j)`` mapped through the 3x3
+    homography ``matrix`` (NaN where it maps to infinity): a window's pixmap in one
+    pass, without the half-dozen full-size temporaries of the NumPy expression (in
+    threaded workers those allocations page-fault and serialize)."""
+    m = matrix
+    for j in range(ny):
+        y = float(y0 + j)
+        for i in range(nx):
+            x = float(x0 + i)
+            w = m[2, 0] * x + m[2, 1] * y + m[2, 2]
+            if w == 0.0:
+                out[j, i, 0] = np.nan
+                out[j, i, 1] = np.nan
+            else:
+                out[j, i, 0] = (m[0, 0] * x + m[0, 1] * y + m[0, 2]) / w
+                out[j, i, 1] = (m[1, 0] * x + m[1, 1] * y + m[1, 2]) / w

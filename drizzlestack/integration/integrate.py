@@ -37,7 +37,6 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 from astropy.io import fits
 from dask.utils import parse_bytes
 
@@ -46,7 +45,7 @@ from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..io.fits import check_output_path
 from ..parallel import compute
 from ..registration import frame_mapping
-from ..store import STATUS_OK, StackStore, open_stack
+from ..store import STATUS_OK, StackStore, DirectArray, open_stack
 from . import normalize as _norm
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
@@ -75,7 +74,7 @@ _REJECTION_OPTIONS = ("n_low", "n_high", "max_iterations", "esd_significance", "
 
 
 # ----------------------------------------------------------------------------- pass 1
-def _sample_blocks(frames: zarr.Array, i: int, max_pixels: int):
+def _sample_blocks(frames: DirectArray, i: int, max_pixels: int):
     """The whole frame ``i`` as one block, or -- when it is larger than ``max_pixels`` --
     whole zarr chunks picked evenly over it (whole chunks: no chunk is decompressed for
     a sliver of it). Yields ``(block, (y0, x0))``."""
@@ -90,7 +89,7 @@ def _sample_blocks(frames: zarr.Array, i: int, max_pixels: int):
         yield np.asarray(frames[i, y0:y0 + cy, x0:x0 + cx], dtype=np.float32), (y0, x0)
 
 
-def _photometry_bands(frames: zarr.Array, i: int, x, y, apertures: Apertures, saturation: float):
+def _photometry_bands(frames: DirectArray, i: int, x, y, apertures: Apertures, saturation: float):
     """Aperture photometry of frame ``i`` read one band of chunk rows at a time (plus
     the apertures' reach above and below), each star measured in the band holding its
     centre: every star is measured, and memory is one band, not the frame."""
@@ -271,17 +270,17 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
         wsum += np.float32(plan.weights[k]) * ((flags[k] == 0) & finite[k])
 
-    group = zarr.open_group(plan.store, mode="r+", zarr_format=3)
+    # Tiles are the products' chunks: written whole, encoded in this task's thread.
     out = plan.outputs
-    group[out["integration"]][sy, sx] = np.asarray(image, np.float32)
-    group[out["rejected_low"]][sy, sx] = np.asarray(n_low, np.uint16)
-    group[out["rejected_high"]][sy, sx] = np.asarray(n_high, np.uint16)
-    group[out["integration_weight"]][sy, sx] = wsum
+    DirectArray(plan.store, out["integration"], "r+")[sy, sx] = image
+    DirectArray(plan.store, out["rejected_low"], "r+")[sy, sx] = n_low
+    DirectArray(plan.store, out["rejected_high"], "r+")[sy, sx] = n_high
+    DirectArray(plan.store, out["integration_weight"], "r+")[sy, sx] = wsum
     if plan.flags_variable is not None:
         y0, x0 = plan.origin
-        group[plan.flags_variable].set_orthogonal_selection(
-            (np.asarray(plan.indices), slice(y0 + sy.start, y0 + sy.stop), slice(x0 + sx.start, x0 + sx.stop)),
-            flags)
+        target = DirectArray(plan.store, plan.flags_variable, "r+")
+        for k, i in enumerate(plan.indices):
+            target[int(i), y0 + sy.start:y0 + sy.stop, x0 + sx.start:x0 + sx.stop] = flags[k]
     counts = np.empty(3 * n + 1)
     counts[0:n] = ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
     counts[n:2 * n] = ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
@@ -636,7 +635,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     )
     nty, ntx = -(-shape[0] // eff_tile), -(-shape[1] // eff_tile)
     n = len(used)
-    counts = da.map_blocks(_tile_block, dask.delayed(plan, pure=True), chunks=((1,) * nty, (1,) * ntx, (3 * n + 1,)),
+    # The plan rides inside every task (a keyword argument), not as a task of its own:
+    # a distributed scheduler would run every tile on the worker that holds that task.
+    counts = da.map_blocks(_tile_block, plan=plan, chunks=((1,) * nty, (1,) * ntx, (3 * n + 1,)),
                            dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
     t0 = time.perf_counter()
     (per_tile,) = compute(counts)

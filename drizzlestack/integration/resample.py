@@ -32,11 +32,12 @@ from pathlib import Path
 import dask.array as da
 import numba
 import numpy as np
-import zarr
+
 from dask.base import tokenize
 
 from ..geometry import input_window, pixel_grid
 from ..registration import frame_mapping
+from ..store import DirectArray
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
@@ -222,10 +223,11 @@ def resample_window(window: np.ndarray, origin: tuple[int, int], frame_shape: tu
 
 
 # ------------------------------------------------------------------ frames and mappings
-def _open_frames(path: str) -> zarr.Array:
+def _open_frames(path: str) -> DirectArray:
     # Opened per task, not cached: an append resizes ``frames`` and a cached handle would
-    # keep the old shape. Opening costs one small metadata read.
-    return zarr.open_group(path, mode="r", zarr_format=3)["frames"]
+    # keep the old shape. Opening costs one small metadata read. The reader decodes
+    # chunks in the task's own thread, so that tasks read in parallel.
+    return DirectArray(path, "frames")
 
 
 def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tuple[float, float, float, float]:
@@ -243,7 +245,7 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
     Parameters
     ----------
     frames : array_like (frame, y, x)
-        The store's ``frames`` (a zarr array, or numpy in tests); only the input window
+        The store's ``frames`` (a :class:`~drizzlestack.store.DirectArray`, or numpy in tests); only the input window
         of each frame is read.
     indices : sequence of int
         Frames to resample.
