@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -303,8 +304,18 @@ def main(argv=None) -> int:
         print(f"drizzlestack: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("drizzlestack: interrupted; the store keeps every completed frame and tile", file=sys.stderr)
+        print("drizzlestack: interrupted; the store keeps every completed frame and tile: run the same "
+              "command again to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Frames are committed and tiles recorded only once fully written, so the store
+        # stays readable and the same command resumes where this one stopped.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"drizzlestack: error: disk full{where}: {exc.strerror}. The store keeps every completed "
+              "frame and tile; free some space and run the same command again to resume", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -239,3 +239,13 @@ def test_unregistered_store_and_all_frames_excluded_are_refused(tmp_path, small_
         st.set_frame_values("status", i, "unregistered: 2 stars matched")
     with pytest.raises(ds.DrizzlestackError, match="every frame is excluded.*0: unregistered: 2 stars matched"):
         ds.drizzle(store, output=None)
+
+
+def test_windows_clipped_to_one_pixel_at_the_frame_edge(registered):
+    """At scale 4 with small tiles, the last tile column's input window is one pixel wide
+    once clipped to the frame; it is widened inwards and the result is unchanged."""
+    roi = (100, 0, 12, 16)  # up to the frame's right edge (112 px wide)
+    small = ds.drizzle(registered, scale=4.0, pixfrac=0.9, tile=16, roi=roi, output=None).drizzle.values
+    whole = ds.drizzle(registered, scale=4.0, pixfrac=0.9, tile=1024, roi=roi, output=None).drizzle.values
+    assert np.isfinite(small[:, -4:]).all()
+    np.testing.assert_allclose(small, whole, rtol=1e-6, atol=1e-3, equal_nan=True)

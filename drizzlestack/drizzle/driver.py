@@ -105,7 +105,10 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         window = input_window(to_out, box, plan.frame_shape, pad=plan.pad)
         if window is None:
             continue
-        sy, sx = window
+        # A window clipped to one row or column at the frame's edge is widened inwards:
+        # the square kernel finds a drop's corners from its neighbours. The extra
+        # pixels' drops land outside the tile and add nothing to it.
+        sy, sx = (_at_least_two(s, n) for s, n in zip(window, plan.frame_shape))
         data = frames[fp.index, sy, sx]  # float32, used as is by the kernels
         weights = np.full(data.shape, fp.weight)
         ref_xy = None  # input pixel centres of the window in reference coordinates
@@ -134,6 +137,12 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
     out[1] = acc_w
     out[2] = cover if cover is not None else 0
     return out
+
+
+def _at_least_two(s: slice, n: int) -> slice:
+    if s.stop - s.start >= 2 or n < 2:
+        return s
+    return slice(s.start - 1, s.stop) if s.start > 0 else slice(s.start, s.stop + 1)
 
 
 def _apply_rejection(weights, flags, index, xr_, yr_, saturated, ref_shape) -> None:
@@ -363,8 +372,9 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
     tiles = (-(-ny // chunks[0]), -(-nx // chunks[1]))
-    # An interrupted run with the same parameters and inputs keeps its finished tiles.
-    done = None if force else st.resume_tiles("drizzle", params, inputs, tiles, 1, tile, OUTPUT_VARIABLES)
+    # An interrupted run with the same parameters and inputs keeps its finished tiles
+    # (even when forced: tiles are deterministic, a redone tile would be identical).
+    done = st.resume_tiles("drizzle", params, inputs, tiles, 1, tile, OUTPUT_VARIABLES)
     if done is None:
         # The ledger is created last: a ledger present for this step's record always
         # belongs to the output arrays next to it.

@@ -45,7 +45,7 @@ from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..io.fits import check_output_path
 from ..parallel import compute
 from ..registration import frame_mapping
-from ..store import STATUS_OK, StackStore, DirectArray, open_stack
+from ..store import STATUS_OK, DirectArray, StackStore, open_stack, record_tile
 from . import normalize as _norm
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
@@ -234,6 +234,8 @@ class TilePlan:
     rejection: dict  # keyword arguments of rejection_flags
     outputs: dict  # product -> store variable name
     flags_variable: str | None  # "rejection", or None (ROI trials keep no flags)
+    step: str = "integrate"  # whose tile ledger records finished tiles
+    done: np.ndarray | None = None  # the ledger at the start: finite rows are finished tiles
 
 
 def _normalized_saturation(plan: TilePlan) -> np.ndarray:
@@ -286,11 +288,14 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     counts[n:2 * n] = ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
     counts[2 * n:3 * n] = finite.sum(axis=(1, 2))
     counts[3 * n] = float(wsum.max()) if wsum.size else 0.0
+    record_tile(plan.store, plan.step, iy, ix, counts)
     return counts
 
 
 def _tile_block(plan, block_info=None):
     iy, ix, _ = block_info[None]["chunk-location"]
+    if plan.done is not None and np.all(np.isfinite(plan.done[iy, ix])):
+        return plan.done[iy, ix][None, None, :]  # finished before an interruption
     return integrate_tile(plan, iy, ix)[None, None, :]
 
 
@@ -514,7 +519,11 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
                                 f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
 
-    st.begin_step(step_name, params, inputs)
+    # An interrupted run with the same parameters and inputs keeps its finished tiles,
+    # even when forced (tiles are deterministic); pass 1 is redone (cheap, deterministic).
+    resumable = st.is_resumable(step_name, params, inputs)
+    if not resumable:
+        st.begin_step(step_name, params, inputs)
 
     # ------------------------------------------------------------- pass 1: per frame
     store_path = str(Path(st.path).resolve())
@@ -610,18 +619,31 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     dims = ("y", "x") if roi is None else ("roi_y", "roi_x")
     chunks2 = (min(eff_tile, shape[0]), min(eff_tile, shape[1]))
     outputs = {v: prefix + v for v in IMAGE_VARIABLES}
-    st.create_variable(outputs["integration"], shape, dims, chunks2, "float32", np.nan)
-    st.create_variable(outputs["rejected_low"], shape, dims, chunks2, "uint16", 0)
-    st.create_variable(outputs["rejected_high"], shape, dims, chunks2, "uint16", 0)
-    st.create_variable(outputs["integration_weight"], shape, dims, chunks2, "float32", 0.0)
-    flags_variable = None
-    if roi is None:
-        # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
-        st.create_variable("rejection", (n_all,) + tuple(frame_shape), ("frame", "y", "x"),
-                           (1,) + chunks2, "uint8", _rej.FLAG_RANGE)
-        flags_variable = "rejection"
-    for name in outputs.values():
-        st.group[name].attrs.update({"roi": list(roi) if roi else None})
+    flags_variable = "rejection" if roi is None else None
+    products = list(outputs.values()) + ([flags_variable] if flags_variable else [])
+    nty, ntx = -(-shape[0] // eff_tile), -(-shape[1] // eff_tile)
+    n = len(used)
+    done = (st.resume_tiles(step_name, params, inputs, (nty, ntx), 3 * n + 1, eff_tile, products)
+            if resumable else None)
+    if done is None:
+        # The ledger is created last: a ledger present for this step's record always
+        # belongs to the products next to it.
+        st.delete_variables(*products, f"{step_name}_tiles")
+        st.create_variable(outputs["integration"], shape, dims, chunks2, "float32", np.nan)
+        st.create_variable(outputs["rejected_low"], shape, dims, chunks2, "uint16", 0)
+        st.create_variable(outputs["rejected_high"], shape, dims, chunks2, "uint16", 0)
+        st.create_variable(outputs["integration_weight"], shape, dims, chunks2, "float32", 0.0)
+        if flags_variable:
+            # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
+            st.create_variable(flags_variable, (n_all,) + tuple(frame_shape), ("frame", "y", "x"),
+                               (1,) + chunks2, "uint8", _rej.FLAG_RANGE)
+        for name in outputs.values():
+            st.group[name].attrs.update({"roi": list(roi) if roi else None})
+        done = st.start_tiles(step_name, (nty, ntx), 3 * n + 1, eff_tile)
+    else:
+        n_done = int(np.all(np.isfinite(done), axis=2).sum())
+        warnings.warn(f"{st.path}: resuming an interrupted integration ({n_done} of {nty * ntx} tiles "
+                      f"already done)", DrizzlestackWarning, stacklevel=2)
 
     rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
                       reject_high=bool(reject_high), range_low=range_low, range_high=range_high, **options)
@@ -631,10 +653,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
         weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs=outputs,
-        flags_variable=flags_variable,
+        flags_variable=flags_variable, step=step_name, done=done,
     )
-    nty, ntx = -(-shape[0] // eff_tile), -(-shape[1] // eff_tile)
-    n = len(used)
     # The plan rides inside every task (a keyword argument), not as a task of its own:
     # a distributed scheduler would run every tile on the worker that holds that task.
     counts = da.map_blocks(_tile_block, plan=plan, chunks=((1,) * nty, (1,) * ntx, (3 * n + 1,)),

@@ -1,0 +1,216 @@
+"""Interrupted runs resume without redoing finished tiles and without corrupting the
+store: an exception in a tile task, a killed process (SIGKILL), a full disk, and a
+worker process that dies mid-run on a distributed cluster."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import drizzlestack as ds
+from drizzlestack import cli
+from drizzlestack.drizzle import driver
+from drizzlestack.parallel import scheduler
+from drizzlestack.store import DirectArray, StackStore
+from conftest import register_with_truth
+
+# the module (drizzlestack.integration re-exports a function of the same name)
+integrate_module = importlib.import_module("drizzlestack.integration.integrate")
+
+
+@pytest.fixture
+def registered(tmp_path, sat_sim):
+    store = tmp_path / "s.zarr"
+    ds.ingest(sat_sim.files, store)
+    register_with_truth(store, sat_sim)
+    return store
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _failing_after(monkeypatch, module, name, n_ok):
+    """Patch ``module.name`` to run normally ``n_ok`` times, then raise; returns the
+    call counter."""
+    original = getattr(module, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if n_ok is not None and calls["n"] > n_ok:
+            raise Boom("interrupted")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _ledger_done(store, step):
+    ledger = StackStore.open(store).group[f"{step}_tiles"][...]
+    return int(np.all(np.isfinite(ledger), axis=-1).sum()), ledger.shape[0] * ledger.shape[1]
+
+
+def test_interrupted_drizzle_resumes_without_redoing_finished_tiles(registered, monkeypatch):
+    kwargs = dict(scale=2.0, pixfrac=0.8, tile=32, output=None)
+    with scheduler(scheduler="synchronous"):
+        calls = _failing_after(monkeypatch, driver, "drizzle_tile", 5)
+        with pytest.raises(Boom):
+            ds.drizzle(registered, **kwargs)
+        done, total = _ledger_done(registered, "drizzle")
+        assert done == 5 and total == 42
+        assert not StackStore.open(registered).step("drizzle")["complete"]
+        ds.open_stack(registered)  # the store stays readable
+
+        monkeypatch.undo()
+        calls = _failing_after(monkeypatch, driver, "drizzle_tile", None)
+        with pytest.warns(ds.DrizzlestackWarning, match="resuming an interrupted drizzle .5 of 42 tiles"):
+            resumed = ds.drizzle(registered, **kwargs)
+        assert calls["n"] == total - done  # finished tiles are not redone
+        resumed = {v: resumed[v].values for v in driver.OUTPUT_VARIABLES}
+        assert StackStore.open(registered).step("drizzle")["complete"]
+        fresh = ds.drizzle(registered, force=True, **kwargs)
+        assert calls["n"] == 2 * total - done
+    for v in driver.OUTPUT_VARIABLES:
+        np.testing.assert_array_equal(resumed[v], fresh[v].values, err_msg=v)
+
+
+def test_changed_parameters_start_afresh_instead_of_resuming(registered, monkeypatch):
+    with scheduler(scheduler="synchronous"):
+        _failing_after(monkeypatch, driver, "drizzle_tile", 3)
+        with pytest.raises(Boom):
+            ds.drizzle(registered, scale=2.0, pixfrac=0.8, tile=32, output=None)
+        monkeypatch.undo()
+        calls = _failing_after(monkeypatch, driver, "drizzle_tile", None)
+        ds.drizzle(registered, scale=2.0, pixfrac=0.7, tile=32, output=None)  # another pixfrac: all tiles
+    assert calls["n"] == 42
+
+
+def test_interrupted_integration_resumes_without_redoing_finished_tiles(registered, monkeypatch):
+    kwargs = dict(rejection="sigma", tile=32, scale_estimator="biweight")  # no stars: no photometric scale
+    with scheduler(scheduler="synchronous"):
+        _failing_after(monkeypatch, integrate_module, "integrate_tile", 2)
+        with pytest.raises(Boom):
+            ds.integrate(registered, **kwargs)
+        done, total = _ledger_done(registered, "integrate")
+        assert done == 2 and total == 4  # tiles of at least 64 px
+        monkeypatch.undo()
+        calls = _failing_after(monkeypatch, integrate_module, "integrate_tile", None)
+        with pytest.warns(ds.DrizzlestackWarning, match="resuming an interrupted integration"):
+            resumed = ds.integrate(registered, **kwargs)
+        assert calls["n"] == total - done
+        names = ["integration", "rejected_low", "rejected_high", "integration_weight", "rejection",
+                 "rejected_low_fraction", "rejected_high_fraction"]
+        resumed = {v: resumed[v].values for v in names}
+        summary = StackStore.open(registered).step("integrate")["summary"]
+        fresh = ds.integrate(registered, force=True, **kwargs)
+        assert StackStore.open(registered).step("integrate")["summary"]["max_weight"] == summary["max_weight"]
+    for v in names:
+        np.testing.assert_array_equal(resumed[v], fresh[v].values, err_msg=v)
+
+
+def test_full_disk_gives_a_clear_error_and_the_run_resumes(registered, monkeypatch, capsys, tmp_path):
+    ds.integrate(registered, tile=32, scale_estimator="biweight")
+    original = DirectArray._write_chunk
+    writes = {"n": 0}
+
+    def disk_fills_up(self, chunk, block):
+        writes["n"] += 1
+        if writes["n"] > 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, chunk, block)
+
+    monkeypatch.setattr(DirectArray, "_write_chunk", disk_fills_up)
+    out = tmp_path / "d.fits"
+    args = ["drizzle", str(registered), "--scale", "2", "--tile", "32", "-o", str(out), "--scheduler", "synchronous"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "disk full" in err and "No space left on device" in err and "run the same command again" in err
+    assert not out.exists()
+    ds.open_stack(registered)  # still readable
+    done, total = _ledger_done(registered, "drizzle")
+    assert 0 < done < total
+
+    monkeypatch.undo()
+    with pytest.warns(ds.DrizzlestackWarning, match="resuming"):
+        assert cli.main(args) == 0
+    resumed = ds.open_stack(registered)["drizzle"].values
+    fresh = ds.drizzle(registered, scale=2.0, tile=32, output=None, force=True)["drizzle"].values
+    np.testing.assert_array_equal(resumed, fresh)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_where_it_stopped(registered, tmp_path):
+    """A drizzle CLI process killed with SIGKILL mid-run (no chance to clean up) leaves
+    a readable store; the same command then does only the missing tiles."""
+    out = tmp_path / "d.fits"
+    args = [sys.executable, "-m", "drizzlestack.cli", "drizzle", str(registered), "--scale", "4", "--tile", "16",
+            "-o", str(out), "--workers", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ledger = registered / "drizzle_tiles"
+    deadline = time.monotonic() + 120
+    done = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ledger.exists():
+                try:
+                    done, total = _ledger_done(registered, "drizzle")
+                except Exception:  # the ledger being created right now
+                    done = 0
+                if done >= 20:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done, total = _ledger_done(registered, "drizzle")
+    assert 0 < done < total, (done, total)
+    assert not out.exists()
+    ds.open_stack(registered)
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming an interrupted drizzle ({done} of {total} tiles" in resumed.stderr
+    assert out.exists()
+    result = ds.open_stack(registered)["drizzle"].values
+    fresh = ds.drizzle(registered, scale=4.0, tile=16, output=None, force=True)["drizzle"].values
+    np.testing.assert_array_equal(result, fresh)
+
+
+def _die_once(marker):
+    """Installed in every worker: the first tile task to run kills its worker process."""
+    from drizzlestack.drizzle import driver as worker_driver
+
+    original = worker_driver.drizzle_tile
+
+    def dying(plan, *args):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return original(plan, *args)
+        os.close(fd)
+        os._exit(1)
+
+    worker_driver.drizzle_tile = dying
+
+
+@pytest.mark.slow
+def test_worker_death_is_retried_and_the_result_is_unchanged(registered, tmp_path):
+    reference = ds.drizzle(registered, scale=2.0, pixfrac=0.8, tile=32, output=None)["drizzle"].values
+    marker = tmp_path / "died"
+    with scheduler(scheduler="distributed", workers=2, memory_limit="1GB", dashboard=":0") as client:
+        client.run(_die_once, str(marker))
+        result = ds.drizzle(registered, scale=2.0, pixfrac=0.8, tile=32, output=None, force=True)["drizzle"].values
+    assert marker.exists()  # a worker did die
+    np.testing.assert_array_equal(result, reference)
