@@ -58,6 +58,7 @@ class IntegrateConfig:
     weight_keyword: str | None = None  # FITS keyword when weights = keyword
     roi: list[float] | None = None  # [x0, y0, width, height] for quick trials
     tile: int = 512  # spatial tile of the registered view (pixels)
+    task_memory: str = "256MiB"  # memory budget of one tile task: tiles shrink as frames are added
     output: str | None = "integration.fits"  # FITS file of the integration (null: store only)
 
 

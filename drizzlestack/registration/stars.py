@@ -333,25 +333,27 @@ def _find_peaks(d, rms, threshold, capacity):
     top gives one peak). Returns ``(x, y, snr)`` of at most ``capacity`` peaks.
     """
     ny, nx = d.shape
-    s = np.empty((ny, nx), np.float32)
-    for y in range(ny):
-        for x in range(nx):
-            s[y, x] = d[y, x] / rms[y, x]
+    # One full-size buffer (frames can be 100+ Mpx): the horizontal pass of d / rms, then
+    # the vertical pass in place, keeping the unfiltered rows it still needs.
     h = np.empty((ny, nx), np.float32)
     for y in range(ny):
         for x in range(nx):
-            v = 2.0 * s[y, x]
+            v = 2.0 * (d[y, x] / rms[y, x])
             if x > 0:
-                v += s[y, x - 1]
+                v += d[y, x - 1] / rms[y, x - 1]
             if x < nx - 1:
-                v += s[y, x + 1]
+                v += d[y, x + 1] / rms[y, x + 1]
             h[y, x] = v
-    f = s  # reuse the buffer: only h is read from here on
+    f = h
     norm = 1.0 / 6.0  # 1 / (16 * 0.375): unit noise after filtering
+    above = np.zeros(nx, np.float32)  # the unfiltered row above
+    row = np.empty(nx, np.float32)
     for y in range(ny):
+        row[:] = h[y]
         for x in range(nx):
-            v = 2.0 * h[y, x] + (h[y - 1, x] if y > 0 else 0.0) + (h[y + 1, x] if y < ny - 1 else 0.0)
+            v = 2.0 * row[x] + above[x] + (h[y + 1, x] if y < ny - 1 else 0.0)
             f[y, x] = v * norm
+        above[:] = row
     xs = np.empty(capacity, np.int64)
     ys = np.empty(capacity, np.int64)
     vs = np.empty(capacity, np.float32)
@@ -527,7 +529,6 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     ny, nx = work.shape
     box = int(min(background_box, max(8, min(ny, nx) // 4)))
     bkg = sep.Background(work, mask=bad if bad.any() else None, bw=box, bh=box, fw=3, fh=3)
-    back = bkg.back()
     noise = float(bkg.globalrms)
     background = float(bkg.globalback)
     if not np.isfinite(noise) or noise <= 0:
@@ -535,7 +536,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     rms = bkg.rms()
     if not rms.min() > 0:  # also catches NaN: a mesh with no valid pixel
         rms = np.where(np.isfinite(rms) & (rms > 0), rms, noise).astype(np.float32)
-    d = work - back
+    d = work.copy() if work is raw else work  # the raw pixels are measured later
+    bkg.subfrom(d)  # in place: no full-size background map
     d[bad] = 0.0
 
     # Candidates: local maxima of the matched-filtered S/N image (sep's own extraction
