@@ -48,3 +48,13 @@ def test_bad_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "dslr-widefield.yaml", "hpc-run.yaml"])
+def test_example_configs_load(name):
+    """The example run configurations in configs/ use only known keys of the right types."""
+    cfg = load_config(CONFIGS / name)
+    assert cfg != RunConfig()
+    if name == "hpc-run.yaml":
+        assert cfg.scheduler.scheduler == "slurm"
+        assert (CONFIGS.parent / cfg.scheduler.jobqueue_config).exists()
