@@ -17,19 +17,19 @@ include loading kernels from the cache (as every real run does) but not compilin
 
 ``outofcore`` -- a stack several times larger than the memory the run uses. Each step
 runs in a *fresh subprocess* with the package defaults (``config.RunConfig``; the
-integration's ``task_memory`` is the API default, which the config does not expose):
+integration's ``task_memory`` default):
 ingest -> register -> integrate (writes ``integration.fits``) -> drizzle at every
 ``--scales`` value, each on the same integrated store and each writing its FITS
-(square kernel, pixfrac 0.9). The parent reaps each child with ``os.wait4`` and reports
-that child's peak RSS (``ru_maxrss``; with the threaded scheduler all work happens in
-that one process), its CPU time, its wall time (interpreter start and imports included)
+(square kernel, pixfrac 0.9). Each child reports its own peak RSS (``VmHWM``, see
+``_rss_mib``; with the threaded scheduler all work happens in that one process); the
+parent reaps it with ``os.wait4`` for its CPU time, and measures its wall time (interpreter start and imports included)
 and the time of the step call alone, with the throughput of every step in frames/s
 and input Mpx/s. The stack size is given on disk (the FITS frames; the store's
 compressed frames) and as float32 in memory, and divided by the peak RSS of the whole
 run (the largest step): the out-of-core target is stack / peak >= 4.
 
 ``compare`` -- the same job two ways on one stack that both can hold, each side in its
-own fresh subprocess (wall time, CPU time and peak RSS from ``os.wait4``):
+own fresh subprocess (wall time; CPU time from ``os.wait4``; the child's own peak RSS):
 
 (a) drizzlestack: ingest, register (reference frame 0, so both outputs share a grid),
     integrate (package defaults: winsorized rejection 4/3, normalization, noise
@@ -134,11 +134,25 @@ def run_child(spec: dict, log: Path) -> dict:
         sys.stderr.write(Path(log).read_text()[-4000:])
         raise SystemExit(f"{spec['task']} failed (exit {proc.returncode}); log: {log}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mib=usage.ru_maxrss / 1024)
+    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime)
+    result.setdefault("peak_rss_mib", usage.ru_maxrss / 1024)  # the child's own VmHWM when it reported one
     return result
 
 
 def _rss_mib() -> float:
+    """This process's own peak RSS so far (``VmHWM``), in MiB.
+
+    Not ``ru_maxrss``: Linux carries the peak of the address space a process replaced at
+    ``exec`` into it, and subprocess starts children with ``vfork``, whose address space is
+    the parent's -- so every child's ``ru_maxrss`` (``os.wait4`` or ``RUSAGE_SELF``) was at
+    least the parent's peak (which simulated the frames)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -227,7 +241,7 @@ def child_main(spec: dict) -> None:
         res = tools_pipeline(spec, t0)
     else:
         raise ValueError(task)
-    print(json.dumps({**base, **res}))
+    print(json.dumps({**base, **res, "peak_rss_mib": _rss_mib()}))
 
 
 # ------------------------------------------------------------- today's tools (b)

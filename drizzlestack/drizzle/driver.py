@@ -448,15 +448,15 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
             header.update(wcs_header)
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
-    hdus = [(header, st.group["drizzle"], None)]
+    hdus = [(header, DirectArray(st.path, "drizzle"), None)]
     wh = fits.Header()
     wh["EXTNAME"] = "WEIGHTS"
     factor = 1.0 / max_weight if max_weight > 0 else 1.0
     wh["WGTNORM"] = (max_weight if max_weight > 0 else 1.0, "raw weight = WGTNORM * WEIGHTS")
-    hdus.append((wh, st.group["drizzle_weights"], factor))
+    hdus.append((wh, DirectArray(st.path, "drizzle_weights"), factor))
     if coverage:
         ch = fits.Header()
         ch["EXTNAME"] = "COVERAGE"
         ch["BUNIT"] = ("frames", "number of frames that contributed")
-        hdus.append((ch, st.group["drizzle_coverage"], None))
+        hdus.append((ch, DirectArray(st.path, "drizzle_coverage"), None))
     write_streamed(path, hdus)

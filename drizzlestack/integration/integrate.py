@@ -755,8 +755,8 @@ def _write_fits(path, st: StackStore, roi, record: dict) -> None:
     max_w = float(summary.get("max_weight") or 0.0)
     w_h["WGTNORM"] = (max_w if max_w > 0 else 1.0, "raw weight sum = WGTNORM * WEIGHTS")
     write_streamed(path, [
-        (header, st.group[prefix + "integration"], None),
-        (low_h, st.group[prefix + "rejected_low"], None),
-        (high_h, st.group[prefix + "rejected_high"], None),
-        (w_h, st.group[prefix + "integration_weight"], 1.0 / max_w if max_w > 0 else None),
+        (header, DirectArray(st.path, prefix + "integration"), None),
+        (low_h, DirectArray(st.path, prefix + "rejected_low"), None),
+        (high_h, DirectArray(st.path, prefix + "rejected_high"), None),
+        (w_h, DirectArray(st.path, prefix + "integration_weight"), 1.0 / max_w if max_w > 0 else None),
     ])

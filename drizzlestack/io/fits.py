@@ -235,13 +235,18 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
                 text = full.tostring().encode("ascii")
                 fh.write(text)
                 written = 0
-                for y0 in range(0, ny, rows_per_read):
-                    band = np.asarray(array[y0:min(y0 + rows_per_read, ny)], dtype=np.float64)
-                    if factor is not None:
-                        band = band * factor
-                    raw = band.astype(">f4").tobytes()
-                    fh.write(raw)
-                    written += len(raw)
+                # Read whole chunk rows (a band cut through a chunk would decompress it
+                # again for every band), convert and write them rows_per_read at a time.
+                chunks = getattr(array, "chunks", None)
+                step = int(chunks[0]) if chunks and isinstance(chunks[0], (int, np.integer)) else rows_per_read
+                for y0 in range(0, ny, step):
+                    block = np.asarray(array[y0:min(y0 + step, ny)])
+                    for r0 in range(0, block.shape[0], rows_per_read):
+                        band = block[r0:r0 + rows_per_read]
+                        band = band * np.float64(factor) if factor is not None else band
+                        raw = band.astype(">f4").tobytes()
+                        fh.write(raw)
+                        written += len(raw)
                 fh.write(b"\0" * _pad(written))
         os.replace(tmp, path)
     except BaseException:
