@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rss import peak_rss_mib  # noqa: E402
 
 
 def make_store(path: Path, n_frames: int, size: int, seed: int = 0) -> None:
@@ -99,7 +101,7 @@ def scaling(args):
 
 def child(store, scale, workers):
     dt = run_drizzle(store, scale, workers)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mib()  # this child's own peak (see _rss.py)
     print(json.dumps({"seconds": dt, "peak_rss_mib": rss}))
 
 

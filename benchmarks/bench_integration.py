@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rss import peak_rss_mib  # noqa: E402
 
 
 def make_store(path: Path, n_frames: int, size: int, seed: int = 0) -> None:
@@ -73,12 +75,12 @@ def _child(store: str, n: int, task_memory: str, workers: int) -> None:
     from drizzlestack.integration import integrate as _  # noqa: F401  (imports and numba caches loaded)
     from drizzlestack.parallel import scheduler
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mib()
     with scheduler(scheduler="threads", workers=workers, progress=False):
         t0 = time.perf_counter()
         out = ds.integrate(store, frames=list(range(n)), task_memory=task_memory, force=True)
         seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     summary = out.attrs["steps"]["integrate"]["summary"]
     print(json.dumps({"frames": n, "seconds": seconds, "baseline_mib": base, "peak_mib": peak,
                       "tile": summary["tile"], "stats_s": summary["seconds"]["statistics"],

@@ -140,22 +140,9 @@ def run_child(spec: dict, log: Path) -> dict:
 
 
 def _rss_mib() -> float:
-    """This process's own peak RSS so far (``VmHWM``), in MiB.
+    from _rss import peak_rss_mib  # the child's own peak (see _rss.py)
 
-    Not ``ru_maxrss``: Linux carries the peak of the address space a process replaced at
-    ``exec`` into it, and subprocess starts children with ``vfork``, whose address space is
-    the parent's -- so every child's ``ru_maxrss`` (``os.wait4`` or ``RUSAGE_SELF``) was at
-    least the parent's peak (which simulated the frames)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mib()
 
 
 def _ds_step(step: str, spec: dict) -> dict:

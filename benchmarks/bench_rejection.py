@@ -20,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rss import peak_rss_mib  # noqa: E402
 
 TILE = 500
 
@@ -72,7 +75,7 @@ def lazy_stack(seed: int, frames: int, size: int):
 
 
 def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    return peak_rss_mib()  # this process's own peak (see _rss.py)
 
 
 def astropy_clip(stack):
