@@ -18,7 +18,7 @@ def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
                    help="threads (default), processes, synchronous, distributed (local cluster), "
                         "tcp://HOST:PORT, or an HPC queue: slurm, pbs, sge, lsf, htcondor (see --jobqueue-config)")
     g.add_argument("--workers", type=int, default=None, help="number of workers (HPC: jobs)")
-    g.add_argument("--memory-limit", default=None, help="memory per worker, e.g. 4GB (distributed, HPC)")
+    g.add_argument("--memory-limit", default=None, help="memory per worker, e.g. 4GB (distributed); on HPC queues the memory per job, shared by its worker processes")
     g.add_argument("--dashboard", nargs="?", const=True, default=None,
                    help="start the Dask dashboard (optionally at ADDRESS, default 127.0.0.1:8787)")
     g.add_argument("--jobqueue-config", default=None, help="YAML file of dask-jobqueue cluster arguments")

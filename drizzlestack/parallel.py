@@ -38,7 +38,7 @@ class SchedulerOptions:
 
     scheduler: str = "threads"
     workers: int | None = None  # default: the number of cores (threads/processes/distributed), 1 job (HPC)
-    memory_limit: str | None = None  # per worker, e.g. "4GB" (distributed and HPC)
+    memory_limit: str | None = None  # per worker, e.g. "4GB" (distributed); HPC: per job, shared by its processes
     dashboard: str | bool = False  # True or an address like ":8787" to start the dashboard
     jobqueue_config: str | None = None  # YAML file with the dask-jobqueue cluster arguments
     timeout: float = 10.0  # seconds to wait for a scheduler address to answer

@@ -254,9 +254,21 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _same_numbers(value):
+    """Numbers as floats (``scale=2`` from the API and ``2.0`` from a YAML file are the
+    same parameter), recursively; booleans stay booleans."""
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_same_numbers(v) for v in value]
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    return value
+
+
 def params_digest(params: dict) -> str:
     """Stable short hash of a JSON-able parameter dict (used to decide whether a step must rerun)."""
-    text = json.dumps(params, sort_keys=True, default=str)
+    text = json.dumps(_same_numbers(params), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

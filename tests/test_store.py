@@ -106,3 +106,12 @@ def test_append_refuses_wrong_shape(tmp_path):
     with pytest.raises(ds.StoreError, match="differs"):
         st.append_frame(np.zeros((10, 10), np.float32))
     assert StackStore.open(st.path).n_frames == 1
+
+
+def test_step_parameters_compare_numbers_by_value(tmp_path):
+    """``scale=2`` from the API and ``2.0`` from a YAML file must not make a step rerun."""
+    from drizzlestack.store import params_digest
+
+    assert params_digest({"scale": 2, "roi": [0, 0, 8, 8]}) == params_digest({"scale": 2.0, "roi": [0.0, 0, 8.0, 8]})
+    assert params_digest({"scale": 2}) != params_digest({"scale": 3})
+    assert params_digest({"rejection": True}) != params_digest({"rejection": 1})
