@@ -1,6 +1,6 @@
 """Ingest throughput and memory: 2048x2048 uint16 frames (BZERO 32768, as cameras write).
 
-Each store size runs in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its own:
+Each store size runs in a fresh subprocess that reports its own peak RSS (``VmHWM``, see _rss.py):
 flat peak memory as frames are added shows that ingest holds one frame at a time.
 
     python benchmarks/bench_ingest.py [--frames 4 8 16] [--size 2048] [--gzip]
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rss import peak_rss_mib  # noqa: E402
 
 
 def make_frames(directory: Path, n: int, size: int, gz: bool) -> list[Path]:
@@ -40,7 +42,7 @@ def child(paths: list[str], store: str) -> None:
     t0 = time.perf_counter()
     report = ingest_files(paths, store)
     dt = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    rss = peak_rss_mib()  # this child's own peak
     print(json.dumps({"frames": len(report.added), "seconds": dt, "peak_rss_mib": rss}))
 
 

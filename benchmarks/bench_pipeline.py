@@ -380,18 +380,26 @@ def _registration_error(store: Path, truth_dir: Path) -> float:
     return worst
 
 
+def prepare_frames(args, workdir: Path, log: Path):
+    """Simulate (or reuse) the frames and warm numba's cache, outside the timed figures;
+    returns the simulation parameters, the FITS files and the simulation's seconds
+    (``None`` when the frames were reused)."""
+    params = sim_params(args.frames, args.size, args.fwhm, args.seed)
+    files, t_sim, reused = simulate_frames(workdir / "frames", params)
+    print(f"# simulation: {args.frames} frames of {args.size}x{args.size}, {params['n_stars']} stars, FWHM "
+          f"{args.fwhm} px: " + ("reused from an earlier run" if reused else f"{t_sim:.1f} s (not counted)"),
+          flush=True)
+    if not args.no_warmup:
+        print(f"# warm-up (numba cache, not counted): {warm_up(workdir, args.workers, log):.1f} s", flush=True)
+    return params, files, (None if reused else t_sim)
+
+
 # ----------------------------------------------------------------------- outofcore
 def outofcore(args) -> None:
     workdir, temporary = _workdir(args.workdir, "bench-pipeline-")
     log = workdir / "children.log"
     try:
-        params = sim_params(args.frames, args.size, args.fwhm, args.seed)
-        files, t_sim, reused = simulate_frames(workdir / "frames", params)
-        print(f"# simulation: {args.frames} frames of {args.size}x{args.size}, {params['n_stars']} stars, FWHM "
-              f"{args.fwhm} px: " + ("reused from an earlier run" if reused else f"{t_sim:.1f} s (not counted)"),
-              flush=True)
-        if not args.no_warmup:
-            print(f"# warm-up (numba cache, not counted): {warm_up(workdir, args.workers, log):.1f} s", flush=True)
+        params, files, t_sim = prepare_frames(args, workdir, log)
         store = workdir / "stack.zarr"
         shutil.rmtree(store, ignore_errors=True)
         for s in args.scales:
@@ -539,13 +547,7 @@ def compare(args) -> None:
     workdir, temporary = _workdir(args.workdir, "bench-compare-")
     log = workdir / "children.log"
     try:
-        params = sim_params(args.frames, args.size, args.fwhm, args.seed)
-        files, t_sim, reused = simulate_frames(workdir / "frames", params)
-        print(f"# simulation: {args.frames} frames of {args.size}x{args.size}, {params['n_stars']} stars, FWHM "
-              f"{args.fwhm} px: " + ("reused from an earlier run" if reused else f"{t_sim:.1f} s (not counted)"),
-              flush=True)
-        if not args.no_warmup:
-            print(f"# warm-up (numba cache, not counted): {warm_up(workdir, args.workers, log):.1f} s", flush=True)
+        params, files, t_sim = prepare_frames(args, workdir, log)
         a_out, b_out = workdir / "drizzlestack.fits", workdir / "stsci.fits"
         runs = {"a": [], "b": []}
         for rep in range(args.repeat):
