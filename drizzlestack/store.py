@@ -521,6 +521,28 @@ def record_tile(store_path, step: str, iy: int, ix: int, values) -> None:
     ledger[iy, ix, :] = np.asarray(values, dtype=np.float64)
 
 
+def content_token(st: "StackStore", name: str | None = None) -> str:
+    """A dask token for the store's content (or one array's): its resolved location,
+    committed frame count, step records and the array's metadata.
+
+    Dask arrays named from this never share keys across two stores (two ``stack.zarr``
+    in different folders once did, and ``b.frames - a.frames`` computed as 0), nor
+    across a store before and after a step rewrote it: rewriting an array replaces its
+    ``zarr.json`` (new modification time) and every step stamps its start time.
+    """
+    from dask.base import tokenize
+
+    parts: list = [str(Path(st.path).resolve()), st.n_frames,
+                   json.dumps(st.group.attrs.get("steps", {}), sort_keys=True, default=str)]
+    if name is not None:
+        arr = st.group[name]
+        meta = os.path.join(str(Path(st.path).resolve()), name, "zarr.json")
+        with contextlib.suppress(OSError):
+            parts.append(os.stat(meta).st_mtime_ns)
+        parts += [name, arr.shape, arr.chunks, str(arr.dtype)]
+    return tokenize(*parts)
+
+
 def open_stack(store) -> xr.Dataset:
     """Open a stack store lazily (dask-backed) as an :class:`xarray.Dataset`.
 
@@ -546,7 +568,7 @@ def open_stack(store) -> xr.Dataset:
             # Small per-frame text (paths, headers, statuses): load now, as Python strings.
             data = np.asarray(arr[...]).astype(object)
         else:
-            data = da.from_zarr(arr, chunks=arr.chunks, name=f"{name}-{st.path.name}-{arr.shape}-{n}")
+            data = da.from_zarr(arr, chunks=arr.chunks, name=f"{name}-{content_token(st, name)}")
         if dims and dims[0] == "frame" and data.shape[0] != n:
             # Rows past n_frames belong to an append that never committed.
             data = data[:n]

@@ -115,3 +115,27 @@ def test_step_parameters_compare_numbers_by_value(tmp_path):
     assert params_digest({"scale": 2, "roi": [0, 0, 8, 8]}) == params_digest({"scale": 2.0, "roi": [0.0, 0, 8.0, 8]})
     assert params_digest({"scale": 2}) != params_digest({"scale": 3})
     assert params_digest({"rejection": True}) != params_digest({"rejection": 1})
+
+
+def test_two_stores_with_the_same_folder_name_do_not_share_dask_keys(tmp_path):
+    # Regression: keys were built from the folder's *name*, so two "stack.zarr" in
+    # different folders collided and (b.frames - a.frames).max() computed as 0.0.
+    stores = []
+    for sub, value in (("one", 1.0), ("five", 5.0)):
+        st = StackStore.create(tmp_path / sub / "stack.zarr", (20, 30), chunk=16)
+        for _ in range(2):
+            st.append_frame(np.full((20, 30), value, np.float32), path=f"{sub}.fits", status="ok")
+        stores.append(open_stack(st.path))
+    a, b = stores
+    assert float((b.frames - a.frames).max().compute()) == 4.0
+    assert a.frames.data.name != b.frames.data.name
+
+
+def test_a_rewritten_store_gets_new_dask_keys(tmp_path):
+    st = StackStore.create(tmp_path / "stack.zarr", (20, 30), chunk=16)
+    st.append_frame(np.ones((20, 30), np.float32), path="a.fits", status="ok")
+    before = open_stack(st.path)
+    st.begin_step("ingest", {"force": True})
+    st.write_variable("weight", np.array([2.0]), ("frame",))
+    after = open_stack(st.path)
+    assert before.frames.data.name != after.frames.data.name

@@ -37,7 +37,7 @@ from dask.base import tokenize
 
 from ..geometry import input_window, pixel_grid
 from ..registration import frame_mapping
-from ..store import DirectArray
+from ..store import DirectArray, content_token
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
@@ -354,7 +354,10 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
         factor, offset = (np.asarray(a, np.float64)[indices] if len(a) != n else np.asarray(a, np.float64)
                           for a in normalization)
     path = str(Path(st.path).resolve())
-    name = "registered-view-" + tokenize(path, indices, [m.matrix for m in mappings], roi, tile, factor, offset)
+    # The store's content token covers the frames and the whole registration (spline
+    # included), not only the matrices: two stores or two registrations never share keys.
+    name = "registered-view-" + tokenize(content_token(st, "frames"), indices, [m.matrix for m in mappings],
+                                         roi, tile, factor, offset)
     return da.map_blocks(
         _view_block, path, indices, mappings, frame_shape, (y0, x0), factor, offset,
         chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), name=name,
