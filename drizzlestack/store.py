@@ -477,7 +477,7 @@ class StackStore:
 
     # ---------------------------------------------------------------- tile ledgers
     def resume_tiles(self, step: str, params: dict, inputs: dict, tiles: tuple[int, int], width: int,
-                     tile: int, outputs) -> np.ndarray | None:
+                     tile: int, outputs, ledger: str | None = None) -> np.ndarray | None:
         """The tile ledger of an interrupted run of ``step`` that can be resumed.
 
         A tiled step writes each tile's products into the store and then records the
@@ -486,23 +486,27 @@ class StackStore:
         with these same parameters and inputs, on the same tiling, and its ``outputs``
         are still there, the ledger tells which tiles are finished.
 
+        A step made of several tiled passes gives each pass its own ``ledger`` name
+        (default: the step's name).
+
         Returns
         -------
         (ny_tiles, nx_tiles, width) float64 or None
             The ledger (NaN rows: tiles still to do), or ``None`` when the step must
             start afresh (then call :meth:`start_tiles`).
         """
-        name = f"{step}_tiles"
+        name = f"{ledger or step}_tiles"
         if not self.is_resumable(step, params, inputs) or name not in self.group:
             return None
-        ledger = self.group[name]
-        if (ledger.shape != (int(tiles[0]), int(tiles[1]), int(width)) or ledger.attrs.get("tile") != int(tile)
+        record = self.group[name]
+        if (record.shape != (int(tiles[0]), int(tiles[1]), int(width)) or record.attrs.get("tile") != int(tile)
                 or not all(v in self.group for v in outputs)):
             return None
-        return np.asarray(ledger[...], dtype=np.float64)
+        return np.asarray(record[...], dtype=np.float64)
 
     def start_tiles(self, step: str, tiles: tuple[int, int], width: int, tile: int) -> np.ndarray:
-        """Create an empty tile ledger for ``step`` (see :meth:`resume_tiles`)."""
+        """Create an empty tile ledger for ``step`` (or a pass's ledger name; see
+        :meth:`resume_tiles`)."""
         shape = (int(tiles[0]), int(tiles[1]), int(width))
         arr = self.create_variable(f"{step}_tiles", shape, (f"{step}_tile_y", f"{step}_tile_x", f"{step}_tile_value"),
                                    (1, 1, shape[2]), "float64", np.nan)
