@@ -8,12 +8,14 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+from astropy.io import fits
 import pytest
 
 import drizzlestack as ds
 from drizzlestack.geometry import OutputGrid, apply_homography
 from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import simulate
+from drizzlestack.store import StackStore
 
 SHAPE = (192, 192)
 SCALE = 2.0
@@ -115,3 +117,33 @@ def test_integration_after_a_distortion_registration_puts_stars_at_their_true_po
     assert np.isfinite(errors["spline"]).sum() >= 20
     assert np.nanmax(errors["spline"]) < 0.08, np.round(np.sort(errors["spline"]), 3)
     assert np.nanpercentile(errors["plain"], 90) > 0.08  # the homography alone misplaces them
+
+
+@pytest.mark.parametrize("flag, param", [("--no-rejection", "rejection"), ("--no-weights", "weights"),
+                                         ("--no-normalization", "normalization"),
+                                         ("--no-distortion", "distortion"), ("--no-coverage", "coverage")])
+def test_cli_drizzle_no_flags_turn_off_what_they_name(distorted, tmp_path, flag, param):
+    """Each ``--no-*`` flag of ``drizzlestack drizzle`` reaches the step (stored
+    parameters) and gives what the API gives with that option off, which differs from
+    the default result (so each option really changes something in this store)."""
+    from drizzlestack.cli import main
+
+    _, spline, _ = distorted
+    kwargs = dict(scale=SCALE, pixfrac=0.9, tile=64)
+    default = ds.drizzle(spline, output=None, **kwargs)
+    default = {v: default[v].values for v in ("drizzle", "drizzle_coverage")}
+    out = tmp_path / "d.fits"
+    assert main(["drizzle", str(spline), "--scale", str(SCALE), "--pixfrac", "0.9", "--tile", "64", flag,
+                 "-o", str(out), "--scheduler", "synchronous", "--no-progress"]) == 0
+    params = StackStore.open(spline).step("drizzle")["params"]
+    assert params[param] is False
+    assert all(params[p] is True for p in ("rejection", "weights", "normalization", "distortion", "coverage")
+               if p != param)
+    api = ds.drizzle(spline, output=None, force=True, **kwargs, **{param: False})
+    with fits.open(out) as hdul:
+        np.testing.assert_array_equal(hdul[0].data, api.drizzle.values)
+        assert ("COVERAGE" in hdul) == (param != "coverage")
+    if param == "coverage":
+        assert api.drizzle_coverage.values.max() == 0 and default["drizzle_coverage"].max() > 0
+    else:
+        assert not np.allclose(api.drizzle.values, default["drizzle"], equal_nan=True)
