@@ -54,11 +54,11 @@ def run_drizzle(store, scale, workers, tile=1024, scheduler_name="threads", clie
 
     if client is not None:  # an already running distributed cluster of `workers` processes
         t0 = time.perf_counter()
-        ds.drizzle(store, scale=scale, pixfrac=0.9, kernel="square", tile=tile, output=None)
+        ds.drizzle(store, scale=scale, pixfrac=0.9, kernel="square", tile=tile, output=None, force=True)
         return time.perf_counter() - t0
     with scheduler(scheduler=scheduler_name, workers=workers, progress=False):
         t0 = time.perf_counter()
-        ds.drizzle(store, scale=scale, pixfrac=0.9, kernel="square", tile=tile, output=None)
+        ds.drizzle(store, scale=scale, pixfrac=0.9, kernel="square", tile=tile, output=None, force=True)
         return time.perf_counter() - t0
 
 

@@ -1,6 +1,6 @@
 """drizzlestack: out-of-core drizzle integration of dithered, undersampled frames on Dask.
 
-Public API (DESIGN.md)::
+Public API (docs/design.md)::
 
     import drizzlestack as ds
     ds.ingest(paths, store)
@@ -17,12 +17,14 @@ The other functions are imported on first use, so the CLI starts faster.
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 
-# These three share their names with submodules (drizzlestack.ingest, .simulate and the
-# drizzlestack.drizzle package): importing the submodule would rebind the package
-# attribute to the module, so they are bound eagerly, after their submodules load.
+# These two share their names with submodules (drizzlestack.ingest, .simulate):
+# importing the submodule would rebind the package attribute to the module, so they
+# are bound eagerly, after their submodules load. ``drizzle`` is the sub-package itself,
+# which runs the step when called (drizzlestack/drizzle/__init__.py), so that both
+# ``ds.drizzle(store)`` and ``import drizzlestack.drizzle.kernels`` work.
 from .ingest import ingest  # noqa: E402
 from .simulate import simulate  # noqa: E402
-from .drizzle.driver import drizzle  # noqa: E402
+from . import drizzle  # noqa: E402
 
 _LAZY = {
     "open_stack": ("drizzlestack.store", "open_stack"),

@@ -146,7 +146,7 @@ def cmd_drizzle(args) -> int:
                          output=args.output, tile=args.tile, frames=args.frames, rejection=not args.no_rejection,
                          weights=not args.no_weights, normalization=not args.no_normalization,
                          distortion=not args.no_distortion, coverage=not args.no_coverage,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, force=args.force)
     ny, nx = result["drizzle"].shape
     print(f"drizzled {ny} x {nx} px (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
           f"{time.perf_counter() - t0:.1f} s" + (f" -> {args.output}" if args.output else " (store only)"))
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalization", action="store_true", help="ignore the integration's normalization")
     p.add_argument("--no-distortion", action="store_true", help="ignore the distortion (spline) model")
     p.add_argument("--no-coverage", action="store_true", help="no COVERAGE extension")
+    p.add_argument("--force", action="store_true", help="redrizzle even if the store holds this drizzle")
     _add_scheduler_options(p)
     p.set_defaults(func=cmd_drizzle)
 

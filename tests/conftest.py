@@ -4,6 +4,7 @@ paths to the real frames in ../shared/data, and a scheduler that counts computat
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import dask
@@ -76,3 +77,25 @@ def sat_sim(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("sat_sim")
     return simulate(d, n_frames=8, shape=(96, 112), n_stars=60, n_galaxies=1, n_saturated=3, seed=21)
+
+
+def run_with_hang_guard(fn, *args, timeout: float = 300.0, **kwargs):
+    """``fn(*args, **kwargs)``, failing the test if it has not returned after ``timeout``
+    seconds. A guard against hangs, not a speed check: the timeout is far beyond any
+    normal run, even on a loaded CI machine (speed belongs in benchmarks/)."""
+    result, error = [], []
+
+    def target():
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # re-raised in the test's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"{getattr(fn, '__name__', fn)} still running after {timeout:g} s: it hangs")
+    if error:
+        raise error[0]
+    return result[0]

@@ -211,10 +211,66 @@ def test_bad_parameters_are_refused_naming_the_parameter(registered, tmp_path, k
     assert not (tmp_path / "x.fits").exists()
 
 
-def test_roi_partly_outside_is_clipped_with_a_warning(registered):
-    with pytest.warns(ds.DrizzlestackWarning, match="clipped to"):
-        out = ds.drizzle(registered, roi=(-10, 80, 40, 40), scale=2.0, output=None, tile=64)
-    assert out.drizzle.shape == (2 * 16, 2 * 30)
+def test_roi_partly_outside_is_clipped_to_the_window_of_the_full_drizzle(registered):
+    full = ds.drizzle(registered, scale=2.0, pixfrac=0.9, output=None, tile=64).drizzle.values
+    with pytest.warns(ds.DrizzlestackWarning, match=r"clipped to \(0.0, 80.0, 30.0, 16.0\)"):
+        out = ds.drizzle(registered, roi=(-10, 80, 40, 40), scale=2.0, pixfrac=0.9, output=None, tile=64)
+    # the frame is 112 x 96 px: x in [0, 30), y in [80, 96) at scale 2
+    np.testing.assert_allclose(out.drizzle.values, full[160:192, 0:60], rtol=1e-6, equal_nan=True)
+
+
+def test_an_explicitly_requested_frame_whose_status_is_not_ok_is_left_out_with_a_warning(registered):
+    st = StackStore.open(registered)
+    kwargs = dict(scale=2.0, pixfrac=0.9, output=None, tile=64)
+    st.set_frame_values("status", 2, "excluded: hazy")
+    try:
+        with pytest.warns(ds.DrizzlestackWarning, match="frame 2 excluded from the drizzle: excluded: hazy"):
+            asked = ds.drizzle(registered, frames=[0, 1, 2, 3], **kwargs)
+        assert StackStore.open(registered).step("drizzle")["params"]["frames"] == [0, 1, 3]
+        asked = asked.drizzle.values
+        without = ds.drizzle(registered, frames=[0, 1, 3], force=True, **kwargs).drizzle.values
+    finally:
+        st.set_frame_values("status", 2, "ok")
+    np.testing.assert_array_equal(asked, without)
+
+
+def test_an_unchanged_drizzle_is_not_redone_unless_forced(registered, monkeypatch):
+    """One convention for every step: ``force=False`` by default returns what the store
+    holds when parameters and inputs are unchanged."""
+    from drizzlestack.drizzle import driver
+
+    kwargs = dict(scale=2.0, pixfrac=0.6, output=None, tile=64)
+    first = ds.drizzle(registered, **kwargs).drizzle.values
+    calls = {"n": 0}
+    original = driver.drizzle_tile
+
+    def counting(*args):
+        calls["n"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(driver, "drizzle_tile", counting)
+    again = ds.drizzle(registered, **kwargs).drizzle.values
+    assert calls["n"] == 0
+    np.testing.assert_array_equal(again, first)
+    ds.drizzle(registered, force=True, **kwargs)
+    assert calls["n"] == 12  # 4 x 3 tiles of 64 px over 224 x 192 output px
+
+
+def test_drizzle_is_both_the_step_and_the_package():
+    """``ds.drizzle(...)`` runs the step and ``import drizzlestack.drizzle.kernels``
+    works: a function bound to the package's name used to shadow the sub-package."""
+    import importlib
+    import inspect
+
+    from drizzlestack.drizzle import driver
+
+    kernels = importlib.import_module("drizzlestack.drizzle.kernels")
+    import drizzlestack.drizzle.kernels as K  # noqa: E402 - the statement that used to fail
+
+    assert K is kernels and callable(K.homography_grid)
+    assert callable(ds.drizzle)
+    assert inspect.signature(ds.drizzle) == inspect.signature(driver.drizzle)
+    assert "force" in inspect.signature(ds.drizzle).parameters
 
 
 def test_output_file_exists_or_cannot_be_written(registered, tmp_path):

@@ -20,7 +20,6 @@ Tolerances reached against STScI 3.0.0 (our output in float64, STScI's in float3
 
 from __future__ import annotations
 
-import time
 import warnings
 import zlib
 
@@ -36,8 +35,7 @@ from drizzlestack.drizzle import (
     finalize,
     kernel_radius,
 )
-
-resample = pytest.importorskip("drizzle.resample")
+from conftest import run_with_hang_guard
 
 EXACT_KERNELS = ("square", "point", "turbo", "gaussian")
 FLUX_KERNELS = ("square", "point", "turbo")
@@ -81,7 +79,9 @@ def f32(value):
 
 
 def stsci(data, pixmap, out_shape, kernel, pixfrac, weights=None, psr=1.0, pad=48):
-    """STScI drizzle on a canvas padded by ``pad`` pixels, cropped to ``out_shape``."""
+    """STScI drizzle on a canvas padded by ``pad`` pixels, cropped to ``out_shape``.
+    Only the tests that call it are skipped when STScI drizzle is not installed."""
+    resample = pytest.importorskip("drizzle.resample")
     h, w = out_shape
     d = resample.Drizzle(kernel=kernel, out_shape=(h + 2 * pad, w + 2 * pad),
                          disable_ctx=True, fillval="NaN")
@@ -348,9 +348,7 @@ def test_absurd_pixmap_values_are_skipped_like_nan_without_hanging(kernel):
         pm = pixmap.copy()
         for j, i in holes:
             pm[j, i] = value
-        t0 = time.perf_counter()
-        img, wht = drizzle_array(data, pm, out, kernel, 1.0, pixel_scale_ratio=0.5)
-        assert time.perf_counter() - t0 < 5.0
+        img, wht = run_with_hang_guard(drizzle_array, data, pm, out, kernel, 1.0, pixel_scale_ratio=0.5)
         np.testing.assert_array_equal(wht, ref_wht)
         np.testing.assert_array_equal(img, ref_img)
 

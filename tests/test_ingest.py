@@ -44,8 +44,7 @@ def flavours(tmp_path):
     hdu.header["BSCALE"], hdu.header["BZERO"] = 0.5, 1000.0
     p = tmp_path / "bscale.fits"
     hdu.writeto(p, overwrite=True)
-    with fits.open(p) as f:  # reference values from astropy itself
-        expected = f[0].data.astype(np.float32)
+    expected = (0.5 * raw.astype(np.float64) + 1000.0).astype(np.float32)  # the FITS formula, not astropy's reading
     out.append(("bscale", p, expected, 0.5 * 32767 + 1000))
     # gzip
     gz = tmp_path / "u16.fits.gz"
@@ -176,6 +175,41 @@ def test_store_path_that_is_not_a_store_is_refused_and_untouched(tmp_path, capsy
     assert sorted(p.name for p in target.iterdir()) == ["holiday.jpg"]
     assert cli_main(["ingest", str(target), str(good)]) == 2
     assert "not a drizzlestack store" in capsys.readouterr().err
+
+
+def test_a_directory_ingests_its_fits_files_and_nothing_else(tmp_path):
+    lights = tmp_path / "lights"
+    lights.mkdir()
+    frames = {}
+    for name, value in (("b.fits", 2.0), ("a.fit", 1.0), ("c.fits.gz", 3.0), ("d.fts", 4.0)):
+        data = np.full(SHAPE, value, np.float32)
+        data[0, 0] = 0.0  # not a constant frame
+        if name.endswith(".gz"):
+            raw = tmp_path / "c.fits"
+            _write(raw, [fits.PrimaryHDU(data)])
+            with open(raw, "rb") as src, gzip.open(lights / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            _write(lights / name, [fits.PrimaryHDU(data)])
+        frames[name] = value
+    (lights / "notes.txt").write_text("not a frame")
+    (lights / "sub").mkdir()
+    _write(lights / "sub" / "e.fits", [fits.PrimaryHDU(np.zeros(SHAPE, np.float32))])
+    stack = ds.ingest([lights], tmp_path / "s.zarr")
+    names = [p.split("/")[-1] for p in stack.path.values]
+    assert names == sorted(frames)  # sorted, the text file and the sub-directory left alone
+    for i, name in enumerate(names):
+        assert stack.frames[i].values[1, 1] == frames[name]
+
+
+def test_a_glob_pattern_ingests_the_files_it_matches(tmp_path):
+    for name in ("light_001.fits", "light_002.fits", "dark_001.fits"):
+        _good(tmp_path, name)
+    stack = ds.ingest([str(tmp_path / "light_*.fits")], tmp_path / "s.zarr")
+    assert [p.split("/")[-1] for p in stack.path.values] == ["light_001.fits", "light_002.fits"]
+    # from the command line as well (a pattern the shell did not expand)
+    assert cli_main(["ingest", str(tmp_path / "t.zarr"), str(tmp_path / "dark_*.fits"), "--no-progress"]) == 0
+    assert [p.split("/")[-1] for p in ds.open_stack(tmp_path / "t.zarr").path.values] == ["dark_001.fits"]
 
 
 def test_pattern_matching_nothing_is_an_error(tmp_path):

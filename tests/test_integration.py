@@ -164,11 +164,26 @@ def test_hazy_frame_comes_out_on_the_reference_photometric_scale(field):
     assert stack.scale.values[0] / stack.scale.values[HAZY] < 0.95
 
 
-def test_noise_weights_are_inverse_variance_of_the_normalized_frames(field):
-    s = field.result
-    expected = 1.0 / (s.norm_scale.values * s.noise.values) ** 2
-    np.testing.assert_allclose(s.weight.values, expected / expected[0], rtol=1e-12)
-    assert s.weight.values[HAZY] < 0.4  # hazy: fainter stars, brighter sky
+def test_noise_weights_equal_the_simulators_true_noise(field):
+    """Weight = inverse variance of the normalized frame, from the simulator's truth:
+    background noise sqrt(sky / gain + read_noise^2) (Poisson and read noise, plus the
+    uint16 rounding) and normalization scale t_ref / t_i (transmission)."""
+    truth, s = field.truth, field.result
+    cfg = truth.config
+    sigma = np.sqrt(truth.sky / cfg.gain + cfg.read_noise ** 2 + 1 / 12)
+    scale = truth.transmission[0] / truth.transmission
+    expected = 1.0 / (scale * sigma) ** 2
+    clean = np.arange(len(expected)) != truth.trail_frame  # see the next test
+    # 10 %: each frame's noise is estimated to ~3 % (its weight to ~7 %)
+    np.testing.assert_allclose(s.weight.values[clean], (expected / expected[0])[clean], rtol=0.1)
+    assert expected[HAZY] / expected[0] < 0.3  # the check can fail: the hazy frame's weight is far off 1
+
+
+@pytest.mark.xfail(strict=True, reason="known: the wavelet noise estimate counts a satellite trail as noise "
+                                       "(frame weight 0.82 instead of 1.0); the trail itself is rejected")
+def test_a_satellite_trail_does_not_lower_its_frames_noise_weight(field):
+    truth, s = field.truth, field.result
+    assert s.weight.values[truth.trail_frame] == pytest.approx(1.0, rel=0.05)
 
 
 # -------------------------------------------------------------------- registered view
@@ -446,14 +461,112 @@ def test_tiles_shrink_as_frames_are_added_to_bound_task_memory():
         assert t * t * n * 12 <= 64 * 2**20 or t == 64
 
 
-def test_cli_integrate(field, tmp_path, capsys):
+def test_cli_integrate_stores_its_parameters_and_writes_them_in_the_fits_header(field, tmp_path, capsys):
     from drizzlestack.cli import main
 
     store = _copy_store(field, tmp_path)
     out = tmp_path / "cli.fits"
-    code = main(["integrate", str(store), "--rejection", "sigma", "--low", "4", "--high", "3", "--tile", "64",
+    code = main(["integrate", str(store), "--rejection", "sigma", "--low", "3.5", "--high", "2.5", "--tile", "64",
+                 "--normalization", "additive", "--weights", "none", "--no-reject-low", "--range-high", "60000",
                  "--output", str(out), "--scheduler", "synchronous", "--no-progress"])
     assert code == 0
-    assert out.exists()
-    text = capsys.readouterr().out
-    assert "integrated 10 frame(s)" in text
+    assert "integrated 10 frame(s)" in capsys.readouterr().out
+    record = StackStore.open(store).step("integrate")
+    assert record["complete"]
+    params = record["params"]
+    assert (params["rejection"], params["low"], params["high"]) == ("sigma", 3.5, 2.5)
+    assert (params["normalization"], params["weights"], params["reject_low"], params["reject_high"]) == (
+        "additive", "none", False, True)
+    assert params["range_high"] == 60000.0 and params["range_low"] is None
+    stack = ds.open_stack(store)
+    np.testing.assert_array_equal(stack.weight.values, np.ones(10))  # --weights none
+    np.testing.assert_array_equal(stack.norm_scale.values, np.ones(10))  # additive: no scaling
+    assert stack.rejected_low.values.max() == 0  # --no-reject-low
+    with fits.open(out) as hdul:
+        h = hdul[0].header
+        assert (h["REJECT"], h["REJLOWK"], h["REJHIGHK"], h["NORMALIZ"], h["WEIGHTS"], h["NCOMBINE"]) == (
+            "sigma", 3.5, 2.5, "additive", "none", 10)
+        np.testing.assert_array_equal(hdul[0].data, stack.integration.values)
+
+
+def test_cli_integrate_roi_equals_the_window_of_the_full_integration(field, tmp_path):
+    from drizzlestack.cli import main
+
+    store = _copy_store(field, tmp_path)
+    out = tmp_path / "roi.fits"
+    assert main(["integrate", str(store), "--roi", "30", "20", "70", "50", "--tile", "64", "--output", str(out),
+                 "--scheduler", "synchronous", "--no-progress"]) == 0
+    assert StackStore.open(store).step("integrate_roi")["params"]["roi"] == [30, 20, 70, 50]
+    full = field.result.integration.values
+    with fits.open(out) as hdul:
+        assert (hdul[0].header["ROIX0"], hdul[0].header["ROIY0"]) == (30, 20)
+        np.testing.assert_allclose(hdul[0].data, full[20:70, 30:100], rtol=1e-6)
+
+
+def _flat_store(path, values, exptime=10.0):
+    """Frames of constant value plus noise on identity transforms (no registration
+    error, no stars): integrate's arithmetic on its own."""
+    st = StackStore.create(path, (48, 48), chunk=32)
+    rng = np.random.default_rng(5)
+    for i, v in enumerate(values):
+        frame = np.asarray(v, np.float64) + rng.normal(0.0, 1.0, (48, 48))
+        e = exptime[i] if np.ndim(exptime) else exptime
+        st.append_frame(frame.astype(np.float32), path=f"/f{i}", exptime=float(e), header="", status="ok",
+                        saturation=60000.0)
+    st.write_variable("transform", np.tile(np.eye(3), (len(values), 1, 1)), ("frame", "transform_row",
+                                                                              "transform_col"))
+    st.attrs["reference"] = 0
+    return st
+
+
+def test_exposure_weights_are_the_exposure_times_relative_to_the_reference(tmp_path):
+    exptime = [10.0, 20.0, 5.0, 40.0]
+    values = [100.0, 200.0, 300.0, 400.0]
+    st = _flat_store(tmp_path / "s.zarr", values, exptime)
+    out = ds.integrate(st.path, weights="exposure", normalization="none", rejection="none", tile=32, output=None)
+    np.testing.assert_allclose(out.weight.values, [1.0, 2.0, 0.5, 4.0])
+    frames = ds.open_stack(st.path).frames.values.astype(np.float64)
+    w = np.array(exptime)[:, None, None]
+    np.testing.assert_allclose(out.integration.values, (w * frames).sum(0) / w.sum(), rtol=1e-5)
+
+
+def test_mad_scale_estimator_scales_by_the_normalized_mad(tmp_path):
+    """Frame 1's noise is uniform, not Gaussian: its MAD and its biweight dispersion
+    differ by 20 %, so the scale factor says which estimator was used."""
+    rng = np.random.default_rng(9)
+    st = StackStore.create(tmp_path / "s.zarr", (64, 64), chunk=32)
+    frames = [500.0 + rng.normal(0.0, 10.0, (64, 64)), 800.0 + rng.uniform(-30.0, 30.0, (64, 64)),
+              650.0 + rng.normal(0.0, 20.0, (64, 64))]
+    for i, f in enumerate(frames):
+        st.append_frame(f.astype(np.float32), path=f"/f{i}", exptime=1.0, header="", status="ok", saturation=6e4)
+    st.write_variable("transform", np.tile(np.eye(3), (3, 1, 1)), ("frame", "transform_row", "transform_col"))
+    st.attrs["reference"] = 0
+    f32 = [np.asarray(f, np.float32).astype(np.float64) for f in frames]
+    mad = np.array([astropy_mad_std(f) for f in f32])
+    bw = np.sqrt([astropy_bwmv(f) for f in f32])
+    out = ds.integrate(st.path, scale_estimator="mad", rejection="none", tile=32, output=None)
+    assert out.attrs["steps"]["integrate"]["summary"]["scale_estimator"] == "mad"
+    np.testing.assert_allclose(out.norm_scale.values, mad[0] / mad, rtol=0.02)
+    assert abs(bw[0] / bw[1] - mad[0] / mad[1]) > 0.1 * mad[0] / mad[1]  # biweight would be told apart
+
+
+def test_range_low_rejects_dead_pixels_and_keeps_the_rest(tmp_path):
+    """Frame 2 has a dead block (0 ADU): ``range_low`` flags exactly those samples
+    (flag 4) and the integration there is the mean of the other frames."""
+    st = _flat_store(tmp_path / "s.zarr", [1000.0] * 5)
+    frames = st.group["frames"]
+    dead = frames[2]
+    dead[10:20, 30:40] = 0.0
+    frames[2] = dead
+    kwargs = dict(normalization="none", weights="none", rejection="sigma", low=100.0, high=100.0, tile=32,
+                  output=None)
+    plain = ds.integrate(st.path, **kwargs)
+    assert plain.integration.values[10:20, 30:40].mean() == pytest.approx(800.0, abs=2.0)  # the dead block leaks
+    out = ds.integrate(st.path, range_low=500.0, **kwargs)
+    flags = out.rejection.values
+    assert (flags[2, 10:20, 30:40] == 4).all()
+    flags[2, 10:20, 30:40] = 0
+    assert (flags == 0).all()
+    data = ds.open_stack(st.path).frames.values.astype(np.float64)
+    expected = data[[0, 1, 3, 4], 10:20, 30:40].mean(axis=0)
+    np.testing.assert_allclose(out.integration.values[10:20, 30:40], expected, rtol=1e-5)

@@ -10,6 +10,7 @@ from astropy.stats import sigma_clipped_stats
 import drizzlestack as ds
 from drizzlestack.cli import main as cli_main
 from drizzlestack.simulate import simulate
+from drizzlestack.store import StackStore
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,34 @@ def test_demo_command_runs_the_pipeline(tmp_path, capsys):
     assert cli_main(["run", str(tmp_path / "demo" / "config.yaml"), "--no-progress"]) == 0
     assert (tmp_path / "demo" / "drizzle.fits").stat().st_mtime_ns == before
     # a changed drizzle parameter reruns only the drizzle
+    store = tmp_path / "demo" / "stack.zarr"
+    _mark_finished(store)
     assert cli_main(["run", str(tmp_path / "demo" / "config.yaml"), "--set", "drizzle.scale=3",
                      "--no-progress"]) == 0
     from astropy.io import fits
 
     assert fits.getheader(tmp_path / "demo" / "drizzle.fits")["DRIZSCAL"] == 3.0
+    assert _rerun(store) == {"drizzle"}
+    # --force STEP reruns that step and every step after it, not the ones before
+    _mark_finished(store)
+    assert cli_main(["run", str(tmp_path / "demo" / "config.yaml"), "--set", "drizzle.scale=3",
+                     "--force", "integrate", "--no-progress"]) == 0
+    assert _rerun(store) == {"integrate", "drizzle"}
+
+
+#: stands in for the completion time of a step (which has a resolution of a second)
+MARK = "before-this-run"
+
+
+def _mark_finished(store):
+    """Replace every step's completion stamp by :data:`MARK`: a step that reruns writes
+    a new one, a step that is skipped keeps it. (Drizzle counts the upstream stamps
+    among its inputs, so after this it always reruns: use it only where it must.)"""
+    st = StackStore.open(store)
+    st.attrs["steps"] = {name: dict(rec, finished=MARK) if "finished" in rec else rec
+                         for name, rec in st.attrs["steps"].items()}
+
+
+def _rerun(store) -> set:
+    return {name for name, rec in StackStore.open(store).attrs["steps"].items()
+            if "finished" in rec and rec["finished"] != MARK}

@@ -527,15 +527,86 @@ def test_real_frames_register(hatp32_subset, tmp_path):
 
 
 # ====================================================================== CLI
-def test_cli_register(bad_input, tmp_path, capsys):
+def test_cli_register_stores_its_parameters_and_the_fitted_model(bad_input, tmp_path, capsys):
     from drizzlestack.cli import main
 
+    truth, store, shape = bad_input
     copy = tmp_path / "copy.zarr"
-    shutil.copytree(bad_input[1], copy)
+    shutil.copytree(store, copy)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        code = main(["register", str(copy), "--scheduler", "synchronous", "--model", "affine", "--no-progress"])
+        code = main(["register", str(copy), "--scheduler", "synchronous", "--model", "affine", "--reference", "2",
+                     "--threshold", "6", "--max-stars", "300", "--min-matches", "8", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "registered 5 frame(s)" in out and "affine" in out
-    assert "excluded: unregistered: only 4 star(s)" in out
+    assert "registered 5 frame(s)" in out
+    st = StackStore.open(copy)
+    params = st.step("register")["params"]
+    assert (params["model"], params["reference"], params["threshold"], params["max_stars"], params["min_matches"]) == (
+        "affine", 2, 6.0, 300, 8)
+    result = ds.open_stack(copy)
+    assert int(result.attrs["reference"]) == 2
+    assert list(result.status.values[:5]) == ["ok"] * 5
+    assert result.status.values[7] == "unregistered: only 4 star(s) detected (8 needed)"  # --min-matches
+    assert np.nanmax(result.n_stars.values) <= 300
+    transforms = result.transform.values[:5]
+    np.testing.assert_array_equal(transforms[:, 2], np.tile([0.0, 0.0, 1.0], (5, 1)))  # affine: no perspective
+    errors = [mapping_error(frame_mapping(result, i), truth, i, 2, shape) for i in range(5)]
+    assert max(errors) < 0.05, errors
+
+
+@pytest.fixture
+def small_store(tmp_path, small_sim):
+    store = tmp_path / "s.zarr"
+    ds.ingest(small_sim.files, store)
+    return store
+
+
+def _positions(result, i):
+    stars = result.stars.values[i]
+    stars = stars[np.isfinite(stars[:, 0])]
+    return {(round(float(x), 3), round(float(y), 3)) for x, y in stars[:, :2]}
+
+
+def test_max_stars_keeps_the_brightest_stars(small_store):
+    every = ds.register(small_store, reference=0).load()
+    few = ds.register(small_store, reference=0, max_stars=15).load()
+    assert (every.n_stars.values > 40).all()
+    np.testing.assert_array_equal(few.n_stars.values, 15)
+    for i in range(len(every.n_stars)):
+        stars = every.stars.values[i]
+        stars = stars[np.isfinite(stars[:, 0])]
+        brightest = stars[np.argsort(-stars[:, 2])[:15]]
+        assert _positions(few, i) == {(round(float(x), 3), round(float(y), 3)) for x, y in brightest[:, :2]}
+    assert list(few.status.values) == ["ok"] * 6
+
+
+def test_a_higher_threshold_detects_a_subset_of_the_stars(small_store, small_sim):
+    low = ds.register(small_store, reference=0, threshold=5.0).load()
+    high = ds.register(small_store, reference=0, threshold=20.0).load()
+    for i in range(len(low.n_stars)):
+        assert 10 < high.n_stars.values[i] < 0.8 * low.n_stars.values[i]
+        # the same stars (a star at the edge may be measured a little differently
+        # when a fainter neighbour is detected too)
+        hx, lx = np.array(sorted(_positions(high, i))), np.array(sorted(_positions(low, i)))
+        nearest = np.min(np.hypot(*(hx[:, None, :] - lx[None, :, :]).transpose(2, 0, 1)), axis=1)
+        assert np.mean(nearest < 0.01) > 0.95
+    # what the higher threshold drops are the faint stars
+    flux_low, flux_high = low.stars.values[0][:, 2], high.stars.values[0][:, 2]
+    dropped = np.setdiff1d(flux_low[np.isfinite(flux_low)], flux_high[np.isfinite(flux_high)])
+    assert np.median(dropped) < np.nanmin(flux_high) * 2
+
+
+def test_min_matches_excludes_frames_with_fewer_matched_stars(small_store):
+    every = ds.register(small_store, reference=0).load()
+    matches = every.n_matches.values
+    need = int(np.sort(matches[1:])[len(matches) // 2]) + 1  # about half the frames fall short
+    with pytest.warns(DrizzlestackWarning, match="not registered"):
+        strict = ds.register(small_store, reference=0, min_matches=need).load()
+    for i in range(1, len(matches)):
+        if matches[i] >= need:
+            assert strict.status.values[i] == "ok"
+        else:
+            assert strict.status.values[i].startswith("unregistered:") and f"({need} needed)" in strict.status.values[i]
+            assert not np.isfinite(strict.transform.values[i]).any()
+    assert 0 < sum(strict.status.values[1:] != "ok") < len(matches) - 1

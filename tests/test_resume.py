@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -150,44 +149,51 @@ def test_full_disk_gives_a_clear_error_and_the_run_resumes(registered, monkeypat
     np.testing.assert_array_equal(resumed, fresh)
 
 
+#: run in a child process: the drizzle CLI, SIGKILLed by itself right after the tile
+#: ledger records its KILL_AFTER-th tile (deterministic, no race against the clock)
+KILLED_CHILD = """
+import os, signal, sys
+from drizzlestack import cli
+from drizzlestack.drizzle import driver
+
+recorded = 0
+original = driver.record_tile
+
+def record_then_die(*args, **kwargs):
+    global recorded
+    original(*args, **kwargs)
+    recorded += 1
+    if recorded == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no chance to clean up
+
+driver.record_tile = record_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_where_it_stopped(registered, tmp_path):
-    """A drizzle CLI process killed with SIGKILL mid-run (no chance to clean up) leaves
-    a readable store; the same command then does only the missing tiles."""
+    """A drizzle CLI process killed with SIGKILL mid-run leaves a readable store; the
+    same command then does only the missing tiles."""
     out = tmp_path / "d.fits"
-    args = [sys.executable, "-m", "drizzlestack.cli", "drizzle", str(registered), "--scale", "4", "--tile", "16",
-            "-o", str(out), "--workers", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ledger = registered / "drizzle_tiles"
-    deadline = time.monotonic() + 120
-    done = 0
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ledger.exists():
-                try:
-                    done, total = _ledger_done(registered, "drizzle")
-                except Exception:  # the ledger being created right now
-                    done = 0
-                if done >= 20:
-                    break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    command = ["drizzle", str(registered), "--scale", "2", "--tile", "16", "-o", str(out),
+               "--scheduler", "synchronous", "--no-progress"]
+    env = dict(os.environ, KILL_AFTER="20")
+    killed = subprocess.run([sys.executable, "-c", KILLED_CHILD, *command], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     done, total = _ledger_done(registered, "drizzle")
-    assert 0 < done < total, (done, total)
+    assert (done, total) == (20, 14 * 12)
     assert not out.exists()
     ds.open_stack(registered)
 
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([sys.executable, "-m", "drizzlestack.cli", *command], capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming an interrupted drizzle ({done} of {total} tiles" in resumed.stderr
     assert out.exists()
     result = ds.open_stack(registered)["drizzle"].values
-    fresh = ds.drizzle(registered, scale=4.0, tile=16, output=None, force=True)["drizzle"].values
+    fresh = ds.drizzle(registered, scale=2.0, tile=16, output=None, force=True)["drizzle"].values
     np.testing.assert_array_equal(result, fresh)
 
 

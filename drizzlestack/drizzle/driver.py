@@ -192,6 +192,11 @@ def _select_frames(stack: xr.Dataset, frames):
                 raise DrizzlestackError(f"frames: index {i} out of range (store has {n} frames)")
             if not np.all(np.isfinite(transform[int(i)])):
                 raise DrizzlestackError(f"frames: frame {i} has no registration ({status[int(i)]})")
+            if status[int(i)] != STATUS_OK:
+                # As integrate does: a frame that a step excluded is left out, with a warning.
+                warnings.warn(f"frame {i} excluded from the drizzle: {status[int(i)] or 'no status'}",
+                              DrizzlestackWarning, stacklevel=3)
+                continue
             chosen.append(int(i))
     if not chosen:
         why = "; ".join(f"{i}: {s}" for i, s in enumerate(status)) or "the store has no frames"
@@ -242,7 +247,7 @@ def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | 
 def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
             output="drizzle.fits", tile: int = 1024, frames=None, rejection: bool = True,
             weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
-            overwrite: bool = False, force: bool = True) -> xr.Dataset:
+            overwrite: bool = False, force: bool = False) -> xr.Dataset:
     """Drizzle the registered frames of a store onto a finer output grid.
 
     Every input pixel of every selected frame is mapped through its registration onto
@@ -279,8 +284,9 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         Replace an existing ``output`` file.
     force : bool
         Drizzle even if the store already holds a drizzle made with the same
-        parameters from the same registration and integration (and ``output`` exists);
-        ``False`` is what ``drizzlestack run`` uses to skip unchanged steps.
+        parameters from the same registration and integration (and ``output`` exists).
+        By default (as for :func:`register` and :func:`integrate`) such a drizzle is
+        returned as it is, and an interrupted one resumes.
 
     Returns
     -------
