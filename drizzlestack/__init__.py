@@ -10,6 +10,7 @@ Public API (DESIGN.md)::
     ds.open_stack(store)
     ds.drizzle_array(data, pixmap, out_shape, kernel="square", pixfrac=1.0, weights=None)
     ds.reject_stack(stack, method="sigma", low=3.0, high=3.0)
+    ds.advise(store)                      # will drizzle help? which scale and pixfrac?
 
 The other functions are imported on first use, so the CLI starts faster.
 """
@@ -17,12 +18,13 @@ The other functions are imported on first use, so the CLI starts faster.
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 
-# These three share their names with submodules (drizzlestack.ingest, .simulate and the
-# drizzlestack.drizzle package): importing the submodule would rebind the package
+# These four share their names with submodules (drizzlestack.ingest, .simulate and the
+# drizzlestack.drizzle package, drizzlestack.advise): importing the submodule would rebind the package
 # attribute to the module, so they are bound eagerly, after their submodules load.
 from .ingest import ingest  # noqa: E402
 from .simulate import simulate  # noqa: E402
 from .drizzle.driver import drizzle  # noqa: E402
+from .advise import advise  # noqa: E402
 
 _LAZY = {
     "open_stack": ("drizzlestack.store", "open_stack"),
@@ -34,7 +36,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", "ingest", "simulate",
-           "drizzle", *_LAZY]
+           "drizzle", "advise", *_LAZY]
 
 
 def __getattr__(name):

@@ -142,6 +142,13 @@ def phase_occupancy(phases, n: int, n_offsets: int = 8) -> float:
     return float(counts.min()) / (n * n)
 
 
+def random_occupancy(n_frames: int, n: int, trials: int = 32) -> float:
+    """Mean :func:`phase_occupancy` of ``n_frames`` uniformly random phases (a fixed seed:
+    the same answer every time), the yardstick for a measured occupancy."""
+    rng = np.random.default_rng(0)
+    return float(np.mean([phase_occupancy(rng.uniform(size=(n_frames, 2)), n) for _ in range(trials)]))
+
+
 def _circular_std(p: np.ndarray) -> float:
     """Circular standard deviation (in pixels) of phases ``p`` in [0, 1)."""
     p = p[np.isfinite(p)]
@@ -157,7 +164,7 @@ def dither_summary(mappings, frame_shape, scales=(2, 3)) -> dict:
     Returns a dict: ``occupancy`` {s: median over the field points of the fraction of the
     ``s x s`` cells holding at least one frame's phase}, ``occupancy_min`` {s: the
     worst point}, ``random_occupancy`` {s: what as many uniformly random phases fill on
-    average, ``1 - (1 - 1/s^2)^n``}, ``phase_std`` (median over the points of the larger
+    average, measured the same way}, ``phase_std`` (median over the points of the larger
     circular standard deviation of the x and y phases, px), ``clustered`` (the phases
     coincide: whole-pixel or no dither), ``max_offset`` (largest displacement of a frame
     centre from the reference, px) and ``n_points``.
@@ -178,22 +185,35 @@ def dither_summary(mappings, frame_shape, scales=(2, 3)) -> dict:
     offsets = [math.hypot(*(np.array([v[0] for v in m.forward(np.array([cx]), np.array([cy]))]) - (cx, cy)))
                for m in mappings]
     return {"occupancy": occ, "occupancy_min": occ_min,
-            "random_occupancy": {s: 1.0 - (1.0 - 1.0 / math.ceil(s - 1e-9) ** 2) ** n for s in scales},
+            "random_occupancy": {s: random_occupancy(n, int(math.ceil(s - 1e-9))) for s in scales},
             "phase_std": phase_std, "clustered": bool(n > 1 and phase_std < CLUSTERED_PHASE_STD),
             "max_offset": float(max(offsets)) if offsets else 0.0, "n_points": len(points)}
 
 
 # ------------------------------------------------------------------------ dry pixels
-def sample_boxes(frame_shape, n_side: int = 6, size: float = 4.0):
+def sample_boxes(frame_shape, n_boxes: int = 36, size: float = 4.0, seed: int = 0):
     """Reference-pixel boxes ``(x0, y0, width, height)`` drizzled to predict dry pixels:
-    ``n_side x n_side`` small squares spread from 8 % to 92 % of the field. With rotation
-    or distortion between frames the drizzle pattern changes across the field, so many
-    small boxes sample it better than a few large ones (and cost the same)."""
+    ``n_boxes`` small squares at quasi-random places between 8 % and 92 % of the field
+    (a 2-D Halton sequence, the same every time). With rotation between frames the
+    weight pattern is a moire whose period changes across the field: many small boxes
+    sample it better than a few large ones at the same cost, and places on a regular
+    grid could fall in step with it."""
     ny, nx = frame_shape
-    size = float(min(size, nx / n_side, ny / n_side))
-    fx = np.linspace(0.08, 0.92, n_side)
-    return [(float(np.floor(cx * nx - size / 2)), float(np.floor(cy * ny - size / 2)), size, size)
-            for cy in fx for cx in fx]
+    size = float(min(size, nx / 4, ny / 4))
+
+    def halton(i, base):
+        f, r = 1.0, 0.0
+        while i > 0:
+            f /= base
+            r += f * (i % base)
+            i //= base
+        return r
+
+    boxes = []
+    for i in range(1 + seed, n_boxes + 1 + seed):
+        fx, fy = 0.08 + 0.84 * halton(i, 2), 0.08 + 0.84 * halton(i, 3)
+        boxes.append((float(np.floor(fx * nx - size / 2)), float(np.floor(fy * ny - size / 2)), size, size))
+    return boxes
 
 
 def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs, kernel: str = "square",
@@ -249,33 +269,38 @@ def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs
     sums = {p: [np.zeros((oy1 - oy0, ox1 - ox0)) for ox0, oy0, ox1, oy1 in out_boxes] for p in pixfracs}
     scratch = [np.zeros((oy1 - oy0, ox1 - ox0)) for ox0, oy0, ox1, oy1 in out_boxes]
     touched = np.zeros((1, 1), dtype=np.uint8)
+    to_tiles = [translation(-ox0, -oy0) @ grid.ref_to_out for ox0, oy0, _, _ in out_boxes]
+    arrays: dict[tuple, tuple] = {}  # (ones, weights) by window shape and weight, reused
+    max_extent = max(64.0, 16.0 * scale)
     for mapping, w, psr in zip(mappings, frame_weights, psrs):
         xf, yf = mapping.inverse(crx, cry)
         counted |= (xf >= 0.5) & (xf <= nx_f - 1.5) & (yf >= 0.5) & (yf <= ny_f - 1.5)
         wx, wy = mapping.inverse(erx, ery)
         with np.errstate(invalid="ignore"):
+            ok = np.all(np.isfinite(wx), axis=1) & np.all(np.isfinite(wy), axis=1)
+            wx, wy = np.where(ok[:, None], wx, 0.0), np.where(ok[:, None], wy, 0.0)
             xa = np.maximum(np.floor(np.min(wx, axis=1) - pad + 0.5), 0).astype(np.intp)
             xb = np.minimum(np.ceil(np.max(wx, axis=1) + pad + 0.5), nx_f).astype(np.intp)
             ya = np.maximum(np.floor(np.min(wy, axis=1) - pad + 0.5), 0).astype(np.intp)
             yb = np.minimum(np.ceil(np.max(wy, axis=1) + pad + 0.5), ny_f).astype(np.intp)
-        for b, (ox0, oy0, ox1, oy1) in enumerate(out_boxes):
-            if not (np.all(np.isfinite(wx[b])) and xb[b] - xa[b] >= 2 and yb[b] - ya[b] >= 2):
-                continue  # outside this frame, or a sliver the square kernel cannot use
+        ok &= (xb - xa >= 2) & (yb - ya >= 2)  # outside this frame, or a sliver the square kernel cannot use
+        for b in np.flatnonzero(ok):
             wshape = (int(yb[b] - ya[b]), int(xb[b] - xa[b]))
-            to_tile = translation(-ox0, -oy0) @ grid.ref_to_out
             if mapping.is_homography:
                 pixmap = np.empty(wshape + (2,))
-                _kernels.homography_grid(to_tile @ mapping.matrix, int(ya[b]), int(xa[b]), *wshape, pixmap)
+                _kernels.homography_grid(to_tiles[b] @ mapping.matrix, int(ya[b]), int(xa[b]), *wshape, pixmap)
             else:
                 gy, gx = np.mgrid[ya[b]:yb[b], xa[b]:xb[b]]
                 ref = mapping.forward(gx.astype(np.float64), gy.astype(np.float64))
-                pixmap = np.ascontiguousarray(np.stack(apply_homography(to_tile, *ref), axis=-1))
-            ones = np.ones(wshape)
-            weights = np.full(wshape, float(w))
+                pixmap = np.ascontiguousarray(np.stack(apply_homography(to_tiles[b], *ref), axis=-1))
+            key = wshape + (float(w),)
+            if key not in arrays:
+                arrays[key] = (np.ones(wshape), np.full(wshape, float(w)))
+            ones, weights = arrays[key]
             for p in pixfracs:
                 if kernel == "square":
                     # The kernel itself: accumulate()'s checks cost more than these tiny windows.
-                    _kernels.square_kernel(ones, pixmap, weights, True, float(p), max(64.0, 16.0 * scale),
+                    _kernels.square_kernel(ones, pixmap, weights, True, float(p), max_extent,
                                            scratch[b], sums[p][b], touched, False)
                 else:
                     _array.accumulate(ones, pixmap, weights, scratch[b], sums[p][b], kernel=kernel, pixfrac=p,
@@ -364,7 +389,8 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     the **smallest pixfrac** of 1.0, 0.9, ..., 0.3 whose predicted dry fraction is at
     most :data:`MAX_DRY_FRACTION` (1 %) and weight-map rms at most
     :data:`MAX_WEIGHT_RMS` of its median. A scale where no pixfrac passes falls back to
-    the next smaller one; scale 2 with pixfrac 1 is the last resort. ``drizzle_helps`` is
+    the next smaller one; scale 2 with pixfrac 1 is the last resort, and the advice when
+    drizzle cannot gain (a finer-grid copy of the integration). ``drizzle_helps`` is
     true when the frames are undersampled (median FWHM < :data:`UNDERSAMPLED_FWHM`
     reference pixels), there are at least 4 frames and their sub-pixel phases are spread
     (not one cluster, at least half of the 2 x 2 cells filled).
@@ -410,6 +436,11 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
 
     # ---- sampling
     undersampled = bool(np.isfinite(fwhm) and fwhm < UNDERSAMPLED_FWHM)
+    if np.isfinite(fwhm):
+        # What most tools report: the fits exclude the pixel, a plain Gaussian fit includes it.
+        with_pixel = _SIGMA_TO_FWHM * math.sqrt((fwhm / _SIGMA_TO_FWHM) ** 2 + 1.0 / 12.0)
+        reasons.append(f"Measured on the registration's star fits: the optical FWHM is {fwhm:.2f} reference px "
+                       f"({with_pixel:.2f} px with the pixel's own width, as most tools measure it).")
     if not np.isfinite(fwhm):
         reasons.append("No star FWHM was measured: the sampling is unknown.")
     elif undersampled:
@@ -473,7 +504,12 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     for s in table_scales:
         predict(s, PIXFRACS + ((float(pixfrac),) if pixfrac is not None else ()))
     chosen = None
-    for s in scales:
+    if not helps:
+        # Nothing to gain: the least risky drizzle (a finer-grid integration, no dry
+        # pixels, the least noise pattern), for whoever drizzles anyway.
+        scales = [scales[-1]]
+        chosen = (scales[-1], float(pixfrac) if pixfrac is not None else 1.0)
+    for s in scales if chosen is None else ():
         if pixfrac is not None:
             chosen = (s, float(pixfrac))
             break
@@ -512,7 +548,7 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
                        "drop and the output pixel; what it gains on undersampled frames is sampling, not width.")
     if not helps:
         reasons.append("Verdict: drizzle will not gain over the integration for these frames; use the integration "
-                       f"(a drizzle at scale {s:g}, pixfrac {p:g} is the safest if you drizzle anyway).")
+                       f"(scale {s:g}, pixfrac {p:g} is the safest drizzle if you drizzle anyway).")
     else:
         reasons.append(f"Verdict: drizzle helps; drizzle at scale {s:g}, pixfrac {p:g}.")
 
@@ -577,6 +613,26 @@ def warn_drizzle_settings(store, scale, pixfrac, kernel="square", frames=None, d
         return
     for message in messages:
         warnings.warn(message, DrizzlestackWarning, stacklevel=stacklevel + 1)
+
+
+def advice_json(advice: dict) -> str:
+    """The advice as one JSON object (NaN, meaning "not measured", becomes null)."""
+    import json
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return float(v) if math.isfinite(v) else None
+        if isinstance(v, np.integer):
+            return int(v)
+        if isinstance(v, np.bool_):
+            return bool(v)
+        return v
+
+    return json.dumps(clean(advice), indent=1, allow_nan=False)
 
 
 def format_advice(advice: dict) -> str:
