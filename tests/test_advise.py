@@ -220,3 +220,10 @@ def test_real_frames_get_a_sensible_answer(hatp32_store):
     assert a["dither"]["occupancy"]["2"] >= 0.75
     assert a["predicted_dry_fraction"] <= 0.01
     assert a["scale"] == 2.0
+
+
+def test_drizzle_command_warns_before_leaving_dry_pixels(few_frames, tmp_path):
+    _, store = few_frames
+    with pytest.warns(DrizzlestackWarning, match="dry"):
+        assert cli_main(["drizzle", str(store), "--scale", "3", "--pixfrac", "0.3", "--tile", "256",
+                         "-o", str(tmp_path / "d.fits"), "--no-progress"]) == 0
