@@ -25,7 +25,7 @@ import numpy as np
 
 from ._warnings import DrizzlestackError, DrizzlestackWarning
 from .geometry import OutputGrid, apply_homography, translation
-from .store import StackStore, open_stack
+from .store import StackStore
 
 #: median FWHM (reference pixels) below which the frames are undersampled
 UNDERSAMPLED_FWHM = 2.0
@@ -61,15 +61,7 @@ def measured_fwhm(stack, indices, mappings) -> tuple[float, np.ndarray]:
     fields = [str(f) for f in stack["stars"].coords["field"].values] if "field" in stack["stars"].coords \
         else ["x", "y", "flux", "fwhm", "peak", "snr", "flags"]
     i_fwhm, i_snr, i_flags = fields.index("fwhm"), fields.index("snr"), fields.index("flags")
-    from .store import DirectArray
-
-    # The project's direct chunk reader: a dask compute of this small table costs more
-    # than everything else the advisor does.
-    path = stack.encoding.get("drizzlestack_path") or stack.attrs.get("_path")
-    if path is not None:
-        stars = np.asarray(DirectArray(path, "stars")[:], dtype=np.float64)[list(indices)]
-    else:
-        stars = np.asarray(stack["stars"].isel(frame=list(indices)).values, dtype=np.float64)
+    stars = np.asarray(stack["stars"].values, dtype=np.float64)[list(indices)]
     per_frame = np.full(len(indices), np.nan)
     for k, mapping in enumerate(mappings):
         table = stars[k]
@@ -191,7 +183,7 @@ def dither_summary(mappings, frame_shape, scales=(2, 3)) -> dict:
 
 
 # ------------------------------------------------------------------------ dry pixels
-def sample_boxes(frame_shape, n_boxes: int = 36, size: float = 4.0, seed: int = 0):
+def sample_boxes(frame_shape, n_boxes: int = 25, size: float = 5.0, seed: int = 0):
     """Reference-pixel boxes ``(x0, y0, width, height)`` drizzled to predict dry pixels:
     ``n_boxes`` small squares at quasi-random places between 8 % and 92 % of the field
     (a 2-D Halton sequence, the same every time). With rotation between frames the
@@ -355,20 +347,43 @@ def expected_fwhm(fwhm: float, scale: float, pixfrac: float) -> tuple[float, flo
 
 
 # ------------------------------------------------------------------------ the advisor
+#: the store variables the advisor reads (a few kB per frame; never the frames)
+_VARIABLES = ("transform", "status", "stars", "field", "weight")
+
+
+def _registration_dataset(st: StackStore):
+    """The registration's small variables as an in-memory Dataset, read straight from
+    zarr: :func:`~drizzlestack.store.open_stack` builds a dask graph for every variable
+    and loads every header, which costs more than the whole prediction."""
+    import xarray as xr
+
+    n = st.n_frames
+    variables = {}
+    for name, arr in st.group.arrays():
+        if name not in _VARIABLES and not name.startswith("distortion"):
+            continue
+        dims = tuple(arr.metadata.dimension_names or (f"{name}_dim{i}" for i in range(arr.ndim)))
+        data = np.asarray(arr[...])
+        if arr.dtype.kind in "UOT" or str(arr.dtype).startswith("StringDType"):
+            data = data.astype(object)
+        if dims and dims[0] == "frame" and data.shape[0] != n:
+            data = data[:n]  # rows of an append that never committed
+        variables[name] = xr.Variable(dims, data, attrs=dict(arr.attrs))
+    stack = xr.Dataset(variables, attrs=dict(st.group.attrs))
+    return stack.assign_coords(frame=np.arange(n))
+
+
 def _registered(store, frames, distortion):
     """(stack, frame indices, mappings, frame weights) of a registered store."""
     from .drizzle.driver import _frame_values, _select_frames
     from .registration import frame_mapping
 
     st = StackStore.open(store, mode="r")
-    stack = open_stack(st)
-    stack.encoding["drizzlestack_path"] = str(st.path)
-    if "transform" not in stack or not (st.step("register") or {}).get("complete", False):
+    if "transform" not in st.group or not (st.step("register") or {}).get("complete", False):
         raise DrizzlestackError(f"{store}: frames are not registered; run 'drizzlestack register {store}' first")
+    stack = _registration_dataset(st)
     indices = _select_frames(stack, frames)
-    registration = stack[[v for v in stack.data_vars
-                          if v in ("transform", "status") or v.startswith("distortion")]].load()
-    mappings = [frame_mapping(registration, i, distortion=distortion) for i in indices]
+    mappings = [frame_mapping(stack, i, distortion=distortion) for i in indices]
     weights = _frame_values(stack, "weight", indices, 1.0)
     weights = np.where(weights > 0, weights, 0.0)
     return stack, indices, mappings, weights
