@@ -315,6 +315,9 @@ def noise_correlation_ratio(scale: float, pixfrac: float) -> float:
     the square kernel: the true noise of a drizzled pixel over the noise its
     pixel-to-pixel rms suggests (multiply rms-based errors by ``R``).
 
+    It holds for a stack of frames at random sub-pixel phases (tested against drizzled
+    white noise); a single frame's ratio depends on its phase.
+
     With ``r = pixfrac / s_FH`` the drop size in output pixels (their ``s`` is the output
     pixel size in input pixels, ``1 / scale`` here, so ``r = pixfrac * scale``)::
 
@@ -554,7 +557,8 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     if pred["dry_fraction"] > MAX_DRY_FRACTION:
         reasons.append(f"Scale {s:g} with pixfrac {p:g} leaves {pred['dry_fraction']:.1%} of the output dry "
                        "(no data): use a larger pixfrac, a smaller scale or more frames.")
-    reasons.append(f"Cost: each drizzled pixel's noise is {s / R:.2f}x the integration's per pixel, and the noise "
+    reasons.append(f"Cost: each drizzled pixel's noise is {s / R:.2f}x the integration's per pixel (flux is "
+                   f"conserved: binned back to the reference pixels the noise is the integration's), and the noise "
                    f"is correlated between neighbours: errors estimated from the pixel-to-pixel rms must be "
                    f"multiplied by R = {R:.2f} (Fruchter & Hook 2002).")
     if np.isfinite(fwhm):

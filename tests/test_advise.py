@@ -139,25 +139,32 @@ def test_good_settings_do_not_warn(undersampled):
 
 
 def test_noise_correlation_ratio_matches_drizzled_white_noise():
-    """F&H 2002's R against drizzled pure noise: R^2 = variance of large block sums /
-    (pixels per block x per-pixel variance), the rms underestimate of the true noise."""
+    """F&H 2002's R against pure noise drizzled from 8 frames at random sub-pixel phases
+    (a dithered stack; one frame's R depends on its phase): R^2 = variance of block sums
+    / (pixels per block x per-pixel variance), and the per-pixel noise the advisor
+    reports, scale / R times the noise of one input pixel over sqrt(frames)."""
+    from drizzlestack.drizzle.array import accumulate, finalize
+
     rng = np.random.default_rng(2)
-    n = 200
-    for scale, pixfrac in ((2.0, 0.6), (2.0, 1.0), (3.0, 0.8)):
-        noise = rng.normal(size=(n, n))
-        yy, xx = np.mgrid[0:n, 0:n].astype(float)
-        # a sub-pixel shift, as a dithered frame has
-        xo = scale * (xx + 0.31 + 0.5) - 0.5
-        yo = scale * (yy + 0.17 + 0.5) - 0.5
-        shape = (int(scale * n), int(scale * n))
-        img, _ = ds.drizzle_array(noise, np.stack([xo, yo], axis=-1), shape, pixfrac=pixfrac)
+    n, frames, b = 160, 8, 12
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    for scale, pixfrac in ((2.0, 0.6), (2.0, 1.0), (3.0, 0.8), (3.0, 0.5)):
+        shape = (int(scale * n),) * 2
+        wv, w = np.zeros(shape), np.zeros(shape)
+        for _ in range(frames):
+            dx, dy = rng.uniform(size=2)
+            pixmap = np.stack([scale * (xx + dx + 0.5) - 0.5, scale * (yy + dy + 0.5) - 0.5], axis=-1)
+            accumulate(rng.normal(size=(n, n)), pixmap, None, wv, w, pixfrac=pixfrac)
+        img = finalize(wv, w)
         m = int(scale * 10)
-        core = img[m:-m, m:-m]
-        b = 12
-        h = core.shape[0] // b * b
-        blocks = core[:h, :h].reshape(h // b, b, h // b, b).sum(axis=(1, 3))
+        h = (shape[0] - 2 * m) // b * b
+        core = img[m:m + h, m:m + h]
+        assert np.isfinite(core).all()
+        blocks = core.reshape(h // b, b, h // b, b).sum(axis=(1, 3))
         measured = np.sqrt(blocks.var() / (b * b * core.var()))
-        assert advise_module.noise_correlation_ratio(scale, pixfrac) == pytest.approx(measured, rel=0.15)
+        r = advise_module.noise_correlation_ratio(scale, pixfrac)
+        assert r == pytest.approx(measured, rel=0.12), (scale, pixfrac)
+        assert core.std() * np.sqrt(frames) == pytest.approx(scale / r, rel=0.12), (scale, pixfrac)
 
 
 def test_advise_json_cli(undersampled, capsys):
