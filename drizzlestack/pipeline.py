@@ -23,9 +23,28 @@ STEPS = ("ingest", "register", "integrate", "drizzle")
 
 
 def _resolve(path, base: Path | None):
-    if path is None or base is None or Path(path).is_absolute():
-        return path
-    return str(base / path)
+    """A configured path made absolute: relative paths are taken from ``base``, or from
+    the working directory when ``base`` is None (as every command-line tool does; a
+    config file's own folder is not where a user expects ``drizzle.fits``)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    return str((Path(base) if base is not None else Path.cwd()) / p)
+
+
+def run_outputs(cfg: RunConfig, base_dir=None) -> dict[str, str]:
+    """The files a run writes, as absolute paths: ``store``, ``integration``,
+    ``drizzle`` (absent when configured as null) and ``report``."""
+    base = Path(base_dir) if base_dir is not None else None
+    store = _resolve(cfg.store, base)
+    out = {"store": store}
+    for name, path in (("integration", cfg.integrate.output), ("drizzle", cfg.drizzle.output)):
+        if path is not None:
+            out[name] = _resolve(path, base)
+    out["report"] = str(Path(store).resolve().parent / "report" / "report.html")
+    return out
 
 
 def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
@@ -39,7 +58,8 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         Steps to rerun even if their parameters are unchanged; the steps after a
         forced one rerun too.
     base_dir : path-like, optional
-        Relative paths in ``cfg`` (store, inputs, outputs) are taken from here.
+        Relative paths in ``cfg`` (store, inputs, outputs) are taken from here; default
+        the working directory (not the config file's folder).
     log : callable
         Where progress lines go.
 
@@ -92,6 +112,11 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         forced = forced or "drizzle" in force
         dcfg = dataclasses.asdict(cfg.drizzle)
         dcfg["output"] = _resolve(dcfg["output"], base)
+        from .advise import warn_drizzle_settings
+
+        # Cheap (one setting's sample boxes): says before the longest step whether its
+        # settings leave dry pixels or cannot gain over the integration.
+        warn_drizzle_settings(store, dcfg["scale"], dcfg["pixfrac"], dcfg["kernel"], None, dcfg["distortion"])
         drizzle(store, overwrite=True, force=forced, **dcfg)
         timings["drizzle"] = time.perf_counter() - t0
         log(f"[drizzle] {timings['drizzle']:.1f} s")

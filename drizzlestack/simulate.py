@@ -48,6 +48,7 @@ class SimulationConfig:
     saturation: float = 65535.0
     max_shift: float = 6.0
     max_rotation: float = 0.5  # degrees
+    whole_pixel_dither: bool = False  # round the dither shifts to whole pixels (drizzle cannot gain)
     cosmic_rays: int = 30  # per frame
     hot_pixels: int = 20  # fixed in sensor coordinates
     trail: bool = True  # a satellite trail in one frame
@@ -290,8 +291,11 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
         if i == 0:
             transforms[i] = np.eye(3)
         else:
-            transforms[i] = similarity(1.0, rng.uniform(-cfg.max_rotation, cfg.max_rotation),
-                                       *rng.uniform(-cfg.max_shift, cfg.max_shift, 2), center=centre)
+            angle = rng.uniform(-cfg.max_rotation, cfg.max_rotation)
+            shift = rng.uniform(-cfg.max_shift, cfg.max_shift, 2)
+            if cfg.whole_pixel_dither:
+                shift = np.round(shift)
+            transforms[i] = similarity(1.0, angle, *shift, center=centre)
         image = np.full(cfg.shape, skies[i], dtype=np.float64)
         fx, fy = truth.reference_to_frame(i, sx, sy)
         keep = (fx > -10) & (fx < nx + 10) & (fy > -10) & (fy < ny + 10)
