@@ -155,14 +155,14 @@ def cmd_drizzle(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .pipeline import quality_summary, run
+    from .pipeline import resolve_path, quality_summary, run
 
     cfg = load_config(args.config, args.set)
     cfg.scheduler = _scheduler_options(args, cfg.scheduler)
     base = Path(args.config).resolve().parent
     t0 = time.perf_counter()
     run(cfg, force=args.force or (), base_dir=base)
-    for line in quality_summary(base / cfg.store if not Path(cfg.store).is_absolute() else cfg.store):
+    for line in quality_summary(resolve_path(cfg.store, base)):
         print(line)
     print(f"finished in {time.perf_counter() - t0:.1f} s")
     return 0

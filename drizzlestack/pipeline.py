@@ -16,14 +16,16 @@ import numpy as np
 
 from .config import RunConfig, dump_config
 from .info import info_table
+from .location import is_url
 from .parallel import SchedulerOptions, scheduler
 from .store import open_stack
 
 STEPS = ("ingest", "register", "integrate", "drizzle")
 
 
-def _resolve(path, base: Path | None):
-    if path is None or base is None or Path(path).is_absolute():
+def resolve_path(path, base: Path | None):
+    """``path`` relative to ``base`` (the config file's folder); URLs stay as they are."""
+    if path is None or base is None or is_url(str(path)) or Path(path).is_absolute():
         return path
     return str(base / path)
 
@@ -60,13 +62,13 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
 
         raise DrizzlestackError(f"--force {sorted(unknown)[0]}: unknown step (steps: {', '.join(STEPS)})")
     base = Path(base_dir) if base_dir is not None else None
-    store = _resolve(cfg.store, base)
+    store = resolve_path(cfg.store, base)
     timings = {}
     forced = False
     with scheduler(cfg.scheduler):
         t0 = time.perf_counter()
         if cfg.ingest.inputs:
-            inputs = [_resolve(p, base) for p in cfg.ingest.inputs]
+            inputs = [resolve_path(p, base) for p in cfg.ingest.inputs]
             report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation)
             for line in report.lines():
                 log(f"[ingest] {line}")
@@ -83,7 +85,7 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         t0 = time.perf_counter()
         forced = forced or "integrate" in force
         icfg = dataclasses.asdict(cfg.integrate)
-        icfg["output"] = _resolve(icfg["output"], base)
+        icfg["output"] = resolve_path(icfg["output"], base)
         integrate(store, force=forced, overwrite=True, **icfg)
         timings["integrate"] = time.perf_counter() - t0
         log(f"[integrate] {timings['integrate']:.1f} s")
@@ -91,14 +93,16 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         t0 = time.perf_counter()
         forced = forced or "drizzle" in force
         dcfg = dataclasses.asdict(cfg.drizzle)
-        dcfg["output"] = _resolve(dcfg["output"], base)
+        dcfg["output"] = resolve_path(dcfg["output"], base)
         drizzle(store, overwrite=True, force=forced, **dcfg)
         timings["drizzle"] = time.perf_counter() - t0
         log(f"[drizzle] {timings['drizzle']:.1f} s")
 
         from .report import write_report
 
-        log(f"[report] {write_report(store)}")
+        # A store on object storage: the report goes next to the config (or here).
+        report_dir = resolve_path("report", base) if is_url(str(store)) else None
+        log(f"[report] {write_report(store, report_dir)}")
     return timings
 
 
