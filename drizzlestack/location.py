@@ -62,10 +62,13 @@ def filesystem(url: str):
         The protocol is unknown, or its implementation is not installed (the message
         names the package, e.g. ``s3fs`` for ``s3://``).
     """
-    import fsspec
-    from fsspec.registry import known_implementations
-
     protocol = url.split("://", 1)[0].lower()
+    try:
+        import fsspec
+        from fsspec.registry import known_implementations
+    except ImportError:
+        raise StoreError(f"{url}: stores at a URL need the package 'fsspec' (and one for {protocol}://, "
+                         f"e.g. s3fs): pip install 'drizzlestack[s3]'") from None
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError:
@@ -78,9 +81,13 @@ def filesystem(url: str):
         raise StoreError(f"{url}: unknown protocol {protocol}:// (fsspec knows "
                          f"{', '.join(sorted(known_implementations)[:12])}, ...)") from None
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:  # a dependency of the implementation itself is missing
         raise StoreError(f"{url}: the {protocol}:// protocol cannot be used ({exc})") from None
+    # zarr writes through its own (asynchronous) instance: listings cached by this one
+    # would say a store just written is not there.
+    fs.invalidate_cache()
+    return fs, path
 
 
 def _configure_remote_io() -> None:
@@ -132,18 +139,10 @@ def is_empty(location: str) -> bool:
         return True
 
 
-def modified(location: str, name: str) -> object:
-    """A token that changes when ``name/zarr.json`` under the store is rewritten
-    (modification time locally; ETag, modification time or size remotely); ``None``
-    when it cannot be had."""
-    if not is_url(location):
-        try:
-            return os.stat(os.path.join(location, name, "zarr.json")).st_mtime_ns
-        except OSError:
-            return None
+def modified(location: str, name: str) -> int | None:
+    """Modification time (ns) of ``name/zarr.json`` in a local store: it changes when
+    the array is rewritten; ``None`` when it cannot be had."""
     try:
-        fs, path = filesystem(location)
-        info = fs.info(f"{path}/{name}/zarr.json")
-    except Exception:  # a store that cannot say: the step stamps still tell the runs apart
+        return os.stat(os.path.join(location, name, "zarr.json")).st_mtime_ns
+    except OSError:
         return None
-    return tuple(str(info.get(k)) for k in ("ETag", "LastModified", "mtime", "size") if k in info)

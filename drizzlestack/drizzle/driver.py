@@ -29,7 +29,7 @@ from astropy.io import fits
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
-from ..io.fits import check_output_path, write_streamed
+from ..io.fits import check_output_path, output_exists, write_streamed
 from ..parallel import compute
 from ..chunkio import DirectArray
 from ..store import STATUS_OK, StackStore, open_stack, record_tile
@@ -368,7 +368,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
               for step in ("ingest", "register", "integrate")}
     inputs["n_frames"] = st.n_frames
     if (not force and st.is_current("drizzle", params, inputs) and "drizzle" in st.group
-            and (out_path is None or out_path.exists())):
+            and (out_path is None or output_exists(out_path))):
         return open_stack(st)[list(OUTPUT_VARIABLES)]
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))

@@ -197,6 +197,13 @@ def check_output_path(output, overwrite: bool) -> Path | None:
     return path
 
 
+def output_exists(output) -> bool:
+    """Whether the output file (a local path or an fsspec URL) exists."""
+    from ..location import exists, is_url
+
+    return exists(str(output)) if is_url(str(output)) else Path(output).exists()
+
+
 def _pad(n: int) -> int:
     return (-n) % BLOCK
 
