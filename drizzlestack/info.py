@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import location as _location
 from .store import open_stack
 
 #: optional per-frame columns: (store variable, header, format); shown when present
@@ -92,7 +93,7 @@ def info_table(store) -> str:
     ref = ds.attrs.get("reference")
     steps = ds.attrs.get("steps", {})
     lines = [
-        f"store      {Path(store)}",
+        f"store      {_location.display(str(store))}",
         f"frames     {n} of {nx} x {ny} px"
         + (f"  ({n * ny * nx * 4 / 2**20:.1f} MiB as float32)" if n else ""),
         f"reference  {ref if ref is not None else '-'}",

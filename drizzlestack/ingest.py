@@ -88,10 +88,10 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
     already in the store is touched. See :func:`ingest` for the parameters.
     """
     paths = expand_inputs(paths)
-    store_path = Path(store)
+    store_path = str(store)  # a local path or an fsspec URL: never a Path (s3:// is not a folder)
     report = IngestReport()
     st: StackStore | None = None
-    if store_path.exists():
+    if StackStore.exists(store_path):
         st = StackStore.open(store_path)  # refuses anything that is not a store
     known = set(st.paths()) if st is not None else set()
     for i, path in enumerate(paths):
@@ -140,7 +140,7 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
     paths : str, path-like or sequence of them
         Files, directories (all FITS files in them) or glob patterns.
     store : str or path-like
-        Store directory; created on first use. An existing path that is not a
+        Store directory, or an fsspec URL (``s3://bucket/stack.zarr``); created on first use. An existing path that is not a
         drizzlestack store is refused and left untouched.
     chunk : int
         Spatial chunk size of the ``frames`` array in a new store.
@@ -174,6 +174,6 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
         warnings.warn(f"{Path(path).name}: {status}", DrizzlestackWarning, stacklevel=2)
     for message in report.mixed:
         warnings.warn(f"{store}: {message}", DrizzlestackWarning, stacklevel=2)
-    if not Path(store).exists():
+    if not StackStore.exists(str(store)):
         raise DrizzlestackError(f"{store}: no frame could be ingested, store not created")
     return open_stack(store)

@@ -420,7 +420,8 @@ def write_report(store, directory=None) -> Path:
     store : str or path-like
         The stack store.
     directory : str or path-like, optional
-        Where to write; default ``report/`` next to the store. Created if needed; files
+        Where to write (a local directory); default ``report/`` next to the store, or in
+        the working directory for a store on object storage. Created if needed; files
         of an earlier report there are replaced.
 
     Returns
@@ -428,9 +429,15 @@ def write_report(store, directory=None) -> Path:
     pathlib.Path
         The ``report.html`` file (open it in a browser; it needs no server).
     """
-    store = Path(store)
+    from . import location as _location
+
     stack = open_stack(store)
-    out = Path(directory) if directory is not None else store.resolve().parent / "report"
+    remote = _location.is_url(str(store))
+    where = _location.normalize(store)  # the URL, or the resolved local path
+    name = where.rstrip("/").rsplit("/", 1)[-1]
+    # A store on object storage has no "next to it" on this machine: the working directory.
+    default = Path("report") if remote else Path(where).parent / "report"
+    out = Path(directory) if directory is not None else default
     out.mkdir(parents=True, exist_ok=True)
 
     attrs = stack.attrs
@@ -453,7 +460,7 @@ def write_report(store, directory=None) -> Path:
     body = []
     n_ok = sum(s == STATUS_OK for s in status)
     body.append(f"<h1>drizzlestack quality report</h1>"
-                f"<p class='note'>store <code>{_esc(store.resolve())}</code> · written "
+                f"<p class='note'>store <code>{_esc(where)}</code> · written "
                 f"{_esc(_dt.datetime.now().astimezone().isoformat(timespec='seconds'))} by drizzlestack "
                 f"{_esc(__version__)}</p>")
 
@@ -551,7 +558,7 @@ def write_report(store, directory=None) -> Path:
                     f"<pre>{_esc(str(stack['header'].values[reference]).rstrip())}</pre></details>")
 
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>drizzlestack report: {_esc(store.name)}</title><style>{_CSS}</style></head><body>\n"
+            f"<title>drizzlestack report: {_esc(name)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     path = out / "report.html"
     tmp = out / "report.html.tmp"

@@ -11,7 +11,8 @@ from astropy.wcs import WCS
 
 import drizzlestack as ds
 from drizzlestack.geometry import OutputGrid, pixmap as full_pixmap
-from drizzlestack.store import StackStore, DirectArray
+from drizzlestack.chunkio import DirectArray
+from drizzlestack.store import StackStore
 from conftest import register_with_truth
 
 

@@ -18,7 +18,8 @@ import drizzlestack as ds
 from drizzlestack import cli
 from drizzlestack.drizzle import driver
 from drizzlestack.parallel import scheduler
-from drizzlestack.store import DirectArray, StackStore
+from drizzlestack.chunkio import DirectArray
+from drizzlestack.store import StackStore
 from conftest import register_with_truth
 
 # the module (drizzlestack.integration re-exports a function of the same name)

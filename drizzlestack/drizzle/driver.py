@@ -29,10 +29,11 @@ from astropy.io import fits
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
-from ..io.fits import check_output_path, write_streamed
+from ..io.fits import check_output_path, output_exists, write_streamed
 from ..parallel import compute
+from ..chunkio import DirectArray
 from ..integration.outliers import OUTLIERS_VARIABLE
-from ..store import STATUS_OK, StackStore, DirectArray, open_stack, record_tile
+from ..store import STATUS_OK, StackStore, open_stack, record_tile
 from . import array as _array
 from . import kernels as _kernels
 
@@ -341,7 +342,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
                                float(n_offset[k]), float(saturation[k]), float(psr)))
     pad = max(_kernel_pad(kernel, pixfrac, fp.pixel_scale_ratio) for fp in plans)
-    plan = DrizzlePlan(str(st.path), ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage)
+    plan = DrizzlePlan(st.location, ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage)
 
     params = {"scale": scale, "pixfrac": pixfrac, "kernel": kernel, "roi": list(roi), "tile": tile,
               "frames": indices, "rejection": use_rejection, "weights": weights, "normalization": normalization,
@@ -351,7 +352,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
               for step in ("ingest", "register", "integrate")}
     inputs["n_frames"] = st.n_frames
     if (not force and st.is_current("drizzle", params, inputs) and "drizzle" in st.group
-            and (out_path is None or out_path.exists())):
+            and (out_path is None or output_exists(out_path))):
         return open_stack(st)[list(OUTPUT_VARIABLES)]
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
@@ -432,15 +433,15 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
             header.update(wcs_header)
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
-    hdus = [(header, DirectArray(st.path, "drizzle"), None)]
+    hdus = [(header, DirectArray(st.location, "drizzle"), None)]
     wh = fits.Header()
     wh["EXTNAME"] = "WEIGHTS"
     factor = 1.0 / max_weight if max_weight > 0 else 1.0
     wh["WGTNORM"] = (max_weight if max_weight > 0 else 1.0, "raw weight = WGTNORM * WEIGHTS")
-    hdus.append((wh, DirectArray(st.path, "drizzle_weights"), factor))
+    hdus.append((wh, DirectArray(st.location, "drizzle_weights"), factor))
     if coverage:
         ch = fits.Header()
         ch["EXTNAME"] = "COVERAGE"
         ch["BUNIT"] = ("frames", "number of frames that contributed")
-        hdus.append((ch, DirectArray(st.path, "drizzle_coverage"), None))
+        hdus.append((ch, DirectArray(st.location, "drizzle_coverage"), None))
     write_streamed(path, hdus)

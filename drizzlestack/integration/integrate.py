@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import dask
 import dask.array as da
@@ -45,7 +44,8 @@ from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..io.fits import check_output_path
 from ..parallel import compute
 from ..registration import frame_mapping
-from ..store import STATUS_OK, DirectArray, StackStore, open_stack, record_tile
+from ..chunkio import DirectArray
+from ..store import STATUS_OK, StackStore, open_stack, record_tile
 from . import normalize as _norm
 from . import outliers as _out
 from . import rejection as _rej
@@ -716,7 +716,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         st.begin_step(step_name, params, inputs)
 
     # ------------------------------------------------------------- pass 1: per frame
-    store_path = str(Path(st.path).resolve())
+    store_path = st.location
     raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
     raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
     mappings = {i: frame_mapping(st, i) for i in candidates}
@@ -947,8 +947,8 @@ def _write_fits(path, st: StackStore, roi, record: dict) -> None:
     max_w = float(summary.get("max_weight") or 0.0)
     w_h["WGTNORM"] = (max_w if max_w > 0 else 1.0, "raw weight sum = WGTNORM * WEIGHTS")
     write_streamed(path, [
-        (header, DirectArray(st.path, prefix + "integration"), None),
-        (low_h, DirectArray(st.path, prefix + "rejected_low"), None),
-        (high_h, DirectArray(st.path, prefix + "rejected_high"), None),
-        (w_h, DirectArray(st.path, prefix + "integration_weight"), 1.0 / max_w if max_w > 0 else None),
+        (header, DirectArray(st.location, prefix + "integration"), None),
+        (low_h, DirectArray(st.location, prefix + "rejected_low"), None),
+        (high_h, DirectArray(st.location, prefix + "rejected_high"), None),
+        (w_h, DirectArray(st.location, prefix + "integration_weight"), 1.0 / max_w if max_w > 0 else None),
     ])

@@ -50,7 +50,8 @@ import numba
 import numpy as np
 
 from ..geometry import input_window, pixel_grid
-from ..store import DirectArray, record_tile
+from ..chunkio import DirectArray
+from ..store import record_tile
 from .rejection import FLAG_HIGH, FLAG_LOW, FLAG_RANGE
 from .resample import LANCZOS3_PAD, resample_window
 

@@ -27,7 +27,6 @@ than as outliers (see :mod:`.integrate`).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import dask.array as da
 import numba
@@ -37,7 +36,8 @@ from dask.base import tokenize
 
 from ..geometry import input_window, pixel_grid
 from ..registration import frame_mapping
-from ..store import DirectArray, content_token
+from ..chunkio import DirectArray
+from ..store import content_token
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
@@ -377,7 +377,7 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     if normalization is not None:
         factor, offset = (np.asarray(a, np.float64)[indices] if len(a) != n else np.asarray(a, np.float64)
                           for a in normalization)
-    path = str(Path(st.path).resolve())
+    path = st.location
     # The store's content token covers the frames and the whole registration (spline
     # included), not only the matrices: two stores or two registrations never share keys.
     name = "registered-view-" + tokenize(content_token(st, "frames"), indices, [m.matrix for m in mappings],
