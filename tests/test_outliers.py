@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import drizzlestack as ds
-from drizzlestack.integration.outliers import FLAG_HIGH, OutlierParameters, flag_pixels
+from drizzlestack.integration.outliers import FLAG_HIGH, FLAG_RANGE, OutlierParameters, flag_pixels
 from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
 from drizzlestack.store import StackStore
@@ -147,23 +147,30 @@ def test_flag_kernel_tolerances():
     data = model.copy()
     data[2, 2] = 100 + 4.5 * 10  # 4.5 sigma with noise 10
     out = np.zeros((5, 5), np.uint8)
-    args = (np.inf, 100.0, 100.0, 0.0, 1.0)
-    flag_pixels(data, model, *args, 4.0, 1.2, 0.6, 3.0, 0.7, 0.4, out)
-    assert out[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH
-    flag_pixels(data, model, *args, 5.0, 1.2, 0.6, 3.0, 0.7, 0.4, out)
-    assert out.sum() == 0  # below 5 sigma
+    spread = np.zeros((5, 5), np.float32)
+    unit = (1.0, 0.0, -np.inf, np.inf)  # identity normalization, no range limits
+
+    def run(data, model, saturation=np.inf, tol=(4.0, 1.2, 0.6, 3.0, 0.7, 0.4), k=(3.0, 3.0), spread=spread,
+            norm=unit):
+        flag_pixels(data, model, spread, saturation, 100.0, 100.0, 0.0, 1.0, *tol, *k, *norm, out)
+        return out
+
+    assert run(data, model)[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH
+    assert run(data, model, tol=(5.0, 1.2, 0.6, 3.0, 0.7, 0.4)).sum() == 0  # below 5 sigma
     # A steep model (a star) widens the tolerance by the derivative term.
     steep = model.copy()
     steep[2, 3] = 200.0
-    flag_pixels(data, steep, *args, 4.0, 1.2, 0.0, 3.0, 0.7, 0.0, out)
-    assert out[2, 2] == 0
-    # Saturated pixels are never flagged.
-    flag_pixels(data, model, 140.0, 100.0, 100.0, 0.0, 1.0, 4.0, 1.2, 0.6, 3.0, 0.7, 0.4, out)
-    assert out.sum() == 0
+    assert run(data, steep, tol=(4.0, 1.2, 0.0, 3.0, 0.7, 0.0))[2, 2] == 0
+    # Frames that disagree among themselves (spread) widen it by k times the spread.
+    assert run(data, model, spread=np.full((5, 5), 5.0, np.float32))[2, 2] == 0
+    assert run(data, model, spread=np.full((5, 5), 5.0, np.float32), k=(3.0, 0.5))[2, 2] == FLAG_HIGH
+    assert run(data, model, k=(3.0, np.inf)).sum() == 0  # high side switched off
+    # Saturated pixels are never flagged; range limits flag the raw pixel itself.
+    assert run(data, model, saturation=140.0).sum() == 0
+    assert run(data, model, norm=(1.0, 0.0, 120.0, np.inf))[0, 0] == FLAG_RANGE
     # A tail next to a hit is caught by the looser second pass.
     data[2, 3] = 100 + 3.5 * 10
-    flag_pixels(data, model, *args, 4.0, 1.2, 0.6, 3.0, 0.7, 0.4, out)
-    assert out[2, 3] == FLAG_HIGH
+    assert run(data, model)[2, 3] == FLAG_HIGH
 
 
 def test_bad_outlier_parameters_are_refused(field):

@@ -62,8 +62,12 @@ ROI_PREFIX = "roi_"
 #: the robust model the own-pixel outliers are tested against (reference grid, normalized)
 MODEL_VARIABLE = "integration_model"
 #: type and fill value of each tiled product
-_PRODUCTS = {"integration": ("float32", np.nan), MODEL_VARIABLE: ("float32", np.nan),
+#: the spread (standard deviation) of the samples the model kept, per reference pixel
+SPREAD_VARIABLE = "integration_spread"
+_PRODUCTS = {"integration": ("float32", np.nan), "spread": ("float32", np.nan),
              "rejected_low": ("uint16", 0), "rejected_high": ("uint16", 0), "integration_weight": ("float32", 0.0)}
+#: rejection methods whose ``low``/``high`` are in units of a dispersion (sigma)
+SIGMA_METHODS = ("sigma", "winsorized", "averaged", "linear")
 #: a frame whose registration residual exceeds this (px) gets a proportionally wider
 #: derivative tolerance in the outlier test
 OUTLIER_RMS_TOLERANCE = 0.5
@@ -291,10 +295,27 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     wsum = np.zeros(values.shape[1:], np.float32)
     for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
         wsum += np.float32(plan.weights[k]) * ((flags[k] == 0) & finite[k])
+    spread = None
+    if "spread" in plan.outputs:
+        # How much the kept samples disagree among themselves (seeing, pixel phase, or an
+        # outlier the chosen rejection let through): the outlier test allows for it.
+        s1 = np.zeros(values.shape[1:])
+        s2 = np.zeros(values.shape[1:])
+        cnt = np.zeros(values.shape[1:])
+        for k in range(n):
+            keep = (flags[k] == 0) & finite[k]
+            v = np.where(keep, values[k], 0.0).astype(np.float64)
+            s1 += v
+            s2 += v * v
+            cnt += keep
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = s1 / cnt
+            spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
+        spread = np.where(cnt >= 2, spread, np.nan).astype(np.float32)
 
     # Tiles are the products' chunks: written whole, encoded in this task's thread.
     for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
-                       ("integration_weight", wsum)):
+                       ("integration_weight", wsum), ("spread", spread)):
         if key in plan.outputs:
             DirectArray(plan.store, plan.outputs[key], "r+")[sy, sx] = value
     if plan.flags_variable is not None:
@@ -434,7 +455,7 @@ def _frame_noise_models(st: StackStore, used, location, noise, model_frames: int
 
 
 def _flag_outliers(st, base: TilePlan, tiling: _Tiling, location, noise, used, params: _out.OutlierParameters,
-                   variable: str, model: str) -> dict:
+                   variable: str, model: str, spread: str, spread_k, ranges) -> dict:
     """Pass (b): the own-pixel outlier flags of every used frame, one task per spatial
     tile of the sensor (every frame at once, so hot pixels are seen across frames)."""
     t0 = time.perf_counter()
@@ -462,11 +483,13 @@ def _flag_outliers(st, base: TilePlan, tiling: _Tiling, location, noise, used, p
         st.delete_variables(variable, f"{ledger}_tiles")
         st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8",
                            _rej.FLAG_RANGE)
-        st.group[variable].attrs.update({"flags": "1 low, 2 high, 8 hot pixel, 4 frame not integrated",
+        st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
                                          "parameters": asdict(params)})
         done = st.start_tiles(ledger, tiles, 3 * n, cy)
     plan = _out.OutlierPlan(
-        store=base.store, model=model, variable=variable, model_origin=tuple(base.origin), indices=list(used),
+        store=base.store, model=model, spread=spread, spread_k=tuple(float(k) for k in spread_k),
+        ranges=(-np.inf if ranges[0] is None else float(ranges[0]), np.inf if ranges[1] is None else float(ranges[1])),
+        variable=variable, model_origin=tuple(base.origin), indices=list(used),
         mappings=list(base.mappings), frame_shape=tuple(base.frame_shape), tile=(cy, cx),
         saturation=np.asarray(base.raw_saturation, np.float64), norm_scale=np.asarray(base.norm_scale, np.float64),
         norm_offset=np.asarray(base.norm_offset, np.float64), noise=noise_models, params=params,
@@ -824,12 +847,13 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     if method == "none":
         # No statistics to reject on: one pass, flags for the invalid samples only.
         per_tile = tiling.run(base, "")
-        st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE)
+        st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE, prefix + SPREAD_VARIABLE)
     else:
         # (a) The robust model: the chosen rejection on the registered view. An ROI trial
         # models a margin around its region too, so that every input pixel that can
         # reach the region is tested exactly as in a full run.
-        model_plan = replace(base, outputs={"integration": prefix + MODEL_VARIABLE}, flags_variable=None)
+        model_plan = replace(base, outputs={"integration": prefix + MODEL_VARIABLE, "spread": prefix + SPREAD_VARIABLE},
+                             flags_variable=None)
         model_tiling = tiling
         if roi is not None:
             m_origin, m_shape = _model_region(roi, frame_shape, [mappings[i] for i in used])
@@ -839,8 +863,13 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         model_tiling.run(model_plan, "model")
         base = replace(base, origin=model_plan.origin)  # the outlier pass reads the model array
         # (b) Outliers in each frame's own pixels, tested against the model blotted back.
+        # The user's thresholds keep their meaning: in sigma units, the same multiples of
+        # the kept samples' spread are tolerated in each frame's own pixels.
+        k_low, k_high = ((float(low), float(high)) if method in SIGMA_METHODS else (3.0, 3.0))
+        k_low, k_high = (k_low if reject_low else np.inf), (k_high if reject_high else np.inf)
         outlier_summary = _flag_outliers(st, base, tiling, location, noise, used, outlier_params,
-                                         prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE)
+                                         prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE,
+                                         prefix + SPREAD_VARIABLE, (k_low, k_high), (range_low, range_high))
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
         final_plan = replace(base, origin=origin, rejection={**rej_kwargs, "method": "none"},

@@ -15,6 +15,7 @@ frame's units through its normalization), a pixel is an outlier when
 .. math::
 
     |I - B| > \\mathrm{snr}\\,\\sigma + \\mathrm{derivative}\\,D + \\mathrm{signal}\\,\\max(B - \\mathrm{sky}, 0)
+              + k\\,S
 
 * ``sigma``: the frame's noise at that level, ``sqrt(noise^2 + (B - sky)/gain + q^2/12)``
   times ``sqrt(1 + 1/n)`` for the model's own noise (``noise`` is the frame's measured
@@ -30,6 +31,14 @@ frame's units through its normalization), a pixel is an outlier when
   have cores ``(F/f)^2`` times the model's peak: its signal terms grow by
   ``(F/f)^2 - 1``.
 
+* ``S``: the spread (standard deviation) of the samples the model kept at that sky
+  position, blotted like the model, and ``k`` the rejection's own ``high``/``low``
+  threshold (sigma methods; 3 for the others): the user's thresholds keep their meaning,
+  and where the model is uncertain (frames disagree: seeing, pixel phase, or an outlier
+  the chosen rejection let through) good pixels are not condemned against it.
+
+``range_low``/``range_high`` apply to each raw pixel too (:data:`FLAG_RANGE`).
+
 A second pass, around the first pass's hits (8-neighbourhood), uses the looser
 ``snr_grow``/``derivative_grow``/``signal_grow`` and catches the tails of cosmic rays and
 the edges of trails. A sensor pixel flagged high in at least ``hot_fraction`` of the
@@ -38,8 +47,8 @@ frames (and in at least 3) is a hot pixel: it is flagged in every frame
 and pixels where the model has no data are not tested.
 
 Flags (store variable ``outliers (frame, y, x)``, uint8, in each frame's own pixels and
-chunked like ``frames``): ``1`` low, ``2`` high, ``8`` hot pixel; excluded frames carry
-``4`` (not integrated) everywhere. Drizzle gives zero weight to every flagged pixel.
+chunked like ``frames``): ``1`` low, ``2`` high, ``4`` out of range (excluded frames
+carry it everywhere), ``8`` hot pixel. Drizzle gives zero weight to every flagged pixel.
 """
 
 from __future__ import annotations
@@ -119,8 +128,9 @@ class FrameNoise:
 
 
 @numba.njit(nogil=True, cache=True)
-def flag_pixels(data, model, saturation, sky, noise2, inv_gain, model_var_factor,
-                snr, derivative, signal, snr_grow, derivative_grow, signal_grow, out):
+def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_var_factor,
+                snr, derivative, signal, snr_grow, derivative_grow, signal_grow, k_low, k_high,
+                norm_scale, norm_offset, range_low, range_high, out):
     """Own-pixel outlier flags of one frame window (both passes).
 
     Parameters
@@ -129,6 +139,9 @@ def flag_pixels(data, model, saturation, sky, noise2, inv_gain, model_var_factor
         Raw pixels of the frame.
     model : (h, w) float32
         The blotted model in the frame's units (NaN: no model).
+    spread : (h, w) float32
+        The blotted spread of the samples the model kept, in the frame's units (NaN:
+        unknown, taken as 0).
     saturation : float
         The frame's saturation level (pixels at or above are never flagged).
     sky, noise2, inv_gain, model_var_factor : float
@@ -136,8 +149,14 @@ def flag_pixels(data, model, saturation, sky, noise2, inv_gain, model_var_factor
         unknown), and ``1 + 1/n`` for the model's own noise.
     snr, derivative, signal, snr_grow, derivative_grow, signal_grow : float
         Tolerances of the first and second pass.
+    k_low, k_high : float
+        Multiples of the spread tolerated below / above the model (``inf``: that side
+        is never flagged).
+    norm_scale, norm_offset, range_low, range_high : float
+        The frame's normalization and the range limits in normalized units: samples at
+        or below / at or above are flagged :data:`FLAG_RANGE` (saturated ones excepted).
     out : (h, w) uint8
-        Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` (0 elsewhere).
+        Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` / :data:`FLAG_RANGE` (0 elsewhere).
     """
     h, w = data.shape
     tol = np.empty((h, w), np.float32)  # second-pass tolerance, kept from the first loop
@@ -147,7 +166,13 @@ def flag_pixels(data, model, saturation, sky, noise2, inv_gain, model_var_factor
             b = model[y, x]
             v = data[y, x]
             tol[y, x] = np.inf
-            if not (np.isfinite(b) and np.isfinite(v)) or v >= saturation:
+            if not np.isfinite(v) or v >= saturation:
+                continue
+            vn = v * norm_scale + norm_offset
+            if vn <= range_low or vn >= range_high:
+                out[y, x] = FLAG_RANGE
+                continue
+            if not np.isfinite(b):
                 continue
             d = 0.0
             if y > 0 and np.isfinite(model[y - 1, x]):
@@ -162,8 +187,12 @@ def flag_pixels(data, model, saturation, sky, noise2, inv_gain, model_var_factor
             if above < 0.0:
                 above = 0.0
             sigma = np.sqrt((noise2 + above * inv_gain) * model_var_factor)
+            sp = spread[y, x]
+            if not np.isfinite(sp):
+                sp = 0.0
             diff = v - b
-            if abs(diff) > snr * sigma + derivative * d + signal * above:
+            k = k_high if diff > 0 else k_low
+            if abs(diff) > snr * sigma + derivative * d + signal * above + k * sp:
                 out[y, x] = FLAG_HIGH if diff > 0 else FLAG_LOW
             else:
                 tol[y, x] = snr_grow * sigma + derivative_grow * d + signal_grow * above
@@ -179,7 +208,7 @@ def flag_pixels(data, model, saturation, sky, noise2, inv_gain, model_var_factor
                     xx = x + dx
                     if 0 <= yy < h and 0 <= xx < w and (out[yy, xx] & 3) != 0 and (out[yy, xx] & 16) == 0:
                         near = True
-            if near and data[y, x] - model[y, x] > tol[y, x]:
+            if near and k_high < np.inf and data[y, x] - model[y, x] > tol[y, x]:
                 out[y, x] = FLAG_HIGH | 16  # 16: grown in this pass, not a seed for further growth
     for y in range(h):
         for x in range(w):
@@ -194,6 +223,17 @@ class _Swapped:
 
     def inverse(self, x, y):
         return self._mapping.forward(x, y)
+
+
+def _nearest(window, y0: int, x0: int, x, y):
+    """Values of ``window`` (starting at pixel ``(y0, x0)``) at the pixels nearest to
+    ``(x, y)``; NaN outside it."""
+    ix = np.floor(np.nan_to_num(x, nan=-1e9) + 0.5).astype(np.intp) - x0
+    iy = np.floor(np.nan_to_num(y, nan=-1e9) + 0.5).astype(np.intp) - y0
+    inside = (ix >= 0) & (ix < window.shape[1]) & (iy >= 0) & (iy < window.shape[0])
+    out = np.full(ix.shape, np.nan, np.float32)
+    out[inside] = window[iy[inside], ix[inside]]
+    return out
 
 
 def _edge_clamp(coord, n: int, reach: float = EDGE_REACH):
@@ -215,6 +255,9 @@ class OutlierPlan:
 
     store: str
     model: str  # store variable of the reference-grid model (normalized units)
+    spread: str  # store variable of the kept samples' spread (normalized units)
+    spread_k: tuple  # (low, high) multiples of the spread tolerated
+    ranges: tuple  # (range_low, range_high), normalized units
     variable: str  # store variable receiving the flags (``outliers``; ROI trials their own)
     model_origin: tuple  # (y0, x0) of the model array on the reference grid
     indices: list  # frames tested, in store order
@@ -247,6 +290,7 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
     n = len(plan.indices)
     frames = DirectArray(plan.store, "frames")
     model = DirectArray(plan.store, plan.model)
+    spreads = DirectArray(plan.store, plan.spread)
     my0, mx0 = plan.model_origin
     mshape = model.shape
     p = plan.params
@@ -263,21 +307,24 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         if wy.start >= wy.stop or wx.start >= wx.stop:
             continue  # this part of the frame does not reach the model (an ROI trial)
         data = frames[int(i), sy, sx]
-        window = model[wy, wx]
         xf, yf = pixel_grid(data.shape, sy.start, sx.start)
         xr, yr = mapping.forward(xf.astype(np.float64), yf.astype(np.float64))
-        blotted, _ = resample_window(window, (wy.start, wx.start), mshape, _edge_clamp(xr - mx0, mshape[1]),
-                                     _edge_clamp(yr - my0, mshape[0]))
+        xr, yr = _edge_clamp(xr - mx0, mshape[1]), _edge_clamp(yr - my0, mshape[0])
+        blotted, _ = resample_window(model[wy, wx], (wy.start, wx.start), mshape, xr, yr)
+        # The spread is a tolerance, not a value to match: its nearest pixel is enough.
+        spread = _nearest(spreads[wy, wx], wy.start, wx.start, xr, yr)
         # Normalized -> this frame's ADU.
         blotted = (blotted - np.float32(plan.norm_offset[k])) / np.float32(plan.norm_scale[k])
+        spread = spread / np.float32(plan.norm_scale[k])
         fn = plan.noise[k]
         noise2 = fn.noise ** 2 + fn.quantum ** 2 / 12.0
         inv_gain = 1.0 / fn.gain if np.isfinite(fn.gain) and fn.gain > 0 else 0.0
         factor = 1.0 + 1.0 / max(fn.model_frames, 1)
         widen, extra = float(plan.derivative_scale[k]), float(plan.signal_extra[k])
-        flag_pixels(data, blotted.astype(np.float32), float(plan.saturation[k]), fn.sky, noise2, inv_gain, factor,
-                    p.snr, p.derivative * widen, p.signal + extra, p.snr_grow, p.derivative_grow * widen,
-                    p.signal_grow + extra, flags[k])
+        flag_pixels(data, blotted.astype(np.float32), spread.astype(np.float32), float(plan.saturation[k]), fn.sky,
+                    noise2, inv_gain, factor, p.snr, p.derivative * widen, p.signal + extra, p.snr_grow,
+                    p.derivative_grow * widen, p.signal_grow + extra, plan.spread_k[0], plan.spread_k[1],
+                    float(plan.norm_scale[k]), float(plan.norm_offset[k]), plan.ranges[0], plan.ranges[1], flags[k])
         tested[k] = np.count_nonzero(np.isfinite(blotted) & np.isfinite(data))
     # Hot pixels: a sensor pixel high in many frames is a defect in all of them. With the
     # field drifting, the sky behind it changes, so it only crosses the threshold in some.
@@ -292,7 +339,7 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
     for k, i in enumerate(plan.indices):
         target[int(i), sy, sx] = flags[k]
     counts = np.empty(3 * n)
-    counts[:n] = (flags == FLAG_LOW).sum(axis=(1, 2))
+    counts[:n] = ((flags == FLAG_LOW) | (flags == FLAG_RANGE)).sum(axis=(1, 2))
     counts[n:2 * n] = ((flags & (FLAG_HIGH | FLAG_HOT)) != 0).sum(axis=(1, 2))
     counts[2 * n:] = tested
     record_tile(plan.store, plan.step, iy, ix, counts)
