@@ -79,7 +79,6 @@ def main(argv=None) -> None:
     raw_image, raw_weights = raw.drizzle.values, raw.drizzle_weights.values
 
     ref = int(st.attrs["reference"])
-    stars = {}
     rows = {"drizzlestack (default)": (image, weights), "drizzlestack, rejection=False": (raw_image, raw_weights)}
     if not args.no_peer:
         t = time.perf_counter()

@@ -5,7 +5,6 @@ and on the real hatp32 frames."""
 from __future__ import annotations
 
 import glob
-import os
 import warnings
 from pathlib import Path
 

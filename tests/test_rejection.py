@@ -17,7 +17,6 @@ from astropy.stats import sigma_clip
 from scipy.stats import t as student_t
 
 from drizzlestack._warnings import DrizzlestackError
-from drizzlestack.integration import rejection as rej
 from drizzlestack.integration.rejection import flags as rej_flags
 from drizzlestack.integration.rejection import sorting as rej_sorting
 from drizzlestack.integration.rejection import (
