@@ -114,6 +114,8 @@ def cmd_integrate(args) -> int:
 
     t0 = time.perf_counter()
     options = {k: v for k, v in (("n_low", args.n_low), ("n_high", args.n_high)) if v is not None}
+    outliers = {k: v for k, v in (("snr", args.outlier_snr), ("signal", args.outlier_signal),
+                                  ("derivative", args.outlier_derivative)) if v is not None}
     saturation = False if args.no_saturation else (True if args.saturation is None else args.saturation)
     with scheduler(_scheduler_options(args)):
         result = integrate(args.store, rejection=args.rejection, low=args.low, high=args.high,
@@ -123,7 +125,7 @@ def cmd_integrate(args) -> int:
                            reject_low=not args.no_reject_low, reject_high=not args.no_reject_high,
                            range_low=args.range_low, range_high=args.range_high, rejection_options=options,
                            frames=args.frames, output=args.output, overwrite=args.overwrite,
-                           task_memory=args.task_memory, force=args.force)
+                           task_memory=args.task_memory, force=args.force, outliers=outliers)
     name = "integrate" if args.roi is None else "integrate_roi"
     summary = result.attrs["steps"][name].get("summary", {})
     used = summary.get("frames_used", [])
@@ -131,6 +133,10 @@ def cmd_integrate(args) -> int:
           f"(low {100 * summary.get('rejected_low_fraction', 0):.2f}%, "
           f"high {100 * summary.get('rejected_high_fraction', 0):.2f}%) in {time.perf_counter() - t0:.1f} s"
           + (f" -> {args.output}" if args.output else " (store only)"))
+    if summary.get("outliers"):
+        o = summary["outliers"]
+        print(f"  outliers in the frames' own pixels (what drizzle drops): {100 * o['flagged_fraction']:.3f}% "
+              f"({o['flagged_low']} low, {o['flagged_high']} high)")
     for i, reason in summary.get("excluded", {}).items():
         print(f"  frame {i} excluded: {reason}")
     return 0
@@ -249,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reject-high", action="store_true", help="do not reject high outliers")
     p.add_argument("--range-low", type=float, default=None, help="reject samples at or below (normalized ADU)")
     p.add_argument("--range-high", type=float, default=None, help="reject samples at or above (normalized ADU)")
+    p.add_argument("--outlier-snr", type=float, default=None,
+                   help="noise multiples a raw pixel may stand off the model before drizzle drops it (default 4)")
+    p.add_argument("--outlier-signal", type=float, default=None,
+                   help="fraction of the model above the sky tolerated for seeing/transparency (default 0.6)")
+    p.add_argument("--outlier-derivative", type=float, default=None,
+                   help="multiples of the model's local gradient tolerated (default 1.2)")
     p.add_argument("--n-low", type=int, default=None, help="minmax: lowest values rejected (default 1)")
     p.add_argument("--n-high", type=int, default=None, help="minmax: highest values rejected (default 1)")
     p.add_argument("--normalization", default="additive+scaling",

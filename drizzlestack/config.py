@@ -44,6 +44,19 @@ class RegisterConfig:
 
 
 @dataclass
+class OutliersConfig:
+    """Tolerances of the outlier test in each frame's own pixels (integration/outliers.py)."""
+
+    snr: float = 4.0  # noise multiples a raw pixel may stand off the blotted model
+    derivative: float = 1.2  # multiples of the model's local gradient (registration, pixel phase)
+    signal: float = 0.6  # fraction of the model above the sky (seeing, transparency)
+    snr_grow: float = 3.0  # the same three around first hits (cosmic-ray tails, trail edges)
+    derivative_grow: float = 0.7
+    signal_grow: float = 0.4
+    hot_fraction: float = 0.3  # a sensor pixel flagged in this fraction of frames is hot in all
+
+
+@dataclass
 class IntegrateConfig:
     rejection: str = "winsorized"  # none | minmax | percentile | sigma | winsorized | averaged | linear | esd
     low: float = 4.0  # low rejection threshold (sigma)
@@ -60,6 +73,7 @@ class IntegrateConfig:
     tile: int = 512  # spatial tile of the registered view (pixels)
     task_memory: str = "256MiB"  # memory budget of one tile task: tiles shrink as frames are added
     output: str | None = "integration.fits"  # FITS file of the integration (null: store only)
+    outliers: OutliersConfig = field(default_factory=OutliersConfig)
 
 
 @dataclass

@@ -21,6 +21,7 @@ OPTIONAL_COLUMNS = [
     ("weight", "weight", "{:.3f}"),
     ("rejected_low_fraction", "rej.low%", "{:.2%}"),
     ("rejected_high_fraction", "rej.high%", "{:.2%}"),
+    ("outlier_fraction", "outliers%", "{:.2%}"),  # own pixels flagged (integration/outliers.py)
 ]
 
 

@@ -127,7 +127,7 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
 
         from .report import write_report
 
-        # A store on object storage: the report goes next to the config (or here).
+        # A store on object storage: the report goes to the working directory.
         report_dir = resolve_path("report", base) if is_url(str(store)) else None
         log(f"[report] {write_report(store, report_dir)}")
     return timings

@@ -39,6 +39,7 @@ FRAME_PANELS = [
     ("Weight", "weight", [("weight", "integration weight", 1.0)]),
     ("Rejected pixels", "rejected [%]", [("rejected_low_fraction", "low", 100.0),
                                           ("rejected_high_fraction", "high", 100.0)]),
+    ("Outliers", "flagged [%]", [("outlier_fraction", "own pixels flagged (dropped by drizzle)", 100.0)]),
     ("Registration residual", "RMS [px]", [("registration_rms", "registration RMS", 1.0)]),
 ]
 
@@ -389,6 +390,28 @@ def _figure(src: str, caption: str, cls: str = "plot", alt: str = "") -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
+def _outlier_preview(out: Path, stack, fractions) -> str:
+    """The most-flagged frame with what the outlier test flagged in it (red), block
+    maxima so that single pixels stay visible."""
+    i = int(np.nanargmax(fractions))
+    image, k = downsample(stack["frames"].data[i])
+    flags = stack["outliers"].data[i]
+    hit = ((flags != 0) & (flags != 4)).astype(np.uint8)
+    if k > 1:
+        hit = da.coarsen(np.max, hit, {0: k, 1: k}, trim_excess=True)
+    hit = np.asarray(hit.compute() if isinstance(hit, da.Array) else hit, bool)[:image.shape[0], :image.shape[1]]
+    rgb = np.repeat(np.nan_to_num(stretch(image), nan=0.0)[..., None], 3, axis=2)
+    rgb[hit] = (1.0, 0.1, 0.1)
+    import matplotlib.image as mimage
+
+    mimage.imsave(out / "outliers.png", rgb, origin="lower")
+    reduced = f" (block maxima of {k}x{k} pixels)" if k > 1 else ""
+    return _figure("outliers.png", f"<b>Outliers of frame {i}</b>, the most flagged ({100 * fractions[i]:.3f}% of "
+                   f"its pixels): flagged pixels in red{reduced} over the frame itself (y up). These are the "
+                   "pixels drizzle drops: cosmic rays, hot pixels, trails; never star cores.",
+                   cls="preview", alt="outliers")
+
+
 def _advice_html(store) -> str:
     """The advisor's verdict, recommendation and predictions (``drizzlestack advise``)."""
     from ._warnings import DrizzlestackError
@@ -473,7 +496,8 @@ def write_report(store, directory=None) -> Path:
     for var, label, fmt in (("fwhm", "FWHM", "{:.2f} px"), ("registration_rms", "registration residual", "{:.3f} px")):
         if var in values and np.isfinite(values[var]).any():
             summary.append(f"median {label}: " + fmt.format(np.nanmedian(values[var])))
-    for var, label in (("rejected_low_fraction", "rejected low"), ("rejected_high_fraction", "rejected high")):
+    for var, label in (("rejected_low_fraction", "rejected low"), ("rejected_high_fraction", "rejected high"),
+                       ("outlier_fraction", "outliers flagged in the frames' own pixels")):
         if var in values and np.isfinite(values[var]).any():
             summary.append(f"{label}: {np.nanmean(values[var]):.3%} of pixels (mean over frames)")
     excluded = [(i, s) for i, s in enumerate(status) if s != STATUS_OK]
@@ -501,6 +525,8 @@ def write_report(store, directory=None) -> Path:
             how = f"{reduced}linear, 0 (dark blue) to {vmax:.4g} (yellow)"
         body.append(_figure(png, f"<b>{_esc(title)}</b>: {w} x {h} px ({how}; y up, "
                                  "no data in dark red).", cls="preview", alt=title))
+    if "outliers" in stack and "outlier_fraction" in values and np.isfinite(values["outlier_fraction"]).any():
+        body.append(_outlier_preview(out, stack, values["outlier_fraction"]))
     if "integration" not in stack:
         body.append(_missing("No integration in this store yet (run <code>drizzlestack integrate</code>)."))
     if "drizzle" not in stack:

@@ -97,11 +97,12 @@ def test_whole_pipeline_on_s3_equals_the_local_run(s3, small_sim, tmp_path, monk
     url = "s3://bucket/stack.zarr"
     local_cfg = _config(local_dir / "run.yaml", "stack.zarr", small_sim.files, "drizzle.fits", "integration.fits")
     # The documented rule: FITS outputs go where --output says, a local path (relative
-    # to the config file, as for a local store) or a URL on the same or another bucket.
+    # to the working directory, as for a local store) or a URL on the same or another bucket.
     remote_cfg = _config(remote_dir / "run.yaml", url, small_sim.files, "s3://bucket/out/drizzle.fits",
                          "integration.fits")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(local_dir)
     assert cli.main(["run", str(local_cfg)]) == 0
+    monkeypatch.chdir(remote_dir)
     assert cli.main(["run", str(remote_cfg)]) == 0
     assert "frames used: 6 of 6" in capsys.readouterr().out
 
@@ -120,8 +121,8 @@ def test_whole_pipeline_on_s3_equals_the_local_run(s3, small_sim, tmp_path, monk
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
     assert float(np.nanmax(np.abs(b.drizzle.values))) > 0  # not two empty images
 
-    # FITS: the drizzle was uploaded to the bucket, the integration is a local file next
-    # to the config; both equal the local run's.
+    # FITS: the drizzle was uploaded to the bucket, the integration is a local file in
+    # the working directory; both equal the local run's.
     with s3.open("bucket/out/drizzle.fits", "rb") as fh, fits.open(fh) as remote, \
             fits.open(local_dir / "drizzle.fits") as local:
         assert [h.name for h in remote] == [h.name for h in local] == ["PRIMARY", "WEIGHTS", "COVERAGE"]
@@ -129,17 +130,17 @@ def test_whole_pipeline_on_s3_equals_the_local_run(s3, small_sim, tmp_path, monk
             np.testing.assert_array_equal(r.data, loc.data)
     np.testing.assert_array_equal(fits.getdata(remote_dir / "integration.fits"),
                                   fits.getdata(local_dir / "integration.fits"))
-    # The report of a remote store goes next to the config (the working directory from
-    # the command line).
+    # The report of a remote store goes to the working directory.
     assert (remote_dir / "report" / "report.html").exists()
 
     # info and report on the URL.
     assert cli.main(["info", url]) == 0
     out = capsys.readouterr().out
     assert f"store      {url}" in out and "6 frame(s) ok" in out
+    # (the working directory is remote_dir now)
     assert cli.main(["report", url]) == 0
-    assert (tmp_path / "report" / "report.html").exists()
-    assert url in (tmp_path / "report" / "report.html").read_text()
+    assert (remote_dir / "report" / "report.html").exists()
+    assert url in (remote_dir / "report" / "report.html").read_text()
 
     # A second run changes nothing and redoes nothing (the step records are in the bucket).
     before = s3.info("bucket/stack.zarr/drizzle/zarr.json")["ETag"]
