@@ -11,20 +11,20 @@ Public API (DESIGN.md)::
     ds.drizzle_array(data, pixmap, out_shape, kernel="square", pixfrac=1.0, weights=None)
     ds.reject_stack(stack, method="sigma", low=3.0, high=3.0)
 
-The other functions are imported on first use, so the CLI starts faster.
+Every function is imported on first use: ``import drizzlestack`` (and the CLI) loads
+only what a command needs (``python -X importtime -c "import drizzlestack.cli"``).
 """
+
+import sys as _sys
+import types as _types
 
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 
-# These three share their names with submodules (drizzlestack.ingest, .simulate and the
-# drizzlestack.drizzle package): importing the submodule would rebind the package
-# attribute to the module, so they are bound eagerly, after their submodules load.
-from .ingest import ingest  # noqa: E402
-from .simulate import simulate  # noqa: E402
-from .drizzle.driver import drizzle  # noqa: E402
-
 _LAZY = {
+    "ingest": ("drizzlestack.ingest", "ingest"),
+    "simulate": ("drizzlestack.simulate", "simulate"),
+    "drizzle": ("drizzlestack.drizzle.driver", "drizzle"),
     "open_stack": ("drizzlestack.store", "open_stack"),
     "register": ("drizzlestack.registration", "register"),
     "integrate": ("drizzlestack.integration", "integrate"),
@@ -32,9 +32,25 @@ _LAZY = {
     "drizzle_array": ("drizzlestack.drizzle.array", "drizzle_array"),
     "write_report": ("drizzlestack.report", "write_report"),
 }
+# Functions that share their names with submodules (drizzlestack.ingest, .simulate and
+# the drizzlestack.drizzle package).
+_SHADOWED = ("ingest", "simulate", "drizzle")
 
-__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", "ingest", "simulate",
-           "drizzle", *_LAZY]
+__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", *_LAZY]
+
+
+class _Package(_types.ModuleType):
+    """The package module. Importing a submodule binds it as an attribute of its
+    package, which would replace the functions ``ingest``, ``simulate`` and ``drizzle``
+    by their modules; this keeps the functions (the modules stay in ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
