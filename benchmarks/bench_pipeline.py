@@ -65,7 +65,9 @@ to [0, 1], on its own x2 grid) by its best correlation with drizzlestack's over 
 of up to one output pixel.
 
 ``--size`` is the frame width; ``--height`` (default: the width) makes the small-stack
-case of issue 12, ``--frames 16 --size 1024 --height 768``.
+case of issue 12, ``--frames 16 --size 1024 --height 768``. ``--baseline-src DIR`` adds
+drizzlestack from another source tree (an older commit) as a side, alternating with the
+current tree in every repeat: before/after ratios from one run.
 
 Results are also written as JSON to ``WORKDIR/results-<subcommand>.json``.
 """
@@ -131,15 +133,19 @@ def dir_bytes(path: Path) -> int:
 
 
 # -------------------------------------------------------------------- subprocesses
-def run_child(spec: dict, log: Path) -> dict:
-    """Run ``spec`` in a fresh interpreter; return its JSON result plus the wall time,
-    CPU time and peak RSS of that process (``os.wait4``: this child only)."""
+def run_child(spec: dict, log: Path, pythonpath: str | None = None) -> dict:
+    """Run ``spec`` in a fresh interpreter (with ``pythonpath`` first on its path, e.g. an
+    older drizzlestack source tree); return its JSON result plus the wall time, CPU time
+    and peak RSS of that process (``os.wait4``: this child only)."""
     t0 = time.perf_counter()
+    env = None
+    if pythonpath:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, os.environ.get("PYTHONPATH", "")])}
     with open(log, "a") as err:
         err.write(f"\n=== {spec['task']} {json.dumps(spec)}\n")
         err.flush()
         proc = subprocess.Popen([sys.executable, str(HERE), "_child", json.dumps(spec)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         out = proc.stdout.read()
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -633,7 +639,13 @@ def compare(args) -> None:
     try:
         params, files, t_sim = prepare_frames(args, workdir, log)
         a_out, b_out = workdir / "drizzlestack.fits", workdir / "stsci.fits"
-        runs = {"a": [], "b": [], "c": []}
+        runs = {"a": [], "a0": [], "b": [], "c": []}
+        if args.baseline_src:  # its numba cache, outside the timed runs
+            run_child({"task": "ds_pipeline", "files": files[:3], "store": str(workdir / "warm0.zarr"),
+                       "workers": args.workers, "reference": 0, "integration": None, "scale": 2.0,
+                       "output": str(workdir / "warm0.fits")}, log, args.baseline_src)
+            shutil.rmtree(workdir / "warm0.zarr", ignore_errors=True)
+            (workdir / "warm0.fits").unlink(missing_ok=True)
         for rep in range(args.repeat):
             store = workdir / "stack.zarr"
             shutil.rmtree(store, ignore_errors=True)
@@ -643,6 +655,16 @@ def compare(args) -> None:
             print(f"# run {rep + 1} drizzlestack: {ra['wall_s']:.1f} s wall, peak RSS {ra['peak_rss_mib']:.0f} MiB",
                   flush=True)
             runs["a"].append(ra)
+            if args.baseline_src:
+                store0 = workdir / "stack0.zarr"
+                shutil.rmtree(store0, ignore_errors=True)
+                r0 = run_child({"task": "ds_pipeline", "files": files, "store": str(store0), "workers": args.workers,
+                                "reference": 0, "integration": None, "scale": 2.0,
+                                "output": str(workdir / "baseline.fits")}, log, args.baseline_src)
+                (workdir / "baseline.fits").unlink(missing_ok=True)
+                print(f"# run {rep + 1} drizzlestack from {args.baseline_src}: {r0['wall_s']:.1f} s wall, peak RSS "
+                      f"{r0['peak_rss_mib']:.0f} MiB", flush=True)
+                runs["a0"].append(r0)
             if not args.no_tools:
                 rb = run_child({"task": "tools_pipeline", "files": files, "scale": 2.0, "pixfrac": 0.9,
                                 "output": str(b_out)}, log)
@@ -668,6 +690,7 @@ def compare(args) -> None:
               "| peak RSS / drizzlestack |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         labels = {"a": f"drizzlestack (threads, {args.workers} workers)",
+                  "a0": f"drizzlestack from {args.baseline_src} (same settings)",
                   "b": "astropy + astroalign + sigma_clip + STScI drizzle (1 thread)",
                   "c": "Siril 1.x (`siril-cli -s`, its own threads)"}
         for k, r in best.items():
@@ -675,11 +698,16 @@ def compare(args) -> None:
                   f"| {r['peak_rss_mib']:.0f} | {r['baseline_rss_mib']:.0f} | **{r['wall_s'] / ra['wall_s']:.2f}x** "
                   f"| {r['peak_rss_mib'] / ra['peak_rss_mib']:.2f}x |")
         print()
-        print("drizzlestack steps (s): " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in ra["steps"].items())
-              + f"; imports {ra['import_s']:.1f}")
+        for k in ("a", "a0"):
+            if k not in best:
+                continue
+            r = best[k]
+            name = "drizzlestack" if k == "a" else f"drizzlestack from {args.baseline_src}"
+            print(f"{name} steps (s): " + ", ".join(f"{s} {v['seconds']:.1f}" for s, v in r["steps"].items())
+                  + f"; imports {r['import_s']:.1f}; integrate: statistics "
+                  f"{r['steps']['integrate']['info']['seconds']['statistics']:.1f} s, tiles "
+                  f"{r['steps']['integrate']['info']['seconds']['tiles']:.1f} s")
         ia = ra["steps"]["integrate"]["info"]
-        print(f"drizzlestack integrate: statistics {ia['seconds']['statistics']:.1f} s, tiles "
-              f"{ia['seconds']['tiles']:.1f} s")
         chk = {}
         if "b" in best:
             rb = best["b"]
@@ -736,6 +764,9 @@ def main(argv=None) -> None:
             p.add_argument("--height", type=int, default=None, help="frame height (px; default: --size)")
             p.add_argument("--no-siril", action="store_true", help="leave Siril out")
             p.add_argument("--no-tools", action="store_true", help="leave the astroalign/STScI script out")
+            p.add_argument("--baseline-src", default=None,
+                           help="also run drizzlestack from this source tree (e.g. an older commit extracted with "
+                                "`git archive COMMIT drizzlestack | tar -x -C DIR`), alternating with the current one")
     args = ap.parse_args(argv)
     outofcore(args) if args.mode == "outofcore" else compare(args)
 
