@@ -29,6 +29,12 @@ def adc_ceiling(data: np.ndarray, type_max: float, min_count: int = ADC_MIN_COUN
     type_max : float
         The level to return when no ceiling is found.
     min_count : int
+        Fewest pixels at the maximum that make a pile-up.
+
+    Returns
+    -------
+    float
+        The ceiling, or ``type_max``.
     """
     with np.errstate(invalid="ignore"):
         top = float(np.nanmax(data)) if np.size(data) and not np.all(np.isnan(data)) else float("nan")
