@@ -1,7 +1,7 @@
 """The whole pipeline end to end: out-of-core proof, and against today's Python tools.
 
     python benchmarks/bench_pipeline.py outofcore --frames 64 --size 4096 --scales 2 3 [--workdir DIR] [--workers 2]
-    python benchmarks/bench_pipeline.py compare --frames 16 --size 2048 [--workdir DIR] [--workers 2]
+    python benchmarks/bench_pipeline.py compare --frames 16 --size 2048 [--height 1536] [--workdir DIR] [--workers 2]
 
 Both subcommands first simulate a dithered, undersampled observation with
 ``drizzlestack.simulate`` (uint16 FITS frames as a camera writes them: stars of FWHM
@@ -47,11 +47,27 @@ own fresh subprocess (wall time; CPU time from ``os.wait4``; the child's own pea
     ``add_image`` per frame with the pixmap from the astroalign transform, scale 2
     (``pixel_scale_ratio=0.5``), pixfrac 0.9, the rejection as the weight map; the image
     and weights written to FITS. Single-threaded, as those libraries run.
+(c) Siril (``siril-cli -s SCRIPT``, its own multi-threading on every core), the job as
+    its users script it: ``convert`` the FITS frames into a sequence, ``register
+    -drizzle`` (star registration onto frame 0 with Siril's x2 up-scaled "drizzle": an
+    interpolated up-sampling, not a drizzle of the pixels), ``stack rej w 4 3
+    -norm=addscale -output_norm`` (winsorized sigma clipping 4/3 with additive + scale
+    normalization, the same rejection as (a)). Skipped with a message when ``siril-cli``
+    is not on the path (``apt-get install siril``) or with ``--no-siril``. Its peak RSS
+    is ``siril-cli``'s own ``ru_maxrss``, started from a small Python process that
+    imports nothing heavy (so the exec'd address space it replaces is a few MiB).
 
-Then a sanity check that the two jobs are equal: the Pearson correlation of the two
+Then a sanity check that the jobs are equal: the Pearson correlation of the two
 drizzled images where both have weight, and the aperture flux of the brightest
 isolated unsaturated stars (truth catalogue positions) in each image, as the median
-ratio drizzlestack / STScI and each against the true flux.
+ratio drizzlestack / STScI and each against the true flux; Siril's image (normalized
+to [0, 1], on its own x2 grid) by its best correlation with drizzlestack's over shifts
+of up to one output pixel.
+
+``--size`` is the frame width; ``--height`` (default: the width) makes the small-stack
+case of issue 12, ``--frames 16 --size 1024 --height 768``. ``--baseline-src DIR`` adds
+drizzlestack from another source tree (an older commit) as a side, alternating with the
+current tree in every repeat: before/after ratios from one run.
 
 Results are also written as JSON to ``WORKDIR/results-<subcommand>.json``.
 """
@@ -78,11 +94,12 @@ GIB = 2 ** 30
 
 
 # ------------------------------------------------------------------------ simulation
-def sim_params(frames: int, size: int, fwhm: float, seed: int) -> dict:
+def sim_params(frames: int, size: int, fwhm: float, seed: int, height: int | None = None) -> dict:
     """Simulation parameters scaled with the frame area (the simulator's defaults are
-    per 512x512 frame)."""
-    area = (size / 512) ** 2
-    return dict(n_frames=frames, shape=[size, size], fwhm=fwhm, n_stars=int(400 * area),
+    per 512x512 frame); frames are ``size`` wide and ``height`` (default ``size``) high."""
+    height = size if height is None else height
+    area = size * height / 512 ** 2
+    return dict(n_frames=frames, shape=[height, size], fwhm=fwhm, n_stars=int(400 * area),
                 cosmic_rays=int(30 * area), hot_pixels=int(20 * area), max_shift=8.0, max_rotation=0.5,
                 seed=seed, dtype="uint16")
 
@@ -116,15 +133,19 @@ def dir_bytes(path: Path) -> int:
 
 
 # -------------------------------------------------------------------- subprocesses
-def run_child(spec: dict, log: Path) -> dict:
-    """Run ``spec`` in a fresh interpreter; return its JSON result plus the wall time,
-    CPU time and peak RSS of that process (``os.wait4``: this child only)."""
+def run_child(spec: dict, log: Path, pythonpath: str | None = None) -> dict:
+    """Run ``spec`` in a fresh interpreter (with ``pythonpath`` first on its path, e.g. an
+    older drizzlestack source tree); return its JSON result plus the wall time, CPU time
+    and peak RSS of that process (``os.wait4``: this child only)."""
     t0 = time.perf_counter()
+    env = None
+    if pythonpath:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, os.environ.get("PYTHONPATH", "")])}
     with open(log, "a") as err:
         err.write(f"\n=== {spec['task']} {json.dumps(spec)}\n")
         err.flush()
         proc = subprocess.Popen([sys.executable, str(HERE), "_child", json.dumps(spec)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         out = proc.stdout.read()
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -226,6 +247,9 @@ def child_main(spec: dict) -> None:
     elif task == "tools_pipeline":
         base = {}
         res = tools_pipeline(spec, t0)
+    elif task == "siril_pipeline":
+        print(json.dumps(siril_pipeline(spec)))  # siril-cli's own peak RSS, not this process's
+        return
     else:
         raise ValueError(task)
     print(json.dumps({**base, **res, "peak_rss_mib": _rss_mib()}))
@@ -317,6 +341,68 @@ def tools_pipeline(spec: dict, t_start: float) -> dict:
     return out
 
 
+# -------------------------------------------------------------------------- Siril (c)
+SIRIL_SCRIPT = """requires 1.0.0
+setext fits
+convert light -out=seq
+cd seq
+register light -drizzle
+stack r_light rej w 4 3 -norm=addscale -output_norm -out=../siril
+close
+"""
+
+
+def siril_pipeline(spec: dict) -> dict:
+    """Siril's job (register with x2 up-scaling, winsorized 4/3 stack) on links to the
+    frames in a clean directory; runs in a small child, reports ``siril-cli``'s own
+    wall time and peak RSS (``ru_maxrss`` of that process: see the module docstring)."""
+    work = Path(spec["workdir"])
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for k, f in enumerate(spec["files"]):
+        (work / f"light_{k:05d}.fits").symlink_to(Path(f).resolve())
+    script = work / "job.ssf"
+    script.write_text(SIRIL_SCRIPT)
+    t0 = time.perf_counter()
+    with open(work / "siril.log", "w") as log:
+        proc = subprocess.Popen([spec["siril"], "-d", str(work), "-s", str(script)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    log_text = (work / "siril.log").read_text(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0 or "Script execution finished successfully" not in log_text \
+            or not (work / "siril.fits").exists():
+        raise SystemExit(f"siril-cli failed; log: {work / 'siril.log'}\n{log_text[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "baseline_rss_mib": float("nan"),
+            "import_s": 0.0, "output": str(work / "siril.fits"),
+            "siril_cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def siril_sanity(siril_path: Path, ds_path: Path, max_shift: int = 1) -> dict:
+    """Best Pearson correlation of Siril's image with drizzlestack's (central region,
+    shifts up to ``max_shift`` output pixels: the two x2 grids need not share an origin)."""
+    from astropy.io import fits
+
+    with fits.open(ds_path) as h:
+        a, wa = h[0].data.astype(np.float64), h["WEIGHTS"].data
+    with fits.open(siril_path) as h:
+        b = h[0].data.astype(np.float64)
+    if a.shape != b.shape:
+        return {"correlation": float("nan"), "shift": None, "shape": list(b.shape)}
+    ny, nx = a.shape
+    m = max_shift
+    cy, cx = slice(ny // 4, 3 * ny // 4), slice(nx // 4, 3 * nx // 4)
+    best = (-2.0, (0, 0))
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            bb = np.roll(b, (dy, dx), axis=(0, 1))[cy, cx]
+            aa, ww = a[cy, cx], wa[cy, cx]
+            ok = np.isfinite(aa) & np.isfinite(bb) & (ww > 0)
+            c = float(np.corrcoef(aa[ok], bb[ok])[0, 1])
+            best = max(best, (c, (dy, dx)))
+    return {"correlation": best[0], "shift": list(best[1]), "shape": list(b.shape)}
+
+
 # ------------------------------------------------------------------------- warm-up
 def warm_up(workdir: Path, workers: int, log: Path) -> float:
     """A 4-frame 256x256 pipeline in one child process: fills numba's on-disk cache."""
@@ -384,9 +470,9 @@ def prepare_frames(args, workdir: Path, log: Path):
     """Simulate (or reuse) the frames and warm numba's cache, outside the timed figures;
     returns the simulation parameters, the FITS files and the simulation's seconds
     (``None`` when the frames were reused)."""
-    params = sim_params(args.frames, args.size, args.fwhm, args.seed)
+    params = sim_params(args.frames, args.size, args.fwhm, args.seed, getattr(args, "height", None))
     files, t_sim, reused = simulate_frames(workdir / "frames", params)
-    print(f"# simulation: {args.frames} frames of {args.size}x{args.size}, {params['n_stars']} stars, FWHM "
+    print(f"# simulation: {args.frames} frames of {params['shape'][1]}x{params['shape'][0]}, {params['n_stars']} stars, FWHM "
           f"{args.fwhm} px: " + ("reused from an earlier run" if reused else f"{t_sim:.1f} s (not counted)"),
           flush=True)
     if not args.no_warmup:
@@ -546,10 +632,20 @@ def sanity(a_path: Path, b_path: Path, truth_dir: Path, scale: float) -> dict:
 def compare(args) -> None:
     workdir, temporary = _workdir(args.workdir, "bench-compare-")
     log = workdir / "children.log"
+    siril = None if args.no_siril else shutil.which("siril-cli")
+    if siril is None:
+        print("# Siril side skipped: " + ("--no-siril" if args.no_siril else
+                                          "siril-cli not found (apt-get install siril)"), flush=True)
     try:
         params, files, t_sim = prepare_frames(args, workdir, log)
         a_out, b_out = workdir / "drizzlestack.fits", workdir / "stsci.fits"
-        runs = {"a": [], "b": []}
+        runs = {"a": [], "a0": [], "b": [], "c": []}
+        if args.baseline_src:  # its numba cache, outside the timed runs
+            run_child({"task": "ds_pipeline", "files": files[:3], "store": str(workdir / "warm0.zarr"),
+                       "workers": args.workers, "reference": 0, "integration": None, "scale": 2.0,
+                       "output": str(workdir / "warm0.fits")}, log, args.baseline_src)
+            shutil.rmtree(workdir / "warm0.zarr", ignore_errors=True)
+            (workdir / "warm0.fits").unlink(missing_ok=True)
         for rep in range(args.repeat):
             store = workdir / "stack.zarr"
             shutil.rmtree(store, ignore_errors=True)
@@ -558,46 +654,81 @@ def compare(args) -> None:
                             "reference": 0, "integration": None, "scale": 2.0, "output": str(a_out)}, log)
             print(f"# run {rep + 1} drizzlestack: {ra['wall_s']:.1f} s wall, peak RSS {ra['peak_rss_mib']:.0f} MiB",
                   flush=True)
-            rb = run_child({"task": "tools_pipeline", "files": files, "scale": 2.0, "pixfrac": 0.9,
-                            "output": str(b_out)}, log)
-            print(f"# run {rep + 1} today's tools: {rb['wall_s']:.1f} s wall, peak RSS {rb['peak_rss_mib']:.0f} MiB",
-                  flush=True)
             runs["a"].append(ra)
-            runs["b"].append(rb)
-        ra = min(runs["a"], key=lambda r: r["wall_s"])
-        rb = min(runs["b"], key=lambda r: r["wall_s"])
-        n, size = args.frames, args.size
-        f32 = n * size * size * 4 / MIB
+            if args.baseline_src:
+                store0 = workdir / "stack0.zarr"
+                shutil.rmtree(store0, ignore_errors=True)
+                r0 = run_child({"task": "ds_pipeline", "files": files, "store": str(store0), "workers": args.workers,
+                                "reference": 0, "integration": None, "scale": 2.0,
+                                "output": str(workdir / "baseline.fits")}, log, args.baseline_src)
+                (workdir / "baseline.fits").unlink(missing_ok=True)
+                print(f"# run {rep + 1} drizzlestack from {args.baseline_src}: {r0['wall_s']:.1f} s wall, peak RSS "
+                      f"{r0['peak_rss_mib']:.0f} MiB", flush=True)
+                runs["a0"].append(r0)
+            if not args.no_tools:
+                rb = run_child({"task": "tools_pipeline", "files": files, "scale": 2.0, "pixfrac": 0.9,
+                                "output": str(b_out)}, log)
+                print(f"# run {rep + 1} today's tools: {rb['wall_s']:.1f} s wall, peak RSS "
+                      f"{rb['peak_rss_mib']:.0f} MiB", flush=True)
+                runs["b"].append(rb)
+            if siril:
+                rc = run_child({"task": "siril_pipeline", "files": files, "siril": siril,
+                                "workdir": str(workdir / "siril")}, log)
+                print(f"# run {rep + 1} Siril: {rc['wall_s']:.1f} s wall, peak RSS {rc['peak_rss_mib']:.0f} MiB",
+                      flush=True)
+                runs["c"].append(rc)
+        best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items() if v}
+        ra = best["a"]
+        n = args.frames
+        ny, nx = params["shape"]
+        f32 = n * ny * nx * 4 / MIB
         print()
-        print(f"{n} frames of {size}x{size} ({f32:.0f} MiB as float32), scale 2, pixfrac 0.9, square kernel; "
-              f"{'fastest of ' + str(args.repeat) + ' runs' if args.repeat > 1 else 'one run'} each")
+        print(f"{n} frames of {nx}x{ny} ({f32:.0f} MiB as float32), scale 2, pixfrac 0.9, square kernel; "
+              f"{'fastest of ' + str(args.repeat) + ' alternating runs' if args.repeat > 1 else 'one run'} each")
         print()
-        print("| | wall s (process) | pipeline s | CPU s | peak RSS MiB | baseline RSS MiB |")
-        print("|---|---:|---:|---:|---:|---:|")
-        print(f"| drizzlestack (threads, {args.workers} workers) | {ra['wall_s']:.1f} | {ra['seconds']:.1f} "
-              f"| {ra['cpu_s']:.1f} | {ra['peak_rss_mib']:.0f} | {ra['baseline_rss_mib']:.0f} |")
-        print(f"| astropy + astroalign + sigma_clip + STScI drizzle (1 thread) | {rb['wall_s']:.1f} "
-              f"| {rb['seconds']:.1f} | {rb['cpu_s']:.1f} | {rb['peak_rss_mib']:.0f} | {rb['baseline_rss_mib']:.0f} |")
-        print(f"| **ratio tools / drizzlestack** | **{rb['wall_s'] / ra['wall_s']:.2f}x** "
-              f"| {rb['seconds'] / ra['seconds']:.2f}x | {rb['cpu_s'] / ra['cpu_s']:.2f}x "
-              f"| **{rb['peak_rss_mib'] / ra['peak_rss_mib']:.2f}x** | |")
+        print("| | wall s (process) | pipeline s | CPU s | peak RSS MiB | baseline RSS MiB | wall / drizzlestack "
+              "| peak RSS / drizzlestack |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        labels = {"a": f"drizzlestack (threads, {args.workers} workers)",
+                  "a0": f"drizzlestack from {args.baseline_src} (same settings)",
+                  "b": "astropy + astroalign + sigma_clip + STScI drizzle (1 thread)",
+                  "c": "Siril 1.x (`siril-cli -s`, its own threads)"}
+        for k, r in best.items():
+            print(f"| {labels[k]} | {r['wall_s']:.1f} | {r['seconds']:.1f} | {r['cpu_s'] if k != 'c' else r['siril_cpu_s']:.1f} "
+                  f"| {r['peak_rss_mib']:.0f} | {r['baseline_rss_mib']:.0f} | **{r['wall_s'] / ra['wall_s']:.2f}x** "
+                  f"| {r['peak_rss_mib'] / ra['peak_rss_mib']:.2f}x |")
         print()
-        print("drizzlestack steps (s): " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in ra["steps"].items())
-              + f"; imports {ra['import_s']:.1f}")
-        print("today's tools stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rb["stages"].items())
-              + f"; imports {rb['import_s']:.1f}")
+        for k in ("a", "a0"):
+            if k not in best:
+                continue
+            r = best[k]
+            name = "drizzlestack" if k == "a" else f"drizzlestack from {args.baseline_src}"
+            print(f"{name} steps (s): " + ", ".join(f"{s} {v['seconds']:.1f}" for s, v in r["steps"].items())
+                  + f"; imports {r['import_s']:.1f}; integrate: statistics "
+                  f"{r['steps']['integrate']['info']['seconds']['statistics']:.1f} s, tiles "
+                  f"{r['steps']['integrate']['info']['seconds']['tiles']:.1f} s")
         ia = ra["steps"]["integrate"]["info"]
-        print(f"rejected samples: drizzlestack winsorized low {100 * ia['rejected_low_fraction']:.3f} % + high "
-              f"{100 * ia['rejected_high_fraction']:.3f} %; sigma_clip {100 * rb['clip_fraction']:.3f} %")
-        chk = sanity(a_out, b_out, workdir / "frames", 2.0)
-        ok = chk["correlation"] > 0.9 and abs(chk["flux_ratio_median"] - 1) < 0.03
-        print(f"sanity: correlation {chk['correlation']:.4f} over {chk['pixels_compared']} px with weight in both; "
-              f"{chk['stars']} bright isolated stars, flux drizzlestack / STScI median {chk['flux_ratio_median']:.4f} "
-              f"(10-90 %: {chk['flux_ratio_p10']:.4f}-{chk['flux_ratio_p90']:.4f}), against the truth "
-              f"drizzlestack {chk['a_vs_truth_median']:.4f}, STScI {chk['b_vs_truth_median']:.4f} "
-              f"-> {'comparable images' if ok else 'NOT comparable: check the outputs'}")
+        chk = {}
+        if "b" in best:
+            rb = best["b"]
+            print("today's tools stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rb["stages"].items())
+                  + f"; imports {rb['import_s']:.1f}")
+            print(f"rejected samples: drizzlestack winsorized low {100 * ia['rejected_low_fraction']:.3f} % + high "
+                  f"{100 * ia['rejected_high_fraction']:.3f} %; sigma_clip {100 * rb['clip_fraction']:.3f} %")
+            chk = sanity(a_out, b_out, workdir / "frames", 2.0)
+            ok = chk["correlation"] > 0.9 and abs(chk["flux_ratio_median"] - 1) < 0.03
+            print(f"sanity: correlation {chk['correlation']:.4f} over {chk['pixels_compared']} px with weight in both; "
+                  f"{chk['stars']} bright isolated stars, flux drizzlestack / STScI median "
+                  f"{chk['flux_ratio_median']:.4f} (10-90 %: {chk['flux_ratio_p10']:.4f}-{chk['flux_ratio_p90']:.4f}), "
+                  f"against the truth drizzlestack {chk['a_vs_truth_median']:.4f}, STScI "
+                  f"{chk['b_vs_truth_median']:.4f} -> {'comparable images' if ok else 'NOT comparable: check the outputs'}")
+        if "c" in best:
+            sc = siril_sanity(Path(best["c"]["output"]), a_out)
+            chk["siril"] = sc
+            print(f"sanity (Siril): output {sc['shape'][1]}x{sc['shape'][0]}, correlation with drizzlestack "
+                  f"{sc['correlation']:.4f} (best shift {sc['shift']} output px, central half)")
         (workdir / "results-compare.json").write_text(json.dumps(
-            {"frames": n, "size": size, "workers": args.workers, "simulation_s": t_sim, "runs": runs,
+            {"frames": n, "shape": [ny, nx], "workers": args.workers, "simulation_s": t_sim, "runs": runs,
              "sanity": chk}, indent=1, default=str))
     finally:
         if temporary and not args.keep:
@@ -617,7 +748,7 @@ def main(argv=None) -> None:
     for name, frames, size in (("outofcore", 64, 4096), ("compare", 16, 2048)):
         p = sub.add_parser(name)
         p.add_argument("--frames", type=int, default=frames)
-        p.add_argument("--size", type=int, default=size, help="frame width and height (px)")
+        p.add_argument("--size", type=int, default=size, help="frame width (and height unless --height) (px)")
         p.add_argument("--workers", type=int, default=2, help="threads of the threaded scheduler (default 2)")
         p.add_argument("--fwhm", type=float, default=1.4, help="star FWHM in px (default 1.4: undersampled)")
         p.add_argument("--seed", type=int, default=1)
@@ -629,7 +760,13 @@ def main(argv=None) -> None:
         if name == "outofcore":
             p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0])
         else:
-            p.add_argument("--repeat", type=int, default=1, help="alternate the two sides N times, keep the fastest")
+            p.add_argument("--repeat", type=int, default=1, help="alternate the sides N times, keep the fastest")
+            p.add_argument("--height", type=int, default=None, help="frame height (px; default: --size)")
+            p.add_argument("--no-siril", action="store_true", help="leave Siril out")
+            p.add_argument("--no-tools", action="store_true", help="leave the astroalign/STScI script out")
+            p.add_argument("--baseline-src", default=None,
+                           help="also run drizzlestack from this source tree (e.g. an older commit extracted with "
+                                "`git archive COMMIT drizzlestack | tar -x -C DIR`), alternating with the current one")
     args = ap.parse_args(argv)
     outofcore(args) if args.mode == "outofcore" else compare(args)
 

@@ -12,23 +12,23 @@ Public API (docs/design.md)::
     ds.reject_stack(stack, method="sigma", low=3.0, high=3.0)
     ds.advise(store)                      # will drizzle help? which scale and pixfrac?
 
-The other functions are imported on first use, so the CLI starts faster.
+Every function is imported on first use: ``import drizzlestack`` (and the CLI) loads
+only what a command needs (``python -X importtime -c "import drizzlestack.cli"``).
 """
+
+import sys as _sys
+import types as _types
 
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 
-# These share their names with submodules (drizzlestack.ingest, .simulate, .advise):
-# importing the submodule would rebind the package attribute to the module, so they
-# are bound eagerly, after their submodules load. ``drizzle`` is the sub-package itself,
-# which runs the step when called (drizzlestack/drizzle/__init__.py), so that both
-# ``ds.drizzle(store)`` and ``import drizzlestack.drizzle.kernels`` work.
-from .ingest import ingest  # noqa: E402
-from .simulate import simulate  # noqa: E402
-from . import drizzle  # noqa: E402
-from .advise import advise  # noqa: E402
-
 _LAZY = {
+    "ingest": ("drizzlestack.ingest", "ingest"),
+    "simulate": ("drizzlestack.simulate", "simulate"),
+    # The sub-package itself, which runs the step when called (drizzle/__init__.py): a
+    # function of that name would make ``import drizzlestack.drizzle.kernels`` fail.
+    "drizzle": ("drizzlestack.drizzle", None),
+    "advise": ("drizzlestack.advise", "advise"),
     "open_stack": ("drizzlestack.store", "open_stack"),
     "register": ("drizzlestack.registration", "register"),
     "integrate": ("drizzlestack.integration", "integrate"),
@@ -36,9 +36,25 @@ _LAZY = {
     "drizzle_array": ("drizzlestack.drizzle.array", "drizzle_array"),
     "write_report": ("drizzlestack.report", "write_report"),
 }
+# Functions that share their names with submodules (drizzlestack.ingest, .simulate,
+# .advise).
+_SHADOWED = ("ingest", "simulate", "advise")
 
-__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", "ingest", "simulate",
-           "drizzle", "advise", *_LAZY]
+__all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", *_LAZY]
+
+
+class _Package(_types.ModuleType):
+    """The package module. Importing a submodule binds it as an attribute of its
+    package, which would replace the functions ``ingest``, ``simulate`` and ``advise``
+    by their modules; this keeps the functions (the modules stay in ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
@@ -46,7 +62,8 @@ def __getattr__(name):
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        value = importlib.import_module(module)
+        value = value if attr is None else getattr(value, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'drizzlestack' has no attribute {name!r}")

@@ -83,6 +83,38 @@ def _jobqueue_cluster(name: str, opts: SchedulerOptions):
     return cls(**kwargs)
 
 
+#: environment variables that size the BLAS / OpenMP thread pools of a new process
+_THREAD_POOL_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_blas_thread_per_worker(name: str, workers: int | None = None):
+    """One BLAS thread per Dask worker: Dask already runs a task per core, and BLAS
+    spawning its own core-count threads inside each task oversubscribes the machine.
+    Threads: limited in this process with threadpoolctl for the duration (to the cores
+    per worker when fewer workers than cores are asked for). Processes:
+    the worker processes start with the thread-count variables at 1 (the user's own
+    settings win). Distributed clusters do this themselves (their nannies'
+    ``pre-spawn-environ``)."""
+    if name == "threads":
+        from threadpoolctl import threadpool_limits
+
+        cores = os.cpu_count() or 1
+        with threadpool_limits(limits=max(1, cores // (workers or cores)), user_api="blas"):
+            yield
+        return
+    if name != "processes":
+        yield
+        return
+    added = [k for k in _THREAD_POOL_ENV if k not in os.environ]
+    os.environ.update({k: "1" for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 @contextlib.contextmanager
 def scheduler(opts: SchedulerOptions | None = None, **kwargs):
     """Context in which Dask work runs on the chosen scheduler.
@@ -106,7 +138,7 @@ def scheduler(opts: SchedulerOptions | None = None, **kwargs):
             cfg = {"scheduler": name}
             if opts.workers and name != "synchronous":
                 cfg["num_workers"] = int(opts.workers)
-            with dask.config.set(cfg):
+            with dask.config.set(cfg), _one_blas_thread_per_worker(name, opts.workers):
                 yield None
             return
         from distributed import Client, LocalCluster

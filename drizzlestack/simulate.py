@@ -23,10 +23,10 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.special import erf
 
+from .constants import FWHM_TO_SIGMA  # noqa: F401  (also importable from here)
 from .geometry import apply_homography, similarity
 
 SQRT2 = np.sqrt(2.0)
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
 @dataclass

@@ -58,3 +58,24 @@ def test_example_configs_load(name):
     if name == "hpc-run.yaml":
         assert cfg.scheduler.scheduler == "slurm"
         assert (CONFIGS.parent / cfg.scheduler.jobqueue_config).exists()
+
+
+def test_importing_the_package_and_the_cli_loads_no_heavy_library():
+    """Startup: ``import drizzlestack.cli`` (every CLI call) and ``import drizzlestack``
+    load none of numpy, dask, xarray, zarr, numba, scipy or astropy (1-4 s of imports
+    before they were made lazy); the public functions still load on first use, also
+    after their same-named submodules were imported."""
+    import subprocess
+    import sys
+
+    heavy = ["numpy", "dask", "xarray", "zarr", "numba", "scipy", "astropy"]
+    code = ("import sys, drizzlestack, drizzlestack.cli; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = ("import drizzlestack as ds, drizzlestack.ingest, drizzlestack.simulate, drizzlestack.drizzle.driver; "
+            "print(all(callable(f) and f.__module__.startswith('drizzlestack.') for f in "
+            "(ds.ingest, ds.simulate, ds.drizzle, ds.integrate, ds.register, ds.open_stack)), "
+            "type(ds.ingest).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "function"]

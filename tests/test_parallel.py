@@ -26,6 +26,42 @@ def test_local_schedulers_set_dask_config(name):
     assert total == 100
 
 
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def _worker_thread_env(_):
+    import os
+
+    return os.environ.get("OPENBLAS_NUM_THREADS")
+
+
+def test_blas_does_not_oversubscribe_inside_dask_workers(monkeypatch):
+    """Two threaded workers on two or more cores: BLAS runs one thread per worker inside
+    the context, and gets its threads back after it; process workers start with the
+    thread-count variables at 1 (the user's own setting is kept)."""
+    import os
+
+    np.linalg.solve(np.eye(64) + 1.0, np.ones(64))  # load numpy's BLAS
+    before = _blas_threads()
+    if not before or os.cpu_count() < 2:
+        pytest.skip("needs a BLAS library that threadpoolctl can see and two cores")
+    with scheduler(SchedulerOptions(scheduler="threads", workers=os.cpu_count())):
+        assert _blas_threads() == [1] * len(before)
+    assert _blas_threads() == before
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with scheduler(SchedulerOptions(scheduler="processes", workers=2)):
+        (values,) = compute(dask.delayed(_worker_thread_env)(0))
+    assert values == "1"
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    with scheduler(SchedulerOptions(scheduler="processes", workers=2)):
+        (values,) = compute(dask.delayed(_worker_thread_env)(0))
+    assert values == "2"
+
+
 def test_unknown_scheduler_is_refused_with_the_choices():
     with pytest.raises(ds.DrizzlestackError, match="'gpu'.*threads, processes"):
         with scheduler(scheduler="gpu"):

@@ -104,6 +104,59 @@ def test_saturated_stars_are_flagged_and_still_centred():
     assert np.hypot(*(stars.xy[sat[0]] - [40.3, 60.2])) < 0.1
 
 
+def _sparse_field(seed=2, shape=(1024, 1024)):
+    rng = np.random.default_rng(seed)
+    img = np.full(shape, 200.0)
+    x, y = rng.uniform(10, shape[1] - 10, 150), rng.uniform(10, shape[0] - 10, 150)
+    render_stars(img, x, y, rng.uniform(2e3, 5e5, 150), 1.6)
+    img = np.clip(img + rng.normal(0, 5, shape), 0, 16383)  # a 14-bit camera: bright stars clipped
+    img[300:340, 500:560] = np.nan
+    return img.astype(np.float32)
+
+
+def test_star_detection_holds_one_frame_buffer_besides_the_frame():
+    """Memory (issue 12, 4096^2 frames): with ``overwrite_input`` detection subtracts the
+    background in the frame itself and filters in the noise map's buffer, so besides the
+    frame it allocates one frame-sized float32 buffer and byte masks (traced peak under
+    1.8 frames; the two-copy version peaked at 3.6). The stars are the same as with a
+    copy, and without ``overwrite_input`` the caller's pixels are left alone."""
+    import tracemalloc
+
+    img = _sparse_field()
+    kept = img.copy()
+    reference = detect_stars(img, saturation=65535)
+    np.testing.assert_array_equal(img, kept)
+    assert np.any(reference.column("flags").astype(int) & FLAG_SATURATED)  # the 14-bit ceiling was found
+    detect_stars(img.copy(), saturation=65535, overwrite_input=True)  # numba's caches loaded before tracing
+    data = img.copy()
+    tracemalloc.start()
+    try:
+        found = detect_stars(data, saturation=65535, overwrite_input=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(found.table, reference.table)
+    assert peak < 1.8 * img.nbytes, f"traced peak {peak / img.nbytes:.2f} frames"
+
+
+@pytest.mark.parametrize("top, ceiling", [(4095, True), (16383, True), (16380, True), (3001, False), (20000, False)])
+def test_star_detection_and_ingest_share_the_adc_ceiling_rule(tmp_path, top, ceiling):
+    """One rule (``saturation.adc_ceiling``): a pile-up of pixels within 16 ADU of a
+    converter's ``2**k - 1`` is its ceiling; a pile-up anywhere else is bright stars.
+    Ingest stores that level for a header without SATURATE, and detection given only
+    the type's maximum flags the clipped stars exactly when ingest found a ceiling."""
+    rng = np.random.default_rng(4)
+    img = np.full((160, 160), 100.0)
+    render_stars(img, np.array([50.3, 110.6]), np.array([60.2, 100.7]), np.array([5e6, 4e3]), 1.6)
+    img = np.clip(np.round(img + rng.normal(0, 3, img.shape)), 0, top)
+    fits.PrimaryHDU(img.astype(np.int16)).writeto(tmp_path / "f.fits")
+    stack = ds.ingest([tmp_path / "f.fits"], tmp_path / "s.zarr")
+    assert stack.saturation.values[0] == (top if ceiling else 32767)
+    stars = detect_stars(img.astype(np.float32), saturation=32767)
+    flagged = stars.column("flags").astype(int) & FLAG_SATURATED
+    assert bool(flagged.any()) == ceiling
+
+
 @pytest.mark.parametrize("kind", ["zeros", "constant", "nan", "noise"])
 def test_frames_without_stars_give_empty_tables(kind):
     rng = np.random.default_rng(0)

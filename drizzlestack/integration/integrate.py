@@ -146,12 +146,17 @@ def measure_frame(store_path: str, i: int, star_x, star_y, apertures: Apertures 
     """
     frames = _open_frames(store_path)
     sat = saturation if np.isfinite(saturation) else np.inf
-    st = frame_statistics([b for b, _ in _sample_blocks(frames, i, max_pixels)], saturation=sat)
+    blocks = [b for b, _ in _sample_blocks(frames, i, max_pixels)]
+    st = frame_statistics(blocks, saturation=sat)
     n = len(star_x)
     flux, err = np.full(n, np.nan), np.full(n, np.nan)
     if apertures is not None and n:
         # Close to saturation a sensor is no longer linear: leave those stars out.
-        flux, err = _photometry_bands(frames, i, np.asarray(star_x), np.asarray(star_y), apertures, 0.9 * sat)
+        x, y = np.asarray(star_x), np.asarray(star_y)
+        if len(blocks) == 1 and blocks[0].shape == frames.shape[1:]:
+            flux, err = aperture_photometry(blocks[0], x, y, apertures, 0.9 * sat)  # the frame is read already
+        else:
+            flux, err = _photometry_bands(frames, i, x, y, apertures, 0.9 * sat)
     return {"stats": st, "flux": flux, "error": err}
 
 

@@ -17,18 +17,31 @@ star photometry.
   frame's stars mapped into each frame through its transform; the ratio of a frame's
   fluxes to the reference's is its *photometric scale* (transparency x exposure x gain).
 
-Everything here is plain numpy on in-memory arrays; :mod:`.integrate` decides what to
-read and where the work runs.
+:func:`frame_statistics` measures all three on a fixed random subsample of at most
+:data:`MAX_SAMPLES` pixels, sorted once, with the clipping iterations, the MADs and the
+biweight sums done by numba kernels on the sorted samples (a clipped range of sorted data
+is a contiguous slice, so no iteration sorts or partitions again). Its location, scale and
+noise are the same estimators as the plain-numpy :func:`clipped_median`,
+:func:`biweight_midvariance`, :func:`mad_std` and :func:`clipped_noise` (kept as the
+readable definitions); with 2^18 samples the sampling error of the location is about
+0.25 % of the frame's dispersion (sigma * 1.25 / 512) and that of the scales and the noise
+about 0.15 % of their value, well below what normalization and weighting can resolve;
+a frame with fewer pixels is measured on all of them, exactly as before.
+
+Everything here works on in-memory arrays; :mod:`.integrate` decides what to read and
+where the work runs.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy import ndimage
-from scipy.stats import norm
 
 #: normalized MAD: ``MAD * 1.4826`` estimates the standard deviation of Gaussian data
 MAD_TO_SIGMA = 1.482602218505602
@@ -41,12 +54,20 @@ _DELTA_MINUS_H = -_H2.copy()
 _DELTA_MINUS_H[2, 2] += 1.0
 WAVELET_LAYER1_NOISE = float(np.sqrt(np.sum(_DELTA_MINUS_H**2)))  # 0.8908 (Starck & Murtagh: 0.889)
 
+#: :func:`frame_statistics` measures a frame on at most this many pixels (a fixed random
+#: subset): the sampling error of a median of 2^18 samples is 0.25 % of the dispersion
+MAX_SAMPLES = 1 << 18
+# Fixed seed: the same frame always gives the same statistics (resumed runs, digests).
+_SAMPLE_SEED = 20260312
+
 
 def _truncated_std_factor(k: float) -> float:
     """Ratio of the standard deviation of a normal truncated at +-k sigma to sigma
     (k-sigma clipping removes the tails of the noise too; this undoes the bias)."""
-    p = 2.0 * norm.cdf(k) - 1.0
-    return float(np.sqrt(1.0 - 2.0 * k * norm.pdf(k) / p))
+    # The normal cdf and pdf written out: importing scipy.stats costs a second or more.
+    p = math.erf(k / math.sqrt(2.0))  # 2 * cdf(k) - 1
+    pdf = math.exp(-0.5 * k * k) / math.sqrt(2.0 * math.pi)
+    return float(np.sqrt(1.0 - 2.0 * k * pdf / p))
 
 
 @dataclass
@@ -153,7 +174,234 @@ def clipped_noise(w1: np.ndarray, k: float = 3.0, max_iter: int = 20, tol: float
     return sigma / WAVELET_LAYER1_NOISE
 
 
-def frame_statistics(blocks, saturation: float = np.inf, k: float = 3.0) -> FrameStatistics:
+@functools.lru_cache(maxsize=8)
+def sample_positions(n: int, m: int) -> np.ndarray:
+    """A fixed random subset of flat pixel indices.
+
+    A random subset, not a stride, so that no periodic pattern of the sensor (a Bayer
+    matrix, column noise) is sampled on one phase only; fixed (seeded, cached), so that
+    the same frame always gives the same statistics.
+
+    Parameters
+    ----------
+    n : int
+        Number of pixels.
+    m : int
+        Number of samples; ``m >= n`` gives every index.
+
+    Returns
+    -------
+    ndarray of int64
+        ``min(m, n)`` distinct indices, sorted (memory order), read-only.
+    """
+    if m >= n:
+        idx = np.arange(n, dtype=np.int64)
+    else:
+        rng = np.random.default_rng(_SAMPLE_SEED)
+        idx = np.sort(rng.choice(n, m, replace=False, shuffle=False)).astype(np.int64)
+    idx.setflags(write=False)
+    return idx
+
+
+@numba.njit(nogil=True, cache=True)
+def _gather_samples(img, idx, saturation, with_noise, values, layer):
+    """Values and first wavelet-layer samples of ``img`` at the flat positions ``idx``.
+
+    A value is kept when finite and below ``saturation``. A wavelet sample ``I - B3 * I``
+    is kept when its whole 5x5 B3 support is finite and unsaturated and at least 2 pixels
+    from the border (where a mirrored boundary would bend a gradient). Returns the
+    numbers of values and of layer samples written."""
+    ny, nx = img.shape
+    b3 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+    nv = 0
+    nw = 0
+    for p in idx:
+        y = p // nx
+        x = p - y * nx
+        v = img[y, x]
+        if not (np.isfinite(v) and v < saturation):
+            continue
+        values[nv] = v
+        nv += 1
+        if not with_noise or y < 2 or x < 2 or y >= ny - 2 or x >= nx - 2:
+            continue
+        smooth = 0.0
+        ok = True
+        for i in range(5):
+            row = 0.0
+            for j in range(5):
+                q = img[y + i - 2, x + j - 2]
+                if not (np.isfinite(q) and q < saturation):
+                    ok = False
+                    break
+                row += b3[j] * q
+            if not ok:
+                break
+            smooth += b3[i] * row
+        if ok:
+            layer[nw] = v - smooth
+            nw += 1
+    return nv, nw
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_sorted(s, lo, hi):
+    """Median of the sorted slice ``s[lo:hi]`` (the mean of the two middle values for an
+    even count, as :func:`numpy.median`)."""
+    n = hi - lo
+    if n <= 0:
+        return np.nan
+    h = lo + n // 2
+    if n % 2:
+        return float(s[h])
+    return (float(s[h - 1]) + float(s[h])) / 2.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _mad_sorted(s, lo, hi, c):
+    """``median(|s[lo:hi] - c|)`` of a sorted slice without sorting: the distances below
+    and above ``c`` are two ascending runs, merged up to the middle."""
+    n = hi - lo
+    if n <= 0:
+        return np.nan
+    a, b = lo, hi  # first index at or above c
+    while a < b:
+        mid = (a + b) // 2
+        if s[mid] < c:
+            a = mid + 1
+        else:
+            b = mid
+    left = a - 1  # walks down: distances c - s ascending
+    right = a  # walks up: distances s - c ascending
+    prev = 0.0
+    cur = 0.0
+    for _ in range(n // 2 + 1):
+        if right >= hi or (left >= lo and abs(s[left] - c) <= abs(s[right] - c)):
+            d = abs(s[left] - c)
+            left -= 1
+        else:
+            d = abs(s[right] - c)
+            right += 1
+        prev = cur
+        cur = d
+    if n % 2:
+        return cur
+    return (prev + cur) / 2.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _clip_range(s, lo, hi, c, t, strict):
+    """The contiguous slice of sorted ``s[lo:hi]`` with ``|s - c| <= t`` (``< t`` when
+    ``strict``), found by bisection on each side of ``c``."""
+    a, b = lo, hi
+    while a < b:  # first index at or above c
+        mid = (a + b) // 2
+        if s[mid] < c:
+            a = mid + 1
+        else:
+            b = mid
+    split = a
+    a, b = lo, split  # first index below c that is within t (distances fall towards c)
+    while a < b:
+        mid = (a + b) // 2
+        d = abs(s[mid] - c)
+        if (d < t) if strict else (d <= t):
+            b = mid
+        else:
+            a = mid + 1
+    first = a
+    a, b = split, hi  # first index above c that is beyond t
+    while a < b:
+        mid = (a + b) // 2
+        d = abs(s[mid] - c)
+        if (d < t) if strict else (d <= t):
+            a = mid + 1
+        else:
+            b = mid
+    return first, a
+
+
+@numba.njit(nogil=True, cache=True)
+def _location_and_scales(s, k, max_iter, c_bw):
+    """Median, MAD, clipped median and biweight midvariance of sorted finite ``s``, as
+    :func:`clipped_median` and :func:`biweight_midvariance` define them."""
+    n = s.size
+    med = _median_sorted(s, 0, n)
+    mad = _mad_sorted(s, 0, n, med)
+    bwmv = 0.0
+    if mad > 0.0:
+        num = 0.0
+        den = 0.0
+        scale = c_bw * mad
+        for i in range(n):
+            d = s[i] - med
+            u = d / scale
+            u2 = u * u
+            if u2 < 1.0:
+                one = 1.0 - u2
+                num += d * d * one ** 4
+                den += one * (1.0 - 5.0 * u2)
+        bwmv = n * num / (den * den)
+    lo, hi = 0, n
+    c = med
+    for _ in range(max_iter):
+        sigma = 1.482602218505602 * _mad_sorted(s, lo, hi, c)
+        if not sigma > 0.0:
+            break
+        a, b = _clip_range(s, lo, hi, c, k * sigma, False)
+        if b <= a or b - a == hi - lo:
+            break
+        new = _median_sorted(s, a, b)
+        lo, hi = a, b
+        if new == c:
+            break
+        c = new
+    return med, mad, c, bwmv
+
+
+@numba.njit(nogil=True, cache=True)
+def _clipped_noise_sorted(w, k, max_iter, tol, factor):
+    """:func:`clipped_noise` (before the layer gain) of sorted samples ``w``: each
+    clipping of ``|w - centre| < k sigma`` is a contiguous slice."""
+    n = w.size
+    if n < 16:
+        return np.nan
+    centre = _median_sorted(w, 0, n)
+    sigma = 1.482602218505602 * _mad_sorted(w, 0, n, centre)
+    if not sigma > 0.0:
+        mean = 0.0
+        for i in range(n):
+            mean += w[i]
+        mean /= n
+        var = 0.0
+        for i in range(n):
+            var += (w[i] - mean) ** 2
+        sigma = np.sqrt(var / n)
+        if not sigma > 0.0:
+            return 0.0
+    for _ in range(max_iter):
+        a, b = _clip_range(w, 0, n, centre, k * sigma, True)
+        m = b - a
+        if m < 16:
+            break
+        mean = 0.0
+        for i in range(a, b):
+            mean += w[i]
+        mean /= m
+        var = 0.0
+        for i in range(a, b):
+            var += (w[i] - mean) ** 2
+        centre = mean
+        new = np.sqrt(var / m) / factor
+        if abs(new - sigma) <= tol * sigma:
+            sigma = new
+            break
+        sigma = new
+    return sigma
+
+
+def frame_statistics(blocks, saturation: float = np.inf, k: float = 3.0,
+                     max_samples: int = MAX_SAMPLES) -> FrameStatistics:
     """Statistics of one frame from one or more 2-D blocks of its pixels.
 
     Parameters
@@ -163,33 +411,49 @@ def frame_statistics(blocks, saturation: float = np.inf, k: float = 3.0) -> Fram
         estimator needs 2-D neighbourhoods, so a sample is taken as blocks, not as
         scattered pixels).
     saturation : float
-        Pixels at or above this level are left out of every estimate.
+        Pixels at or above this level are left out of every estimate, and so is a
+        wavelet sample whose 5x5 support holds one (or a NaN).
     k : float
-        Clipping threshold of the noise estimator.
+        Clipping threshold of the location and of the noise estimator.
+    max_samples : int
+        At most this many pixels (a fixed random subset of every block, in proportion
+        to its size) are measured; smaller frames are measured on every pixel.
 
     Returns
     -------
     FrameStatistics
+        The estimators of :func:`clipped_median` (location), :func:`biweight_midvariance`
+        (scale), :func:`mad_std` (scale_mad) and :func:`clipped_noise` (noise) on the
+        samples.
     """
     if isinstance(blocks, np.ndarray):
         blocks = [blocks]
+    blocks = [np.ascontiguousarray(b, dtype=np.float32) for b in blocks]
+    total = sum(b.size for b in blocks)
     values, layers = [], []
+    sat = float(saturation)
     for b in blocks:
-        b = np.asarray(b, dtype=np.float32)
-        good = np.isfinite(b) & (b < saturation)
-        values.append(b[good])
-        if min(b.shape) >= 8:
-            layers.append(wavelet_noise_layer(b, saturation))
-    v = np.concatenate(values) if values else np.empty(0, np.float32)
+        if b.ndim != 2 or b.size == 0:
+            continue
+        m = b.size if total <= max_samples else max(1, int(round(max_samples * b.size / total)))
+        idx = sample_positions(b.size, m)
+        # float32 samples: the pixels are float32 (exact) and sort faster; the kernels
+        # compute in float64.
+        vals = np.empty(idx.size, np.float32)
+        layer = np.empty(idx.size, np.float32)
+        nv, nw = _gather_samples(b, idx, sat, min(b.shape) >= 8, vals, layer)
+        values.append(vals[:nv])
+        layers.append(layer[:nw])
+    v = np.sort(np.concatenate(values)) if values else np.empty(0, np.float32)
     if v.size == 0:
         nan = float("nan")
         return FrameStatistics(nan, nan, nan, nan, 0)
-    v64 = v.astype(np.float64)
-    med = float(np.median(v64))
-    bwmv = biweight_midvariance(v64, location=med)
-    noise = clipped_noise(np.concatenate(layers), k=k) if layers else float("nan")
-    return FrameStatistics(location=clipped_median(v64, k=k, center=med), scale=float(np.sqrt(bwmv)),
-                           scale_mad=mad_std(v64, med), noise=float(noise), n_pixels=int(v.size))
+    med, mad, location, bwmv = _location_and_scales(v, float(k), 10, 9.0)
+    w = np.sort(np.concatenate(layers)) if layers else np.empty(0, np.float32)
+    noise = _clipped_noise_sorted(w, float(k), 20, 1e-4, _truncated_std_factor(k)) / WAVELET_LAYER1_NOISE \
+        if w.size else float("nan")
+    return FrameStatistics(location=float(location), scale=float(np.sqrt(bwmv)), scale_mad=float(MAD_TO_SIGMA * mad),
+                           noise=float(noise), n_pixels=int(v.size))
 
 
 def clipped_median(values: np.ndarray, k: float = 3.0, max_iter: int = 10, center: float | None = None) -> float:
@@ -236,19 +500,102 @@ class Apertures:
         return cls(r, r + 2.0, r + 2.0 + max(3.0, 2.0 * fwhm))
 
 
-def _overlap_weights(dx: np.ndarray, dy: np.ndarray, radius: float, sub: int = 5) -> np.ndarray:
-    """Fraction of each pixel (centre offsets ``dx``, ``dy`` from the star) inside a circle
-    of ``radius``, by ``sub x sub`` supersampling: the same star at two sub-pixel
-    positions then gets the same aperture area, which a 0/1 mask would not give."""
-    s = (np.arange(sub) + 0.5) / sub - 0.5
-    fx = dx[..., None, None] + s[None, :]
-    fy = dy[..., None, None] + s[:, None]
-    return ((fx * fx + fy * fy) <= radius * radius).mean(axis=(-1, -2))
+@numba.njit(nogil=True, cache=True)
+def _aperture_kernel(image, x, y, radius, inner, outer, saturation, half, sub, flux, err):
+    """Forced photometry of the stars at ``x``, ``y`` (pixels of ``image``) into ``flux``
+    and ``err``; see :func:`aperture_photometry`. Stars whose annulus leaves the image
+    are left untouched (NaN)."""
+    ny, nx = image.shape
+    size = 2 * half + 1
+    offs = np.empty(sub)
+    for q in range(sub):
+        offs[q] = (q + 0.5) / sub - 0.5
+    r_ap2 = radius * radius
+    # A pixel whose centre is this much inside (outside) the circle has every sub-sample
+    # inside (outside): the corner sub-sample is 0.4 * sqrt(2) = 0.566 px away.
+    reach = np.sqrt(2.0) * (0.5 - 0.5 / sub) + 1e-6
+    full2 = (radius - reach) ** 2 if radius > reach else -1.0
+    none2 = (radius + reach) ** 2
+    in2, out2 = inner * inner, outer * outer
+    ann = np.empty(size * size)
+    dev = np.empty(size * size)
+    for j in range(x.size):
+        xj, yj = x[j], y[j]
+        if not (np.isfinite(xj) and np.isfinite(yj)):
+            continue
+        ix = int(np.floor(xj + 0.5))
+        iy = int(np.floor(yj + 0.5))
+        if ix - half < 0 or ix + half >= nx or iy - half < 0 or iy + half >= ny:
+            continue
+        n_ann = 0
+        area = 0.0
+        total = 0.0
+        bad = False
+        for r in range(iy - half, iy + half + 1):
+            dy = r - yj
+            for c in range(ix - half, ix + half + 1):
+                dx = c - xj
+                v = float(image[r, c])
+                r2 = dx * dx + dy * dy
+                if r2 >= in2 and r2 <= out2 and not np.isnan(v):
+                    ann[n_ann] = v
+                    n_ann += 1
+                # Fraction of the pixel inside the aperture, by sub x sub supersampling
+                # (only for pixels the circle's edge crosses).
+                if r2 > none2:
+                    continue
+                if r2 < full2:
+                    w = 1.0
+                else:
+                    hits = 0
+                    for a in range(sub):
+                        fy = dy + offs[a]
+                        for b in range(sub):
+                            fx = dx + offs[b]
+                            if fx * fx + fy * fy <= r_ap2:
+                                hits += 1
+                    if hits == 0:
+                        continue
+                    w = hits / (sub * sub)
+                if not np.isfinite(v) or v >= saturation:
+                    bad = True
+                area += w
+                total += w * v
+        if n_ann == 0:
+            continue
+        vals = np.sort(ann[:n_ann])
+        med = _median_sorted(vals, 0, n_ann)
+        for q in range(n_ann):
+            dev[q] = abs(vals[q] - med)
+        sig = 1.482602218505602 * _median_sorted(np.sort(dev[:n_ann]), 0, n_ann)
+        lim = 3.0 * max(sig, 0.5)
+        s_bg = 0.0
+        n_bg = 0
+        for q in range(n_ann):
+            if abs(vals[q] - med) <= lim:
+                s_bg += vals[q]
+                n_bg += 1
+        if n_bg == 0:
+            continue
+        bg = s_bg / n_bg
+        f = total - area * bg
+        err[j] = np.sqrt(max(f, 0.0) + area * sig * sig) if np.isfinite(f) else np.nan
+        if not bad and np.isfinite(bg):
+            flux[j] = f
 
 
 def aperture_photometry(image: np.ndarray, x, y, apertures: Apertures, saturation: float = np.inf,
                         origin: tuple[int, int] = (0, 0)):
-    """Forced aperture photometry with a local median background.
+    """Forced aperture photometry with a local background.
+
+    Each pixel counts with the fraction of it inside the aperture circle (5 x 5
+    supersampling: the same star at two sub-pixel positions then gets the same aperture
+    area, which a 0/1 mask would not give). The background is the mean of the annulus
+    within 3 sigma (MAD) of its median: the median itself is biased on integer (ADC)
+    data by up to half a unit, which the aperture area multiplies into a flux error that
+    differs between a frame and the reference when their sky levels differ (haze). The
+    error uses the robust (MAD) annulus noise, so a cosmic ray or hot pixel in the
+    annulus does not make a bright star look faint in signal-to-noise.
 
     Parameters
     ----------
@@ -269,53 +616,18 @@ def aperture_photometry(image: np.ndarray, x, y, apertures: Apertures, saturatio
         (gain 1 assumed: it only ranks stars). NaN for a star whose annulus leaves the
         image or whose aperture holds a NaN or a saturated pixel.
     """
-    x = np.asarray(x, dtype=np.float64) - origin[1]
-    y = np.asarray(y, dtype=np.float64) - origin[0]
-    n = x.size
-    flux = np.full(n, np.nan)
-    err = np.full(n, np.nan)
-    if n == 0:
+    x = np.ascontiguousarray(x, dtype=np.float64) - origin[1]
+    y = np.ascontiguousarray(y, dtype=np.float64) - origin[0]
+    flux = np.full(x.size, np.nan)
+    err = np.full(x.size, np.nan)
+    if x.size == 0:
         return flux, err
-    ny, nx = image.shape
+    img = np.asarray(image)
+    if img.dtype not in (np.float32, np.float64):
+        img = img.astype(np.float32)
     half = int(np.ceil(apertures.outer)) + 1
-    offs = np.arange(-half, half + 1)
-    ix = np.floor(x + 0.5).astype(np.int64)
-    iy = np.floor(y + 0.5).astype(np.int64)
-    inside = np.isfinite(x) & np.isfinite(y) & (ix - half >= 0) & (ix + half < nx) & (iy - half >= 0) & (iy + half < ny)
-    idx = np.flatnonzero(inside)
-    if idx.size == 0:
-        return flux, err
-    cols = ix[idx, None] + offs  # (m, K)
-    rows = iy[idx, None] + offs
-    stamps = image[rows[:, :, None], cols[:, None, :]].astype(np.float64)  # (m, K, K)
-    dx = cols[:, None, :] - x[idx, None, None]
-    dy = rows[:, :, None] - y[idx, None, None]
-    dx, dy = np.broadcast_to(dx, stamps.shape), np.broadcast_to(dy, stamps.shape)
-    r2 = dx * dx + dy * dy
-    w = _overlap_weights(dx, dy, apertures.radius)
-    in_ap = w > 0
-    annulus = (r2 >= apertures.inner**2) & (r2 <= apertures.outer**2)
-    ann = np.where(annulus, stamps, np.nan).reshape(idx.size, -1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an annulus entirely in a NaN region: NaN flux
-        med = np.nanmedian(ann, axis=1)
-        # Robust (MAD) background noise: a cosmic ray or a hot pixel in the annulus must
-        # not make a bright star look faint in signal-to-noise.
-        sig = MAD_TO_SIGMA * np.nanmedian(np.abs(ann - med[:, None]), axis=1)
-        # Background: the mean of the annulus within 3 sigma of its median. The median
-        # itself is biased on integer (ADC) data by up to half a unit, which the aperture
-        # area multiplies into a flux error that differs between a frame and the
-        # reference when their sky levels differ (haze) -- a few 0.1 % on a faint star.
-        clip = np.abs(ann - med[:, None]) <= 3.0 * np.maximum(sig, 0.5)[:, None]
-        bg = np.nanmean(np.where(clip, ann, np.nan), axis=1)
-        bg_var = sig**2
-    ap_vals = np.where(in_ap, stamps, 0.0)
-    bad = np.any(in_ap & ~np.isfinite(stamps), axis=(1, 2)) | np.any(in_ap & (stamps >= saturation), axis=(1, 2))
-    area = w.sum(axis=(1, 2))
-    f = (w * ap_vals).sum(axis=(1, 2)) - area * bg
-    e = np.sqrt(np.clip(f, 0, None) + area * bg_var)
-    f[bad | ~np.isfinite(bg)] = np.nan
-    flux[idx], err[idx] = f, e
+    _aperture_kernel(img, x, y, float(apertures.radius), float(apertures.inner), float(apertures.outer),
+                     float(saturation), half, 5, flux, err)
     return flux, err
 
 

@@ -12,6 +12,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from .._warnings import DrizzlestackError
+from ..saturation import adc_ceiling
 
 
 class FrameReadError(DrizzlestackError):
@@ -71,26 +72,6 @@ def _header_float(header, keys) -> float | None:
         if np.isfinite(value):
             return value
     return None
-
-
-def adc_ceiling(data: np.ndarray, type_max: float, min_count: int = 3) -> float:
-    """Saturation level of integer data whose header does not give one.
-
-    Cameras often write a 12- or 14-bit converter's output in a 16-bit container, so
-    the type's maximum (32767 or 65535) is not where stars saturate: a pile-up of at
-    least ``min_count`` pixels at a maximum within 16 ADU of ``2**k - 1`` (k = 8..16)
-    is the converter's ceiling. Otherwise the type's maximum.
-    """
-    finite = data[np.isfinite(data)]
-    if finite.size == 0:
-        return type_max
-    top = float(finite.max())
-    if top >= type_max or np.count_nonzero(finite == top) < min_count:
-        return type_max
-    for k in range(8, 17):
-        if 0 <= (2.0**k - 1) - top <= 16:
-            return top
-    return type_max
 
 
 def read_frame(path, saturation: float | None = None) -> Frame:

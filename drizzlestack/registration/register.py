@@ -37,7 +37,10 @@ def _detect_task(store_path: str, index: int, saturation: float, threshold: floa
     """Detect the stars of one frame (runs in a worker; reads only that frame)."""
     try:
         data = StackStore.open(store_path, mode="r").frame(index)
-        sl = detect_stars(data, saturation=saturation, threshold=threshold, max_stars=max_stars)
+        # The frame was read for this task alone: detection subtracts its background in
+        # place rather than holding a second frame-sized copy.
+        sl = detect_stars(data, saturation=saturation, threshold=threshold, max_stars=max_stars,
+                          overwrite_input=True)
     except Exception as exc:  # one bad frame must not stop the run: report it as the frame's status
         return {"index": index, "error": f"star detection failed ({type(exc).__name__}: {exc})"}
     return {"index": index, "table": sl.table, "background": sl.background, "noise": sl.noise,
