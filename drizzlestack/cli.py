@@ -50,7 +50,8 @@ def cmd_ingest(args) -> int:
 
     t0 = time.perf_counter()
     report = ingest_files(args.files, args.store, chunk=args.chunk, saturation=args.saturation,
-                          progress=None if args.no_progress else _print_progress)
+                          progress=None if args.no_progress else _print_progress,
+                          cfa="grey" if args.grey else args.cfa)
     for line in report.lines():
         print(line)
     print(f"store {args.store} ({time.perf_counter() - t0:.1f} s)")
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=512, help="spatial chunk size of a new store (default 512)")
     p.add_argument("--saturation", type=float, default=None,
                    help="saturation level in ADU (default: header SATURATE, else the data type's maximum)")
+    p.add_argument("--cfa", default=None, metavar="PATTERN",
+                   help="declare or override the Bayer pattern (RGGB, BGGR, GRBG, GBRG) of colour frames; "
+                        "default: from each file's header")
+    p.add_argument("--grey", "--gray", action="store_true", help="ingest colour mosaics as grey on purpose")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ingest)
 

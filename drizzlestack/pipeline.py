@@ -67,7 +67,8 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         t0 = time.perf_counter()
         if cfg.ingest.inputs:
             inputs = [_resolve(p, base) for p in cfg.ingest.inputs]
-            report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation)
+            report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation,
+                                  cfa=cfg.ingest.cfa)
             for line in report.lines():
                 log(f"[ingest] {line}")
             forced = bool(report.added)  # new frames: everything downstream reruns

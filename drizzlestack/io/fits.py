@@ -28,6 +28,8 @@ class Frame:
     exptime: float
     saturation: float
     hdu_index: int
+    cfa_pattern: str = ""  # Bayer pattern of the array as read, when the reader knows it (raw)
+    black: tuple = ()  # per-channel (R, G, B) black levels, when the file gives them
 
 
 EXPOSURE_KEYS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME")
