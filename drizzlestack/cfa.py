@@ -278,6 +278,11 @@ def mosaic_score(data, max_pixels: int = 1_000_000) -> float:
     noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2.0)
     if not noise > 0:
         return float("inf") if spread > 0 else 0.0
+    # Small frames: the phase medians scatter by ~1.25 noise / sqrt(n) on their own; a
+    # spread within 6 times that says nothing (the score is then reported as 0).
+    n_phase = max(1, data.size // 4)
+    if spread < 6 * 1.25 * noise / np.sqrt(n_phase):
+        return 0.0
     return spread / noise
 
 

@@ -24,11 +24,11 @@ RAW_SUFFIXES = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", 
                 ".rw2", ".pef", ".srw", ".3fr", ".erf", ".kdc", ".mrw", ".x3f", ".iiq", ".rwl")
 
 
-def _rawpy():
+def _rawpy(name: str):
     try:
         import rawpy
     except ImportError:
-        raise FrameReadError("camera raw files need rawpy (LibRaw): install the 'raw' extra, "
+        raise FrameReadError(f"{name}: camera raw files need rawpy (LibRaw): install the 'raw' extra, "
                              "pip install 'drizzlestack[raw]'") from None
     return rawpy
 
@@ -96,9 +96,9 @@ def read_raw(path, saturation: float | None = None) -> Frame:
     FrameReadError
         rawpy missing (names the extra), unreadable or unsupported file, X-Trans.
     """
-    rawpy = _rawpy()
     path = str(Path(path).resolve())
     name = Path(path).name
+    rawpy = _rawpy(name)
     if not Path(path).exists():
         raise FrameReadError(f"{name}: no such file ({path})")
     try:
