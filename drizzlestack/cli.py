@@ -90,7 +90,7 @@ def cmd_simulate(args) -> int:
 
     truth = simulate(args.directory, n_frames=args.frames, shape=(args.height, args.width), fwhm=args.fwhm,
                      n_stars=args.stars, seed=args.seed, hazy_frame=args.hazy_frame,
-                     distortion=args.distortion)
+                     distortion=args.distortion, cfa=args.cfa)
     print(f"wrote {len(truth.files)} frames, truth.json and stars.ecsv to {args.directory}")
     return 0
 
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hazy-frame", type=int, default=None, help="index of a frame taken through haze")
     p.add_argument("--distortion", type=float, default=0.0, help="radial distortion at the corners (px)")
+    p.add_argument("--cfa", default=None, metavar="PATTERN",
+                   help="a one-shot-colour camera with this Bayer pattern (RGGB, BGGR, GRBG, GBRG): colour sky")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("info", help="print the frames of a store and what the steps found")
