@@ -73,3 +73,121 @@ def test_colour_accumulators_need_a_channel_index_and_the_reverse():
     with pytest.raises(ValueError, match="below"):
         _array.accumulate(np.ones(shape), _pixmap(shape), None, np.zeros((2, 12, 12)), np.zeros((2, 12, 12)),
                           channel=np.full(shape, 2, np.uint8))
+
+
+# ============================================================ the step on simulations
+import drizzlestack as ds  # noqa: E402
+from drizzlestack.simulate import simulate  # noqa: E402
+from drizzlestack.store import StackStore  # noqa: E402
+
+
+def store_with_true_registration(truth, store):
+    """Ingest the simulated frames and record the simulator's true transforms as the
+    registration (frame 0 the reference): the drizzle is then tested on its own."""
+    ds.ingest(truth.files, store)
+    st = StackStore.open(store)
+    st.write_variable("transform", truth.transforms, ("frame", "transform_row", "transform_col"))
+    st.attrs["reference"] = 0
+    st.begin_step("register", {"truth": True})
+    st.end_step("register")
+    return store
+
+
+def nyquist_ratio(image):
+    """Power at the input grid's Nyquist frequencies (a 2-pixel grid: 0.25 cycles per
+    output pixel at scale 2, along x, y and the diagonal) over the mean power of the
+    floor around them (the rest of the band 0.2 to 0.4 cycles per output pixel, where
+    drizzle's smoothing of the noise is about the same), of an image whose NaN are
+    replaced by its median. A Bayer grid left in the image is a spike there."""
+    img = np.where(np.isfinite(image), image, np.nanmedian(image))
+    img = img - img.mean()
+    power = np.abs(np.fft.fft2(img)) ** 2
+    fy = np.fft.fftfreq(img.shape[0])[:, None]
+    fx = np.fft.fftfreq(img.shape[1])[None, :]
+    r = np.hypot(fx, fy)
+    near = np.zeros(power.shape, bool)
+    for ax, ay in ((0.25, 0.0), (0.0, 0.25), (0.25, 0.25)):
+        near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012
+    band = (np.hypot(np.minimum(np.abs(fx), 0.5), np.abs(fy)) > 0.2) & (np.maximum(np.abs(fx), np.abs(fy)) < 0.4)
+    # means, not a maximum over bins: the power of noise in one bin scatters by 100 %
+    return float(power[near].mean() / power[band & ~near].mean())
+
+
+# every pattern; odd and even offsets; both row orders; odd and even heights
+CASES = [
+    ("RGGB", (0, 0), "TOP-DOWN", 64),
+    ("BGGR", (1, 0), "BOTTOM-UP", 63),
+    ("GRBG", (0, 1), "BOTTOM-UP", 64),
+    ("GBRG", (1, 1), "TOP-DOWN", 63),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-off{c[1][0]}{c[1][1]}-{c[2]}-h{c[3]}")
+def uniform_sky(request, tmp_path_factory):
+    pattern, offset, roworder, height = request.param
+    d = tmp_path_factory.mktemp("cfa_uniform")
+    truth = simulate(d / "frames", n_frames=8, shape=(height, 72), n_stars=0, n_galaxies=0, n_saturated=0,
+                     cosmic_rays=0, hot_pixels=0, trail=False, max_shift=3.0, max_rotation=0.3, seed=4,
+                     cfa=pattern, cfa_offset=offset, roworder=roworder, sky=1000.0, dtype="float32")
+    store = store_with_true_registration(truth, d / "stack.zarr")
+    with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
+        result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=d / "drizzle.fits", tile=48)
+    return truth, result, d / "drizzle.fits"
+
+
+def test_uniform_sky_comes_out_uniform_in_every_channel(uniform_sky):
+    truth, result, _ = uniform_sky
+    img = result["drizzle"].values
+    assert result["drizzle"].dims == ("channel", "drizzle_y", "drizzle_x")
+    sky = truth.channel_sky[0]  # (R, G, B): 800, 1000, 600
+    for c in range(3):
+        inner = img[c, 8:-8, 8:-8]
+        # noise of one sample ~ sqrt(sky); a channel mixing in another colour would be
+        # off by 200 ADU or show the other colour's level in a grid
+        assert abs(np.nanmedian(inner) - sky[c]) < 3, (c, np.nanmedian(inner), sky[c])
+        assert np.nanpercentile(inner, 99.9) < sky[c] + 8 * np.sqrt(sky[c]), c
+        assert np.nanpercentile(inner, 0.1) > sky[c] - 8 * np.sqrt(sky[c]), c
+
+
+def test_no_bayer_grid_left_in_any_channel(uniform_sky):
+    _, result, _ = uniform_sky
+    img = result["drizzle"].values
+    for c in range(3):
+        assert nyquist_ratio(img[c, 8:-8, 8:-8]) <= 3.0, c
+
+
+def test_fits_is_an_rgb_cube_with_weights_and_coverage_per_channel(uniform_sky):
+    from astropy.io import fits
+
+    _, result, path = uniform_sky
+    with fits.open(path) as hdul:
+        assert hdul[0].data.shape == (3,) + result["drizzle"].shape[1:]
+        assert hdul[0].header["CHANNELS"] == "R G B"
+        assert "BAYERPAT" not in hdul[0].header
+        np.testing.assert_array_equal(hdul[0].data, result["drizzle"].values.astype(np.float32))
+        w = hdul["WEIGHTS"].data
+        assert w.shape == hdul[0].data.shape
+        for c, name in enumerate("RGB"):
+            assert w[c].max() == pytest.approx(1.0)
+            np.testing.assert_allclose(w[c] * hdul["WEIGHTS"].header[f"WGTNORM{name}"],
+                                       result["drizzle_weights"].values[c], rtol=1e-6)
+        cov = hdul["COVERAGE"].data
+        # green has twice the samples of red and blue: more frames cover each pixel
+        assert cov[1].mean() > 1.5 * cov[0].mean() and cov[1].mean() > 1.5 * cov[2].mean()
+
+
+def test_a_wrong_pattern_leaves_a_bayer_grid(tmp_path):
+    """The Nyquist test can fail: the same frames declared with the wrong pattern."""
+    truth = simulate(tmp_path / "frames", n_frames=8, shape=(64, 72), n_stars=0, n_galaxies=0, n_saturated=0,
+                     cosmic_rays=0, hot_pixels=0, trail=False, max_shift=3.0, max_rotation=0.3, seed=4,
+                     cfa="RGGB", sky=1000.0, dtype="float32")
+    for f in truth.files:  # the header lies: a GRBG sensor
+        from astropy.io import fits
+
+        with fits.open(f, mode="update") as h:
+            h[0].header["BAYERPAT"] = "GRBG"
+    store = store_with_true_registration(truth, tmp_path / "stack.zarr")
+    with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
+        result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=None, tile=48)
+    img = result["drizzle"].values
+    assert max(nyquist_ratio(img[c, 8:-8, 8:-8]) for c in range(3)) > 30
