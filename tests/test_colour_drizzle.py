@@ -191,3 +191,100 @@ def test_a_wrong_pattern_leaves_a_bayer_grid(tmp_path):
         result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=None, tile=48)
     img = result["drizzle"].values
     assert max(nyquist_ratio(img[c, 8:-8, 8:-8]) for c in range(3)) > 30
+
+
+# ------------------------------------------------- stars: photometry, alignment, FWHM
+SCALE = 2.0
+STAR_FIELD = dict(n_frames=12, shape=(96, 112), fwhm=2.0, n_stars=45, flux_min=2e4, flux_max=2e5, n_galaxies=0,
+                  n_saturated=0, cosmic_rays=0, hot_pixels=0, trail=False, max_shift=4.0, max_rotation=0.3,
+                  seed=9, dtype="float32")
+
+
+def _drizzle_field(d, **extra):
+    truth = simulate(d / "frames", **STAR_FIELD, **extra)
+    ds.ingest(truth.files, d / "stack.zarr")
+    ds.register(d / "stack.zarr")
+    with pytest.warns(ds.DrizzlestackWarning) if extra.get("cfa") else _nothing():
+        result = ds.drizzle(d / "stack.zarr", scale=SCALE, pixfrac=0.8, output=None, tile=64)
+    # the catalogue in the registration's reference frame (the simulator's is frame 0)
+    ref = int(ds.open_stack(d / "stack.zarr").attrs["reference"])
+    x, y = truth.reference_to_frame(ref, np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"]))
+    truth.stars["x"], truth.stars["y"] = x, y
+    return truth, result["drizzle"].values
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture(scope="module")
+def star_fields(tmp_path_factory):
+    colour = _drizzle_field(tmp_path_factory.mktemp("cfa_stars"), cfa="GRBG", roworder="BOTTOM-UP")
+    grey = _drizzle_field(tmp_path_factory.mktemp("grey_stars"))
+    return colour, grey
+
+
+def _isolated(truth, radius=8.0, edge=10.0):
+    x, y = np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"])
+    ny, nx = truth.config.shape
+    d = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) + np.eye(len(x)) * 1e9
+    return np.flatnonzero((d.min(axis=1) > radius) & (x > edge) & (x < nx - 1 - edge) & (y > edge)
+                          & (y < ny - 1 - edge))
+
+
+def _stamp(image, x, y, r_ref):
+    """Output pixels within ``r_ref`` reference pixels of (x, y) (reference pixels):
+    their values and reference coordinates."""
+    xo, yo = SCALE * (x + 0.5) - 0.5, SCALE * (y + 0.5) - 0.5
+    yy, xx = np.mgrid[0:image.shape[0], 0:image.shape[1]]
+    inside = np.hypot(xx - xo, yy - yo) <= r_ref * SCALE
+    return image[inside], (xx[inside] + 0.5) / SCALE - 0.5, (yy[inside] + 0.5) / SCALE - 0.5
+
+
+def _measure(image, truth, sky, k):
+    x, y = truth.stars["x"][k], truth.stars["y"][k]
+    v, xr, yr = _stamp(image, x, y, 5.0)
+    v = np.where(np.isfinite(v), v, 0.0) - sky
+    flux = v.sum() / SCALE**2  # surface brightness preserved: each output pixel is 1/s^2 of a reference pixel
+    vc, xc, yc = _stamp(image, x, y, 2.5)
+    vc = np.where(np.isfinite(vc), vc, sky) - sky
+    cx, cy = (vc * xc).sum() / vc.sum(), (vc * yc).sum() / vc.sum()
+    var = (vc * ((xc - cx) ** 2 + (yc - cy) ** 2)).sum() / vc.sum() / 2
+    return flux, cx, cy, 2.3548 * np.sqrt(var)
+
+
+def test_star_fluxes_per_channel_within_2_percent_of_truth(star_fields):
+    (truth, img), _ = star_fields
+    sky = truth.channel_sky[0]
+    for c, name in enumerate("RGB"):
+        ratios = [(_measure(img[c], truth, sky[c], k)[0] / truth.stars[f"flux_{name}"][k]) for k in _isolated(truth)]
+        print(name, np.round(ratios, 4))
+        assert len(ratios) >= 8
+        assert np.all(np.abs(np.asarray(ratios) - 1) < 0.02), name
+
+
+def test_channels_are_aligned_to_0_05_px(star_fields):
+    (truth, img), _ = star_fields
+    sky = truth.channel_sky[0]
+    stars = _isolated(truth)
+    pos = np.array([[_measure(img[c], truth, sky[c], k)[1:3] for k in stars] for c in range(3)])  # (3, n, 2)
+    for c in (0, 2):
+        offset = np.mean(pos[c] - pos[1], axis=0)
+        print("RGB"[c], "- G offset (px):", np.round(offset, 4))
+        assert np.hypot(*offset) < 0.05
+    # and on the sky: the channels' centroids where the catalogue puts the stars
+    true = np.column_stack([truth.stars["x"][stars], truth.stars["y"][stars]])
+    assert np.hypot(*np.mean(pos[1] - true, axis=0)) < 0.05
+
+
+def test_channel_fwhm_within_5_percent_of_a_grey_drizzle_with_the_same_optics(star_fields):
+    (truth, img), (gtruth, gimg) = star_fields
+    grey = np.median([_measure(gimg, gtruth, gtruth.channel_sky[0][1], k)[3] for k in _isolated(gtruth)])
+    for c in range(3):
+        fwhm = np.median([_measure(img[c], truth, truth.channel_sky[0][c], k)[3] for k in _isolated(truth)])
+        print("RGB"[c], fwhm, "grey", grey)
+        assert abs(fwhm / grey - 1) < 0.05, c
