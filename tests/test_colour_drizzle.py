@@ -288,3 +288,17 @@ def test_channel_fwhm_within_5_percent_of_a_grey_drizzle_with_the_same_optics(st
         fwhm = np.median([_measure(img[c], truth, truth.channel_sky[0][c], k)[3] for k in _isolated(truth)])
         print("RGB"[c], fwhm, "grey", grey)
         assert abs(fwhm / grey - 1) < 0.05, c
+
+
+def test_report_previews_a_colour_drizzle_in_colour(uniform_sky, tmp_path):
+    import matplotlib.image
+
+    from drizzlestack.report import write_report
+
+    _, _, path = uniform_sky
+    page = write_report(path.parent / "stack.zarr", tmp_path / "report")
+    png = matplotlib.image.imread(tmp_path / "report" / "drizzle.png")
+    assert png.ndim == 3 and png.shape[2] >= 3
+    # each channel its own drizzled plane: the three are different noise images
+    assert not np.allclose(png[..., 0], png[..., 1]) and not np.allclose(png[..., 1], png[..., 2])
+    assert "green channel" in open(page).read()
