@@ -98,9 +98,15 @@ def _stars(image, scale, min_fwhm=2.5):
     """Unflagged stars (x, y, flux, fwhm, peak, snr, flags) with a FWHM of at least
     ``min_fwhm`` output pixels: the frames are not dark-subtracted, and a hot pixel's
     drop looks like a sharp star."""
+    from drizzlestack import cfa
     from drizzlestack.registration.stars import detect_stars
 
-    sl = detect_stars(np.asarray(image, dtype=np.float32), threshold=10.0, max_stars=300)
+    # Dry pixels (no sample of that colour) filled with the mean of their neighbours,
+    # or every star touching one would be flagged as truncated.
+    image = np.asarray(image, dtype=np.float64)
+    filled = cfa._normalized_convolution(image, np.ones(image.shape, bool), np.ones((3, 3)))
+    image = np.where(np.isfinite(image), image, filled)
+    sl = detect_stars(image.astype(np.float32), threshold=10.0, max_stars=300)
     t = sl.table
     return t[(t[:, 6] == 0) & (t[:, 3] >= min_fwhm) & (t[:, 5] > 30)] if len(t) else t
 

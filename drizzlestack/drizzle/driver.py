@@ -426,7 +426,10 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         lead, dims = ((plan.n_channels,), ("channel",)) if pattern else ((), ())
         for name, dtype, fill in (("drizzle", "float32", np.nan), ("drizzle_weights", "float32", 0.0),
                                   ("drizzle_coverage", "uint16", 0)):
-            st.create_variable(name, lead + (ny, nx), dims + ("drizzle_y", "drizzle_x"), lead + chunks, dtype, fill)
+            # one channel per chunk: chunks the size of the grey ones (a 3-plane chunk encoded
+            # and wrote at half the speed per byte)
+            st.create_variable(name, lead + (ny, nx), dims + ("drizzle_y", "drizzle_x"), (1,) * len(lead) + chunks,
+                               dtype, fill)
         done = st.start_tiles("drizzle", tiles, width, tile)
     else:
         n_done = int(np.isfinite(done[..., 0]).sum())
