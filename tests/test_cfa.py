@@ -101,9 +101,25 @@ def test_channel_estimate_is_exact_on_planes_linear_in_x_and_y(pattern):
     for c in range(3):
         est = cfa.channel_estimate(mosaic, pattern, c)
         assert np.allclose(est[1:-1, 1:-1], planes[c][1:-1, 1:-1]), c
-    lum = cfa.luminance(mosaic, pattern)
+
+
+def test_luminance_is_the_green_estimate_on_the_sky_and_keeps_star_samples():
+    from drizzlestack.simulate import render_stars
+
+    planes = _planes((40, 40))  # sky 900, 1000, 700 with noise 10
+    mosaic = _mosaic("RGGB", planes)
+    lum = cfa.luminance(mosaic, "RGGB")
     assert lum.dtype == np.float32
-    assert np.allclose(lum[1:-1, 1:-1], planes[1][1:-1, 1:-1])
+    np.testing.assert_allclose(lum, cfa.channel_estimate(mosaic, "RGGB", 1), rtol=1e-6)
+    # a red star (R twice G) centred on a red pixel: its peak sample stays in the proxy,
+    # scaled to green, instead of the mean of the four dimmer green neighbours
+    star = np.zeros((3, 40, 40))
+    for c, f in enumerate((2e5, 1e5, 0.5e5)):
+        render_stars(star[c], [20.0], [20.0], [f], fwhm=1.3)
+    lum = cfa.luminance(mosaic + _mosaic("RGGB", star), "RGGB")
+    green = cfa.channel_estimate(mosaic + _mosaic("RGGB", star), "RGGB", 1)
+    true_green_peak = star[1, 20, 20] + 1000
+    assert abs(lum[20, 20] - true_green_peak) < 0.5 * abs(green[20, 20] - true_green_peak)
 
 
 def test_channel_estimate_skips_nan_and_keeps_own_samples():
