@@ -81,7 +81,14 @@ def nyquist_ratio(image, scale=2.0):
     """Mean power near the input grid's Nyquist frequencies (0.5 / scale cycles per
     output pixel along x, y, diagonal) over the mean power of the rest of the band
     0.4..0.8 of that frequency (the same statistic as the tests)."""
-    img = np.where(np.isfinite(image), image, np.nanmedian(image))
+    from drizzlestack import cfa
+
+    # dry pixels (no sample of this colour) filled with the mean of their neighbours: a
+    # global fill would paint the partial-sampling lattice of a few frames as a grid
+    image = np.asarray(image, dtype=np.float64)
+    img = np.where(np.isfinite(image), image,
+                   cfa._normalized_convolution(image, np.isfinite(image), np.ones((3, 3))))
+    img = np.where(np.isfinite(img), img, np.nanmedian(image))
     img = img - img.mean()
     power = np.abs(np.fft.fft2(img)) ** 2
     fy = np.fft.fftfreq(img.shape[0])[:, None]
