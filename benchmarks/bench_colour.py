@@ -101,7 +101,7 @@ def nyquist_ratio(image, scale=2.0):
     return float(power[near].mean() / power[band & ~near].mean())
 
 
-def _stars(image, scale, min_fwhm=2.5):
+def _stars(image, scale, min_fwhm=4.0):
     """Unflagged stars (x, y, flux, fwhm, peak, snr, flags) with a FWHM of at least
     ``min_fwhm`` output pixels: the frames are not dark-subtracted, and a hot pixel's
     drop looks like a sharp star."""
@@ -113,9 +113,24 @@ def _stars(image, scale, min_fwhm=2.5):
     image = np.asarray(image, dtype=np.float64)
     filled = cfa._normalized_convolution(image, np.ones(image.shape, bool), np.ones((3, 3)))
     image = np.where(np.isfinite(image), image, filled)
-    sl = detect_stars(image.astype(np.float32), threshold=10.0, max_stars=300)
+    sl = detect_stars(image.astype(np.float32), threshold=10.0, max_stars=2000)
     t = sl.table
-    return t[(t[:, 6] == 0) & (t[:, 3] >= min_fwhm) & (t[:, 5] > 30)] if len(t) else t
+    return t[(t[:, 6] == 0) & (t[:, 3] >= min_fwhm) & (t[:, 5] > 15)] if len(t) else t
+
+
+def _offsets(label, tables):
+    """Median R - G and B - G centroid offsets of matched stars (reference px)."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(tables[1][:, :2])
+    for c in (0, 2):
+        d, i = tree.query(tables[c][:, :2])
+        ok = d < 1.5
+        diff = (tables[c][ok, :2] - tables[1][i[ok], :2]) / 2.0
+        off = np.median(diff, axis=0)
+        err = 1.4826 * np.median(np.abs(diff - off), axis=0) / np.sqrt(max(ok.sum(), 1))
+        print(f"{label}: {'RGB'[c]} - G centroid offset (median) ({off[0]:+.3f}, {off[1]:+.3f}) +- "
+              f"({err[0]:.3f}, {err[1]:.3f}) reference px over {ok.sum()} stars")
 
 
 def m27(args):
@@ -165,17 +180,7 @@ def m27(args):
               f"MAD {np.median(np.abs(g1 - np.median(g1))):.2f} / {np.median(np.abs(g2 - np.median(g2))):.2f}")
         # channel centroids: stars detected on G, centroids in R and B near them
         tables = [_stars(col[c], 2.0) for c in range(3)]
-        from scipy.spatial import cKDTree
-
-        tree = cKDTree(tables[1][:, :2])
-        for c in (0, 2):
-            d, i = tree.query(tables[c][:, :2])
-            ok = d < 1.5
-            diff = (tables[c][ok, :2] - tables[1][i[ok], :2]) / 2.0
-            off, spread = np.median(diff, axis=0), 1.4826 * np.median(np.abs(diff - np.median(diff, axis=0)), axis=0)
-            print(f"{'RGB'[c]} - G centroid offset (median): ({off[0]:+.3f}, {off[1]:+.3f}) reference px over "
-                  f"{ok.sum()} stars (scatter {spread[0]:.3f}, {spread[1]:.3f}; standard error "
-                  f"{spread[0] / np.sqrt(max(ok.sum(), 1)):.3f})")
+        _offsets("colour drizzle", tables)
         fwhm = [np.median(t[:, 3]) / 2.0 for t in tables]
         print("colour drizzle FWHM (reference px) R, G, B: " + ", ".join(f"{f:.2f}" for f in fwhm))
         # debayer-then-drizzle: each frame demosaiced (bilinear) into three planes,
@@ -197,6 +202,7 @@ def m27(args):
             st.end_step("register")
             deb.append(ds.drizzle(st_path, scale=2.0, pixfrac=0.9, output=None)["drizzle"].values)
         dt = [_stars(deb[c], 2.0) for c in range(3)]
+        _offsets("debayer-then-drizzle", dt)
         print("debayer-then-drizzle FWHM (reference px) R, G, B: "
               + ", ".join(f"{np.median(t[:, 3]) / 2.0:.2f}" for t in dt))
 
