@@ -148,8 +148,9 @@ def cmd_drizzle(args) -> int:
                          weights=not args.no_weights, normalization=not args.no_normalization,
                          distortion=not args.no_distortion, coverage=not args.no_coverage,
                          overwrite=args.overwrite)
-    ny, nx = result["drizzle"].shape
-    print(f"drizzled {ny} x {nx} px (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
+    ny, nx = result["drizzle"].shape[-2:]
+    colour = " x 3 colour channels (R, G, B)" if result["drizzle"].ndim == 3 else ""
+    print(f"drizzled {ny} x {nx} px{colour} (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
           f"{time.perf_counter() - t0:.1f} s" + (f" -> {args.output}" if args.output else " (store only)"))
     return 0
 

@@ -333,3 +333,25 @@ def test_colour_frames_register_on_the_luminance_proxy(star_fields):
     # (green-only, before the smooth-hue star samples) reached 0.05 to 0.17 px
     assert colour.max() < 0.035
     assert np.sqrt(np.mean(colour**2)) < 1.7 * np.sqrt(np.mean(grey**2))
+
+
+def test_run_on_colour_frames_skips_integration_and_drizzles_in_colour(tmp_path):
+    from drizzlestack.config import RunConfig
+    from drizzlestack.pipeline import quality_summary, run
+
+    truth = simulate(tmp_path / "frames", n_frames=6, shape=(96, 112), n_stars=80, flux_min=5e3, n_galaxies=0,
+                     n_saturated=0, cosmic_rays=0, hot_pixels=0, trail=False, fwhm=2.0, max_shift=3.0, seed=3,
+                     cfa="BGGR")
+    cfg = RunConfig()
+    cfg.store = str(tmp_path / "stack.zarr")
+    cfg.ingest.inputs = list(truth.files)
+    cfg.drizzle.output = str(tmp_path / "drizzle.fits")
+    cfg.drizzle.tile = 64
+    lines = []
+    with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
+        run(cfg, log=lines.append)
+    assert any("[integrate] skipped: colour (Bayer BGGR) store" in str(line) for line in lines)
+    summary = " ".join(quality_summary(cfg.store))
+    assert "x 3 colour channels (R, G, B)" in summary
+    with pytest.raises(ds.DrizzlestackError, match="colour .* not implemented yet"):
+        ds.integrate(cfg.store)
