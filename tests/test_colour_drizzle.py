@@ -355,3 +355,22 @@ def test_run_on_colour_frames_skips_integration_and_drizzles_in_colour(tmp_path)
     assert "x 3 colour channels (R, G, B)" in summary
     with pytest.raises(ds.DrizzlestackError, match="colour .* not implemented yet"):
         ds.integrate(cfg.store)
+
+
+def test_per_channel_normalization_applies_to_each_colour_only(tmp_path):
+    """The contract for a per-channel integration: ``norm_scale``/``norm_offset`` of dims
+    (frame, channel) normalize each sample with its own colour's factors."""
+    truth = simulate(tmp_path / "frames", n_frames=4, shape=(32, 40), n_stars=0, n_galaxies=0, n_saturated=0,
+                     cosmic_rays=0, hot_pixels=0, trail=False, max_shift=2.0, max_rotation=0.2, seed=8,
+                     cfa="GBRG", sky=1000.0, dtype="float32", read_noise=0.0, gain=1e6)  # (almost) noiseless
+    store = store_with_true_registration(truth, tmp_path / "stack.zarr")
+    st = StackStore.open(store)
+    scale = np.tile([2.0, 1.0, 0.5], (4, 1))
+    offset = np.tile([10.0, -20.0, 30.0], (4, 1))
+    st.write_variable("norm_scale", scale, ("frame", "channel"))
+    st.write_variable("norm_offset", offset, ("frame", "channel"))
+    with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
+        img = ds.drizzle(store, scale=2.0, pixfrac=0.8, output=None, tile=32)["drizzle"].values
+    sky = truth.channel_sky[0]
+    for c in range(3):
+        assert np.nanmedian(img[c]) == pytest.approx(sky[c] * scale[0, c] + offset[0, c], abs=0.5), c
