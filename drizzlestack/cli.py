@@ -50,7 +50,8 @@ def cmd_ingest(args) -> int:
 
     t0 = time.perf_counter()
     report = ingest_files(args.files, args.store, chunk=args.chunk, saturation=args.saturation,
-                          progress=None if args.no_progress else _print_progress)
+                          progress=None if args.no_progress else _print_progress,
+                          cfa="grey" if args.grey else args.cfa)
     for line in report.lines():
         print(line)
     print(f"store {args.store} ({time.perf_counter() - t0:.1f} s)")
@@ -89,7 +90,7 @@ def cmd_simulate(args) -> int:
 
     truth = simulate(args.directory, n_frames=args.frames, shape=(args.height, args.width), fwhm=args.fwhm,
                      n_stars=args.stars, seed=args.seed, hazy_frame=args.hazy_frame,
-                     distortion=args.distortion)
+                     distortion=args.distortion, cfa=args.cfa)
     print(f"wrote {len(truth.files)} frames, truth.json and stars.ecsv to {args.directory}")
     return 0
 
@@ -164,8 +165,9 @@ def cmd_drizzle(args) -> int:
                          weights=not args.no_weights, normalization=not args.no_normalization,
                          distortion=not args.no_distortion, coverage=not args.no_coverage,
                          overwrite=args.overwrite, force=args.force)
-    ny, nx = result["drizzle"].shape
-    print(f"drizzled {ny} x {nx} px (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
+    ny, nx = result["drizzle"].shape[-2:]
+    colour = " x 3 colour channels (R, G, B)" if result["drizzle"].ndim == 3 else ""
+    print(f"drizzled {ny} x {nx} px{colour} (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
           f"{time.perf_counter() - t0:.1f} s" + (f" -> {args.output}" if args.output else " (store only)"))
     return 0
 
@@ -207,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=512, help="spatial chunk size of a new store (default 512)")
     p.add_argument("--saturation", type=float, default=None,
                    help="saturation level in ADU (default: header SATURATE, else the data type's maximum)")
+    p.add_argument("--cfa", default=None, metavar="PATTERN",
+                   help="declare or override the Bayer pattern (RGGB, BGGR, GRBG, GBRG) of colour frames; "
+                        "default: from each file's header")
+    p.add_argument("--grey", "--gray", action="store_true", help="ingest colour mosaics as grey on purpose")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ingest)
 
@@ -234,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hazy-frame", type=int, default=None, help="index of a frame taken through haze")
     p.add_argument("--distortion", type=float, default=0.0, help="radial distortion at the corners (px)")
+    p.add_argument("--cfa", default=None, metavar="PATTERN",
+                   help="a one-shot-colour camera with this Bayer pattern (RGGB, BGGR, GRBG, GBRG): colour sky")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("info", help="print the frames of a store and what the steps found")

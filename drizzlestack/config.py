@@ -28,6 +28,7 @@ class IngestConfig:
     inputs: list[str] = field(default_factory=list)  # FITS files, directories or glob patterns
     chunk: int = 512  # spatial chunk of the frames array (pixels)
     saturation: float | None = None  # ADU; default: header SATURATE, else the integer type's maximum
+    cfa: str | None = None  # Bayer pattern (RGGB, ...) to declare, "grey", or None: from the files
 
 
 @dataclass

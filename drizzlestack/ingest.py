@@ -1,4 +1,11 @@
-"""Step 1, ingest: read FITS frames one at a time and append them to the stack store."""
+"""Step 1, ingest: read light frames (FITS, camera raw, TIFF, XISF) one at a time and
+append them to the stack store.
+
+Colour (Bayer) frames stay mosaics: each frame's pattern *for the array as stored*
+(after the header's offsets, row order and sub-frame origin, see :mod:`drizzlestack.cfa`)
+goes into ``cfa_pattern``. One store holds one kind of frame: grey and colour frames
+are never mixed, and the pattern may not change from frame to frame.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,19 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from . import cfa as _cfa
 from ._warnings import DrizzlestackError, DrizzlestackWarning
-from .io.fits import FrameReadError, read_frame
+from .io import RAW_SUFFIXES, TIFF_SUFFIXES, XISF_SUFFIXES, FrameReadError, read_any
 from .store import STATUS_OK, StackStore, open_stack
 
 FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz", "*.fits.fz", "*.fz")
+
+#: What a directory given to ingest is searched for (FITS first, then the other formats).
+FRAME_PATTERNS = FITS_PATTERNS + tuple(f"*{s}" for s in RAW_SUFFIXES + TIFF_SUFFIXES + XISF_SUFFIXES) + tuple(
+    f"*{s.upper()}" for s in RAW_SUFFIXES + TIFF_SUFFIXES + XISF_SUFFIXES)
+
+#: Values of ``cfa=`` that ingest colour-looking frames as grey on purpose.
+GREY = ("grey", "gray", "mono", "none")
 
 
 @dataclass
@@ -27,6 +42,7 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     excluded: list[tuple[str, str]] = field(default_factory=list)  # ingested, but status not ok
     mixed: list[str] = field(default_factory=list)  # the store mixes filters, instruments or exposures
+    warnings: list[str] = field(default_factory=list)  # e.g. an undeclared Bayer mosaic
 
     def lines(self) -> list[str]:
         out = [f"ingested {len(self.added)} frame(s), {len(self.already)} already in the store, "
@@ -34,6 +50,7 @@ class IngestReport:
         out += [f"  skipped {reason}" for _path, reason in self.skipped]
         out += [f"  {Path(p).name}: status '{s}'" for p, s in self.excluded]
         out += [f"  warning: {m}" for m in self.mixed]
+        out += [f"  warning: {w}" for w in self.warnings]
         return out
 
 
@@ -47,9 +64,10 @@ def expand_inputs(inputs) -> list[str]:
     for item in inputs:
         item = str(item)
         if os.path.isdir(item):
-            found = sorted({p for pat in FITS_PATTERNS for p in glob.glob(os.path.join(item, pat))})
+            found = sorted({p for pat in FRAME_PATTERNS for p in glob.glob(os.path.join(item, pat))})
             if not found:
-                raise DrizzlestackError(f"{item}: directory holds no FITS files ({', '.join(FITS_PATTERNS[:4])}, ...)")
+                raise DrizzlestackError(f"{item}: directory holds no FITS, raw, TIFF or XISF files "
+                                        f"({', '.join(FITS_PATTERNS[:4])}, .dng, .cr2, .tif, .xisf, ...)")
             paths += found
         elif glob.has_magic(item):
             found = sorted(glob.glob(item))
@@ -79,14 +97,58 @@ def frame_status(data: np.ndarray) -> str:
     return STATUS_OK
 
 
-def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None,
-                 progress=None) -> IngestReport:
-    """Append FITS frames to a store (created if absent), one frame in memory at a time.
+def _black_levels(frame) -> list[float] | None:
+    if len(frame.black) == 3:
+        return [float(v) for v in frame.black]
+    values = [frame.header.get(f"BLKLEV{k}") for k in range(3)]
+    if all(isinstance(v, (int, float)) for v in values):
+        return [float(v) for v in values]
+    value = frame.header.get("BLKLEVEL", frame.header.get("PEDESTAL"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * 3
+    return None
 
-    Files already in the store (same absolute path) are left alone; unreadable files
-    and files whose shape differs from the store's are skipped with a reason; nothing
-    already in the store is touched. See :func:`ingest` for the parameters.
+
+def _check_cfa_option(cfa) -> str | None:
+    if cfa is None:
+        return None
+    if str(cfa).strip().lower() in GREY:
+        return "grey"
+    return _cfa.parse_pattern(cfa, "cfa")  # refused here, before any file is read
+
+
+def frame_pattern(frame, cfa: str | None) -> str:
+    """The Bayer pattern of a frame as stored (``""``: grey), from its header and the
+    ``cfa`` option (``None``: the header's; ``"grey"``: grey; a pattern: declared)."""
+    if cfa == "grey":
+        return ""
+    return _cfa.header_pattern(frame.header, frame.data.shape[0], override=cfa, name=Path(frame.path).name)
+
+
+def _pattern_conflict(name: str, pattern: str, store_pattern: str) -> str | None:
+    if pattern == store_pattern:
+        return None
+    if not store_pattern:
+        return (f"{name}: colour (Bayer {pattern}) frame, but the store holds grey frames; colour and grey "
+                "frames cannot be mixed in one store (ingest it into another store, or pass --grey)")
+    if not pattern:
+        return (f"{name}: grey frame, but the store holds colour (Bayer {store_pattern}) frames; colour and "
+                f"grey frames cannot be mixed in one store (declare its pattern with --cfa {store_pattern} "
+                "if it is a mosaic)")
+    return (f"{name}: Bayer pattern {pattern} (after offsets and row order) differs from the store's "
+            f"{store_pattern}; the pattern may not change within a store")
+
+
+def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None,
+                 progress=None, cfa: str | None = None) -> IngestReport:
+    """Append light frames to a store (created if absent), one frame in memory at a time.
+
+    Files already in the store (same absolute path) are left alone; unreadable files,
+    files whose shape differs from the store's, and frames that would mix grey and
+    colour or change the Bayer pattern are skipped with a reason; nothing already in
+    the store is touched. See :func:`ingest` for the parameters.
     """
+    cfa = _check_cfa_option(cfa)
     paths = expand_inputs(paths)
     store_path = str(store)  # a local path or an fsspec URL: never a Path (s3:// is not a folder)
     report = IngestReport()
@@ -101,10 +163,17 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
             report.already.append(path)
             continue
         try:
-            frame = read_frame(path, saturation=saturation)
-        except FrameReadError as exc:
+            frame = read_any(path, saturation=saturation)
+            pattern = frame_pattern(frame, cfa)
+        except (FrameReadError, _cfa.PatternError) as exc:
             report.skipped.append((path, str(exc)))
             continue
+        name = Path(path).name
+        if st is not None and st.n_frames:
+            conflict = _pattern_conflict(name, pattern, st.cfa_pattern)
+            if conflict:
+                report.skipped.append((path, conflict))
+                continue
         if st is None:
             st = StackStore.create(store_path, frame.data.shape, chunk=chunk)
         if frame.data.shape != st.frame_shape:
@@ -112,9 +181,14 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
                                          f"store's {st.frame_shape} (all frames must have one shape)"))
             continue
         status = frame_status(frame.data)
+        if not pattern and cfa != "grey" and status == STATUS_OK:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DrizzlestackWarning)
+                _cfa.warn_if_mosaic(frame.data, name)
+            report.warnings += [str(w.message) for w in caught if issubclass(w.category, DrizzlestackWarning)]
         st.append_frame(frame.data, path=path, exptime=frame.exptime,
                         header=frame.header.tostring(sep="\n"), status=status,
-                        saturation=frame.saturation)
+                        saturation=frame.saturation, cfa_pattern=pattern, black_level=_black_levels(frame))
         known.add(path)
         report.added.append(path)
         if status != STATUS_OK:
@@ -126,14 +200,14 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
         report.mixed = mixed_setups(stack["path"].values, stack["header"].values, stack["exptime"].values)
     if st is not None:
         steps = dict(st.attrs.get("steps", {}))
-        steps["ingest"] = {"complete": True, "params": {"chunk": chunk, "saturation": saturation},
+        steps["ingest"] = {"complete": True, "params": {"chunk": chunk, "saturation": saturation, "cfa": cfa},
                            "summary": {"frames": st.n_frames, "paths": len(st.paths())}}
         st.attrs["steps"] = steps
     return report
 
 
-def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> xr.Dataset:
-    """Ingest FITS light frames into a stack store.
+def ingest(paths, store, chunk: int = 512, saturation: float | None = None, cfa: str | None = None) -> xr.Dataset:
+    """Ingest light frames (FITS, camera raw, TIFF, XISF) into a stack store.
 
     Parameters
     ----------
@@ -147,6 +221,13 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
     saturation : float, optional
         Saturation level (ADU) overriding the header ``SATURATE`` keyword and the
         integer type's maximum.
+    cfa : str, optional
+        Colour filter array: ``None`` (default) reads it from each file (``BAYERPAT``
+        or ``COLORTYP`` with ``XBAYROFF``/``YBAYROFF``, ``ROWORDER`` and a sub-frame
+        origin; a raw file's own pattern; XISF's ``ColorFilterArray``); a pattern
+        (``RGGB``, ``BGGR``, ``GRBG``, ``GBRG``) declares or overrides it (the files'
+        offsets and row order still apply); ``"grey"`` ingests mosaics as grey on
+        purpose (and silences the undeclared-mosaic warning).
 
     Returns
     -------
@@ -157,8 +238,9 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
     -----
     DrizzlestackWarning
         For every skipped file (with the reason), every frame ingested with a status
-        other than ``ok``, and when the store's frames mix filters (``FILTER``),
-        instruments (``INSTRUME``) or exposure times (naming the files).
+        other than ``ok``, when the store's frames mix filters (``FILTER``),
+        instruments (``INSTRUME``) or exposure times (naming the files), and for every grey
+        frame that looks like an undeclared mosaic.
 
     Raises
     ------
@@ -167,7 +249,9 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
     DrizzlestackError
         Nothing could be ingested into a new store.
     """
-    report = ingest_files(paths, store, chunk=chunk, saturation=saturation)
+    report = ingest_files(paths, store, chunk=chunk, saturation=saturation, cfa=cfa)
+    for message in report.warnings:
+        warnings.warn(message, DrizzlestackWarning, stacklevel=2)
     for _path, reason in report.skipped:
         warnings.warn(f"skipped {reason}", DrizzlestackWarning, stacklevel=2)
     for path, status in report.excluded:

@@ -91,7 +91,8 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         t0 = time.perf_counter()
         if cfg.ingest.inputs:
             inputs = [resolve_path(p, base) for p in cfg.ingest.inputs]
-            report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation)
+            report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation,
+                                  cfa=cfg.ingest.cfa)
             for line in report.lines():
                 log(f"[ingest] {line}")
             forced = bool(report.added)  # new frames: everything downstream reruns
@@ -108,7 +109,15 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         forced = forced or "integrate" in force
         icfg = dataclasses.asdict(cfg.integrate)
         icfg["output"] = resolve_path(icfg["output"], base)
-        integrate(store, force=forced, overwrite=True, **icfg)
+        from .store import StackStore
+
+        colour = StackStore.open(store, mode="r").cfa_pattern
+        if colour:
+            # integrate refuses colour stores until it works per channel (issue 11)
+            log(f"[integrate] skipped: colour (Bayer {colour}) store; per-channel integration is not "
+                "implemented yet, drizzle runs without normalization and rejection")
+        else:
+            integrate(store, force=forced, overwrite=True, **icfg)
         timings["integrate"] = time.perf_counter() - t0
         log(f"[integrate] {timings['integrate']:.1f} s")
 
@@ -149,7 +158,8 @@ def quality_summary(store) -> list[str]:
     if "drizzle" in stack:
         img = stack["drizzle"]
         cov = stack["drizzle_coverage"].values if "drizzle_coverage" in stack else None
-        lines.append(f"drizzle: {img.shape[1]} x {img.shape[0]} px, "
+        lines.append(f"drizzle: {img.shape[-1]} x {img.shape[-2]} px"
+                     + (f" x {img.shape[0]} colour channels (R, G, B)" if img.ndim == 3 else "") + ", "
                      f"{np.isfinite(img.values).mean():.1%} of the output covered"
                      + (f", median {np.median(cov):.0f} frames per pixel" if cov is not None else ""))
     return lines

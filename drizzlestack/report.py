@@ -223,6 +223,18 @@ def _save_image(path: Path, image: np.ndarray, cmap: str, vmin: float, vmax: flo
                             origin="lower", format="png")
 
 
+def _save_rgb(path: Path, planes) -> None:
+    """A colour preview: each channel stretched on its own (no white balance, as the
+    drizzle keeps none), no data dark red."""
+    import matplotlib.image
+
+    rgb = np.stack([stretch(p) for p in planes], axis=-1)
+    missing = ~np.all(np.isfinite(rgb), axis=-1)
+    rgb = np.nan_to_num(rgb, nan=0.0)
+    rgb[missing] = (0x40 / 255, 0x20 / 255, 0x20 / 255)
+    matplotlib.image.imsave(path, np.clip(rgb, 0.0, 1.0), origin="lower", format="png")
+
+
 # ----------------------------------------------------------------------------- plots
 def _new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -509,11 +521,25 @@ def write_report(store, directory=None) -> Path:
     # ---- previews
     body.append("<h2>Images</h2>")
     for var, title, kind in PREVIEWS:
-        if var not in stack or stack[var].ndim != 2:
+        if var not in stack or stack[var].ndim not in (2, 3):
             continue
-        image, k = downsample(stack[var].data)
+        colour = stack[var].ndim == 3 and stack[var].shape[0] == 3  # a colour drizzle: (channel, y, x)
+        if colour and kind == "sky":
+            planes = [downsample(stack[var].data[c]) for c in range(3)]
+            k = planes[0][1]
+            png = f"{var}.png"
+            h, w = stack[var].shape[1:]
+            reduced = f"block mean of {k}x{k} pixels, " if k > 1 else ""
+            _save_rgb(out / png, [p for p, _ in planes])
+            how = f"{reduced}R, G, B each asinh-stretched between its 0.5 and 99.8 percentiles, no white balance"
+            body.append(_figure(png, f"<b>{_esc(title)}</b> (colour): {w} x {h} px ({how}; y up, "
+                                     "no data in dark red).", cls="preview", alt=title))
+            continue
+        if colour:
+            title = f"{title}, green channel"
+        image, k = downsample(stack[var].data[1] if colour else stack[var].data)
         png = f"{var}.png"
-        h, w = stack[var].shape
+        h, w = stack[var].shape[-2:]
         reduced = f"block mean of {k}x{k} pixels, " if k > 1 else ""
         if kind == "sky":
             _save_image(out / png, stretch(image), "gray", 0.0, 1.0)

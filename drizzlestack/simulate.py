@@ -10,6 +10,14 @@ catalogue in reference pixels with each star's flux in ADU.
 Stars are rendered with exact pixel integration of a circular Gaussian PSF, so the sum
 of a star's pixels equals its catalogue flux (up to what falls off the frame, noise and
 saturation): tests can check photometry exactly.
+
+Colour (``cfa="RGGB"``, ...): the sky is rendered in three channels (stars and galaxies
+of random colours, a coloured background) and each pixel keeps only the channel its
+Bayer filter passes, as a one-shot-colour camera does. The truth then gives every
+star's flux per channel (``flux_R``, ``flux_G``, ``flux_B``) and the sky per channel.
+The frames are written with ``BAYERPAT`` (plus ``XBAYROFF``/``YBAYROFF`` and
+``ROWORDER`` when ``cfa_offset`` / ``roworder`` ask for them); the transforms are
+always in the coordinates of the array as stored.
 """
 
 from __future__ import annotations
@@ -56,6 +64,10 @@ class SimulationConfig:
     distortion: float = 0.0  # radial distortion, pixels of displacement at the corners
     seed: int = 1
     dtype: str = "uint16"  # "uint16" (BZERO 32768 like cameras) or "float32"
+    cfa: str | None = None  # Bayer pattern (RGGB, BGGR, GRBG, GBRG): a colour camera
+    cfa_offset: tuple[int, int] = (0, 0)  # XBAYROFF, YBAYROFF written in the header
+    roworder: str = "TOP-DOWN"  # ROWORDER written: "BOTTOM-UP" stores the image's bottom row first
+    sky_colour: tuple[float, float, float] = (0.8, 1.0, 0.6)  # sky per channel, times `sky`
 
 
 @dataclass
@@ -86,6 +98,12 @@ class SimulationTruth:
         """
         with np.load(Path(directory or Path(self.files[0]).parent) / "defects.npz") as f:
             return f["mask"], f["excess"]
+
+    @property
+    def channel_sky(self) -> np.ndarray:
+        """(n_frames, 3) sky level per frame and channel (R, G, B); grey: the same thrice."""
+        colour = np.asarray(self.config.sky_colour if self.config.cfa else (1.0, 1.0, 1.0))
+        return self.sky[:, None] * colour[None, :]
 
     def frame_to_reference(self, i: int, x, y):
         """True mapping of frame ``i`` pixel coordinates to reference pixel coordinates,
@@ -135,6 +153,24 @@ def _undistort(cfg, x, y):
         f = 1.0 + k * (ux * ux + uy * uy)
         ux, uy = dx / f, dy / f
     return cx + ux, cy + uy
+
+
+_LETTER = {"R": 0, "G": 1, "B": 2}
+
+
+def sensor_channels(cfg: SimulationConfig) -> np.ndarray:
+    """Channel (0 R, 1 G, 2 B) of every pixel of the array as stored, written out from
+    the header's meaning (independently of :mod:`drizzlestack.cfa`): pixel ``(x, y)``
+    of the image read top-down has the colour of ``cfg.cfa`` at ``(x + XBAYROFF,
+    y + YBAYROFF)``; with ``BOTTOM-UP`` stored row ``y`` is image row ``ny - 1 - y``."""
+    ny, nx = cfg.shape
+    dx, dy = cfg.cfa_offset
+    y, x = np.mgrid[0:ny, 0:nx]
+    if cfg.roworder.upper() == "BOTTOM-UP":
+        y = ny - 1 - y
+    p = cfg.cfa.upper()
+    cell = np.array([[_LETTER[p[0]], _LETTER[p[1]]], [_LETTER[p[2]], _LETTER[p[3]]]], dtype=np.uint8)
+    return cell[(y + dy) % 2, (x + dx) % 2]
 
 
 def render_stars(image: np.ndarray, x, y, flux, fwhm: float, radius: int | None = None) -> None:
@@ -230,6 +266,12 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
     if overrides:
         cfg = SimulationConfig(**{**asdict(cfg), **overrides})
     cfg.shape = tuple(int(v) for v in cfg.shape)
+    cfg.cfa_offset = tuple(int(v) for v in cfg.cfa_offset)
+    cfg.sky_colour = tuple(float(v) for v in cfg.sky_colour)
+    if cfg.cfa:
+        from .cfa import parse_pattern
+
+        cfg.cfa = parse_pattern(cfg.cfa, "cfa")
     rng = np.random.default_rng(cfg.seed)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,12 +299,21 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
     saturated_flag = np.r_[np.zeros(n, bool), np.ones(cfg.n_saturated, bool)]
     stars = Table({"x": sx, "y": sy, "flux": flux, "saturated": saturated_flag})
     stars.meta["fwhm"] = cfg.fwhm
+    colour = np.ones((len(sx), 3))
+    if cfg.cfa:
+        # Star colours from red (R/G ~ 1.6) to blue (B/G ~ 1.4); G carries the catalogue flux.
+        colour[:, 0] = rng.uniform(0.4, 1.6, len(sx))
+        colour[:, 2] = rng.uniform(0.4, 1.4, len(sx))
+        for c, name in enumerate("RGB"):
+            stars[f"flux_{name}"] = flux * colour[:, c]
 
     galaxies = [
         (rng.uniform(0.1, 0.9) * nx, rng.uniform(0.1, 0.9) * ny, rng.uniform(2e3, 2e4),
          rng.uniform(1.5, 5.0), rng.uniform(0.3, 1.0), rng.uniform(0, np.pi))
         for _ in range(cfg.n_galaxies)
     ]
+    galaxy_colour = rng.uniform(0.5, 1.5, (cfg.n_galaxies, 3)) if cfg.cfa else np.ones((cfg.n_galaxies, 3))
+    channels = sensor_channels(cfg) if cfg.cfa else None
     hot = np.column_stack([rng.integers(0, nx, cfg.hot_pixels), rng.integers(0, ny, cfg.hot_pixels)])
     hot_level = rng.uniform(2e3, 2e4, cfg.hot_pixels)
 
@@ -296,16 +347,25 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
             if cfg.whole_pixel_dither:
                 shift = np.round(shift)
             transforms[i] = similarity(1.0, angle, *shift, center=centre)
-        image = np.full(cfg.shape, skies[i], dtype=np.float64)
         fx, fy = truth.reference_to_frame(i, sx, sy)
         keep = (fx > -10) & (fx < nx + 10) & (fy > -10) & (fy < ny + 10)
-        render_stars(image, fx[keep], fy[keep], flux[keep] * transmission[i], fwhms[i])
 
         def ref_to_sensor(x, y, i=i):
             return truth.reference_to_frame(i, x, y)
 
-        for gx, gy, gf, re_, q, th in galaxies:
-            _render_galaxy(image, gx, gy, gf * transmission[i], re_, q, th, ref_to_sensor)
+        planes = []
+        for c in range(3 if cfg.cfa else 1):
+            sky_c = skies[i] * (cfg.sky_colour[c] if cfg.cfa else 1.0)
+            plane = np.full(cfg.shape, sky_c, dtype=np.float64)
+            render_stars(plane, fx[keep], fy[keep], flux[keep] * colour[keep, c] * transmission[i], fwhms[i])
+            for g, (gx, gy, gf, re_, q, th) in enumerate(galaxies):
+                _render_galaxy(plane, gx, gy, gf * galaxy_colour[g, c] * transmission[i], re_, q, th, ref_to_sensor)
+            planes.append(plane)
+        if cfg.cfa:
+            # Each pixel keeps only the colour its filter passes (the mosaic).
+            image = np.take_along_axis(np.stack(planes), channels[None].astype(np.intp), axis=0)[0]
+        else:
+            image = planes[0]
         # Noise: Poisson in electrons, Gaussian read noise.
         electrons = rng.poisson(np.clip(image, 0, None) * cfg.gain).astype(np.float64)
         image = electrons / cfg.gain + rng.normal(0.0, cfg.read_noise, cfg.shape)
@@ -336,6 +396,11 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
         hdr["RDNOISE"] = cfg.read_noise
         hdr["OBJECT"] = "drizzlestack simulated field"
         hdr["SIMFRAME"] = i
+        if cfg.cfa:
+            hdr["BAYERPAT"] = (cfg.cfa.upper(), "Bayer pattern of the image read top-down")
+            hdr["XBAYROFF"] = int(cfg.cfa_offset[0])
+            hdr["YBAYROFF"] = int(cfg.cfa_offset[1])
+            hdr["ROWORDER"] = cfg.roworder.upper()
         name = out / f"frame_{i:03d}.fits"
         if cfg.dtype == "uint16":
             hdu = fits.PrimaryHDU(np.round(image).astype(np.uint16), header=hdr)  # astropy writes BZERO 32768
@@ -370,6 +435,8 @@ def load_truth(directory) -> SimulationTruth:
     meta = json.loads((d / "truth.json").read_text())
     cfg = SimulationConfig(**meta["config"])
     cfg.shape = tuple(cfg.shape)
+    cfg.cfa_offset = tuple(cfg.cfa_offset)
+    cfg.sky_colour = tuple(cfg.sky_colour)
     return SimulationTruth(cfg, meta["files"], np.array(meta["transforms"]), Table.read(d / "stars.ecsv"),
                            np.array(meta["transmission"]), np.array(meta["sky"]),
                            [[tuple(c) for c in f] for f in meta["cosmic_rays"]], meta["trail_frame"],

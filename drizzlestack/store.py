@@ -39,6 +39,12 @@ FRAME_METADATA = {
     "header": ("", str),
     "status": ("", str),
     "saturation": (np.nan, np.float64),
+    "cfa_pattern": ("", str),  # Bayer pattern of the array as stored (drizzlestack.cfa), "" for grey
+}
+
+#: per-frame, per-colour-channel (R, G, B) variables, dims (frame, channel)
+FRAME_CHANNEL_METADATA = {
+    "black_level": (np.nan, np.float64),  # ADU, from a raw file or BLKLEV keywords; NaN if unknown
 }
 
 #: compressor of the frames (and of other large pixel arrays)
@@ -177,6 +183,13 @@ class StackStore:
         ny, nx = self.group.attrs["frame_shape"]
         return int(ny), int(nx)
 
+    @property
+    def cfa_pattern(self) -> str:
+        """The store's Bayer pattern (one for all frames, see ingest), ``""`` for grey."""
+        if self.n_frames == 0 or "cfa_pattern" not in self.group:
+            return ""
+        return str(self.group["cfa_pattern"][0])
+
     def paths(self) -> list[str]:
         """Source paths of the committed frames."""
         n = self.n_frames
@@ -189,7 +202,7 @@ class StackStore:
         """
         if data.shape != self.frame_shape:
             raise StoreError(f"frame shape {data.shape} differs from the store's {self.frame_shape}")
-        unknown = set(metadata) - set(FRAME_METADATA)
+        unknown = set(metadata) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
         if unknown:
             raise ValueError(f"unknown frame metadata: {sorted(unknown)}")
         i = self.n_frames
@@ -198,11 +211,25 @@ class StackStore:
         if frames.shape[0] < i + 1:
             frames.resize((i + 1,) + frames.shape[1:])
         frames[i] = np.asarray(data, dtype=np.float32)
-        for name, (fill, _dtype) in FRAME_METADATA.items():
+        for name, (fill, dtype) in FRAME_METADATA.items():
+            if name not in self.group:  # a store written before this variable existed
+                self.group.create_array(name, shape=(i,), chunks=(1024,), dtype=dtype, fill_value=fill,
+                                        dimension_names=("frame",))
             arr = self.group[name]
             if arr.shape[0] < i + 1:
                 arr.resize((i + 1,))
             arr[i] = metadata.get(name, fill)
+        for name, (fill, dtype) in FRAME_CHANNEL_METADATA.items():
+            if name not in self.group and metadata.get(name) is None:
+                continue  # created with the first frame that has it (grey stores keep their dims)
+            if name not in self.group:
+                self.group.create_array(name, shape=(i, 3), chunks=(1024, 3), dtype=dtype, fill_value=fill,
+                                        dimension_names=("frame", "channel"))
+            arr = self.group[name]
+            if arr.shape[0] < i + 1:
+                arr.resize((i + 1, 3))
+            value = metadata.get(name)
+            arr[i] = np.full(3, fill) if value is None or len(value) != 3 else np.asarray(value, dtype=np.float64)
         self.group.attrs["n_frames"] = i + 1
         return i
 

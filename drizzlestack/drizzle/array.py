@@ -38,6 +38,9 @@ MAX_KERNEL_RADIUS = 1024.0
 
 _LUTS: dict[int, np.ndarray] = {}
 
+# The channel index of grey data: never read by the kernels (nplanes = 1).
+_NO_CHANNEL = np.zeros((1, 1), dtype=np.uint8)
+
 
 def _lanczos_lut(order: int) -> np.ndarray:
     lut = _LUTS.get(order)
@@ -203,6 +206,37 @@ def kernel_radius(kernel: str, pixfrac: float = 1.0, pixel_scale_ratio: float = 
     return (2.0 if kernel == "lanczos2" else 3.0) / psr
 
 
+def _as_channel(channel, shape, nplanes) -> np.ndarray:
+    channel = np.ascontiguousarray(channel)
+    if channel.shape != tuple(shape) or channel.dtype.kind not in "iu":
+        raise ValueError(f"channel: expected an integer array of the data's shape {tuple(shape)}, "
+                         f"got {channel.dtype} {channel.shape}")
+    if channel.size and int(channel.max()) >= nplanes:
+        raise ValueError(f"channel: values must be below the accumulators' {nplanes} planes")
+    return channel.astype(np.uint8, copy=False)
+
+
+def _planes(acc_wv, acc_w, coverage, channel, data_shape):
+    """Colour accumulators ``(P, H, W)`` as the kernels' ``(P * H, W)`` views, with the
+    validated channel index; grey ones unchanged (``channel`` must then be None)."""
+    if isinstance(acc_w, np.ndarray) and acc_w.ndim == 3:
+        if channel is None:
+            raise ValueError("acc_w: 3-D (channel, H, W) accumulators need channel= (the plane of every input pixel)")
+        nplanes = acc_w.shape[0]
+        flat = []
+        for name, acc in (("acc_w", acc_w), ("acc_wv", acc_wv), ("coverage", coverage)):
+            if acc is None:
+                flat.append(None)
+                continue
+            if not (isinstance(acc, np.ndarray) and acc.shape == acc_w.shape and acc.flags.c_contiguous):
+                raise ValueError(f"{name}: must be a C-contiguous array of acc_w's shape {acc_w.shape}")
+            flat.append(acc.reshape(nplanes * acc.shape[1], acc.shape[2]))
+        return flat[1], flat[0], flat[2], _as_channel(channel, data_shape, nplanes), nplanes, acc_w.shape[1:]
+    if channel is not None:
+        raise ValueError("channel: given, but the accumulators are 2-D; colour needs (channel, H, W) accumulators")
+    return acc_wv, acc_w, coverage, None, 1, getattr(acc_w, "shape", None)
+
+
 def _check_accumulator(name, acc, shape=None) -> np.ndarray:
     if not (isinstance(acc, np.ndarray) and acc.dtype == np.float64 and acc.ndim == 2
             and acc.flags.c_contiguous and acc.flags.writeable):
@@ -254,11 +288,16 @@ class _Plan:
                 stacklevel=3,
             )
 
-    def run(self, acc_wv, acc_w, touched, use_touched) -> int:
-        """Add the drops into the accumulators; the number of input pixels used."""
+    def run(self, acc_wv, acc_w, touched, use_touched, chan=None, nplanes=1) -> int:
+        """Add the drops into the accumulators; the number of input pixels used.
+
+        Colour: ``acc_*`` are ``(nplanes * H, W)`` and ``chan`` the plane of every input
+        pixel (see :mod:`drizzlestack.drizzle.kernels`)."""
         k = self.kernel
         args = (self.data, self.pixmap, self.weights, self.use_weights)
-        tail = (acc_wv, acc_w, touched, use_touched)
+        if chan is None:
+            chan, nplanes = _NO_CHANNEL, 1
+        tail = (acc_wv, acc_w, touched, use_touched, chan, int(nplanes))
         if k == "square":
             return _k.square_kernel(*args, self.pixfrac, self.max_extent, *tail)
         if k == "point":
@@ -273,7 +312,7 @@ class _Plan:
 
 def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
                pixfrac: float = 1.0, pixel_scale_ratio: float | None = None, *,
-               coverage=None) -> int:
+               coverage=None, channel=None) -> int:
     """Drizzle one input window and **add** it into caller-owned float64 accumulators.
 
     ``acc_wv += sum over drops of w_i * a_io * d_i`` and ``acc_w += sum of w_i * a_io``
@@ -311,6 +350,11 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
         Incremented by one in every output pixel that received a non-zero weight from
         this call: calling once per frame gives the number of frames covering each
         pixel.
+    channel : (ny, nx) integer ndarray, optional
+        Colour (CFA) drizzle: the channel of every input pixel (0 R, 1 G, 2 B, see
+        :func:`drizzlestack.cfa.channel_index`); the accumulators (and ``coverage``)
+        are then ``(n_channels, H, W)`` and each pixel drops only into its own plane,
+        in the same single pass over the window as grey data.
 
     Returns
     -------
@@ -325,9 +369,11 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
     long as its window extends at least one input pixel beyond the pixels whose drops
     reach the tile, which any window padded by the kernel's reach does.
     """
+    acc_wv, acc_w, coverage, chan, nplanes, plane_shape = _planes(acc_wv, acc_w, coverage, channel,
+                                                                 np.shape(data))
     acc_w = _check_accumulator("acc_w", acc_w)
     acc_wv = _check_accumulator("acc_wv", acc_wv, acc_w.shape)
-    plan = _Plan(data, pixmap, weights, kernel, pixfrac, pixel_scale_ratio, acc_w.shape)
+    plan = _Plan(data, pixmap, weights, kernel, pixfrac, pixel_scale_ratio, plane_shape)
     if coverage is not None:
         if not (isinstance(coverage, np.ndarray) and coverage.shape == acc_w.shape
                 and coverage.dtype.kind in "iu"):
@@ -337,7 +383,7 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
         touched = np.zeros((1, 1), dtype=np.uint8)
     if plan.empty or acc_w.size == 0:
         return 0
-    n = plan.run(acc_wv, acc_w, touched, coverage is not None)
+    n = plan.run(acc_wv, acc_w, touched, coverage is not None, chan, nplanes)
     if coverage is not None:
         _k.add_touched(coverage, touched)
     return int(n)
@@ -359,6 +405,12 @@ def finalize(acc_wv, acc_w, out=None) -> np.ndarray:
     ndarray
         The image (``out`` if given). The weights image is ``acc_w`` itself.
     """
+    if isinstance(acc_w, np.ndarray) and acc_w.ndim == 3:  # colour planes: one division for all
+        if out is None:
+            out = np.empty(acc_w.shape, dtype=np.float64)
+        shape2 = (acc_w.shape[0] * acc_w.shape[1], acc_w.shape[2])
+        finalize(acc_wv.reshape(shape2), acc_w.reshape(shape2), out=out.reshape(shape2))
+        return out
     acc_w = _check_accumulator("acc_w", acc_w)
     acc_wv = _check_accumulator("acc_wv", acc_wv, acc_w.shape)
     if out is None:
@@ -370,7 +422,8 @@ def finalize(acc_wv, acc_w, out=None) -> np.ndarray:
 
 
 def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: float = 1.0,
-                  weights=None, pixel_scale_ratio: float | None = None, out=None):
+                  weights=None, pixel_scale_ratio: float | None = None, out=None, channel=None,
+                  n_channels: int = 3):
     r"""Drizzle one image onto an output grid, in memory.
 
     Each input pixel is shrunk by ``pixfrac`` (the *drop*), mapped onto the output
@@ -404,7 +457,13 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
         pixmap (:func:`estimate_pixel_scale_ratio`).
     out : (image, weights) pair of (H, W) float arrays, optional
         Arrays to write the result into (overwritten); float64 ones are used directly
-        as accumulators, so no extra memory is needed.
+        as accumulators, so no extra memory is needed. Not with ``channel``.
+    channel : (ny, nx) integer array, optional
+        Colour (CFA) drizzle: the channel (0 R, 1 G, 2 B) of every input pixel, e.g.
+        :func:`drizzlestack.cfa.channel_index`; each pixel drops only into its own
+        channel and the results are ``(n_channels, H, W)``.
+    n_channels : int
+        Number of output channels with ``channel``.
 
     Returns
     -------
@@ -481,6 +540,14 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
     if H <= 0 or W <= 0:
         raise ValueError(f"out_shape={out_shape!r}: both sizes must be positive")
     shape = (H, W)
+    if channel is not None:
+        if out is not None:
+            raise ValueError("out: not supported with channel= (colour results are (n_channels, H, W))")
+        acc_wv = np.zeros((int(n_channels), H, W))
+        acc_w = np.zeros((int(n_channels), H, W))
+        accumulate(data, pixmap, weights, acc_wv, acc_w, kernel=kernel, pixfrac=pixfrac,
+                   pixel_scale_ratio=pixel_scale_ratio, channel=channel)
+        return finalize(acc_wv, acc_w, out=acc_wv), acc_w
     direct = False
     if out is not None:
         try:

@@ -9,6 +9,12 @@ one input window, whatever the size of the stack or of the output; the tiles are
 written straight into the store (zarr region writes) and the FITS file is streamed from
 there, so the whole output never sits in memory.
 
+Colour (CFA) stores: every window also gets its channel index
+(:func:`drizzlestack.cfa.channel_index` of the store's ``cfa_pattern``, a separate
+per-window array) and the kernels drop each raw sample into its own channel's plane in
+the same single pass; the products gain a leading ``channel`` axis (R, G, B) and the
+FITS file is a 3 x H x W cube with per-channel ``WEIGHTS`` and ``COVERAGE``.
+
 Saturation policy: pixels at or above their frame's saturation level are never
 rejected (they are not outliers) and keep their full weight, so an output pixel whose
 only contributions are saturated keeps a saturated value and star cores are never
@@ -26,6 +32,7 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 
+from .. import cfa as _cfa
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
@@ -53,6 +60,7 @@ class FramePlan:
     norm_offset: float
     saturation: float
     pixel_scale_ratio: float
+    channel_norm: tuple | None = None  # colour: ((scale R, G, B), (offset R, G, B)), else None
 
 
 @dataclass
@@ -70,6 +78,11 @@ class DrizzlePlan:
     coverage: bool
     tile: tuple[int, int] = (1024, 1024)  # output tile shape (the store's chunks)
     done: np.ndarray | None = None  # tile ledger of an interrupted run: finite rows are finished tiles
+    cfa_pattern: str = ""  # colour store: Bayer pattern of the frames as stored; "" grey
+
+    @property
+    def n_channels(self) -> int:
+        return len(_cfa.CHANNELS) if self.cfa_pattern else 1
 
 
 def _mapping_scale(mapping, to_output, frame_shape) -> float:
@@ -88,14 +101,16 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
 
     Returns
     -------
-    (3, y1 - y0, x1 - x0) float64
+    (3, y1 - y0, x1 - x0) float64, or (3, 3, y1 - y0, x1 - x0) for a colour store
         Image (NaN where nothing landed), raw weights, and the number of frames that
-        contributed (0 unless ``plan.coverage``).
+        contributed (0 unless ``plan.coverage``); colour: each of them per channel.
     """
+    colour = bool(plan.cfa_pattern)
     shape = (y1 - y0, x1 - x0)
-    acc_wv = np.zeros(shape)
-    acc_w = np.zeros(shape)
-    cover = np.zeros(shape, dtype=np.uint16) if plan.coverage else None
+    acc_shape = (plan.n_channels,) + shape if colour else shape
+    acc_wv = np.zeros(acc_shape)
+    acc_w = np.zeros(acc_shape)
+    cover = np.zeros(acc_shape, dtype=np.uint16) if plan.coverage else None
     # Readers decode chunks in this task's thread (zarr's own reads all queue on one
     # event-loop thread and would serialize the tile tasks).
     frames = DirectArray(plan.store, "frames")
@@ -113,6 +128,9 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         sy, sx = (_at_least_two(s, n) for s, n in zip(window, plan.frame_shape))
         data = frames[fp.index, sy, sx]  # float32, used as is by the kernels
         weights = np.full(data.shape, fp.weight)
+        # Colour: the channel of every pixel of this window (kept apart from the weights
+        # and the outlier flags, which know nothing of colour).
+        chan = _cfa.channel_index(plan.cfa_pattern, data.shape, sy.start, sx.start) if colour else None
         if fp.mapping.is_homography:
             # The common case, one fused pass: frame -> reference -> tile coordinates.
             pixmap = np.empty(data.shape + (2,))
@@ -128,12 +146,16 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
             # keep their weight whatever the flags say: rejecting them is what turns
             # star cores black.
             weights[(flags[fp.index, sy, sx] != 0) & ~(data >= fp.saturation)] = 0.0
-        if fp.norm_scale != 1.0 or fp.norm_offset != 0.0:
+        if colour and fp.channel_norm is not None:
+            scales, offsets = (np.asarray(v, dtype=np.float64) for v in fp.channel_norm)
+            data = data * scales[chan] + offsets[chan]  # each colour its own normalization
+        elif fp.norm_scale != 1.0 or fp.norm_offset != 0.0:
             data = data * fp.norm_scale + fp.norm_offset  # float64
         _array.accumulate(data, pixmap, weights, acc_wv, acc_w, kernel=plan.kernel,
-                          pixfrac=plan.pixfrac, pixel_scale_ratio=fp.pixel_scale_ratio, coverage=cover)
+                          pixfrac=plan.pixfrac, pixel_scale_ratio=fp.pixel_scale_ratio, coverage=cover,
+                          channel=chan)
     image = _array.finalize(acc_wv, acc_w)
-    out = np.empty((3,) + shape)
+    out = np.empty((3,) + acc_shape)
     out[0] = image
     out[1] = acc_w
     out[2] = cover if cover is not None else 0
@@ -210,6 +232,15 @@ def _frame_values(stack, name, indices, default):
         values = np.asarray(stack[name].values, dtype=np.float64)[indices]
         return np.where(np.isfinite(values), values, default)
     return np.full(len(indices), float(default))
+
+
+def _channel_values(stack, name, indices, default):
+    """A per-frame, per-channel variable ``(frame, channel)`` as ``(len(indices), 3)``, or
+    ``None`` when the store has it only per frame (or not at all)."""
+    if name in stack and stack[name].dims == ("frame", "channel"):
+        values = np.asarray(stack[name].values, dtype=np.float64)[indices]
+        return np.where(np.isfinite(values), values, default)
+    return None
 
 
 def _kernel_pad(kernel: str, pixfrac: float, psr: float) -> float:
@@ -322,6 +353,9 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     else:
         n_scale, n_offset = np.ones(len(indices)), np.zeros(len(indices))
     saturation = _frame_values(stack, "saturation", indices, np.inf)
+    pattern = st.cfa_pattern
+    channel_scale = _channel_values(stack, "norm_scale", indices, 1.0) if (normalization and pattern) else None
+    channel_offset = _channel_values(stack, "norm_offset", indices, 0.0) if (normalization and pattern) else None
     use_rejection = bool(rejection and OUTLIERS_VARIABLE in stack)
     if rejection and not use_rejection and "rejection" in stack:
         # A store integrated before the flags moved into the frames' own pixels (or with
@@ -339,14 +373,20 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     for k, i in enumerate(indices):
         mapping = frame_mapping(registration, i, distortion=distortion)
         psr = _mapping_scale(mapping, grid.ref_to_out, ref_shape)
+        channel_norm = None
+        if channel_scale is not None and channel_offset is not None:
+            channel_norm = (tuple(channel_scale[k]), tuple(channel_offset[k]))
         plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
-                               float(n_offset[k]), float(saturation[k]), float(psr)))
+                               float(n_offset[k]), float(saturation[k]), float(psr), channel_norm))
     pad = max(_kernel_pad(kernel, pixfrac, fp.pixel_scale_ratio) for fp in plans)
-    plan = DrizzlePlan(st.location, ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage)
+    plan = DrizzlePlan(st.location, ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage,
+                       cfa_pattern=pattern)
 
     params = {"scale": scale, "pixfrac": pixfrac, "kernel": kernel, "roi": list(roi), "tile": tile,
               "frames": indices, "rejection": use_rejection, "weights": weights, "normalization": normalization,
               "distortion": distortion, "coverage": coverage}
+    if pattern:  # (grey runs keep their digest)
+        params["cfa_pattern"] = pattern
     # The upstream steps' completion stamps: a rerun of either makes this drizzle stale.
     inputs = {step: [(st.step(step) or {}).get("digest"), (st.step(step) or {}).get("finished")]
               for step in ("ingest", "register", "integrate")}
@@ -357,18 +397,25 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
     tiles = (-(-ny // chunks[0]), -(-nx // chunks[1]))
+    # Colour: the ledger holds per channel the maximum weight and the counts of output
+    # pixels this channel missed while another covered them, and that any covered.
+    width = 2 + 2 * plan.n_channels if pattern else 1
     # An interrupted run with the same parameters and inputs keeps its finished tiles
     # (even when forced: tiles are deterministic, a redone tile would be identical).
-    done = st.resume_tiles("drizzle", params, inputs, tiles, 1, tile, OUTPUT_VARIABLES)
+    done = st.resume_tiles("drizzle", params, inputs, tiles, width, tile, OUTPUT_VARIABLES)
     if done is None:
         # The ledger is created last: a ledger present for this step's record always
         # belongs to the output arrays next to it.
         st.delete_variables(*OUTPUT_VARIABLES, "drizzle_tiles")
         st.begin_step("drizzle", params, inputs)
-        st.create_variable("drizzle", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", np.nan)
-        st.create_variable("drizzle_weights", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "float32", 0.0)
-        st.create_variable("drizzle_coverage", (ny, nx), ("drizzle_y", "drizzle_x"), chunks, "uint16", 0)
-        done = st.start_tiles("drizzle", tiles, 1, tile)
+        lead, dims = ((plan.n_channels,), ("channel",)) if pattern else ((), ())
+        for name, dtype, fill in (("drizzle", "float32", np.nan), ("drizzle_weights", "float32", 0.0),
+                                  ("drizzle_coverage", "uint16", 0)):
+            # one channel per chunk: chunks the size of the grey ones (a 3-plane chunk encoded
+            # and wrote at half the speed per byte)
+            st.create_variable(name, lead + (ny, nx), dims + ("drizzle_y", "drizzle_x"), (1,) * len(lead) + chunks,
+                               dtype, fill)
+        done = st.start_tiles("drizzle", tiles, width, tile)
     else:
         n_done = int(np.isfinite(done[..., 0]).sum())
         warnings.warn(f"{store}: resuming an interrupted drizzle ({n_done} of {tiles[0] * tiles[1]} tiles "
@@ -384,11 +431,37 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     (per_tile,) = compute(max_weights)
     max_weight = float(np.max(per_tile))
     total_exptime = float(np.nansum(_frame_values(stack, "exptime", indices, np.nan)))
+    summary = {}
+    max_weights_rgb = None
+    if pattern:
+        ledger = np.asarray(st.group["drizzle_tiles"][...], dtype=np.float64).reshape(-1, width)
+        n = plan.n_channels
+        max_weights_rgb = [float(v) for v in np.max(ledger[:, 1:1 + n], axis=0)]
+        missed = ledger[:, 1 + n:1 + 2 * n].sum(axis=0)
+        covered = float(ledger[:, 1 + 2 * n].sum())
+        dry = {c: float(m / covered) if covered else 0.0 for c, m in zip(_cfa.CHANNELS, missed)}
+        summary = {"max_weight_rgb": max_weights_rgb, "dry_fraction_rgb": dry}
+        _warn_dry_channels(dry, len(indices), scale, pixfrac)
     st.end_step("drizzle", frames=len(indices), shape=[ny, nx], max_weight=max_weight,
-                output=str(out_path) if out_path else None)
+                output=str(out_path) if out_path else None, **summary)
     if out_path is not None:
-        _write_fits(out_path, st, stack, plan, params, indices, max_weight, total_exptime, coverage)
+        _write_fits(out_path, st, stack, plan, params, indices, max_weights_rgb or max_weight, total_exptime,
+                    coverage)
     return open_stack(st)[list(OUTPUT_VARIABLES)]
+
+
+#: A colour channel missing from more than this fraction of the covered output pixels warns.
+DRY_WARNING = 0.001
+
+
+def _warn_dry_channels(dry: dict, n_frames: int, scale, pixfrac) -> None:
+    worst = {c: f for c, f in dry.items() if f > DRY_WARNING}
+    if worst:
+        listed = ", ".join(f"{c} {100 * f:.1f} %" for c, f in dry.items())
+        warnings.warn(f"colour drizzle of {n_frames} frame(s) at scale={scale:g}, pixfrac={pixfrac:g} leaves "
+                      f"output pixels without a sample of their colour (dry fraction of the covered pixels: "
+                      f"{listed}); red and blue have a quarter of the samples: use more frames, a larger "
+                      "pixfrac or a smaller scale", DrizzlestackWarning, stacklevel=3)
 
 
 def _tile_task(plan: DrizzlePlan, block_info=None) -> np.ndarray:
@@ -402,16 +475,27 @@ def _tile_task(plan: DrizzlePlan, block_info=None) -> np.ndarray:
     y1, x1 = min(y0 + plan.tile[0], ny), min(x0 + plan.tile[1], nx)
     cube = drizzle_tile(plan, y0, y1, x0, x1)
     weights = cube[1].astype(np.float32)
+    region = (slice(None), slice(y0, y1), slice(x0, x1)) if plan.cfa_pattern else (slice(y0, y1), slice(x0, x1))
     # Whole chunks, encoded and written in this task's thread (DirectArray).
-    DirectArray(plan.store, "drizzle", "r+")[y0:y1, x0:x1] = cube[0]
-    DirectArray(plan.store, "drizzle_weights", "r+")[y0:y1, x0:x1] = weights
-    DirectArray(plan.store, "drizzle_coverage", "r+")[y0:y1, x0:x1] = cube[2]
+    DirectArray(plan.store, "drizzle", "r+")[region] = cube[0]
+    DirectArray(plan.store, "drizzle_weights", "r+")[region] = weights
+    DirectArray(plan.store, "drizzle_coverage", "r+")[region] = cube[2]
     max_weight = float(weights.max())
-    record_tile(plan.store, "drizzle", iy, ix, [max_weight])
+    values = [max_weight]
+    if plan.cfa_pattern:
+        wet = weights > 0
+        any_wet = wet.any(axis=0)
+        values += [float(w.max()) for w in weights]
+        values += [float(np.count_nonzero(any_wet & ~w)) for w in wet]
+        values += [float(np.count_nonzero(any_wet))]
+    record_tile(plan.store, "drizzle", iy, ix, values)
     return np.full((1, 1), max_weight)
 
 
 def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage):
+    """The FITS product: image, ``WEIGHTS`` (normalized to a maximum of 1, per channel for
+    colour) and ``COVERAGE``; colour products are 3 x H x W cubes in R, G, B order (no
+    ``BAYERPAT``: they are not mosaics any more)."""
     grid = plan.grid
     ref = st.attrs.get("reference")
     header = fits.Header()
@@ -431,13 +515,22 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
         wcs_header = output_wcs_header(str(stack["header"].values[int(ref)]), grid)
         if wcs_header is not None:
             header.update(wcs_header)
+    if plan.cfa_pattern:
+        header["CHANNELS"] = ("R G B", "planes of the cube (NAXIS3)")
+        header["DRIZCFA"] = (plan.cfa_pattern, "Bayer pattern of the drizzled mosaics")
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
     hdus = [(header, DirectArray(st.location, "drizzle"), None)]
     wh = fits.Header()
     wh["EXTNAME"] = "WEIGHTS"
-    factor = 1.0 / max_weight if max_weight > 0 else 1.0
-    wh["WGTNORM"] = (max_weight if max_weight > 0 else 1.0, "raw weight = WGTNORM * WEIGHTS")
+    if plan.cfa_pattern:
+        norms = [w if w > 0 else 1.0 for w in max_weight]
+        factor = [1.0 / w for w in norms]
+        for c, w in zip(_cfa.CHANNELS, norms):
+            wh[f"WGTNORM{c}"] = (w, f"raw {c} weight = WGTNORM{c} * WEIGHTS[{c}]")
+    else:
+        factor = 1.0 / max_weight if max_weight > 0 else 1.0
+        wh["WGTNORM"] = (max_weight if max_weight > 0 else 1.0, "raw weight = WGTNORM * WEIGHTS")
     hdus.append((wh, DirectArray(st.location, "drizzle_weights"), factor))
     if coverage:
         ch = fits.Header()

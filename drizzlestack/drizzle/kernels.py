@@ -19,6 +19,13 @@ Conventions shared by every kernel (DESIGN.md):
 * The weight a drop deposits in an output pixel is ``w * overlap / drop_area``
   (``square``, ``turbo``), ``w`` (``point``) or ``w * kernel(distance)``
   (``gaussian``, ``lanczos``), exactly what STScI ``drizzle`` accumulates in ``out_wht``.
+* Colour (CFA) drizzle in one pass: the accumulators hold ``nplanes`` planes of
+  ``H = rows / nplanes`` rows one above the other (a ``(nplanes, H, W)`` array seen as
+  ``(nplanes * H, W)``), and ``chan[j, i]`` says into which plane input pixel ``(i, j)``
+  drops: its overlaps are computed on the ``H x W`` grid as for grey data and
+  deposited ``chan * H`` rows further down. Each raw sample reaches only its own
+  colour, with its own weight. Grey data: ``nplanes = 1`` and ``chan`` a dummy
+  ``(1, 1)`` array that is never read.
 * ``touched`` (uint8, same shape as the accumulators) is set to 1 where this call
   deposited a non-zero weight, when ``use_touched`` is true; the caller turns it into
   a coverage count.
@@ -461,13 +468,14 @@ def _sq_areas_weights3(S, nb):
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
+def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
     """Add the batch's cell overlaps times ``w / area`` and ``w * value / area`` into
-    the accumulators (clipped to the output)."""
-    H, W = acc_w.shape
+    the accumulators (clipped to the output plane of ``H`` rows; drop ``k`` goes
+    into plane ``crow[k * cstep]``)."""
+    W = acc_w.shape[1]
     # flat views and unsigned offsets: no negative-index fix-ups in the hot loop
-    flat_w = acc_w.reshape(H * W)
-    flat_wv = acc_wv.reshape(H * W)
+    flat_w = acc_w.reshape(acc_w.shape[0] * W)
+    flat_wv = acc_wv.reshape(acc_w.shape[0] * W)
     uW = uint64(W)
     ncontrib = 0
     for k in range(nb):
@@ -477,8 +485,9 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
         fv = S[_S_FV + k]
         ox = int(S[_S_OX + k])
         oy = int(S[_S_OY + k])
+        roff = int(crow[uint64(k) * cstep]) * H
         if ox >= 0 and oy >= 0 and ox + wn <= W and oy + wn <= H and not use_touched:
-            base = uint64(oy) * uW + uint64(ox)
+            base = uint64(oy + roff) * uW + uint64(ox)
             if wn == 3:
                 # the common case at scale ~2, unrolled; all loads from S first (LLVM
                 # cannot tell S from the accumulators, so it would not move a load of
@@ -539,23 +548,23 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched):
                         continue
                     a = S[_S_R + (r * _WM + c) * _B + k]
                     if a != 0.0:
-                        acc_w[jj, ii] += fw * a
-                        acc_wv[jj, ii] += fv * a
+                        acc_w[jj + roff, ii] += fw * a
+                        acc_wv[jj + roff, ii] += fv * a
                         hit = True
                         if use_touched:
-                            touched[jj, ii] = 1
+                            touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
+def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched, H, roff):
     """Exact overlaps of one drop of any size with the output pixels it covers
-    (clipped to the output), one column at a time. Same decomposition as
-    :func:`_sq_areas` but in absolute coordinates with a division per level; used
-    for drops too large for the batched window."""
-    H, W = acc_w.shape
+    (clipped to the output plane of ``H`` rows starting at row ``roff``), one column
+    at a time. Same decomposition as :func:`_sq_areas` but in absolute coordinates
+    with a division per level; used for drops too large for the batched window."""
+    W = acc_w.shape[1]
     xmin = min(min(xs[0], xs[1]), min(xs[2], xs[3]))
     xmax = max(max(xs[0], xs[1]), max(xs[2], xs[3]))
     ymin = min(min(ys[0], ys[1]), min(ys[2], ys[3]))
@@ -616,7 +625,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
         for m in range(nlev - 1):
             a = lev[m] - lev[m + 1]
             if abs(a) > tol:
-                jj = r0 + m
+                jj = r0 + m + roff
                 acc_w[jj, c] += fw * a
                 acc_wv[jj, c] += fv * a
                 hit = True
@@ -627,7 +636,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
-                  acc_wv, acc_w, touched, use_touched):
+                  acc_wv, acc_w, touched, use_touched, chan, nplanes):
     """Square kernel: exact overlap of each shrunken drop (see :func:`drop_corners`)
     with the output pixels.
 
@@ -644,7 +653,9 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
     collapsed corners) are skipped.
     """
     ny, nx = data.shape
-    H, W = acc_w.shape
+    H = acc_w.shape[0] // nplanes
+    W = acc_w.shape[1]
+    cstep = uint64(1) if nplanes > 1 else uint64(0)
     h = 0.5 * pixfrac
     tx = np.empty(nx + 2)
     ty = np.empty(nx + 2)
@@ -665,8 +676,10 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
             elif wn > 0:
                 _sq_areas(S, nb, wn)
                 _sq_weights(S, nb, wn)
+            # the batch's planes (an index rather than a branch, as for the weights)
+            crow = chan[j, i0:i0 + nb] if nplanes > 1 else chan[0, :1]
             if wn > 0:
-                ncontrib += _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched)
+                ncontrib += _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep)
             for k in range(nb):
                 if S[_S_ST + k] == 2.0:
                     i = i0 + k
@@ -674,8 +687,9 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
                     if max(xs.max() - xs.min(), ys.max() - ys.min()) > max_extent:
                         continue
                     wt = np.float64(weights[j, i]) if use_weights else 1.0
+                    roff = int(chan[j, i]) * H if nplanes > 1 else 0
                     ncontrib += _square_big_drop(xs, ys, wt, wt * np.float64(data[j, i]),
-                                                 acc_wv, acc_w, touched, use_touched)
+                                                 acc_wv, acc_w, touched, use_touched, H, roff)
     return ncontrib
 
 
@@ -685,13 +699,14 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched):
+def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched, chan, nplanes):
     """Point kernel: the whole drop goes to the output pixel containing the
     mapped centre, with weight ``w``."""
     ny, nx = data.shape
-    H, W = acc_w.shape
-    flat_w = acc_w.reshape(H * W)
-    flat_wv = acc_wv.reshape(H * W)
+    H = acc_w.shape[0] // nplanes
+    W = acc_w.shape[1]
+    flat_w = acc_w.reshape(acc_w.shape[0] * W)
+    flat_wv = acc_wv.reshape(acc_w.shape[0] * W)
     xlim = W - 0.5
     ylim = H - 0.5
     ncontrib = 0
@@ -708,24 +723,26 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
             if not ((v - v) == 0.0 and wt > 0.0 and x >= -0.5 and x < xlim
                     and y >= -0.5 and y < ylim):
                 continue
+            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             # x >= -0.5 here, so floor(x + 0.5) >= 0: unsigned, no wraparound fix-up
-            o = uint64(math.floor(y + 0.5)) * uint64(W) + uint64(math.floor(x + 0.5))
+            o = uint64(math.floor(y + 0.5) + roff) * uint64(W) + uint64(math.floor(x + 0.5))
             flat_w[o] += wt
             flat_wv[o] += wt * v
             if use_touched:
-                touched[int(math.floor(y + 0.5)), int(math.floor(x + 0.5))] = 1
+                touched[int(math.floor(y + 0.5)) + roff, int(math.floor(x + 0.5))] = 1
             ncontrib += 1
     return ncontrib
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                 acc_wv, acc_w, touched, use_touched):
+                 acc_wv, acc_w, touched, use_touched, chan, nplanes):
     """Turbo kernel: the drop is an axis-aligned square of side
     ``pixfrac / pixel_scale_ratio`` output pixels centred on the mapped centre;
     weight ``w * overlap / side**2`` (STScI's ``dover * pscale_ratio**2 / pixfrac**2``)."""
     ny, nx = data.shape
-    H, W = acc_w.shape
+    H = acc_w.shape[0] // nplanes
+    W = acc_w.shape[1]
     pfo = 0.5 * pixfrac / pixel_scale_ratio
     scale = 1.0 / (4.0 * pfo * pfo)
     ncontrib = 0
@@ -741,6 +758,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
             y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
+            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             xxi = x - pfo
             xxa = x + pfo
             yyi = y - pfo
@@ -761,11 +779,11 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
                     if dx <= 0.0:
                         continue
                     a = dx * dy
-                    acc_w[jj, ii] += fw * a
-                    acc_wv[jj, ii] += fv * a
+                    acc_w[jj + roff, ii] += fw * a
+                    acc_wv[jj + roff, ii] += fv * a
                     hit = True
                     if use_touched:
-                        touched[jj, ii] = 1
+                        touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib
@@ -773,13 +791,14 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                    acc_wv, acc_w, touched, use_touched):
+                    acc_wv, acc_w, touched, use_touched, chan, nplanes):
     """Gaussian kernel of STScI drizzle: FWHM ``pixfrac`` input pixels, weight
     ``w * exp(-r**2 * efac) * efac / pi`` (unit integral over the output plane),
     truncated to output pixels within ``max(2.5 sigma, 1.2 input px)`` of the
     mapped centre along each axis."""
     ny, nx = data.shape
-    H, W = acc_w.shape
+    H = acc_w.shape[0] // nplanes
+    W = acc_w.shape[1]
     psr = pixel_scale_ratio
     pfo = _GAUSS_NSIG * pixfrac / _GAUSS_FWHM / psr
     if pfo < _GAUSS_MIN_REACH / psr:
@@ -799,6 +818,7 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
             y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
+            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             i0 = max(_out_index(x - pfo), 0)
             i1 = min(_out_index(x + pfo), W - 1)
             j0 = max(_out_index(y - pfo), 0)
@@ -812,11 +832,11 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
                     g = es * math.exp(-(ddx * ddx + ddy * ddy) * efac)
                     if g == 0.0:
                         continue
-                    acc_w[jj, ii] += wt * g
-                    acc_wv[jj, ii] += fv * g
+                    acc_w[jj + roff, ii] += wt * g
+                    acc_wv[jj + roff, ii] += fv * g
                     hit = True
                     if use_touched:
-                        touched[jj, ii] = 1
+                        touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib
@@ -850,13 +870,14 @@ def _lanczos_weight(lut, density, order, t):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio, lut,
-                   acc_wv, acc_w, touched, use_touched):
+                   acc_wv, acc_w, touched, use_touched, chan, nplanes):
     """Lanczos kernel of order 2 or 3 (separable, in input-pixel units: weight
     ``w * L(dx * psr) * L(dy * psr)`` over output pixels strictly within
     ``order / psr`` of the mapped centre). As in STScI drizzle, ``pixfrac`` plays
     no part and the kernel does not conserve flux."""
     ny, nx = data.shape
-    H, W = acc_w.shape
+    H = acc_w.shape[0] // nplanes
+    W = acc_w.shape[1]
     psr = pixel_scale_ratio
     pfo = order / psr
     density = LANCZOS_LUT_DENSITY
@@ -876,6 +897,7 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
             y = pixmap[j, i, 1]
             if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
                 continue
+            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             i0 = max(int(math.floor(x - pfo)) + 1, 0)
             i1 = min(int(math.floor(x + pfo)), W - 1)
             j0 = max(int(math.floor(y - pfo)) + 1, 0)
@@ -896,11 +918,11 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
                     g = wx[ii - i0] * gy
                     if g == 0.0:
                         continue
-                    acc_w[jj, ii] += wt * g
-                    acc_wv[jj, ii] += fv * g
+                    acc_w[jj + roff, ii] += wt * g
+                    acc_wv[jj + roff, ii] += fv * g
                     hit = True
                     if use_touched:
-                        touched[jj, ii] = 1
+                        touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib

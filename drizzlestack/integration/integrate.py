@@ -682,6 +682,15 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     """
     t_start = time.perf_counter()
     st = StackStore.open(store)
+    if st.cfa_pattern:
+        # Integrating a mosaic as grey would compare red samples with green ones in the
+        # registered view and reject the colour itself: refused until integration runs
+        # per channel (issue 11). Drizzle works on colour stores without integration.
+        raise DrizzlestackError(
+            f"{st.path}: holds colour (Bayer {st.cfa_pattern}) frames; integration per colour channel "
+            f"(statistics, normalization, rejection) is not implemented yet. Drizzle the store directly "
+            f"('drizzlestack drizzle {st.path}': every sample into its own channel, frame weights 1, no "
+            "normalization and no rejection), or ingest the frames with --grey for a grey integration")
     ref = _require_registration(st)
     n_all = st.n_frames
     frame_shape = st.frame_shape

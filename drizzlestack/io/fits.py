@@ -29,6 +29,8 @@ class Frame:
     exptime: float
     saturation: float
     hdu_index: int
+    cfa_pattern: str = ""  # Bayer pattern of the array as read, when the reader knows it (raw)
+    black: tuple = ()  # per-channel (R, G, B) black levels, when the file gives them
 
 
 EXPOSURE_KEYS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME")
@@ -206,8 +208,10 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
     path : path-like or str
         Output file, or an fsspec URL.
     images : list of (astropy.io.fits.Header, array, factor)
-        One per HDU, the first becoming the primary HDU. ``factor`` multiplies the data
-        as it is written (e.g. to normalize a weights image); ``None`` for none.
+        One per HDU, the first becoming the primary HDU. An array is ``(ny, nx)`` or a
+        cube ``(n, ny, nx)`` (``NAXIS3 = n``, written plane after plane, e.g. colour
+        channels). ``factor`` multiplies the data as it is written (e.g. to normalize a
+        weights image): a number, one per plane of a cube, or ``None`` for none.
     rows_per_read : int
         Rows read and written at a time.
     """
@@ -227,39 +231,49 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
     try:
         with open(tmp, "wb") as fh:
             for k, (header, array, factor) in enumerate(images):
-                ny, nx = array.shape
+                planes = array.shape[0] if len(array.shape) == 3 else None
+                ny, nx = array.shape[-2:]
                 hdr = header.copy()
                 hdu = fits.PrimaryHDU() if k == 0 else fits.ImageHDU()
                 full = hdu.header
                 full["BITPIX"] = -32
-                full["NAXIS"] = 2
+                full["NAXIS"] = 2 if planes is None else 3
                 full.set("NAXIS1", nx, after="NAXIS")
                 full.set("NAXIS2", ny, after="NAXIS1")
+                last = "NAXIS2"
+                if planes is not None:
+                    full.set("NAXIS3", planes, after="NAXIS2")
+                    last = "NAXIS3"
                 for card in hdr.cards:
-                    if card.keyword in ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",
-                                        "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "END"):
+                    if card.keyword in ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3",
+                                        "EXTEND", "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "END", "BAYERPAT",
+                                        "XBAYROFF", "YBAYROFF"):
                         continue
                     if card.keyword in ("HISTORY", "COMMENT", ""):
                         full.add_history(card.value) if card.keyword == "HISTORY" else full.append(card)
                     else:
                         full.append(card, end=True)
                 if k == 0 and len(images) > 1:
-                    full.set("EXTEND", True, after="NAXIS2")
+                    full.set("EXTEND", True, after=last)
                 text = full.tostring().encode("ascii")
                 fh.write(text)
                 written = 0
                 # Read whole chunk rows (a band cut through a chunk would decompress it
                 # again for every band), convert and write them rows_per_read at a time.
                 chunks = getattr(array, "chunks", None)
-                step = int(chunks[0]) if chunks and isinstance(chunks[0], (int, np.integer)) else rows_per_read
-                for y0 in range(0, ny, step):
-                    block = np.asarray(array[y0:min(y0 + step, ny)])
-                    for r0 in range(0, block.shape[0], rows_per_read):
-                        band = block[r0:r0 + rows_per_read]
-                        band = band * np.float64(factor) if factor is not None else band
-                        raw = band.astype(">f4").tobytes()
-                        fh.write(raw)
-                        written += len(raw)
+                row_chunk = chunks[-2] if chunks else None
+                step = int(row_chunk) if isinstance(row_chunk, (int, np.integer)) else rows_per_read
+                for p in range(planes or 1):
+                    f = factor[p] if isinstance(factor, (list, tuple, np.ndarray)) else factor
+                    for y0 in range(0, ny, step):
+                        rows = slice(y0, min(y0 + step, ny))
+                        block = np.asarray(array[rows] if planes is None else array[p, rows])
+                        for r0 in range(0, block.shape[0], rows_per_read):
+                            band = block[r0:r0 + rows_per_read]
+                            band = band * np.float64(f) if f is not None else band
+                            raw = band.astype(">f4").tobytes()
+                            fh.write(raw)
+                            written += len(raw)
                 fh.write(b"\0" * _pad(written))
         os.replace(tmp, path)
     except BaseException:

@@ -33,10 +33,20 @@ GEOMETRY_FIELDS = ("centre_x", "centre_y", "length", "x0", "y0", "x1", "y1", "sm
 
 
 # ------------------------------------------------------------------- per-frame tasks
-def _detect_task(store_path: str, index: int, saturation: float, threshold: float, max_stars: int) -> dict:
-    """Detect the stars of one frame (runs in a worker; reads only that frame)."""
+def _detect_task(store_path: str, index: int, saturation: float, threshold: float, max_stars: int,
+                 cfa_pattern: str = "") -> dict:
+    """Detect the stars of one frame (runs in a worker; reads only that frame).
+
+    A colour mosaic is searched on its full-resolution luminance proxy (red and blue
+    pixels replaced by the mean of their green neighbours, :func:`drizzlestack.cfa.luminance`):
+    on the raw mosaic the filter pattern would bias centroids and split stars, and
+    the star positions stay in the mosaic's own pixel coordinates."""
     try:
         data = StackStore.open(store_path, mode="r").frame(index)
+        if cfa_pattern:
+            from ..cfa import luminance
+
+            data = luminance(data, cfa_pattern)  # a new array: detection may work in it
         # The frame was read for this task alone: detection subtracts its background in
         # place rather than holding a second frame-sized copy.
         sl = detect_stars(data, saturation=saturation, threshold=threshold, max_stars=max_stars,
@@ -204,8 +214,9 @@ def register(store, reference="auto", model: str = "homography", distortion: boo
     from ..parallel import compute
 
     saturation = np.asarray(st.group["saturation"][:n], dtype=np.float64)
+    patterns = ([str(p) for p in st.group["cfa_pattern"][:n]] if "cfa_pattern" in st.group else [""] * n)
     tasks = [delayed(_detect_task, pure=True)(st.location, i, float(saturation[i]), float(threshold),
-                                              int(max_stars), dask_key_name=f"register-detect-{i}")
+                                              int(max_stars), patterns[i], dask_key_name=f"register-detect-{i}")
              for i in eligible]
     detected = {r["index"]: r for r in compute(*tasks)}
     need = max(int(min_matches), MIN_POINTS[model])
