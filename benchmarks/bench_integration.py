@@ -114,8 +114,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, __file__, "--child", str(store), str(min(args.frames)), args.task_memory,
                         str(args.workers)], check=True, capture_output=True)
         frame_mib = args.size * args.size * 4 / 2**20
-        print(f"| frames | stack MiB | tile | seconds (stats + tiles) | baseline RSS MiB | peak RSS MiB "
-              f"| stack / peak |")
+        print("| frames | stack MiB | tile | seconds (stats + tiles) | baseline RSS MiB | peak RSS MiB "
+              "| stack / peak |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for n in args.frames:
             res = subprocess.run([sys.executable, __file__, "--child", str(store), str(n), args.task_memory,

@@ -146,7 +146,6 @@ def run_child(args, mode: str, env: dict | None = None) -> dict:
 
 
 def throughput(args) -> dict:
-    import dask
     import dask.array as da
     from astropy.stats import sigma_clipping
 

@@ -15,7 +15,8 @@ from drizzlestack import DrizzlestackWarning
 from drizzlestack.cli import main as cli_main
 from drizzlestack.simulate import simulate
 
-advise_module = sys.modules["drizzlestack.advise"]  # ``drizzlestack.advise`` is the function
+import drizzlestack.advise  # noqa: E402,F401  (loads the module: ``drizzlestack.advise`` is the function)
+advise_module = sys.modules["drizzlestack.advise"]
 
 SHAPE = (160, 160)
 

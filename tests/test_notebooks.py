@@ -7,7 +7,6 @@ and save them).
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
