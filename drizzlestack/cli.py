@@ -295,9 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as plain ``warning: ...`` lines: Python's default shows the file, line
+    and source line that raised them (``cli.py:145: DrizzlestackWarning: ... result =
+    drizzle(args.store, ...``), which says nothing to a user."""
+    from ._warnings import DrizzlestackWarning
+
+    kind = "" if issubclass(category, DrizzlestackWarning) else f"{category.__name__}: "
+    print(f"warning: {kind}{message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except DrizzlestackError as exc:
