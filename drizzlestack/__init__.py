@@ -16,6 +16,9 @@ The other functions are imported on first use, so the CLI starts faster.
 
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from . import _numba_cache
+
+_numba_cache.configure()  # before any kernel module imports numba: a writable cache directory
 
 # These three share their names with submodules (drizzlestack.ingest, .simulate and the
 # drizzlestack.drizzle package): importing the submodule would rebind the package
