@@ -295,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings as plain ``warning: ...`` lines: Python's default shows the file, line
-    and source line that raised them (``cli.py:145: DrizzlestackWarning: ... result =
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a plain ``warning: ...`` line: Python's default shows the file, line
+    and source line that raised it (``cli.py:145: DrizzlestackWarning: ... result =
     drizzle(args.store, ...``), which says nothing to a user."""
     from ._warnings import DrizzlestackWarning
 
     kind = "" if issubclass(category, DrizzlestackWarning) else f"{category.__name__}: "
-    print(f"warning: {kind}{message}", file=file or sys.stderr)
+    return f"warning: {kind}{message}\n"
 
 
 def main(argv=None) -> int:
@@ -310,9 +310,12 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+    # The format only: warnings are still shown (or recorded, or raised) as the filters say.
+    previous, warnings.formatwarning = warnings.formatwarning, format_warning
+    try:
         return _run(args)
+    finally:
+        warnings.formatwarning = previous
 
 
 def _run(args) -> int:

@@ -108,18 +108,25 @@ def test_no_memory_check_on_the_threaded_scheduler():
 
 
 # ------------------------------------------------------------------------------ warnings
-def test_cli_warnings_are_plain_lines_without_the_python_source_line(tmp_path, sat_sim, capsys):
+def test_cli_warnings_are_plain_lines_without_the_python_source_line(tmp_path, sat_sim):
+    # Once: "cli.py:145: DrizzlestackWarning: kernel='lanczos3' ignores ...", then the
+    # source line "result = drizzle(args.store, ...".
     store = tmp_path / "s.zarr"
     ds.ingest(sat_sim.files[:3], store)
     register_with_truth(store, sat_sim)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # as on the command line, where they are shown, not raised
-        code = cli.main(["drizzle", str(store), "--kernel", "lanczos3", "--pixfrac", "0.5", "--output",
-                         str(tmp_path / "d.fits"), "--scheduler", "synchronous", "--no-progress"])
-    assert code == 0
-    err = capsys.readouterr().err.splitlines()
+    res = subprocess.run([sys.executable, "-m", "drizzlestack.cli", "drizzle", str(store), "--kernel", "lanczos3",
+                          "--pixfrac", "0.5", "--output", str(tmp_path / "d.fits"), "--scheduler", "synchronous",
+                          "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    err = res.stderr.splitlines()
     assert "warning: kernel='lanczos3' ignores pixfrac=0.5 (as STScI drizzle does); using 1" in err
-    assert not any("DrizzlestackWarning" in line or ".py:" in line or "result = drizzle(" in line for line in err)
+    assert not any("DrizzlestackWarning" in line or ".py:" in line or "drizzle(" in line for line in err), err
+
+
+def test_cli_warning_format_names_other_categories():
+    assert cli.format_warning("x", ds.DrizzlestackWarning, "f.py", 1) == "warning: x\n"
+    assert cli.format_warning("y", RuntimeWarning, "f.py", 1) == "warning: RuntimeWarning: y\n"
 
 
 # -------------------------------------------------------------------------- numba cache
