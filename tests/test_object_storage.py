@@ -200,6 +200,20 @@ def test_url_of_a_protocol_whose_package_is_missing_names_the_package(command, s
     assert list(tmp_path.iterdir()) == []  # nothing written locally
 
 
+@pytest.mark.parametrize("url", ["s3://b/s.zarr", "gs://b/s.zarr", "memory://s.zarr", "simplecache::s3://b/s.zarr"])
+def test_urls_are_recognized_as_urls(url):
+    from drizzlestack import location
+
+    assert location.is_url(url) and location.normalize(url + "/") == url
+
+
+def test_url_missing_a_slash_is_refused_rather_than_made_a_local_folder(tmp_path, monkeypatch, small_sim):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ds.StoreError, match=r"s3:/bucket/stack.zarr: looks like a URL with a missing slash"):
+        ds.ingest(small_sim.files[:1], "s3:/bucket/stack.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_protocol_is_a_clear_error():
     with pytest.raises(ds.StoreError, match=r"nosuchfs://b/s.zarr: unknown protocol nosuchfs://"):
         ds.open_stack("nosuchfs://b/s.zarr")
