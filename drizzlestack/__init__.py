@@ -21,6 +21,9 @@ import types as _types
 
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from . import _numba_cache
+
+_numba_cache.configure()  # before any kernel module imports numba: a writable cache directory
 
 _LAZY = {
     "ingest": ("drizzlestack.ingest", "ingest"),

@@ -340,9 +340,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a plain ``warning: ...`` line: Python's default shows the file, line
+    and source line that raised it (``cli.py:145: DrizzlestackWarning: ... result =
+    drizzle(args.store, ...``), which says nothing to a user."""
+    from ._warnings import DrizzlestackWarning
+
+    kind = "" if issubclass(category, DrizzlestackWarning) else f"{category.__name__}: "
+    return f"warning: {kind}{message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The format only: warnings are still shown (or recorded, or raised) as the filters say.
+    previous, warnings.formatwarning = warnings.formatwarning, format_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except DrizzlestackError as exc:

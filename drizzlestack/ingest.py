@@ -214,8 +214,9 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None, cfa:
     paths : str, path-like or sequence of them
         Files, directories (all FITS files in them) or glob patterns.
     store : str or path-like
-        Store directory, or an fsspec URL (``s3://bucket/stack.zarr``); created on first use. An existing path that is not a
-        drizzlestack store is refused and left untouched.
+        Store directory, or an fsspec URL (``s3://bucket/stack.zarr``); created on
+        first use. An existing path that is not a drizzlestack store is refused and
+        left untouched.
     chunk : int
         Spatial chunk size of the ``frames`` array in a new store.
     saturation : float, optional

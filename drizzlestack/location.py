@@ -27,7 +27,10 @@ from ._warnings import StoreError
 #: of requests per second per prefix). An explicit zarr setting is kept.
 REMOTE_CONCURRENCY = 64
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+#: ``protocol://...`` or an fsspec chain ``simplecache::s3://...``
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*(://|::)")
+#: a first path component such as ``s3:`` (a URL that lost a slash), not a drive letter
+_PROTOCOL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:$")
 
 
 def is_url(location) -> bool:
@@ -37,11 +40,22 @@ def is_url(location) -> bool:
 
 def normalize(location) -> str:
     """The store's location as tasks receive it: a URL without its trailing slash, or an
-    absolute local path (``file://`` URLs included)."""
+    absolute local path (``file://`` URLs included).
+
+    Raises
+    ------
+    StoreError
+        A local path that starts like a URL missing a slash (``s3:/bucket/stack.zarr``):
+        it would be a local folder named ``s3:``.
+    """
     if isinstance(location, str) and location.startswith("file://"):
         location = location[len("file://"):]
     if is_url(location):
         return location.rstrip("/")
+    first = Path(location).parts[0] if Path(location).parts else ""
+    if _PROTOCOL_LIKE.match(first):
+        raise StoreError(f"{location}: looks like a URL with a missing slash ({first}//...); a local folder "
+                         f"named '{first}' would be written instead")
     return str(Path(location).expanduser().resolve())
 
 
@@ -62,7 +76,7 @@ def filesystem(url: str):
         The protocol is unknown, or its implementation is not installed (the message
         names the package, e.g. ``s3fs`` for ``s3://``).
     """
-    protocol = url.split("://", 1)[0].lower()
+    protocol = re.split(r"://|::", url, maxsplit=1)[0].lower()
     try:
         import fsspec
         from fsspec.registry import known_implementations

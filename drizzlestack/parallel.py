@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import dask
+from dask.utils import format_bytes, parse_bytes
 
 from ._warnings import DrizzlestackError
 
@@ -45,7 +46,11 @@ class SchedulerOptions:
     progress: bool = True
 
 
-_active = {"client": None, "progress": True}
+_active = {"client": None, "progress": True, "workers": None}
+
+#: memory of a worker process before its first task: Python with numpy, numba,
+#: astropy, zarr, distributed and the package loaded (255 MB measured, rounded up)
+WORKER_BASELINE = 300 * 2**20
 
 
 def _dashboard_address(dashboard) -> str | None:
@@ -159,10 +164,18 @@ def scheduler(opts: SchedulerOptions | None = None, **kwargs):
                     dashboard_address=_dashboard_address(opts.dashboard or True),
                 )
             closer = cluster
+            n = opts.workers or os.cpu_count() or 1
+            if opts.memory_limit:
+                _active["workers"] = (parse_bytes(opts.memory_limit), 1, f"--memory-limit {opts.memory_limit}", 1)
+            else:  # "auto": the machine's memory shared by the workers
+                from distributed.system import MEMORY_LIMIT
+
+                _active["workers"] = (MEMORY_LIMIT // n, 1, f"this machine's memory over {n} workers", 1)
         elif name.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
             cluster, closer = name, None
         elif name in JOBQUEUE:
             cluster = _jobqueue_cluster(name, opts)
+            _active["workers"] = _jobqueue_workers(cluster, opts)
             cluster.scale(jobs=opts.workers or 1)
             closer = cluster
         else:
@@ -188,6 +201,94 @@ def scheduler(opts: SchedulerOptions | None = None, **kwargs):
                 closer.close()
     finally:
         _active.update(previous)
+
+
+def _jobqueue_workers(cluster, opts: SchedulerOptions):
+    """(memory per worker process, threads per worker, where the limit comes from,
+    worker processes per job) of a dask-jobqueue cluster's jobs, or ``None`` when the
+    jobs set no memory."""
+    try:
+        job = cluster._dummy_job  # what every job will run (dask-jobqueue >= 0.8)
+        memory, processes, threads = job.worker_memory, int(job.worker_processes), int(job.worker_process_threads)
+    except Exception:  # another dask-jobqueue: the workers are asked once they run
+        return None
+    if not memory:
+        return None
+    where = f"--memory-limit {opts.memory_limit}" if opts.memory_limit else f"memory: {format_bytes(memory)}"
+    if processes > 1:
+        where += f" per job, shared by its {processes} worker processes"
+    return memory // processes, threads, where, processes
+
+
+def worker_memory() -> tuple[int, int, str, int] | None:
+    """What each worker of the active scheduler may use.
+
+    Returns
+    -------
+    (memory_limit, threads, source, processes) or None
+        Bytes per worker process, threads (tasks at once) per worker, the option that
+        set the limit (for messages) and the worker processes sharing one
+        ``--memory-limit`` (HPC jobs); ``None`` on the local schedulers (no limit).
+    """
+    if _active["workers"] is not None:
+        return _active["workers"]
+    client = _active["client"]
+    if client is None:
+        return None
+    workers = client.scheduler_info().get("workers", {}).values()
+    limits = [w["memory_limit"] for w in workers if w.get("memory_limit")]
+    if not limits:
+        return None
+    return min(limits), max(int(w.get("nthreads", 1)) for w in workers), "the workers' memory limit", 1
+
+
+def check_task_memory(step: str, per_task: int, what: str, advice=None) -> None:
+    """Stop before a step starts when its tile tasks cannot fit in a worker.
+
+    A distributed worker pauses at ``distributed.worker.memory.pause`` (80 %) of its
+    memory limit and waits for memory to be freed; when even one task per thread does
+    not fit, it waits for ever (seen with 800 MB and 48 frames of 2048 x 2048).
+
+    Parameters
+    ----------
+    step : str
+        For the message (``integrate``, ``drizzle``).
+    per_task : int
+        Bytes one task of the step's plan needs at its peak.
+    what : str
+        The task, in words (``tiles of 512 px over 48 frames``).
+    advice : callable, optional
+        ``advice(bytes_per_task_that_fit)`` -> text suggesting a smaller plan, or ``""``.
+
+    Raises
+    ------
+    DrizzlestackError
+        The message says which memory limit would do, and which tile or task memory.
+    """
+    info = worker_memory()
+    if info is None:
+        return
+    limit, threads, source, processes = info
+    pause = dask.config.get("distributed.worker.memory.pause", 0.8) or 1.0
+    usable = int(limit * float(pause))
+    need = WORKER_BASELINE + threads * int(per_task)
+    if need <= usable:
+        return
+    # rounded up to 100 MB; on HPC queues --memory-limit is per job, shared by its processes
+    enough = -(-int(processes * need / float(pause)) // 100_000_000) * 100_000_000
+    other = advice((usable - WORKER_BASELINE) // threads) if advice is not None and usable > WORKER_BASELINE else ""
+    raise DrizzlestackError(
+        f"{step}: the workers would pause for ever: {source} gives each worker {format_bytes(limit)} "
+        f"({threads} thread(s)), and a worker pauses at {float(pause):.0%} of it ({format_bytes(usable)}); "
+        f"{threads} task(s) of {what} need about {format_bytes(int(per_task))} each, plus "
+        f"~{format_bytes(WORKER_BASELINE)} for the worker itself: {format_bytes(need)}. "
+        f"Use --memory-limit {_decimal(enough)} or more"
+        + (f", or {other}" if other else ""))
+
+
+def _decimal(n: int) -> str:
+    """``1.2GB``, ``800MB``: the way users write --memory-limit."""
+    return f"{n / 1e9:g}GB" if n >= 1e9 else f"{n / 1e6:g}MB"
 
 
 def active_client():

@@ -519,6 +519,29 @@ def _flag_outliers(st, base: TilePlan, tiling: _Tiling, location, noise, used, p
     }
 
 
+def task_memory_needed(tile: int, n_frames: int, task_memory, frame_shape) -> tuple[int, int]:
+    """Peak bytes of the integration's largest task, and its tile: a tile task holds
+    ``BYTES_PER_SAMPLE`` per sample of every frame; a statistics task one frame (float32)
+    and the float64 temporaries of at most ``MAX_STATISTICS_PIXELS``."""
+    t = tile_size(tile, n_frames, task_memory)
+    tile_task = BYTES_PER_SAMPLE * min(t, frame_shape[0]) * min(t, frame_shape[1]) * max(n_frames, 1)
+    frame_task = 4 * frame_shape[0] * frame_shape[1] + 32 * min(MAX_STATISTICS_PIXELS, frame_shape[0] * frame_shape[1])
+    return max(tile_task, frame_task), t
+
+
+def _check_worker_memory(tile, n_frames, task_memory, frame_shape) -> None:
+    """Stop before any task runs when the workers' memory limit cannot hold them."""
+    from ..parallel import check_task_memory
+
+    need, t = task_memory_needed(tile, n_frames, task_memory, frame_shape)
+    smallest = BYTES_PER_SAMPLE * 64 * 64 * n_frames
+
+    def advice(fit: int) -> str:
+        return f"--task-memory {fit // 2**20}MiB (smaller tiles)" if fit >= smallest else ""
+
+    check_task_memory("integrate", need, f"tiles of {t} px over {n_frames} frames", advice)
+
+
 # ------------------------------------------------------------------------------ driver
 def _check_roi(roi, frame_shape):
     ny, nx = frame_shape
@@ -745,6 +768,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     if ref not in candidates:
         raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
                                 f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
+
+    _check_worker_memory(tile, len(candidates), task_memory, frame_shape)
 
     # An interrupted run with the same parameters and inputs keeps its finished tiles,
     # even when forced (tiles are deterministic); pass 1 is redone (cheap, deterministic).

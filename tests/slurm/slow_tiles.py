@@ -5,7 +5,10 @@ import time
 
 from drizzlestack.drizzle import driver
 
-_drizzle_tile = driver.drizzle_tile
+# distributed imports a preload afresh more than once per worker: wrap the original
+# function once, not the previous wrapper (which recursed ever deeper).
+_drizzle_tile = getattr(driver, "_drizzle_tile_unslowed", driver.drizzle_tile)
+driver._drizzle_tile_unslowed = _drizzle_tile
 
 
 def drizzle_tile(*args, **kwargs):
