@@ -10,6 +10,7 @@ Public API (docs/design.md)::
     ds.open_stack(store)
     ds.drizzle_array(data, pixmap, out_shape, kernel="square", pixfrac=1.0, weights=None)
     ds.reject_stack(stack, method="sigma", low=3.0, high=3.0)
+    ds.advise(store)                      # will drizzle help? which scale and pixfrac?
 
 The other functions are imported on first use, so the CLI starts faster.
 """
@@ -17,7 +18,7 @@ The other functions are imported on first use, so the CLI starts faster.
 from ._version import __version__
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 
-# These two share their names with submodules (drizzlestack.ingest, .simulate):
+# These share their names with submodules (drizzlestack.ingest, .simulate, .advise):
 # importing the submodule would rebind the package attribute to the module, so they
 # are bound eagerly, after their submodules load. ``drizzle`` is the sub-package itself,
 # which runs the step when called (drizzlestack/drizzle/__init__.py), so that both
@@ -25,6 +26,7 @@ from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from .ingest import ingest  # noqa: E402
 from .simulate import simulate  # noqa: E402
 from . import drizzle  # noqa: E402
+from .advise import advise  # noqa: E402
 
 _LAZY = {
     "open_stack": ("drizzlestack.store", "open_stack"),
@@ -36,7 +38,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "DrizzlestackError", "DrizzlestackWarning", "StoreError", "ingest", "simulate",
-           "drizzle", *_LAZY]
+           "drizzle", "advise", *_LAZY]
 
 
 def __getattr__(name):

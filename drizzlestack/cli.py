@@ -136,11 +136,22 @@ def cmd_integrate(args) -> int:
     return 0
 
 
+def cmd_advise(args) -> int:
+    from .advise import advice_json, advise, format_advice
+
+    advice = advise(args.store, scale=args.scale, pixfrac=args.pixfrac, kernel=args.kernel, frames=args.frames,
+                    distortion=not args.no_distortion)
+    print(advice_json(advice) if args.json else format_advice(advice))
+    return 0
+
+
 def cmd_drizzle(args) -> int:
+    from .advise import warn_drizzle_settings
     from .drizzle.driver import drizzle
     from .parallel import scheduler
 
     t0 = time.perf_counter()
+    warn_drizzle_settings(args.store, args.scale, args.pixfrac, args.kernel, args.frames, not args.no_distortion)
     with scheduler(_scheduler_options(args)):
         result = drizzle(args.store, scale=args.scale, pixfrac=args.pixfrac, kernel=args.kernel, roi=args.roi,
                          output=args.output, tile=args.tile, frames=args.frames, rejection=not args.no_rejection,
@@ -155,16 +166,18 @@ def cmd_drizzle(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .pipeline import quality_summary, run
+    from .pipeline import quality_summary, run, run_outputs
 
     cfg = load_config(args.config, args.set)
     cfg.scheduler = _scheduler_options(args, cfg.scheduler)
-    base = Path(args.config).resolve().parent
     t0 = time.perf_counter()
-    run(cfg, force=args.force or (), base_dir=base)
-    for line in quality_summary(base / cfg.store if not Path(cfg.store).is_absolute() else cfg.store):
+    run(cfg, force=args.force or ())  # relative paths: from the working directory
+    outputs = run_outputs(cfg)
+    for line in quality_summary(outputs["store"]):
         print(line)
-    print(f"finished in {time.perf_counter() - t0:.1f} s")
+    print(f"finished in {time.perf_counter() - t0:.1f} s; outputs:")
+    for name, path in outputs.items():
+        print(f"  {name:12s} {path}")
     return 0
 
 
@@ -277,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redrizzle even if the store holds this drizzle")
     _add_scheduler_options(p)
     p.set_defaults(func=cmd_drizzle)
+
+    p = sub.add_parser("advise", help="will drizzle help these frames? recommended scale and pixfrac, "
+                                      "predicted dry pixels and noise (needs only a registered store)")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--scale", type=float, default=None, help="keep this scale (default: recommend one)")
+    p.add_argument("--pixfrac", type=float, default=None, help="keep this pixfrac (default: recommend one)")
+    p.add_argument("--kernel", default="square", help="drizzle kernel of the predictions (default square)")
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="frame indices (default: every ok frame)")
+    p.add_argument("--no-distortion", action="store_true", help="ignore the distortion (spline) model")
+    p.set_defaults(func=cmd_advise)
 
     p = sub.add_parser("run", help="run ingest, register, integrate and drizzle from a config file")
     p.add_argument("config", help="YAML configuration (see configs/default.yaml)")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import location as _location
 from .store import open_stack
 
 #: optional per-frame columns: (store variable, header, format); shown when present
@@ -21,6 +22,55 @@ OPTIONAL_COLUMNS = [
     ("rejected_low_fraction", "rej.low%", "{:.2%}"),
     ("rejected_high_fraction", "rej.high%", "{:.2%}"),
 ]
+
+
+#: header keywords that must agree between the frames of one store: (keyword, what it is)
+SETUP_KEYWORDS = (("FILTER", "filters"), ("INSTRUME", "instruments"))
+
+
+def _names(paths, limit: int = 4) -> str:
+    names = [Path(str(p)).name for p in paths]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def mixed_setups(paths, headers, exptimes) -> list[str]:
+    """Messages naming the files when the frames of one store mix filters (``FILTER``),
+    instruments (``INSTRUME``) or exposure times; empty when they agree.
+
+    Frames without the keyword are not compared (many cameras do not write it).
+    Mixing filters is a common mistake: one integration of R and B frames is neither.
+    """
+    from astropy.io import fits
+
+    groups: dict[str, dict[str, list]] = {key: {} for key, _ in SETUP_KEYWORDS}
+    for path, text in zip(paths, headers):
+        try:
+            header = fits.Header.fromstring(str(text), sep="\n")
+        except Exception:
+            continue
+        for key, _ in SETUP_KEYWORDS:
+            value = header.get(key)
+            if value is not None and str(value).strip():
+                groups[key].setdefault(str(value).strip(), []).append(path)
+    out = []
+    for key, what in SETUP_KEYWORDS:
+        if len(groups[key]) > 1:
+            parts = "; ".join(f"{key}={v!r}: {len(ps)} ({_names(ps)})" for v, ps in groups[key].items())
+            out.append(f"frames of different {what} in one store ({parts}); integrate and drizzle them "
+                       "separately, one store each")
+    by_exptime: dict[float, list] = {}
+    for path, t in zip(paths, exptimes):
+        t = float(t)
+        if np.isfinite(t):
+            match = next((k for k in by_exptime if abs(k - t) <= 1e-3 * max(abs(k), 1e-9)), t)
+            by_exptime.setdefault(match, []).append(path)
+    if len(by_exptime) > 1:
+        parts = "; ".join(f"{t:g} s: {len(ps)} ({_names(ps)})" for t, ps in sorted(by_exptime.items()))
+        out.append(f"frames of different exposure times in one store ({parts}); check that they belong together "
+                   "(the integration's weights and normalization account for the depth, not for a different "
+                   "target or setup)")
+    return out
 
 
 def _fmt(fmt: str, value) -> str:
@@ -43,7 +93,7 @@ def info_table(store) -> str:
     ref = ds.attrs.get("reference")
     steps = ds.attrs.get("steps", {})
     lines = [
-        f"store      {Path(store)}",
+        f"store      {_location.display(str(store))}",
         f"frames     {n} of {nx} x {ny} px"
         + (f"  ({n * ny * nx * 4 / 2**20:.1f} MiB as float32)" if n else ""),
         f"reference  {ref if ref is not None else '-'}",
@@ -66,4 +116,7 @@ def info_table(store) -> str:
     excluded = [(i, s) for i, s in enumerate(ds["status"].values) if s != "ok"]
     lines.append("")
     lines.append(f"{n - len(excluded)} frame(s) ok, {len(excluded)} excluded")
+    if n:
+        for message in mixed_setups(ds["path"].values, ds["header"].values, ds["exptime"].values):
+            lines.append(f"warning: {message}")
     return "\n".join(lines)

@@ -26,12 +26,14 @@ class IngestReport:
     already: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     excluded: list[tuple[str, str]] = field(default_factory=list)  # ingested, but status not ok
+    mixed: list[str] = field(default_factory=list)  # the store mixes filters, instruments or exposures
 
     def lines(self) -> list[str]:
         out = [f"ingested {len(self.added)} frame(s), {len(self.already)} already in the store, "
                f"{len(self.skipped)} skipped"]
         out += [f"  skipped {reason}" for _path, reason in self.skipped]
         out += [f"  {Path(p).name}: status '{s}'" for p, s in self.excluded]
+        out += [f"  warning: {m}" for m in self.mixed]
         return out
 
 
@@ -86,10 +88,10 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
     already in the store is touched. See :func:`ingest` for the parameters.
     """
     paths = expand_inputs(paths)
-    store_path = Path(store)
+    store_path = str(store)  # a local path or an fsspec URL: never a Path (s3:// is not a folder)
     report = IngestReport()
     st: StackStore | None = None
-    if store_path.exists():
+    if StackStore.exists(store_path):
         st = StackStore.open(store_path)  # refuses anything that is not a store
     known = set(st.paths()) if st is not None else set()
     for i, path in enumerate(paths):
@@ -117,6 +119,11 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
         report.added.append(path)
         if status != STATUS_OK:
             report.excluded.append((path, status))
+    if st is not None and report.added:
+        from .info import mixed_setups
+
+        stack = open_stack(st)
+        report.mixed = mixed_setups(stack["path"].values, stack["header"].values, stack["exptime"].values)
     if st is not None:
         steps = dict(st.attrs.get("steps", {}))
         steps["ingest"] = {"complete": True, "params": {"chunk": chunk, "saturation": saturation},
@@ -133,7 +140,7 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
     paths : str, path-like or sequence of them
         Files, directories (all FITS files in them) or glob patterns.
     store : str or path-like
-        Store directory; created on first use. An existing path that is not a
+        Store directory, or an fsspec URL (``s3://bucket/stack.zarr``); created on first use. An existing path that is not a
         drizzlestack store is refused and left untouched.
     chunk : int
         Spatial chunk size of the ``frames`` array in a new store.
@@ -149,8 +156,9 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
     Warns
     -----
     DrizzlestackWarning
-        For every skipped file (with the reason) and every frame ingested with a status
-        other than ``ok``.
+        For every skipped file (with the reason), every frame ingested with a status
+        other than ``ok``, and when the store's frames mix filters (``FILTER``),
+        instruments (``INSTRUME``) or exposure times (naming the files).
 
     Raises
     ------
@@ -164,6 +172,8 @@ def ingest(paths, store, chunk: int = 512, saturation: float | None = None) -> x
         warnings.warn(f"skipped {reason}", DrizzlestackWarning, stacklevel=2)
     for path, status in report.excluded:
         warnings.warn(f"{Path(path).name}: {status}", DrizzlestackWarning, stacklevel=2)
-    if not Path(store).exists():
+    for message in report.mixed:
+        warnings.warn(f"{store}: {message}", DrizzlestackWarning, stacklevel=2)
+    if not StackStore.exists(str(store)):
         raise DrizzlestackError(f"{store}: no frame could be ingested, store not created")
     return open_stack(store)

@@ -16,16 +16,39 @@ import numpy as np
 
 from .config import RunConfig, dump_config
 from .info import info_table
+from .location import is_url
 from .parallel import SchedulerOptions, scheduler
 from .store import open_stack
 
 STEPS = ("ingest", "register", "integrate", "drizzle")
 
 
-def _resolve(path, base: Path | None):
-    if path is None or base is None or Path(path).is_absolute():
+def resolve_path(path, base: Path | None = None):
+    """A configured path made absolute: relative paths are taken from ``base``, or from
+    the working directory when ``base`` is None (as every command-line tool does; a
+    config file's own folder is not where a user expects ``drizzle.fits``). URLs
+    (object storage) stay as they are."""
+    if path is None or is_url(str(path)):
         return path
-    return str(base / path)
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    return str((Path(base) if base is not None else Path.cwd()) / p)
+
+
+def run_outputs(cfg: RunConfig, base_dir=None) -> dict[str, str]:
+    """The files a run writes, as absolute paths (or URLs): ``store``, ``integration``,
+    ``drizzle`` (absent when configured as null) and ``report``."""
+    base = Path(base_dir) if base_dir is not None else None
+    store = resolve_path(cfg.store, base)
+    out = {"store": store}
+    for name, path in (("integration", cfg.integrate.output), ("drizzle", cfg.drizzle.output)):
+        if path is not None:
+            out[name] = resolve_path(path, base)
+    # A store on object storage: the report goes to the working directory (or base).
+    out["report"] = (str(Path(resolve_path("report", base)) / "report.html") if is_url(str(store))
+                     else str(Path(store).resolve().parent / "report" / "report.html"))
+    return out
 
 
 def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
@@ -39,7 +62,8 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         Steps to rerun even if their parameters are unchanged; the steps after a
         forced one rerun too.
     base_dir : path-like, optional
-        Relative paths in ``cfg`` (store, inputs, outputs) are taken from here.
+        Relative paths in ``cfg`` (store, inputs, outputs) are taken from here; default
+        the working directory (not the config file's folder).
     log : callable
         Where progress lines go.
 
@@ -60,13 +84,13 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
 
         raise DrizzlestackError(f"--force {sorted(unknown)[0]}: unknown step (steps: {', '.join(STEPS)})")
     base = Path(base_dir) if base_dir is not None else None
-    store = _resolve(cfg.store, base)
+    store = resolve_path(cfg.store, base)
     timings = {}
     forced = False
     with scheduler(cfg.scheduler):
         t0 = time.perf_counter()
         if cfg.ingest.inputs:
-            inputs = [_resolve(p, base) for p in cfg.ingest.inputs]
+            inputs = [resolve_path(p, base) for p in cfg.ingest.inputs]
             report = ingest_files(inputs, store, chunk=cfg.ingest.chunk, saturation=cfg.ingest.saturation)
             for line in report.lines():
                 log(f"[ingest] {line}")
@@ -83,7 +107,7 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         t0 = time.perf_counter()
         forced = forced or "integrate" in force
         icfg = dataclasses.asdict(cfg.integrate)
-        icfg["output"] = _resolve(icfg["output"], base)
+        icfg["output"] = resolve_path(icfg["output"], base)
         integrate(store, force=forced, overwrite=True, **icfg)
         timings["integrate"] = time.perf_counter() - t0
         log(f"[integrate] {timings['integrate']:.1f} s")
@@ -91,14 +115,21 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         t0 = time.perf_counter()
         forced = forced or "drizzle" in force
         dcfg = dataclasses.asdict(cfg.drizzle)
-        dcfg["output"] = _resolve(dcfg["output"], base)
+        dcfg["output"] = resolve_path(dcfg["output"], base)
+        from .advise import warn_drizzle_settings
+
+        # Cheap (one setting's sample boxes): says before the longest step whether its
+        # settings leave dry pixels or cannot gain over the integration.
+        warn_drizzle_settings(store, dcfg["scale"], dcfg["pixfrac"], dcfg["kernel"], None, dcfg["distortion"])
         drizzle(store, overwrite=True, force=forced, **dcfg)
         timings["drizzle"] = time.perf_counter() - t0
         log(f"[drizzle] {timings['drizzle']:.1f} s")
 
         from .report import write_report
 
-        log(f"[report] {write_report(store)}")
+        # A store on object storage: the report goes next to the config (or here).
+        report_dir = resolve_path("report", base) if is_url(str(store)) else None
+        log(f"[report] {write_report(store, report_dir)}")
     return timings
 
 

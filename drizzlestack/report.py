@@ -373,6 +373,7 @@ td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-al
 td:last-child { font-family: ui-monospace, monospace; word-break: break-all; }
 th { background: #f4f4f4; }
 .cols { display: flex; flex-wrap: wrap; gap: 2em; }
+.advice { flex: 1; min-width: 320px; max-width: 560px; font-size: 0.92em; }
 .state { font-size: 0.7em; padding: 1px 6px; border-radius: 3px; vertical-align: middle; }
 .complete { background: #dfd; } .incomplete { background: #fdd; }
 pre { background: #f8f8f8; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
@@ -388,6 +389,29 @@ def _figure(src: str, caption: str, cls: str = "plot", alt: str = "") -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
+def _advice_html(store) -> str:
+    """The advisor's verdict, recommendation and predictions (``drizzlestack advise``)."""
+    from ._warnings import DrizzlestackError
+    from .advise import advise
+
+    try:
+        a = advise(store)
+    except DrizzlestackError as exc:
+        return _missing(f"No drizzle advice: {_esc(exc)}")
+    head = (f"<h3>Advice: drizzle {'helps' if a['drizzle_helps'] else 'will not help'}</h3>"
+            f"<p class='verdict'>Recommended: scale {a['scale']:g}, pixfrac {a['pixfrac']:g} "
+            f"({_esc(a['kernel'])}), predicted dry pixels {a['predicted_dry_fraction']:.2%}, weight rms "
+            f"{a['predicted_weight_rms']:.0%} of the median.</p>")
+    reasons = "<ul>" + "".join(f"<li>{_esc(r)}</li>" for r in a["reasons"]) + "</ul>"
+    rows = "".join(f"<tr><td>{p['scale']:g}</td><td>{p['pixfrac']:g}</td><td>{100 * p['dry_fraction']:.2f}</td>"
+                   f"<td>{100 * p['weight_rms']:.1f}</td><td>{p['noise_correlation_R']:.2f}</td></tr>"
+                   for p in a["predictions"])
+    table = ("<table><tr><th>scale</th><th>pixfrac</th><th>dry [%]</th><th>weight rms [%]</th><th>R</th></tr>"
+             + rows + "</table>")
+    return head + reasons + ("<p class='note'>Predicted by drizzling the frames' weights alone on sample tiles "
+                             "(no rejection); R is Fruchter &amp; Hook's noise-correlation ratio.</p>") + table
+
+
 def write_report(store, directory=None) -> Path:
     """Write the quality report of ``store``: ``report.html`` and its PNG plots.
 
@@ -396,7 +420,8 @@ def write_report(store, directory=None) -> Path:
     store : str or path-like
         The stack store.
     directory : str or path-like, optional
-        Where to write; default ``report/`` next to the store. Created if needed; files
+        Where to write (a local directory); default ``report/`` next to the store, or in
+        the working directory for a store on object storage. Created if needed; files
         of an earlier report there are replaced.
 
     Returns
@@ -404,9 +429,15 @@ def write_report(store, directory=None) -> Path:
     pathlib.Path
         The ``report.html`` file (open it in a browser; it needs no server).
     """
-    store = Path(store)
+    from . import location as _location
+
     stack = open_stack(store)
-    out = Path(directory) if directory is not None else store.resolve().parent / "report"
+    remote = _location.is_url(str(store))
+    where = _location.normalize(store)  # the URL, or the resolved local path
+    name = where.rstrip("/").rsplit("/", 1)[-1]
+    # A store on object storage has no "next to it" on this machine: the working directory.
+    default = Path("report") if remote else Path(where).parent / "report"
+    out = Path(directory) if directory is not None else default
     out.mkdir(parents=True, exist_ok=True)
 
     attrs = stack.attrs
@@ -429,7 +460,7 @@ def write_report(store, directory=None) -> Path:
     body = []
     n_ok = sum(s == STATUS_OK for s in status)
     body.append(f"<h1>drizzlestack quality report</h1>"
-                f"<p class='note'>store <code>{_esc(store.resolve())}</code> · written "
+                f"<p class='note'>store <code>{_esc(where)}</code> · written "
                 f"{_esc(_dt.datetime.now().astimezone().isoformat(timespec='seconds'))} by drizzlestack "
                 f"{_esc(__version__)}</p>")
 
@@ -497,6 +528,7 @@ def write_report(store, directory=None) -> Path:
         usable = np.array([s == STATUS_OK for s in status]) & np.all(np.isfinite(phases), axis=1)
         plot_dither(out / "dither.png", phases, status, reference)
         verdict = dither_verdict(phases[usable], scale)
+        body.append("<div class='cols'><div>")
         body.append(_figure(
             "dither.png",
             "Where each frame's centre pixel lands on the reference grid, modulo one pixel (the fractional "
@@ -504,7 +536,8 @@ def write_report(store, directory=None) -> Path:
             "square: frames at the same phase sample the same points of the sky, and their drizzle is just "
             "the integration on a finer grid. Dashed lines: 2x2 sub-pixel grid (scale 2); dotted: 3x3 "
             "(scale 3). With rotation between frames the phase also varies across the field."))
-        body.append(f"<p class='verdict'>{_esc(verdict)}</p>")
+        body.append(f"<p class='verdict'>{_esc(verdict)}</p></div>")
+        body.append("<div class='advice'>" + _advice_html(store) + "</div></div>")
     else:
         body.append(_missing("No registration yet (run <code>drizzlestack register</code>): "
                              "the dither pattern needs the frame transforms."))
@@ -525,7 +558,7 @@ def write_report(store, directory=None) -> Path:
                     f"<pre>{_esc(str(stack['header'].values[reference]).rstrip())}</pre></details>")
 
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>drizzlestack report: {_esc(store.name)}</title><style>{_CSS}</style></head><body>\n"
+            f"<title>drizzlestack report: {_esc(name)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     path = out / "report.html"
     tmp = out / "report.html.tmp"

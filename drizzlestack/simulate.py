@@ -36,6 +36,7 @@ class SimulationConfig:
     n_frames: int = 12
     shape: tuple[int, int] = (512, 512)  # (ny, nx)
     fwhm: float = 1.5  # below 2 px: undersampled
+    seeing: tuple[float, float] | None = None  # per-frame FWHM drawn from this range (overrides fwhm; frame 0 gets fwhm)
     n_stars: int = 400
     flux_min: float = 300.0
     flux_max: float = 2.0e5
@@ -47,6 +48,7 @@ class SimulationConfig:
     saturation: float = 65535.0
     max_shift: float = 6.0
     max_rotation: float = 0.5  # degrees
+    whole_pixel_dither: bool = False  # round the dither shifts to whole pixels (drizzle cannot gain)
     cosmic_rays: int = 30  # per frame
     hot_pixels: int = 20  # fixed in sensor coordinates
     trail: bool = True  # a satellite trail in one frame
@@ -69,6 +71,21 @@ class SimulationTruth:
     cosmic_rays: list = field(default_factory=list)  # per frame: list of (x, y)
     trail_frame: int | None = None
     hot_pixels: np.ndarray | None = None  # (n, 2) sensor (x, y)
+    fwhm: np.ndarray | None = None  # (n_frames,) FWHM of each frame's stars
+    galaxies: list = field(default_factory=list)  # (x, y, flux, r_e, q, theta), reference pixels
+
+    def defects(self, directory=None):
+        """Truth of the non-photon signal, in each frame's own pixels.
+
+        Returns
+        -------
+        mask : (n_frames, ny, nx) uint8
+            :data:`DEFECT_COSMIC_RAY`, :data:`DEFECT_HOT_PIXEL`, :data:`DEFECT_TRAIL` bits.
+        excess : (n_frames, ny, nx) float32
+            ADU the defect added to the pixel (before clipping at saturation).
+        """
+        with np.load(Path(directory or Path(self.files[0]).parent) / "defects.npz") as f:
+            return f["mask"], f["excess"]
 
     def frame_to_reference(self, i: int, x, y):
         """True mapping of frame ``i`` pixel coordinates to reference pixel coordinates,
@@ -175,6 +192,12 @@ def _render_galaxy(image, xc, yc, flux, r_e, q, theta, frame_to_sensor):
     image[y0:y1, x0:x1] += flux * prof / norm
 
 
+#: bits of the defect truth mask (:meth:`SimulationTruth.defects`)
+DEFECT_COSMIC_RAY = 1
+DEFECT_HOT_PIXEL = 2
+DEFECT_TRAIL = 4
+
+
 def _trail(image, rng, level):
     ny, nx = image.shape
     x0, x1 = 0.0, nx - 1.0
@@ -251,19 +274,32 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
         skies[cfg.hazy_frame] = cfg.sky * 1.3
     trail_frame = int(rng.integers(1, cfg.n_frames)) if (cfg.trail and cfg.n_frames > 1) else None
     centre = ((nx - 1) / 2, (ny - 1) / 2)
-    truth = SimulationTruth(cfg, [], transforms, stars, transmission, skies, [], trail_frame, hot)
+    if cfg.seeing is not None:
+        lo_fwhm, hi_fwhm = (float(v) for v in cfg.seeing)
+        # Spread evenly over the range (in a random order): every run spans all of it.
+        fwhms = np.r_[cfg.fwhm, rng.permutation(np.linspace(lo_fwhm, hi_fwhm, max(cfg.n_frames - 1, 1)))]
+        fwhms = fwhms[:cfg.n_frames]
+    else:
+        fwhms = np.full(cfg.n_frames, float(cfg.fwhm))
+    truth = SimulationTruth(cfg, [], transforms, stars, transmission, skies, [], trail_frame, hot, fwhms,
+                            [tuple(float(v) for v in g) for g in galaxies])
+    defect_mask = np.zeros((cfg.n_frames,) + cfg.shape, np.uint8)
+    defect_excess = np.zeros((cfg.n_frames,) + cfg.shape, np.float32)
 
     files = []
     for i in range(cfg.n_frames):
         if i == 0:
             transforms[i] = np.eye(3)
         else:
-            transforms[i] = similarity(1.0, rng.uniform(-cfg.max_rotation, cfg.max_rotation),
-                                       *rng.uniform(-cfg.max_shift, cfg.max_shift, 2), center=centre)
+            angle = rng.uniform(-cfg.max_rotation, cfg.max_rotation)
+            shift = rng.uniform(-cfg.max_shift, cfg.max_shift, 2)
+            if cfg.whole_pixel_dither:
+                shift = np.round(shift)
+            transforms[i] = similarity(1.0, angle, *shift, center=centre)
         image = np.full(cfg.shape, skies[i], dtype=np.float64)
         fx, fy = truth.reference_to_frame(i, sx, sy)
         keep = (fx > -10) & (fx < nx + 10) & (fy > -10) & (fy < ny + 10)
-        render_stars(image, fx[keep], fy[keep], flux[keep] * transmission[i], cfg.fwhm)
+        render_stars(image, fx[keep], fy[keep], flux[keep] * transmission[i], fwhms[i])
 
         def ref_to_sensor(x, y, i=i):
             return truth.reference_to_frame(i, x, y)
@@ -274,18 +310,25 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
         electrons = rng.poisson(np.clip(image, 0, None) * cfg.gain).astype(np.float64)
         image = electrons / cfg.gain + rng.normal(0.0, cfg.read_noise, cfg.shape)
         # Sensor defects and transients, after the noise (they are not photons).
+        photons = image.copy()
         image[hot[:, 1], hot[:, 0]] += hot_level
+        defect_mask[i, hot[:, 1], hot[:, 0]] |= DEFECT_HOT_PIXEL
         crs = []
         for _ in range(cfg.cosmic_rays):
             cx, cy = int(rng.integers(1, nx - 1)), int(rng.integers(1, ny - 1))
             level = rng.uniform(2e3, 3e4)
             image[cy, cx] += level
+            defect_mask[i, cy, cx] |= DEFECT_COSMIC_RAY
             if rng.uniform() < 0.5:  # a tail into the next pixel
                 image[cy, cx + 1] += 0.5 * level
+                defect_mask[i, cy, cx + 1] |= DEFECT_COSMIC_RAY
             crs.append((cx, cy))
         truth.cosmic_rays.append(crs)
         if i == trail_frame:
+            before = image.copy()
             _trail(image, rng, 8e3)
+            defect_mask[i][image != before] |= DEFECT_TRAIL
+        defect_excess[i] = image - photons
         image = np.clip(image, 0, cfg.saturation)
         hdr = fits.Header()
         hdr["EXPTIME"] = (60.0, "exposure time [s]")
@@ -312,7 +355,10 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
         "cosmic_rays": truth.cosmic_rays,
         "trail_frame": trail_frame,
         "hot_pixels": hot.tolist(),
+        "fwhm": fwhms.tolist(),
+        "galaxies": truth.galaxies,
     }
+    np.savez_compressed(out / "defects.npz", mask=defect_mask, excess=defect_excess)
     (out / "truth.json").write_text(json.dumps(meta, indent=1))
     stars.write(out / "stars.ecsv", overwrite=True)
     return truth
@@ -327,4 +373,6 @@ def load_truth(directory) -> SimulationTruth:
     return SimulationTruth(cfg, meta["files"], np.array(meta["transforms"]), Table.read(d / "stars.ecsv"),
                            np.array(meta["transmission"]), np.array(meta["sky"]),
                            [[tuple(c) for c in f] for f in meta["cosmic_rays"]], meta["trail_frame"],
-                           np.array(meta["hot_pixels"]))
+                           np.array(meta["hot_pixels"]),
+                           np.array(meta.get("fwhm", [cfg.fwhm] * cfg.n_frames), dtype=np.float64),
+                           [tuple(g) for g in meta.get("galaxies", [])])

@@ -14,13 +14,9 @@ never loses or corrupts frames already in the store.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
-import os
-import threading
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -29,6 +25,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from . import location as _location
 from ._version import __version__
 from ._warnings import StoreError
 
@@ -49,205 +46,6 @@ FRAME_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 #: status of a frame that takes part in the later steps
 STATUS_OK = "ok"
-
-
-# ------------------------------------------------------------------ direct chunk I/O
-class DirectArray:
-    """One store array whose chunks are read and written in the calling thread.
-
-    zarr v3 serves every read and write through one event-loop thread: two worker
-    threads reading windows at once hardly ran faster than one, and drizzle tiles did
-    not scale (benchmarks/README.md, "Drizzle driver"). For the store's own local,
-    unsharded arrays (a ``bytes`` codec and at most one Blosc, Zstd or Gzip
-    compressor), this class opens the chunk files itself and decodes and encodes them
-    with numcodecs -- the same codecs zarr uses, which release the GIL -- so tile tasks
-    do their I/O in parallel (and reads run 3-4x faster than through zarr even on one
-    thread). Any other layout (a remote store, sharding, other codecs) and any write
-    that does not cover whole chunks goes through zarr itself: same values, only slower.
-
-    Open it per task, not across tasks: an append resizes ``frames`` and a later step
-    may rewrite a variable, so a long-lived handle would go stale.
-
-    Parameters
-    ----------
-    path : str or Path
-        The store directory.
-    name : str
-        The array (``frames``, ``rejection``, ``drizzle``, ...).
-    mode : {"r", "r+"}
-    """
-
-    def __init__(self, path, name: str, mode: str = "r"):
-        self.array = zarr.open_array(os.path.join(str(path), name), mode=mode)
-        self.shape = self.array.shape
-        self.chunks = self.array.chunks
-        self.dtype = self.array.dtype
-        self._codec = None
-        try:
-            self._setup_direct_io()
-        except Exception:  # anything unexpected in the metadata: zarr's own path is always right
-            self._codec = None
-
-    def _setup_direct_io(self) -> None:
-        from zarr.codecs import BytesCodec, GzipCodec, ZstdCodec
-        from zarr.storage import LocalStore
-
-        meta = self.array.metadata
-        if getattr(meta, "zarr_format", None) != 3 or not isinstance(self.array.store, LocalStore):
-            return
-        codecs = list(meta.codecs)
-        if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
-            return
-        dtype = np.dtype(self.dtype)
-        if dtype.kind not in "biuf":
-            return
-        endian = codecs[0].endian
-        if endian is not None and dtype.itemsize > 1:
-            dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
-        if len(codecs) == 1:
-            codec = None
-        else:
-            import numcodecs
-
-            comp = codecs[1]
-            if isinstance(comp, BloscCodec):
-                # As zarr configures it (typesize included: it sets the shuffle's stride).
-                codec = numcodecs.Blosc(cname=comp.cname.value, clevel=comp.clevel, shuffle=_blosc_shuffle(comp),
-                                        blocksize=comp.blocksize, typesize=comp.typesize)
-            elif isinstance(comp, ZstdCodec):
-                codec = numcodecs.Zstd(level=comp.level, checksum=comp.checksum)
-            elif isinstance(comp, GzipCodec):
-                codec = numcodecs.GZip(level=comp.level)
-            else:
-                return
-        self._chunk_shape = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
-        self._fill = meta.fill_value
-        self._encode_key = meta.encode_chunk_key
-        self._root = os.path.join(str(self.array.store.root), self.array.path)
-        self._file_dtype = dtype
-        self._codec = codec if codec is not None else _RawCodec()
-
-    @property
-    def direct(self) -> bool:
-        """Whether whole-chunk I/O bypasses zarr (the store's own local, unsharded layout)."""
-        return self._codec is not None
-
-    # ------------------------------------------------------------------ indexing
-    def _bounds(self, key) -> tuple[list[tuple[int, int]], list[bool]] | None:
-        """``key`` (ints and unit-step slices) as per-axis ``(start, stop)`` and which
-        axes an integer dropped; ``None`` for anything fancier."""
-        if not isinstance(key, tuple):
-            key = (key,)
-        if len(key) > len(self.shape) or any(k is Ellipsis for k in key):
-            return None
-        key = key + (slice(None),) * (len(self.shape) - len(key))
-        bounds, squeeze = [], []
-        for k, n in zip(key, self.shape):
-            if isinstance(k, slice):
-                start, stop, step = k.indices(n)
-                if step != 1:
-                    return None
-                bounds.append((start, max(start, stop)))
-                squeeze.append(False)
-            elif isinstance(k, (int, np.integer)):
-                i = int(k) + (n if k < 0 else 0)
-                if not 0 <= i < n:
-                    raise IndexError(f"index {k} out of range for axis of length {n}")
-                bounds.append((i, i + 1))
-                squeeze.append(True)
-            else:
-                return None
-        return bounds, squeeze
-
-    def _pieces(self, bounds):
-        """Per chunk touched by ``bounds``: its coordinates, the slice of the region it
-        fills and the slice of the chunk it comes from."""
-        cs = self._chunk_shape
-        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(bounds, cs)]
-        for coords in np.ndindex(*(len(r) for r in ranges)):
-            chunk = tuple(r[i] for r, i in zip(ranges, coords))
-            lo = [ci * c for ci, c in zip(chunk, cs)]
-            dst = tuple(slice(max(a, l0) - a, min(b, l0 + c) - a) for (a, b), l0, c in zip(bounds, lo, cs))
-            src = tuple(slice(max(a, l0) - l0, min(b, l0 + c) - l0) for (a, b), l0, c in zip(bounds, lo, cs))
-            yield chunk, dst, src
-
-    def _chunk_path(self, chunk: tuple[int, ...]) -> str:
-        return os.path.join(self._root, *self._encode_key(chunk).split("/"))
-
-    # --------------------------------------------------------------------- reads
-    def __getitem__(self, key) -> np.ndarray:
-        plan = self._bounds(key) if self._codec is not None else None
-        if plan is None:
-            return np.asarray(self.array[key])
-        bounds, squeeze = plan
-        out = np.empty(tuple(b - a for a, b in bounds), dtype=self.dtype)
-        if out.size:
-            for chunk, dst, src in self._pieces(bounds):
-                out[dst] = self._read_chunk(chunk)[src]
-        return out[tuple(0 if s else slice(None) for s in squeeze)]
-
-    def _read_chunk(self, chunk: tuple[int, ...]) -> np.ndarray:
-        try:
-            with open(self._chunk_path(chunk), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:  # zarr leaves chunks that equal the fill value unwritten
-            return np.full(self._chunk_shape, self._fill, dtype=self.dtype)
-        return np.frombuffer(self._codec.decode(raw), dtype=self._file_dtype).reshape(self._chunk_shape)
-
-    # -------------------------------------------------------------------- writes
-    def __setitem__(self, key, value) -> None:
-        plan = self._bounds(key) if self._codec is not None else None
-        if plan is None or not self._whole_chunks(plan[0]):
-            self.array[key] = value
-            return
-        bounds, squeeze = plan
-        full = tuple(b - a for a, b in bounds)
-        given = tuple(n for n, dropped in zip(full, squeeze) if not dropped)
-        value = np.broadcast_to(np.asarray(value, dtype=self.dtype), given).reshape(full)
-        for chunk, dst, src in self._pieces(bounds):
-            block = np.full(self._chunk_shape, self._fill, dtype=self._file_dtype)  # edge chunks: padded
-            block[src] = value[dst]
-            self._write_chunk(chunk, block)
-
-    def _whole_chunks(self, bounds) -> bool:
-        """Whether ``bounds`` covers every chunk it touches entirely (edge chunks up to
-        the array's edge): only then may chunks be written without reading them."""
-        return all(a % c == 0 and (b % c == 0 or b == n)
-                   for (a, b), c, n in zip(bounds, self._chunk_shape, self.shape))
-
-    def _write_chunk(self, chunk: tuple[int, ...], block: np.ndarray) -> None:
-        path = self._chunk_path(chunk)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Written aside and renamed: a task killed mid-write never leaves a torn chunk.
-        tmp = f"{path}.partial-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(self._codec.encode(np.ascontiguousarray(block)))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-
-
-class _RawCodec:
-    """Uncompressed chunks (a ``bytes`` codec alone)."""
-
-    @staticmethod
-    def decode(raw):
-        return raw
-
-    @staticmethod
-    def encode(block):
-        return block.tobytes()
-
-
-def _blosc_shuffle(comp) -> int:
-    import numcodecs
-
-    name = getattr(comp.shuffle, "value", comp.shuffle)
-    return {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-            "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[name]
 
 
 def _now() -> str:
@@ -273,27 +71,48 @@ def params_digest(params: dict) -> str:
 
 
 class StackStore:
-    """Read/write access to a stack store on disk (the writer side; readers use :func:`open_stack`).
+    """Read/write access to a stack store (the writer side; readers use :func:`open_stack`).
 
     Use :meth:`create` for a new store and :meth:`open` for an existing one; both refuse
-    a path that holds something else.
+    a path that holds something else. A store is a local directory or an fsspec URL
+    (``s3://bucket/stack.zarr``, :mod:`.location`).
+
+    Attributes
+    ----------
+    path : Path or str
+        The store as given (for messages): a local :class:`~pathlib.Path`, or the URL.
+    location : str
+        The absolute local path or the URL: what tile tasks receive to open the store.
     """
 
-    def __init__(self, group: zarr.Group, path: Path):
+    def __init__(self, group: zarr.Group, path):
         self.group = group
-        self.path = path
+        self.path = _location.display(path)
+        self.location = _location.normalize(path)
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the store is on an fsspec file system (object storage), not a local directory."""
+        return _location.is_url(self.location)
 
     # ----------------------------------------------------------------- open/create
     @classmethod
+    def exists(cls, path) -> bool:
+        """Whether anything (a store or not) is at ``path``, a local path or a URL."""
+        return _location.exists(_location.normalize(path))
+
+    @classmethod
     def open(cls, path, mode: str = "r+") -> "StackStore":
         """Open an existing store; :class:`StoreError` if ``path`` is not a drizzlestack store."""
-        path = Path(path)
-        if not path.exists():
+        path, loc = _location.display(path), _location.normalize(path)
+        if not _location.exists(loc):
             raise StoreError(f"{path}: no such store (create it with 'drizzlestack ingest {path} FILES...')")
-        if not path.is_dir():
+        if _location.is_file(loc):
             raise StoreError(f"{path}: not a drizzlestack store (it is a file, not a zarr directory)")
         try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            group = zarr.open_group(_location.zarr_store(loc, read_only=mode == "r"), mode=mode, zarr_format=3)
+        except StoreError:
+            raise
         except Exception as exc:  # zarr raises several types for "not a group"
             raise StoreError(f"{path}: not a drizzlestack store ({type(exc).__name__}: {exc})") from None
         fmt = group.attrs.get("format")
@@ -313,11 +132,11 @@ class StackStore:
 
         Refuses an existing non-empty path (it might be someone's data).
         """
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        path, loc = _location.display(path), _location.normalize(path)
+        if not _location.is_empty(loc):
             raise StoreError(f"{path}: exists and is not a drizzlestack store; refusing to write into it")
         ny, nx = (int(v) for v in frame_shape)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(_location.zarr_store(loc), mode="w", zarr_format=3)
         group.create_array(
             "frames",
             shape=(0, ny, nx),
@@ -477,7 +296,7 @@ class StackStore:
 
     # ---------------------------------------------------------------- tile ledgers
     def resume_tiles(self, step: str, params: dict, inputs: dict, tiles: tuple[int, int], width: int,
-                     tile: int, outputs) -> np.ndarray | None:
+                     tile: int, outputs, ledger: str | None = None) -> np.ndarray | None:
         """The tile ledger of an interrupted run of ``step`` that can be resumed.
 
         A tiled step writes each tile's products into the store and then records the
@@ -486,23 +305,27 @@ class StackStore:
         with these same parameters and inputs, on the same tiling, and its ``outputs``
         are still there, the ledger tells which tiles are finished.
 
+        A step made of several tiled passes gives each pass its own ``ledger`` name
+        (default: the step's name).
+
         Returns
         -------
         (ny_tiles, nx_tiles, width) float64 or None
             The ledger (NaN rows: tiles still to do), or ``None`` when the step must
             start afresh (then call :meth:`start_tiles`).
         """
-        name = f"{step}_tiles"
+        name = f"{ledger or step}_tiles"
         if not self.is_resumable(step, params, inputs) or name not in self.group:
             return None
-        ledger = self.group[name]
-        if (ledger.shape != (int(tiles[0]), int(tiles[1]), int(width)) or ledger.attrs.get("tile") != int(tile)
+        record = self.group[name]
+        if (record.shape != (int(tiles[0]), int(tiles[1]), int(width)) or record.attrs.get("tile") != int(tile)
                 or not all(v in self.group for v in outputs)):
             return None
-        return np.asarray(ledger[...], dtype=np.float64)
+        return np.asarray(record[...], dtype=np.float64)
 
     def start_tiles(self, step: str, tiles: tuple[int, int], width: int, tile: int) -> np.ndarray:
-        """Create an empty tile ledger for ``step`` (see :meth:`resume_tiles`)."""
+        """Create an empty tile ledger for ``step`` (or a pass's ledger name; see
+        :meth:`resume_tiles`)."""
         shape = (int(tiles[0]), int(tiles[1]), int(width))
         arr = self.create_variable(f"{step}_tiles", shape, (f"{step}_tile_y", f"{step}_tile_x", f"{step}_tile_value"),
                                    (1, 1, shape[2]), "float64", np.nan)
@@ -514,10 +337,10 @@ class StackStore:
         return self.group.attrs
 
 
-def record_tile(store_path, step: str, iy: int, ix: int, values) -> None:
+def record_tile(location, step: str, iy: int, ix: int, values) -> None:
     """Record tile ``(iy, ix)`` of ``step`` as finished, with its summary ``values``
     (called by the tile task itself, after it wrote the tile's products)."""
-    ledger = zarr.open_array(os.path.join(str(store_path), f"{step}_tiles"), mode="r+")
+    ledger = zarr.open_array(_location.zarr_store(str(location), f"{step}_tiles"), mode="r+")
     ledger[iy, ix, :] = np.asarray(values, dtype=np.float64)
 
 
@@ -528,17 +351,19 @@ def content_token(st: "StackStore", name: str | None = None) -> str:
     Dask arrays named from this never share keys across two stores (two ``stack.zarr``
     in different folders once did, and ``b.frames - a.frames`` computed as 0), nor
     across a store before and after a step rewrote it: rewriting an array replaces its
-    ``zarr.json`` (new modification time) and every step stamps its start time.
+    ``zarr.json`` (new modification time) and every step stamps its start time. A URL
+    is its own location (never resolved as a local path); on object storage the
+    modification time is not asked for (one request per array, ~50 ms each, every
+    time a store is opened): the step stamps tell the runs apart.
     """
     from dask.base import tokenize
 
-    parts: list = [str(Path(st.path).resolve()), st.n_frames,
+    parts: list = [st.location, st.n_frames,
                    json.dumps(st.group.attrs.get("steps", {}), sort_keys=True, default=str)]
     if name is not None:
         arr = st.group[name]
-        meta = os.path.join(str(Path(st.path).resolve()), name, "zarr.json")
-        with contextlib.suppress(OSError):
-            parts.append(os.stat(meta).st_mtime_ns)
+        if not st.is_remote:
+            parts.append(_location.modified(st.location, name))
         parts += [name, arr.shape, arr.chunks, str(arr.dtype)]
     return tokenize(*parts)
 
@@ -553,7 +378,7 @@ def open_stack(store) -> xr.Dataset:
     Parameters
     ----------
     store : str or path-like or StackStore
-        The store directory.
+        The store directory, or an fsspec URL (``s3://bucket/stack.zarr``).
 
     Returns
     -------

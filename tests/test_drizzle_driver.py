@@ -11,7 +11,8 @@ from astropy.wcs import WCS
 
 import drizzlestack as ds
 from drizzlestack.geometry import OutputGrid, pixmap as full_pixmap
-from drizzlestack.store import StackStore, DirectArray
+from drizzlestack.chunkio import DirectArray
+from drizzlestack.store import StackStore
 from conftest import register_with_truth
 
 
@@ -118,7 +119,7 @@ def test_saturated_pixels_are_never_rejected(registered, sat_sim):
     """Flag every pixel as rejected: only the saturated ones may still contribute."""
     st = StackStore.open(registered)
     n, ny, nx = st.n_frames, *st.frame_shape
-    st.write_variable("rejection", np.full((n, ny, nx), 2, np.uint8), ("frame", "y", "x"), chunks=(1, ny, nx))
+    st.write_variable("outliers", np.full((n, ny, nx), 2, np.uint8), ("frame", "y", "x"), chunks=(1, ny, nx))
     try:
         out = ds.drizzle(registered, scale=2.0, pixfrac=0.9, tile=64, output=None)
         img = out.drizzle.values
@@ -128,7 +129,7 @@ def test_saturated_pixels_are_never_rejected(registered, sat_sim):
         off = ds.drizzle(registered, scale=2.0, pixfrac=0.9, tile=64, output=None, rejection=False)
         assert np.isfinite(off.drizzle.values).mean() > 0.95
     finally:
-        st.delete_variables("rejection")
+        st.delete_variables("outliers")
 
 
 def test_nan_input_gets_zero_weight_and_never_spreads(tmp_path, small_sim):

@@ -81,7 +81,8 @@ def test_exposure_saturation_and_header_are_kept(tmp_path):
     h2 = fits.PrimaryHDU(data)
     h2.header["EXPOSURE"] = 12.5
     _write(tmp_path / "b.fits", [h2])
-    stack = ds.ingest([tmp_path / "a.fits", tmp_path / "b.fits"], tmp_path / "s.zarr")
+    with pytest.warns(ds.DrizzlestackWarning, match="different exposure times"):
+        stack = ds.ingest([tmp_path / "a.fits", tmp_path / "b.fits"], tmp_path / "s.zarr")
     assert list(stack.exptime.values) == [30.0, 12.5]
     assert stack.saturation.values[0] == 4095
     assert np.isinf(stack.saturation.values[1])
@@ -244,3 +245,47 @@ def test_saturation_of_a_12_bit_camera_in_a_16_bit_container(tmp_path):
 def test_real_frames_saturate_at_their_converter_ceiling(tmp_path, hatp32_files):
     stack = ds.ingest(hatp32_files[:1], tmp_path / "s.zarr")
     assert stack.saturation.values[0] == 4095.0  # 12-bit camera (data README)
+
+
+def _frame_with(path, **keywords):
+    hdu = fits.PrimaryHDU(RNG.normal(100, 5, SHAPE).astype(np.float32))
+    for key, value in keywords.items():
+        hdu.header[key] = value
+    _write(path, [hdu])
+    return path
+
+
+def test_mixed_filters_are_warned_at_ingest_naming_the_files_and_shown_in_info(tmp_path, capsys):
+    red = [_frame_with(tmp_path / f"r{i}.fits", FILTER="R", EXPTIME=60.0) for i in range(3)]
+    blue = [_frame_with(tmp_path / f"b{i}.fits", FILTER="B", EXPTIME=60.0) for i in range(2)]
+    store = tmp_path / "s.zarr"
+    with pytest.warns(ds.DrizzlestackWarning, match="different filters") as caught:
+        ds.ingest(red + blue, store)
+    message = " ".join(str(w.message) for w in caught)
+    assert "FILTER='R': 3 (r0.fits, r1.fits, r2.fits)" in message and "b0.fits, b1.fits" in message
+    assert "exposure" not in message  # one exposure time: only the filters are mixed
+    assert cli_main(["info", str(store)]) == 0
+    assert "warning: frames of different filters" in capsys.readouterr().out
+    # the CLI's ingest prints it too, when frames are added
+    extra = _frame_with(tmp_path / "v.fits", FILTER="V", EXPTIME=60.0)
+    cli_main(["ingest", str(store), str(extra), "--no-progress"])
+    assert "FILTER='V': 1 (v.fits)" in capsys.readouterr().out
+
+
+def test_mixed_exposures_and_instruments_are_warned(tmp_path):
+    a = _frame_with(tmp_path / "a.fits", EXPTIME=30.0, INSTRUME="CamA")
+    b = _frame_with(tmp_path / "b.fits", EXPTIME=120.0, INSTRUME="CamB")
+    with pytest.warns(ds.DrizzlestackWarning) as caught:
+        ds.ingest([a, b], tmp_path / "s.zarr")
+    messages = [str(w.message) for w in caught]
+    assert any("different instruments" in m and "a.fits" in m and "b.fits" in m for m in messages)
+    assert any("different exposure times" in m and "30 s: 1 (a.fits)" in m for m in messages)
+
+
+def test_one_setup_is_not_warned(tmp_path):
+    files = [_frame_with(tmp_path / f"f{i}.fits", FILTER="L", EXPTIME=60.0, INSTRUME="Cam") for i in range(3)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ds.DrizzlestackWarning)
+        ds.ingest(files, tmp_path / "s.zarr")

@@ -127,3 +127,29 @@ def _mark_finished(store):
 def _rerun(store) -> set:
     return {name for name, rec in StackStore.open(store).attrs["steps"].items()
             if "finished" in rec and rec["finished"] != MARK}
+
+
+def test_run_with_a_config_elsewhere_writes_outputs_in_the_working_directory(tmp_path, small_sim, monkeypatch,
+                                                                            capsys):
+    """`drizzlestack run configs/default.yaml --set store=/data/stack.zarr` wrote
+    drizzle.fits and integration.fits into configs/, next to the config file."""
+    from pathlib import Path
+
+    from drizzlestack.config import RunConfig, dump_config
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "default.yaml").write_text(dump_config(RunConfig()))  # relative outputs, as shipped
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    store = tmp_path / "data" / "stack.zarr"
+    frames = str(Path(small_sim.files[0]).parent)
+    assert cli_main(["run", "../configs/default.yaml", "--set", f"store={store}",
+                     "--set", f"ingest.inputs=[{frames}]", "--set", "drizzle.tile=128", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (work / "drizzle.fits").exists() and (work / "integration.fits").exists()
+    assert not list(configs.glob("*.fits"))
+    for path in (work / "drizzle.fits", work / "integration.fits", store, store.parent / "report" / "report.html"):
+        assert str(path) in out, path
+        assert path.exists()

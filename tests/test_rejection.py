@@ -17,7 +17,8 @@ from astropy.stats import sigma_clip
 from scipy.stats import t as student_t
 
 from drizzlestack._warnings import DrizzlestackError
-from drizzlestack.integration import rejection as rej
+from drizzlestack.integration.rejection import flags as rej_flags
+from drizzlestack.integration.rejection import sorting as rej_sorting
 from drizzlestack.integration.rejection import (
     FLAG_HIGH,
     FLAG_LOW,
@@ -167,7 +168,7 @@ def test_astropy_replica_gives_bit_identical_bounds():
             )  # fmt: skip
         for j in range(0, cols.shape[1], 7):
             buf = cols[:, j].astype(np.float64)
-            ours = rej._astropy_sigma_bounds(buf, n, 2.0, 2.5, True, True, 0)
+            ours = rej_sorting._astropy_sigma_bounds(buf, n, 2.0, 2.5, True, True, 0)
             assert ours == (lo[j], hi[j])
 
 
@@ -462,18 +463,18 @@ def test_winsorized_rejects_nothing_on_flat_or_quantized_samples():
 
 def test_sorting_network_sorts():
     for n in range(1, 13):  # 0-1 principle: sorting every 0/1 input proves the network
-        network = rej._sorting_network(n)
+        network = rej_flags._sorting_network(n)
         inputs = np.array(list(itertools.product([0.0, 1.0], repeat=n))).T.copy()
         for start in range(0, inputs.shape[1], 64):
             block = np.ascontiguousarray(inputs[:, start : start + 64])
             expected = np.sort(block, axis=0)
-            rej._network_sort(block, np.empty(64), block.shape[1], network)
+            rej_sorting._network_sort(block, np.empty(64), block.shape[1], network)
             np.testing.assert_array_equal(block, expected)
     rng = np.random.default_rng(0)
     for n in (33, 70, 129):
         block = rng.normal(size=(n, 64))
         expected = np.sort(block, axis=0)
-        rej._network_sort(block, np.empty(64), 64, rej._sorting_network(n))
+        rej_sorting._network_sort(block, np.empty(64), 64, rej_flags._sorting_network(n))
         np.testing.assert_array_equal(block, expected)
 
 

@@ -29,9 +29,11 @@ from astropy.io import fits
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
-from ..io.fits import check_output_path, write_streamed
+from ..io.fits import check_output_path, output_exists, write_streamed
 from ..parallel import compute
-from ..store import STATUS_OK, StackStore, DirectArray, open_stack, record_tile
+from ..chunkio import DirectArray
+from ..integration.outliers import OUTLIERS_VARIABLE
+from ..store import STATUS_OK, StackStore, open_stack, record_tile
 from . import array as _array
 from . import kernels as _kernels
 
@@ -97,7 +99,7 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
     # Readers decode chunks in this task's thread (zarr's own reads all queue on one
     # event-loop thread and would serialize the tile tasks).
     frames = DirectArray(plan.store, "frames")
-    flags = DirectArray(plan.store, "rejection") if plan.use_rejection else None
+    flags = DirectArray(plan.store, OUTLIERS_VARIABLE) if plan.use_rejection else None
     box = (x0 - 0.5, y0 - 0.5, x1 - 0.5, y1 - 0.5)  # the tile's pixel edges in output coordinates
     tile_shift = translation(-x0, -y0)
     for fp in plan.frames:
@@ -111,22 +113,21 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         sy, sx = (_at_least_two(s, n) for s, n in zip(window, plan.frame_shape))
         data = frames[fp.index, sy, sx]  # float32, used as is by the kernels
         weights = np.full(data.shape, fp.weight)
-        ref_xy = None  # input pixel centres of the window in reference coordinates
         if fp.mapping.is_homography:
             # The common case, one fused pass: frame -> reference -> tile coordinates.
             pixmap = np.empty(data.shape + (2,))
             _kernels.homography_grid(tile_shift @ fp.to_output @ fp.mapping.matrix, sy.start, sx.start,
                                      *data.shape, pixmap)
-            if flags is not None:
-                ref_xy = np.empty(data.shape + (2,))
-                _kernels.homography_grid(fp.mapping.matrix, sy.start, sx.start, *data.shape, ref_xy)
-                ref_xy = ref_xy[..., 0], ref_xy[..., 1]
         else:  # with the distortion spline
             yy, xx = np.mgrid[sy, sx]
             ref_xy = fp.mapping.forward(xx.astype(np.float64), yy.astype(np.float64))
             pixmap = np.stack(apply_homography(tile_shift @ fp.to_output, *ref_xy), axis=-1)
         if flags is not None:
-            _apply_rejection(weights, flags, fp.index, *ref_xy, data >= fp.saturation, plan.frame_shape)
+            # The flags belong to the input pixels themselves (integration/outliers.py):
+            # no lookup on another grid, nothing spread to neighbours. Saturated pixels
+            # keep their weight whatever the flags say: rejecting them is what turns
+            # star cores black.
+            weights[(flags[fp.index, sy, sx] != 0) & ~(data >= fp.saturation)] = 0.0
         if fp.norm_scale != 1.0 or fp.norm_offset != 0.0:
             data = data * fp.norm_scale + fp.norm_offset  # float64
         _array.accumulate(data, pixmap, weights, acc_wv, acc_w, kernel=plan.kernel,
@@ -143,36 +144,6 @@ def _at_least_two(s: slice, n: int) -> slice:
     if s.stop - s.start >= 2 or n < 2:
         return s
     return slice(s.start - 1, s.stop) if s.start > 0 else slice(s.start, s.stop + 1)
-
-
-def _apply_rejection(weights, flags, index, xr_, yr_, saturated, ref_shape) -> None:
-    """Zero the weight of input pixels whose footprint touches a reference pixel that the
-    integration's rejection flagged in this frame. Saturated pixels are exempt: they are
-    not outliers, and rejecting them is what turns star cores black.
-
-    An input pixel, mapped to the reference grid, overlaps the 2x2 reference pixels
-    around its mapped centre (for the small scale changes and rotations between frames
-    of one camera). Looking only at the nearest one misses outliers that the registered
-    view shows a pixel away: the two halves of a cosmic ray spanning two pixels, or a
-    trail pixel whose interpolated value was hidden by a cosmic ray's ringing next to it.
-    """
-    finite = np.isfinite(xr_) & np.isfinite(yr_)
-    if not finite.any():
-        return
-    # Pixels just beyond the edge (whose drops still reach the output) take the edge's flags.
-    fx = np.floor(np.where(finite, xr_, 0.0))
-    fy = np.floor(np.where(finite, yr_, 0.0))
-    x0 = np.clip(fx, 0, ref_shape[1] - 1).astype(np.intp)
-    x1 = np.clip(fx + 1, 0, ref_shape[1] - 1).astype(np.intp)
-    y0 = np.clip(fy, 0, ref_shape[0] - 1).astype(np.intp)
-    y1 = np.clip(fy + 1, 0, ref_shape[0] - 1).astype(np.intp)
-    wx0, wy0 = x0[finite].min(), y0[finite].min()
-    window = np.asarray(flags[index, wy0:y1[finite].max() + 1, wx0:x1[finite].max() + 1]) != 0
-    flagged = np.zeros(weights.shape, dtype=bool)
-    f = finite
-    flagged[f] = (window[y0[f] - wy0, x0[f] - wx0] | window[y0[f] - wy0, x1[f] - wx0]
-                  | window[y1[f] - wy0, x0[f] - wx0] | window[y1[f] - wy0, x1[f] - wx0])
-    weights[flagged & ~saturated] = 0.0
 
 
 # --------------------------------------------------------------------------- public step
@@ -353,7 +324,15 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     else:
         n_scale, n_offset = np.ones(len(indices)), np.zeros(len(indices))
     saturation = _frame_values(stack, "saturation", indices, np.inf)
-    use_rejection = bool(rejection and "rejection" in stack)
+    use_rejection = bool(rejection and OUTLIERS_VARIABLE in stack)
+    if rejection and not use_rejection and "rejection" in stack:
+        # A store integrated before the flags moved into the frames' own pixels (or with
+        # rejection="none"): the reference-grid flags must not be used (they hit stars).
+        rec = st.step("integrate") or {}
+        if (rec.get("summary") or {}).get("rejection", "none") != "none":
+            warnings.warn(f"{store}: the integration has no outlier flags in the frames' own pixels (it predates "
+                          f"them); drizzling without rejection -- rerun 'drizzlestack integrate {store} --force'",
+                          DrizzlestackWarning, stacklevel=2)
     # The registration's small per-frame variables, loaded once (not one dask compute
     # per frame and variable).
     registration = stack[[v for v in stack.data_vars if v in ("transform", "status") or v.startswith("distortion")]]
@@ -365,7 +344,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
                                float(n_offset[k]), float(saturation[k]), float(psr)))
     pad = max(_kernel_pad(kernel, pixfrac, fp.pixel_scale_ratio) for fp in plans)
-    plan = DrizzlePlan(str(st.path), ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage)
+    plan = DrizzlePlan(st.location, ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage)
 
     params = {"scale": scale, "pixfrac": pixfrac, "kernel": kernel, "roi": list(roi), "tile": tile,
               "frames": indices, "rejection": use_rejection, "weights": weights, "normalization": normalization,
@@ -375,7 +354,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
               for step in ("ingest", "register", "integrate")}
     inputs["n_frames"] = st.n_frames
     if (not force and st.is_current("drizzle", params, inputs) and "drizzle" in st.group
-            and (out_path is None or out_path.exists())):
+            and (out_path is None or output_exists(out_path))):
         return open_stack(st)[list(OUTPUT_VARIABLES)]
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
@@ -456,15 +435,15 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
             header.update(wcs_header)
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
-    hdus = [(header, DirectArray(st.path, "drizzle"), None)]
+    hdus = [(header, DirectArray(st.location, "drizzle"), None)]
     wh = fits.Header()
     wh["EXTNAME"] = "WEIGHTS"
     factor = 1.0 / max_weight if max_weight > 0 else 1.0
     wh["WGTNORM"] = (max_weight if max_weight > 0 else 1.0, "raw weight = WGTNORM * WEIGHTS")
-    hdus.append((wh, DirectArray(st.path, "drizzle_weights"), factor))
+    hdus.append((wh, DirectArray(st.location, "drizzle_weights"), factor))
     if coverage:
         ch = fits.Header()
         ch["EXTNAME"] = "COVERAGE"
         ch["BUNIT"] = ("frames", "number of frames that contributed")
-        hdus.append((ch, DirectArray(st.path, "drizzle_coverage"), None))
+        hdus.append((ch, DirectArray(st.location, "drizzle_coverage"), None))
     write_streamed(path, hdus)

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 import dask
 import dask.array as da
@@ -45,8 +44,10 @@ from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..io.fits import check_output_path
 from ..parallel import compute
 from ..registration import frame_mapping
-from ..store import STATUS_OK, DirectArray, StackStore, open_stack, record_tile
+from ..chunkio import DirectArray
+from ..store import STATUS_OK, StackStore, open_stack, record_tile
 from . import normalize as _norm
+from . import outliers as _out
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
 from .stats import Apertures, aperture_photometry, frame_statistics, photometric_ratio
@@ -58,6 +59,18 @@ FRAME_VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale
 IMAGE_VARIABLES = ("integration", "rejected_low", "rejected_high", "integration_weight")
 #: prefix of the image variables of a region-of-interest trial, dims (roi_y, roi_x)
 ROI_PREFIX = "roi_"
+#: the robust model the own-pixel outliers are tested against (reference grid, normalized)
+MODEL_VARIABLE = "integration_model"
+#: type and fill value of each tiled product
+#: the spread (standard deviation) of the samples the model kept, per reference pixel
+SPREAD_VARIABLE = "integration_spread"
+_PRODUCTS = {"integration": ("float32", np.nan), "spread": ("float32", np.nan),
+             "rejected_low": ("uint16", 0), "rejected_high": ("uint16", 0), "integration_weight": ("float32", 0.0)}
+#: rejection methods whose ``low``/``high`` are in units of a dispersion (sigma)
+SIGMA_METHODS = ("sigma", "winsorized", "averaged", "linear")
+#: a frame whose registration residual exceeds this (px) gets a proportionally wider
+#: derivative tolerance in the outlier test
+OUTLIER_RMS_TOLERANCE = 0.5
 
 #: rejection needs at least this many frames; fewer are averaged without rejection
 MIN_FRAMES_FOR_REJECTION = 3
@@ -233,9 +246,10 @@ class TilePlan:
     weights: np.ndarray  # float64 per frame
     rejection: dict  # keyword arguments of rejection_flags
     outputs: dict  # product -> store variable name
-    flags_variable: str | None  # "rejection", or None (ROI trials keep no flags)
+    flags_variable: str | None  # "rejection", or None (ROI trials and the model pass keep no flags)
     step: str = "integrate"  # whose tile ledger records finished tiles
     done: np.ndarray | None = None  # the ledger at the start: finite rows are finished tiles
+    outliers: str | None = None  # own-pixel flags to mask before resampling (the final pass)
 
 
 def _normalized_saturation(plan: TilePlan) -> np.ndarray:
@@ -259,25 +273,51 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
     n = len(plan.indices)
+    projected = None
+    if plan.outliers is not None:
+        projected = np.zeros((n, sy.stop - sy.start, sx.stop - sx.start), np.uint8)
     values, saturated = resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx,
-                                      plan.frame_shape, plan.raw_saturation, plan.origin)
+                                      plan.frame_shape, plan.raw_saturation, plan.origin,
+                                      outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
+                                      projected=projected)
     values *= plan.norm_scale[:, None, None]
     values += plan.norm_offset[:, None, None]
     flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan), **plan.rejection)
     # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
     flags[saturated] = 0
+    if projected is not None:
+        # The own-pixel flags, seen on the reference grid (a sample takes its nearest
+        # input pixel's flag): what the rejection maps count.
+        flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
+        flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
     image, n_low, n_high = _rej.combine_stack(values, flags, plan.weights)
     finite = np.isfinite(values)
     wsum = np.zeros(values.shape[1:], np.float32)
     for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
         wsum += np.float32(plan.weights[k]) * ((flags[k] == 0) & finite[k])
+    spread = None
+    if "spread" in plan.outputs:
+        # How much the kept samples disagree among themselves (seeing, pixel phase, or an
+        # outlier the chosen rejection let through): the outlier test allows for it.
+        s1 = np.zeros(values.shape[1:])
+        s2 = np.zeros(values.shape[1:])
+        cnt = np.zeros(values.shape[1:])
+        for k in range(n):
+            keep = (flags[k] == 0) & finite[k]
+            v = np.where(keep, values[k], 0.0).astype(np.float64)
+            s1 += v
+            s2 += v * v
+            cnt += keep
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = s1 / cnt
+            spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
+        spread = np.where(cnt >= 2, spread, np.nan).astype(np.float32)
 
     # Tiles are the products' chunks: written whole, encoded in this task's thread.
-    out = plan.outputs
-    DirectArray(plan.store, out["integration"], "r+")[sy, sx] = image
-    DirectArray(plan.store, out["rejected_low"], "r+")[sy, sx] = n_low
-    DirectArray(plan.store, out["rejected_high"], "r+")[sy, sx] = n_high
-    DirectArray(plan.store, out["integration_weight"], "r+")[sy, sx] = wsum
+    for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
+                       ("integration_weight", wsum), ("spread", spread)):
+        if key in plan.outputs:
+            DirectArray(plan.store, plan.outputs[key], "r+")[sy, sx] = value
     if plan.flags_variable is not None:
         y0, x0 = plan.origin
         target = DirectArray(plan.store, plan.flags_variable, "r+")
@@ -306,6 +346,172 @@ def tile_size(tile: int, n_frames: int, task_memory) -> int:
     budget = parse_bytes(task_memory) if isinstance(task_memory, str) else int(task_memory)
     fit = int(np.sqrt(budget / (BYTES_PER_SAMPLE * max(n_frames, 1))))
     return int(max(64, min(int(tile), fit // 32 * 32)))
+
+
+# ----------------------------------------------------------------------- tiled passes
+class _Tiling:
+    """The reference-grid tiling of one integration run, and its resumable passes.
+
+    Each pass writes its products tile by tile and records every finished tile in its
+    own ledger (``{step}_{pass}_tiles``): an interrupted run with the same parameters
+    and inputs redoes only the tiles still missing, pass by pass.
+    """
+
+    def __init__(self, st, step, params, inputs, resumable, shape, tile, dims, roi):
+        self.st, self.step, self.params, self.inputs = st, step, params, inputs
+        self.resumable, self.shape, self.tile, self.dims, self.roi = resumable, tuple(shape), int(tile), dims, roi
+        self.tiles = (-(-shape[0] // tile), -(-shape[1] // tile))
+
+    def ledger(self, name: str) -> str:
+        return f"{self.step}_{name}" if name else self.step
+
+    def resume(self, name, width, products, chunk):
+        """The finished-tile ledger of pass ``name`` (``None``: start it afresh)."""
+        if not self.resumable:
+            return None
+        return self.st.resume_tiles(self.step, self.params, self.inputs, self.tiles, width, chunk, products,
+                                    ledger=self.ledger(name))
+
+    def run(self, plan: TilePlan, name: str) -> np.ndarray:
+        st, n = self.st, len(plan.indices)
+        width = 3 * n + 1
+        products = list(plan.outputs.values()) + ([plan.flags_variable] if plan.flags_variable else [])
+        ledger = self.ledger(name)
+        done = self.resume(name, width, products, self.tile)
+        if done is None:
+            # The ledger is created last: a ledger present for this step's record always
+            # belongs to the products next to it.
+            st.delete_variables(*products, f"{ledger}_tiles")
+            chunks = (min(self.tile, self.shape[0]), min(self.tile, self.shape[1]))
+            for key, var in plan.outputs.items():
+                dtype, fill = _PRODUCTS[key]
+                st.create_variable(var, self.shape, self.dims, chunks, dtype, fill)
+                st.group[var].attrs.update({"roi": list(self.roi) if self.roi else None})
+            if plan.flags_variable:
+                # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
+                st.create_variable(plan.flags_variable, (st.n_frames,) + tuple(plan.frame_shape),
+                                   ("frame", "y", "x"), (1,) + chunks, "uint8", _rej.FLAG_RANGE)
+            done = st.start_tiles(ledger, self.tiles, width, self.tile)
+        else:
+            n_done = int(np.all(np.isfinite(done), axis=2).sum())
+            if n_done < done.shape[0] * done.shape[1]:
+                warnings.warn(f"{st.path}: resuming an interrupted integration ({n_done} of "
+                              f"{done.shape[0] * done.shape[1]} tiles of its {name or 'final'} pass already done)",
+                              DrizzlestackWarning, stacklevel=3)
+        plan = replace(plan, step=ledger, done=done)
+        # The plan rides inside every task (a keyword argument), not as a task of its own:
+        # a distributed scheduler would run every tile on the worker that holds that task.
+        counts = da.map_blocks(_tile_block, plan=plan, chunks=((1,) * self.tiles[0], (1,) * self.tiles[1], (width,)),
+                               dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
+        (per_tile,) = compute(counts)
+        return per_tile
+
+
+def _model_region(roi, frame_shape, mappings, margin: int = 8):
+    """Origin and shape of the model an ROI trial needs: the ROI grown by the blot's
+    reach and by the spread of the frames' positions (a sensor pixel's hot-pixel test
+    looks at every frame in which it lands near the region)."""
+    x0, y0, w, h = roi
+    cx, cy = np.array([x0 + w / 2.0]), np.array([y0 + h / 2.0])
+    pos = np.array([[float(v[0]) for v in m.inverse(cx, cy)] for m in mappings])  # region centre in each frame
+    spread = int(np.ceil(np.ptp(pos, axis=0).max())) if len(pos) else 0
+    grow = margin + spread
+    ny, nx = frame_shape
+    ya, yb = max(y0 - grow, 0), min(y0 + h + grow, ny)
+    xa, xb = max(x0 - grow, 0), min(x0 + w + grow, nx)
+    return (ya, xa), (yb - ya, xb - xa)
+
+
+def _header_number(header_text: str, keys) -> float:
+    from astropy.io.fits import Header
+
+    try:
+        hdr = Header.fromstring(header_text, sep="\n" if "\n" in header_text else "") if header_text else Header()
+    except Exception:  # a header ingest could store is always parseable; be safe anyway
+        return float("nan")
+    for key in keys:
+        try:
+            value = float(hdr[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return float("nan")
+
+
+def _frame_noise_models(st: StackStore, used, location, noise, model_frames: int):
+    """Each frame's noise model for the outlier test, and where its numbers came from."""
+    headers = [str(h) for h in st.group["header"][:st.n_frames]]
+    models, sources = [], {}
+    for i in used:
+        gain = _header_number(headers[i], ("GAIN", "EGAIN", "CCDGAIN"))
+        bitpix = _header_number(headers[i], ("BITPIX",))  # NaN for float data (BITPIX < 0)
+        quantum = _header_number(headers[i], ("BSCALE",)) if np.isfinite(bitpix) else 0.0
+        quantum = 1.0 if not np.isfinite(quantum) else quantum
+        models.append(_out.FrameNoise(float(location[i]), float(noise[i]), gain, quantum, model_frames))
+        sources[str(i)] = ("measured background noise, gain from the header" if np.isfinite(gain)
+                           else "measured background noise, no gain keyword (signal term only)")
+    return models, sources
+
+
+def _flag_outliers(st, base: TilePlan, tiling: _Tiling, location, noise, used, params: _out.OutlierParameters,
+                   variable: str, model: str, spread: str, spread_k, ranges) -> dict:
+    """Pass (b): the own-pixel outlier flags of every used frame, one task per spatial
+    tile of the sensor (every frame at once, so hot pixels are seen across frames)."""
+    t0 = time.perf_counter()
+    n = len(used)
+    cy, cx = (int(c) for c in st.group["frames"].chunks[1:])
+    ny, nx = st.frame_shape
+    tiles = (-(-ny // cy), -(-nx // cx))
+    rms = (np.asarray(st.group["registration_rms"][:st.n_frames], np.float64)
+           if "registration_rms" in st.group else np.zeros(st.n_frames))
+    widen = np.array([max(1.0, float(rms[i]) / OUTLIER_RMS_TOLERANCE) if np.isfinite(rms[i]) else 1.0
+                      for i in used])
+    noise_models, sources = _frame_noise_models(st, used, location, noise, n)
+    # Seeing: a frame sharper than the model (about the median frame) has brighter cores.
+    fwhm = np.asarray(st.group["fwhm"][:st.n_frames], np.float64) if "fwhm" in st.group else np.full(st.n_frames,
+                                                                                                   np.nan)
+    f_model = np.nanmedian(fwhm[used]) if np.isfinite(fwhm[used]).any() else np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        extra = np.where(np.isfinite(fwhm[used]) & (fwhm[used] > 0), (f_model / fwhm[used]) ** 2 - 1.0, 0.0)
+    extra = np.nan_to_num(np.clip(extra, 0.0, None), nan=0.0)
+    ledger = tiling.ledger("outliers")
+    done = None
+    if tiling.resumable:
+        done = st.resume_tiles(tiling.step, tiling.params, tiling.inputs, tiles, 3 * n, cy, [variable], ledger=ledger)
+    if done is None:
+        st.delete_variables(variable, f"{ledger}_tiles")
+        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8",
+                           _rej.FLAG_RANGE)
+        st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
+                                         "parameters": asdict(params)})
+        done = st.start_tiles(ledger, tiles, 3 * n, cy)
+    plan = _out.OutlierPlan(
+        store=base.store, model=model, spread=spread, spread_k=tuple(float(k) for k in spread_k),
+        ranges=(-np.inf if ranges[0] is None else float(ranges[0]), np.inf if ranges[1] is None else float(ranges[1])),
+        variable=variable, model_origin=tuple(base.origin), indices=list(used),
+        mappings=list(base.mappings), frame_shape=tuple(base.frame_shape), tile=(cy, cx),
+        saturation=np.asarray(base.raw_saturation, np.float64), norm_scale=np.asarray(base.norm_scale, np.float64),
+        norm_offset=np.asarray(base.norm_offset, np.float64), noise=noise_models, params=params,
+        derivative_scale=widen, signal_extra=extra, step=ledger, done=done,
+    )
+    counts = da.map_blocks(_out.outlier_block, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1], (3 * n,)),
+                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
+    (per_tile,) = compute(counts)
+    per_tile = np.asarray(per_tile).reshape(-1, 3 * n)
+    low, high, tested = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(tested > 0, (low + high) / tested, np.nan)
+    return {
+        "_fraction": fraction,
+        "flagged_fraction": float((low.sum() + high.sum()) / max(tested.sum(), 1)),
+        "flagged_low": int(low.sum()), "flagged_high": int(high.sum()),
+        "parameters": asdict(params),
+        "noise_model": sources,
+        "widened": {str(i): round(float(f), 3) for i, f in zip(used, widen) if f > 1},
+        "sharper_than_model": {str(i): round(float(e), 3) for i, e in zip(used, extra) if e > 0},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 # ------------------------------------------------------------------------------ driver
@@ -360,7 +566,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
               reject_low: bool = True, reject_high: bool = True, range_low: float | None = None,
               range_high: float | None = None, rejection_options: dict | None = None, frames=None,
               output=None, overwrite: bool = False, task_memory: int | str = "256MiB",
-              force: bool = False) -> xr.Dataset:
+              force: bool = False, outliers: dict | _out.OutlierParameters | None = None) -> xr.Dataset:
     """Pre-integrate a registered stack: statistics, normalization, weights, pixel
     rejection on the registered view, and the integrated image.
 
@@ -416,6 +622,10 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         Memory budget of one tile task (e.g. ``"256MiB"``); sets the tile size.
     force : bool
         Recompute even when the store already holds this integration.
+    outliers : dict or OutlierParameters, optional
+        Tolerances of the outlier test in each frame's own pixels (``snr``,
+        ``derivative``, ``signal``, ``snr_grow``, ``derivative_grow``, ``signal_grow``,
+        ``hot_fraction``; see :mod:`drizzlestack.integration.outliers`).
 
     Returns
     -------
@@ -482,6 +692,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     if unknown:
         raise DrizzlestackError(f"rejection_options: unknown option {unknown[0]!r} "
                                 f"(known: {', '.join(_REJECTION_OPTIONS)})")
+    outlier_params = outliers if isinstance(outliers, _out.OutlierParameters) else \
+        _out.OutlierParameters.from_dict(outliers)
     roi = _check_roi(roi, frame_shape)
     check_output_path(output, overwrite)
     if not 0 <= ref < n_all:
@@ -491,7 +703,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
               "weights": weights, "roi": list(roi) if roi else None, "saturation": saturation,
               "scale_estimator": scale_estimator, "weight_keyword": weight_keyword, "reject_low": reject_low,
               "reject_high": reject_high, "range_low": range_low, "range_high": range_high,
-              "rejection_options": options, "frames": None if frames is None else [int(i) for i in frames]}
+              "rejection_options": options, "frames": None if frames is None else [int(i) for i in frames],
+              "outliers": asdict(outlier_params)}
     inputs = _registration_inputs(st)
     step_name = "integrate" if roi is None else "integrate_roi"
     if not force and st.is_current(step_name, params, inputs) and all(
@@ -526,7 +739,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         st.begin_step(step_name, params, inputs)
 
     # ------------------------------------------------------------- pass 1: per frame
-    store_path = str(Path(st.path).resolve())
+    store_path = st.location
     raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
     raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
     mappings = {i: frame_mapping(st, i) for i in candidates}
@@ -616,51 +829,52 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         origin, shape = (roi[1], roi[0]), (roi[3], roi[2])
     eff_tile = tile_size(tile, len(used), task_memory)
     prefix = "" if roi is None else ROI_PREFIX
-    dims = ("y", "x") if roi is None else ("roi_y", "roi_x")
-    chunks2 = (min(eff_tile, shape[0]), min(eff_tile, shape[1]))
-    outputs = {v: prefix + v for v in IMAGE_VARIABLES}
-    flags_variable = "rejection" if roi is None else None
-    products = list(outputs.values()) + ([flags_variable] if flags_variable else [])
-    nty, ntx = -(-shape[0] // eff_tile), -(-shape[1] // eff_tile)
     n = len(used)
-    done = (st.resume_tiles(step_name, params, inputs, (nty, ntx), 3 * n + 1, eff_tile, products)
-            if resumable else None)
-    if done is None:
-        # The ledger is created last: a ledger present for this step's record always
-        # belongs to the products next to it.
-        st.delete_variables(*products, f"{step_name}_tiles")
-        st.create_variable(outputs["integration"], shape, dims, chunks2, "float32", np.nan)
-        st.create_variable(outputs["rejected_low"], shape, dims, chunks2, "uint16", 0)
-        st.create_variable(outputs["rejected_high"], shape, dims, chunks2, "uint16", 0)
-        st.create_variable(outputs["integration_weight"], shape, dims, chunks2, "float32", 0.0)
-        if flags_variable:
-            # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
-            st.create_variable(flags_variable, (n_all,) + tuple(frame_shape), ("frame", "y", "x"),
-                               (1,) + chunks2, "uint8", _rej.FLAG_RANGE)
-        for name in outputs.values():
-            st.group[name].attrs.update({"roi": list(roi) if roi else None})
-        done = st.start_tiles(step_name, (nty, ntx), 3 * n + 1, eff_tile)
-    else:
-        n_done = int(np.all(np.isfinite(done), axis=2).sum())
-        warnings.warn(f"{st.path}: resuming an interrupted integration ({n_done} of {nty * ntx} tiles "
-                      f"already done)", DrizzlestackWarning, stacklevel=2)
-
     rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
                       reject_high=bool(reject_high), range_low=range_low, range_high=range_high, **options)
     _rej.rejection_flags(np.zeros((1, 1, 1), np.float32), **rej_kwargs)  # validate before the tasks run
-    plan = TilePlan(
+    base = TilePlan(
         store=store_path, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
-        weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs=outputs,
-        flags_variable=flags_variable, step=step_name, done=done,
+        weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs={v: prefix + v for v in IMAGE_VARIABLES},
+        flags_variable="rejection" if roi is None else None, step=step_name,
     )
-    # The plan rides inside every task (a keyword argument), not as a task of its own:
-    # a distributed scheduler would run every tile on the worker that holds that task.
-    counts = da.map_blocks(_tile_block, plan=plan, chunks=((1,) * nty, (1,) * ntx, (3 * n + 1,)),
-                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
+    tiling = _Tiling(st, step_name, params, inputs, resumable, shape, eff_tile, ("y", "x") if roi is None
+                     else ("roi_y", "roi_x"), roi)
+    outlier_summary = None
     t0 = time.perf_counter()
-    (per_tile,) = compute(counts)
+    if method == "none":
+        # No statistics to reject on: one pass, flags for the invalid samples only.
+        per_tile = tiling.run(base, "")
+        st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE, prefix + SPREAD_VARIABLE)
+    else:
+        # (a) The robust model: the chosen rejection on the registered view. An ROI trial
+        # models a margin around its region too, so that every input pixel that can
+        # reach the region is tested exactly as in a full run.
+        model_plan = replace(base, outputs={"integration": prefix + MODEL_VARIABLE, "spread": prefix + SPREAD_VARIABLE},
+                             flags_variable=None)
+        model_tiling = tiling
+        if roi is not None:
+            m_origin, m_shape = _model_region(roi, frame_shape, [mappings[i] for i in used])
+            model_plan = replace(model_plan, origin=m_origin, shape=m_shape)
+            model_tiling = _Tiling(st, step_name, params, inputs, resumable, m_shape, eff_tile, ("roi_model_y",
+                                   "roi_model_x"), roi)
+        model_tiling.run(model_plan, "model")
+        base = replace(base, origin=model_plan.origin)  # the outlier pass reads the model array
+        # (b) Outliers in each frame's own pixels, tested against the model blotted back.
+        # The user's thresholds keep their meaning: in sigma units, the same multiples of
+        # the kept samples' spread are tolerated in each frame's own pixels.
+        k_low, k_high = ((float(low), float(high)) if method in SIGMA_METHODS else (3.0, 3.0))
+        k_low, k_high = (k_low if reject_low else np.inf), (k_high if reject_high else np.inf)
+        outlier_summary = _flag_outliers(st, base, tiling, location, noise, used, outlier_params,
+                                         prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE,
+                                         prefix + SPREAD_VARIABLE, (k_low, k_high), (range_low, range_high))
+        # (c) The integration from the same flags: flagged pixels are no data for the
+        # resampling, so the reference-grid image never loses a star pixel either.
+        final_plan = replace(base, origin=origin, rejection={**rej_kwargs, "method": "none"},
+                             outliers=prefix + _out.OUTLIERS_VARIABLE)
+        per_tile = tiling.run(final_plan, "")
     t_tiles = time.perf_counter() - t0
     per_tile = np.asarray(per_tile).reshape(-1, 3 * n + 1)
     low_n, high_n, valid_n = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
@@ -673,6 +887,12 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         lf[used], hf[used] = low_frac, high_frac
         _write_frame_variable(st, "rejected_low_fraction", lf)
         _write_frame_variable(st, "rejected_high_fraction", hf)
+    fraction = outlier_summary.pop("_fraction") if outlier_summary is not None else None
+    if roi is None:
+        of = np.full(n_all, np.nan)
+        if fraction is not None:
+            of[used] = fraction
+        _write_frame_variable(st, "outlier_fraction", of)
 
     summary = {
         "frames_used": [int(i) for i in used],
@@ -687,6 +907,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "rejected_low_fraction": float(low_n.sum() / max(valid_n.sum(), 1)),
         "rejected_high_fraction": float(high_n.sum() / max(valid_n.sum(), 1)),
         "exptime": float(np.nansum(exptime[used])),
+        "outliers": outlier_summary,
         "seconds": {"statistics": round(t_stats, 3), "tiles": round(t_tiles, 3),
                     "total": round(time.perf_counter() - t_start, 3)},
     }
@@ -755,8 +976,8 @@ def _write_fits(path, st: StackStore, roi, record: dict) -> None:
     max_w = float(summary.get("max_weight") or 0.0)
     w_h["WGTNORM"] = (max_w if max_w > 0 else 1.0, "raw weight sum = WGTNORM * WEIGHTS")
     write_streamed(path, [
-        (header, DirectArray(st.path, prefix + "integration"), None),
-        (low_h, DirectArray(st.path, prefix + "rejected_low"), None),
-        (high_h, DirectArray(st.path, prefix + "rejected_high"), None),
-        (w_h, DirectArray(st.path, prefix + "integration_weight"), 1.0 / max_w if max_w > 0 else None),
+        (header, DirectArray(st.location, prefix + "integration"), None),
+        (low_h, DirectArray(st.location, prefix + "rejected_low"), None),
+        (high_h, DirectArray(st.location, prefix + "rejected_high"), None),
+        (w_h, DirectArray(st.location, prefix + "integration_weight"), 1.0 / max_w if max_w > 0 else None),
     ])

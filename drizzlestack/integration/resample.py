@@ -27,7 +27,6 @@ than as outliers (see :mod:`.integrate`).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import dask.array as da
 import numba
@@ -37,7 +36,8 @@ from dask.base import tokenize
 
 from ..geometry import input_window, pixel_grid
 from ..registration import frame_mapping
-from ..store import DirectArray, content_token
+from ..chunkio import DirectArray
+from ..store import content_token
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
@@ -239,7 +239,7 @@ def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tupl
 
 
 def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, saturation=None,
-                  roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None):
+                  roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None):
     """One spatial tile of the registered view, for the frames ``indices``.
 
     Parameters
@@ -260,6 +260,13 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         Reference pixel of the output array's first pixel.
     out, saturated : ndarray, optional
         ``(len(indices), ty, tx)`` float32 and bool outputs.
+    outliers : array_like (frame, y, x) uint8, optional
+        Own-pixel outlier flags (:mod:`.outliers`): flagged pixels are no data for the
+        interpolation, so a sample whose nearest pixel is flagged is NaN and one with a
+        flagged pixel elsewhere in its support falls back to bilinear interpolation over
+        the valid 2x2 pixels -- an outlier never leaks into its neighbours.
+    projected : (n, ty, tx) uint8, optional
+        With ``outliers``: receives the flag of each sample's nearest input pixel.
 
     Returns
     -------
@@ -285,8 +292,25 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         data = np.asarray(frames[int(i), wy, wx], dtype=np.float32)
         xf, yf = mapping.inverse(xr, yr)
         sat = np.inf if saturation is None or saturation[k] is None else saturation[k]
+        if outliers is not None:
+            flags = np.asarray(outliers[int(i), wy, wx])
+            if projected is not None:
+                _nearest_flags(flags, wy.start, wx.start, xf, yf, projected[k])
+            bad = flags != 0
+            if bad.any():
+                data = data.copy()
+                data[bad] = np.nan
         resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
     return out, saturated
+
+
+def _nearest_flags(flags, y0, x0, xf, yf, out) -> None:
+    """Flag of the nearest window pixel of every sample (0 outside the window)."""
+    ix = np.floor(np.where(np.isfinite(xf), xf, -1e9) + 0.5) - x0
+    iy = np.floor(np.where(np.isfinite(yf), yf, -1e9) + 0.5) - y0
+    inside = (ix >= 0) & (ix < flags.shape[1]) & (iy >= 0) & (iy < flags.shape[0])
+    out[...] = 0
+    out[inside] = flags[iy[inside].astype(np.intp), ix[inside].astype(np.intp)]
 
 
 def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, offset, block_info=None):
@@ -353,7 +377,7 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     if normalization is not None:
         factor, offset = (np.asarray(a, np.float64)[indices] if len(a) != n else np.asarray(a, np.float64)
                           for a in normalization)
-    path = str(Path(st.path).resolve())
+    path = st.location
     # The store's content token covers the frames and the whole registration (spline
     # included), not only the matrices: two stores or two registrations never share keys.
     name = "registered-view-" + tokenize(content_token(st, "frames"), indices, [m.matrix for m in mappings],

@@ -173,6 +173,17 @@ def check_output_path(output, overwrite: bool) -> Path | None:
     """
     if output is None:
         return None
+    from ..location import filesystem, is_url
+
+    if is_url(str(output)):
+        # An fsspec URL (s3://bucket/drizzle.fits): an object store has no folders to
+        # check, only the object itself.
+        fs, key = filesystem(str(output))
+        if fs.isdir(key):
+            raise DrizzlestackError(f"output={output}: is a directory; give a FITS file name")
+        if fs.exists(key) and not overwrite:
+            raise DrizzlestackError(f"output={output}: file exists; pass overwrite=True (--overwrite) to replace it")
+        return str(output)
     path = Path(output)
     if path.is_dir():
         raise DrizzlestackError(f"output={output}: is a directory; give a FITS file name")
@@ -184,6 +195,13 @@ def check_output_path(output, overwrite: bool) -> Path | None:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise DrizzlestackError(f"output={output}: not writable")
     return path
+
+
+def output_exists(output) -> bool:
+    """Whether the output file (a local path or an fsspec URL) exists."""
+    from ..location import exists, is_url
+
+    return exists(str(output)) if is_url(str(output)) else Path(output).exists()
 
 
 def _pad(n: int) -> int:
@@ -199,16 +217,30 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
     a temporary name and renamed at the end, so a failed write never leaves a truncated
     file under the final name.
 
+    An fsspec URL (``s3://bucket/drizzle.fits``) is written to a local temporary file
+    first (in ``TMPDIR``) and uploaded whole, so the object appears only complete.
+
     Parameters
     ----------
-    path : path-like
-        Output file.
+    path : path-like or str
+        Output file, or an fsspec URL.
     images : list of (astropy.io.fits.Header, array, factor)
         One per HDU, the first becoming the primary HDU. ``factor`` multiplies the data
         as it is written (e.g. to normalize a weights image); ``None`` for none.
     rows_per_read : int
         Rows read and written at a time.
     """
+    from ..location import filesystem, is_url
+
+    if is_url(str(path)):
+        import tempfile
+
+        fs, key = filesystem(str(path))
+        with tempfile.TemporaryDirectory(prefix="drizzlestack-") as tmpdir:
+            local = Path(tmpdir) / key.rstrip("/").rsplit("/", 1)[-1]
+            write_streamed(local, images, rows_per_read)
+            fs.put_file(str(local), key)
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     try:

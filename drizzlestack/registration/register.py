@@ -201,7 +201,7 @@ def register(store, reference="auto", model: str = "homography", distortion: boo
     from ..parallel import compute
 
     saturation = np.asarray(st.group["saturation"][:n], dtype=np.float64)
-    tasks = [delayed(_detect_task, pure=True)(str(st.path), i, float(saturation[i]), float(threshold),
+    tasks = [delayed(_detect_task, pure=True)(st.location, i, float(saturation[i]), float(threshold),
                                               int(max_stars), dask_key_name=f"register-detect-{i}")
              for i in eligible]
     detected = {r["index"]: r for r in compute(*tasks)}

@@ -1,0 +1,139 @@
+"""The weighted combine of what survives the rejection: the integration image and the
+per-pixel rejection counts."""
+
+from __future__ import annotations
+
+
+import numpy as np
+from numba import njit
+
+from drizzlestack._warnings import DrizzlestackError
+
+from .flags import _as_float, _check_stack, _is_dask
+from .sorting import FLAG_HIGH, FLAG_LOW, FLAG_RANGE, _wirth_median
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _combine_kernel(stack, flags, weights, image, n_low, n_high):
+    """Weighted mean of the kept (flag 0) values of each pixel, and the low/high counts.
+
+    A pixel whose values were all rejected takes the median of its non-range-rejected
+    values (never 0: no black holes); a pixel without any valid value is NaN (no data).
+    """
+    nf, ny, nx = stack.shape
+    buf = np.empty(nf, np.float64)
+    for y in range(ny):
+        for x in range(nx):
+            sw = 0.0
+            swx = 0.0
+            cl = 0
+            ch = 0
+            for f in range(nf):
+                fl = flags[f, y, x]
+                if fl & FLAG_LOW:
+                    cl += 1
+                elif fl & FLAG_HIGH:
+                    ch += 1
+                elif fl == 0:
+                    w = weights[f]
+                    val = np.float64(stack[f, y, x])
+                    if w > 0.0 and np.isfinite(val):
+                        sw += w
+                        swx += w * val
+            n_low[y, x] = cl
+            n_high[y, x] = ch
+            if sw > 0.0:
+                image[y, x] = swx / sw
+                continue
+            m = 0
+            for f in range(nf):
+                val = np.float64(stack[f, y, x])
+                if (flags[f, y, x] & FLAG_RANGE) == 0 and weights[f] > 0.0 and np.isfinite(val):
+                    buf[m] = val
+                    m += 1
+            if m == 0:
+                image[y, x] = np.nan
+            else:
+                image[y, x] = _wirth_median(buf, m)
+
+
+def _combine_block(block: np.ndarray, flags: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    block = _as_float(np.asarray(block))
+    flags = np.ascontiguousarray(flags, dtype=np.uint8)
+    _, ny, nx = block.shape
+    out = np.empty((3, ny, nx), dtype=np.float64)
+    image = np.empty((ny, nx), np.float64)
+    n_low = np.empty((ny, nx), np.int64)
+    n_high = np.empty((ny, nx), np.int64)
+    if block.size:
+        _combine_kernel(block, flags, weights, image, n_low, n_high)
+    out[0] = image
+    out[1] = n_low
+    out[2] = n_high
+    return out
+
+
+def combine_stack(stack, flags, weights=None):
+    """Integrate a stack: the weighted mean of its kept values, and rejection counts.
+
+    Parameters
+    ----------
+    stack : array_like or dask.array.Array, shape (frame, y, x)
+        The stack the flags were computed on.
+    flags : array_like or dask.array.Array of uint8, shape (frame, y, x)
+        Flags from :func:`rejection_flags` (0 = kept).
+    weights : array_like of shape (frame,), optional
+        Per-frame weights (default: all 1). Frames with weight 0 (or NaN) contribute
+        nothing.
+
+    Returns
+    -------
+    image : ndarray or dask array of float32, shape (y, x)
+        ``Σ w·x / Σ w`` over the kept values. Where every value of a pixel was rejected
+        it is the median of the pixel's in-range values instead (never 0 because of
+        rejection); where there is no valid value at all it is NaN (no data). Saturated
+        values are kept by :func:`rejection_flags`, so an all-saturated pixel stays
+        saturated.
+    rejected_low, rejected_high : ndarray or dask array of uint16, shape (y, x)
+        Number of frames flagged :data:`FLAG_LOW` / :data:`FLAG_HIGH` at each pixel.
+        Range-rejected and invalid values are in neither count, so
+        ``kept + rejected_low + rejected_high + (flags & FLAG_RANGE != 0).sum(0)`` equals
+        the number of frames.
+
+    Notes
+    -----
+    The computation is per pixel, so it runs blockwise on a Dask stack (chunked
+    ``(frame=all, y=tile, x=tile)``); the three outputs share one task per tile.
+    """
+    stack = _check_stack(stack)
+    n_frames = stack.shape[0]
+    if n_frames > np.iinfo(np.uint16).max:
+        raise DrizzlestackError(f"stack: {n_frames} frames exceed the uint16 rejection counts")
+    if weights is None:
+        w = np.ones(n_frames, np.float64)
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (n_frames,):
+            raise DrizzlestackError(f"weights: expected one weight per frame ({n_frames}), got shape {w.shape}")
+        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    if flags.shape != stack.shape:
+        raise DrizzlestackError(f"flags: shape {flags.shape} does not match the stack's {stack.shape}")
+    if _is_dask(stack) or _is_dask(flags):
+        import dask.array as da
+
+        if not _is_dask(stack):
+            stack = da.from_array(stack, chunks=(-1,) + flags.chunks[1:])
+        if not _is_dask(flags):
+            flags = da.from_array(np.asarray(flags), chunks=stack.chunks)
+        flags = flags.rechunk(stack.chunks)
+        out = da.map_blocks(
+            _combine_block,
+            stack,
+            flags,
+            weights=w,
+            chunks=((3,),) + stack.chunks[1:],
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0), np.float64),
+        )
+        return out[0].astype(np.float32), out[1].astype(np.uint16), out[2].astype(np.uint16)
+    out = _combine_block(stack, np.asarray(flags), w)
+    return out[0].astype(np.float32), out[1].astype(np.uint16), out[2].astype(np.uint16)

