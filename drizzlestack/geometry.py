@@ -1,6 +1,6 @@
 """Transforms, pixmaps and footprints, shared by registration, resampling and drizzle.
 
-Conventions (see DESIGN.md): pixel coordinates are zero-based ``(x, y)``, integer
+Conventions (see docs/design.md): pixel coordinates are zero-based ``(x, y)``, integer
 values at pixel centres, pixel ``i`` covers ``[i - 0.5, i + 0.5]``. A transform is a
 3x3 homography acting on homogeneous column vectors ``[x, y, 1]``; ``transform[frame]``
 maps *frame* pixels to *reference* pixels.

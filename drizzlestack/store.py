@@ -1,7 +1,7 @@
 """The stack store: a zarr v3 directory holding frames, registration, statistics and
 rejection maps, opened lazily as an :class:`xarray.Dataset`.
 
-Layout (DESIGN.md): ``frames(frame, y, x)`` float32, chunked spatially and one frame per
+Layout (docs/design.md): ``frames(frame, y, x)`` float32, chunked spatially and one frame per
 chunk; per-frame variables ``path``, ``exptime``, ``header``, ``status``, ``saturation``;
 later steps add their own variables. Root attributes hold the format marker, the package
 version, the reference frame and, per step, its parameters and completion.

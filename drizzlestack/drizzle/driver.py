@@ -306,7 +306,9 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     tile : int
         Output tile size in pixels: one Dask task per tile.
     frames : sequence of int, optional
-        Frame indices; default every frame with status ``ok`` and a registration.
+        Frame indices; default every frame with status ``ok`` and a registration. A
+        requested frame whose status is not ``ok`` is left out with a warning (as
+        :func:`integrate` does); one without a registration is refused.
     rejection, weights, normalization, distortion : bool
         Use the integration's per-pixel rejection flags, its frame weights, its
         normalization, and the registration's distortion model, when present.

@@ -7,7 +7,7 @@ threads). Validation, dispatch and the maths write-up live in
 :mod:`drizzlestack.drizzle.array`. Every kernel takes data and weights as float64 (one
 compiled signature each: a cold compile of the square kernel takes 15-30 s).
 
-Conventions shared by every kernel (DESIGN.md):
+Conventions shared by every kernel (docs/design.md):
 
 * ``pixmap[j, i] = (x, y)``: output position of the centre of input pixel ``(i, j)``;
   output pixel ``k`` covers ``[k - 0.5, k + 0.5]``, so a point ``x`` is in pixel

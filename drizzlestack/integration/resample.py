@@ -14,7 +14,7 @@ rejected as low outliers -- the origin of "black" or "hollow" star cores. Clampi
 the nearest neighbours removes the overshoot while keeping Lanczos' sharpness on smooth
 data (where the 2x2 range already contains the Lanczos value).
 
-No-data rules (DESIGN.md: NaN means no data and never spreads): a sample whose position
+No-data rules (docs/design.md: NaN means no data and never spreads): a sample whose position
 is outside the frame (``x < -0.5`` or ``x > nx - 0.5``, likewise y) or whose nearest
 pixel is NaN is NaN; a sample with a NaN elsewhere in its Lanczos support falls back to
 bilinear interpolation over the valid pixels of its 2x2 neighbourhood.

@@ -5,7 +5,7 @@ per frame (each task reads its own frame from the store), matching as one task p
 frame against the reference's star table, both through :func:`drizzlestack.parallel.compute`
 (the active scheduler, with its progress bar). Only the driver writes to the store.
 
-Store variables written (DESIGN.md): ``transform (frame, row, col)``, ``stars (frame,
+Store variables written (docs/design.md): ``transform (frame, row, col)``, ``stars (frame,
 star, field)`` with the ``field`` coordinate, ``n_stars``, ``n_matches``,
 ``registration_rms``, ``fwhm`` (frame), ``status`` of frames that fail
 (``unregistered: <why>``), the root attribute ``reference`` and, with
