@@ -109,7 +109,6 @@ def nyquist_ratio(image):
     power = np.abs(np.fft.fft2(img)) ** 2
     fy = np.fft.fftfreq(img.shape[0])[:, None]
     fx = np.fft.fftfreq(img.shape[1])[None, :]
-    r = np.hypot(fx, fy)
     near = np.zeros(power.shape, bool)
     for ax, ay in ((0.25, 0.0), (0.0, 0.25), (0.25, 0.25)):
         near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012

@@ -62,9 +62,10 @@ def _jobqueue_file(path: Path, job_name: str, preload: str | None = None) -> Pat
 
 def _run_config(directory: Path, files) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = {"store": "stack.zarr", "ingest": {"inputs": [str(f) for f in files], "chunk": 64},
-           "integrate": {"tile": 64, "output": "integration.fits"},
-           "drizzle": {"scale": 2.0, "pixfrac": 0.8, "tile": 32, "output": "drizzle.fits"}}
+    # Absolute paths: relative ones are taken from the working directory, not the config's.
+    cfg = {"store": str(directory / "stack.zarr"), "ingest": {"inputs": [str(f) for f in files], "chunk": 64},
+           "integrate": {"tile": 64, "output": str(directory / "integration.fits")},
+           "drizzle": {"scale": 2.0, "pixfrac": 0.8, "tile": 32, "output": str(directory / "drizzle.fits")}}
     path = directory / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -72,6 +73,7 @@ def _run_config(directory: Path, files) -> Path:
 
 def _cli(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    kwargs.setdefault("cwd", str(Path(args[1]).parent) if len(args) > 1 else None)  # reports land there
     return subprocess.Popen([sys.executable, "-m", "drizzlestack.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
