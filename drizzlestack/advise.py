@@ -293,7 +293,7 @@ def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs
                 if kernel == "square":
                     # The kernel itself: accumulate()'s checks cost more than these tiny windows.
                     _kernels.square_kernel(ones, pixmap, weights, True, float(p), max_extent,
-                                           scratch[b], sums[p][b], touched, False)
+                                           scratch[b], sums[p][b], touched, False, _array._NO_CHANNEL, 1)
                 else:
                     _array.accumulate(ones, pixmap, weights, scratch[b], sums[p][b], kernel=kernel, pixfrac=p,
                                       pixel_scale_ratio=psr)
@@ -351,7 +351,7 @@ def expected_fwhm(fwhm: float, scale: float, pixfrac: float) -> tuple[float, flo
 
 # ------------------------------------------------------------------------ the advisor
 #: the store variables the advisor reads (a few kB per frame; never the frames)
-_VARIABLES = ("transform", "status", "stars", "field", "weight")
+_VARIABLES = ("transform", "status", "stars", "field", "weight", "cfa_pattern")
 
 
 def _registration_dataset(st: StackStore):
@@ -379,7 +379,7 @@ def _registration_dataset(st: StackStore):
 def _registered(store, frames, distortion):
     """(stack, frame indices, mappings, frame weights) of a registered store."""
     from .drizzle.driver import _frame_values, _select_frames
-    from .registration import frame_mapping
+    from .mappings import frame_mapping
 
     st = StackStore.open(store, mode="r")
     if "transform" not in st.group or not (st.step("register") or {}).get("complete", False):
@@ -453,7 +453,12 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     reasons = []
 
     # ---- sampling
-    undersampled = bool(np.isfinite(fwhm) and fwhm < UNDERSAMPLED_FWHM)
+    limit = _undersampled_limit(stack)
+    undersampled = bool(np.isfinite(fwhm) and fwhm < limit)
+    if limit != UNDERSAMPLED_FWHM:
+        reasons.append(f"Colour (Bayer) frames: each colour is sampled every 2 pixels, so stars under ~{limit:g} px "
+                       "are undersampled in every channel. The dry-pixel predictions below count all samples "
+                       "together: red and blue have a quarter of them and run drier.")
     if np.isfinite(fwhm):
         # What most tools report: the fits exclude the pixel, a plain Gaussian fit includes it.
         with_pixel = _SIGMA_TO_FWHM * math.sqrt((fwhm / _SIGMA_TO_FWHM) ** 2 + 1.0 / 12.0)
@@ -462,7 +467,7 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     if not np.isfinite(fwhm):
         reasons.append("No star FWHM was measured: the sampling is unknown.")
     elif undersampled:
-        near = " (close to critical sampling: drizzle gains a little)" if fwhm >= 0.85 * UNDERSAMPLED_FWHM else ""
+        near = " (close to critical sampling: drizzle gains a little)" if fwhm >= 0.85 * limit else ""
         reasons.append(f"The stars are {fwhm:.2f} px wide (median FWHM in reference pixels): the frames are "
                        f"undersampled{near}, so drizzle can recover detail that an integration loses.")
     elif fwhm < WELL_SAMPLED_OUTPUT_FWHM:
@@ -594,6 +599,14 @@ def _jsonable(d: dict) -> dict:
     return {k: ({f"{kk:g}": vv for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
 
 
+def _undersampled_limit(stack) -> float:
+    """The FWHM below which the frames are undersampled: twice as wide for a colour
+    mosaic, whose every channel is sampled every 2 pixels."""
+    if "cfa_pattern" in stack and any(str(p) for p in np.asarray(stack["cfa_pattern"].values).ravel()):
+        return 2.0 * UNDERSAMPLED_FWHM
+    return UNDERSAMPLED_FWHM
+
+
 def drizzle_warnings(store, scale: float, pixfrac: float, kernel: str = "square", frames=None,
                      distortion: bool = True) -> list[str]:
     """Why a drizzle with these settings would disappoint (empty when it will not): more
@@ -613,7 +626,7 @@ def drizzle_warnings(store, scale: float, pixfrac: float, kernel: str = "square"
                    f"{pred['dry_fraction']:.1%} of the output pixels dry (no data); use a larger pixfrac, a "
                    f"smaller scale or more frames ('drizzlestack advise {store}')")
     fwhm = measured_fwhm(stack, indices, mappings)[0] if "stars" in stack else float("nan")
-    if np.isfinite(fwhm) and fwhm >= UNDERSAMPLED_FWHM:
+    if np.isfinite(fwhm) and fwhm >= _undersampled_limit(stack):
         out.append(f"{store}: the stars are {fwhm:.2f} px wide (median FWHM): the frames are not undersampled, "
                    "so drizzle cannot gain resolution over the integration")
     if len(indices) > 1 and dither_summary(mappings, frame_shape, scales=(2,))["clustered"]:

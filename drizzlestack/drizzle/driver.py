@@ -346,7 +346,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     if min(grid.shape) < 1:
         raise DrizzlestackError(f"roi={roi} at scale={scale}: the output would be empty")
 
-    from ..registration import frame_mapping
+    from ..mappings import frame_mapping
 
     frame_w = _frame_values(stack, "weight", indices, 1.0) if weights else np.ones(len(indices))
     if normalization:

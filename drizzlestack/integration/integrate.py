@@ -43,7 +43,7 @@ from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..io.fits import check_output_path
 from ..parallel import compute
-from ..registration import frame_mapping
+from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import STATUS_OK, StackStore, open_stack, record_tile
 from . import normalize as _norm

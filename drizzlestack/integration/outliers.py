@@ -368,15 +368,14 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         uy = slice(min(w[0].start for w in reached), max(w[0].stop for w in reached))
         ux = slice(min(w[1].start for w in reached), max(w[1].stop for w in reached))
         model_all, spread_all = model[uy, ux], spreads[uy, ux]
-    saturated = {}
+    # Where a hot pixel may be flagged: data, not saturated (no second read of the frames).
+    hot_ok = np.zeros(flags.shape, bool)
     for k, (i, mapping) in enumerate(zip(plan.indices, plan.mappings)):
         if windows[k] is None:
             continue
         wy, wx = windows[k]
         data = frames[int(i), sy, sx]
-        sat = data >= plan.saturation[k]
-        if sat.any():
-            saturated[k] = sat  # for the hot pixels below (rare: no second read of the frame)
+        hot_ok[k] = data < plan.saturation[k]  # False for NaN too
         blotted = np.empty(data.shape, np.float32)
         spread = np.empty(data.shape, np.float32)
         if mapping.is_homography:
@@ -407,8 +406,7 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         high = (flags & FLAG_HIGH).astype(bool).sum(axis=0)
         hot = high >= max(3, int(np.ceil(p.hot_fraction * n)))
         if hot.any():
-            for k in range(n):
-                flags[k][hot & ~saturated[k] if k in saturated else hot] = FLAG_HOT
+            flags[hot[None] & hot_ok] = FLAG_HOT
     target = DirectArray(plan.store, plan.variable, "r+")
     for k, i in enumerate(plan.indices):
         target[int(i), sy, sx] = flags[k]

@@ -35,7 +35,7 @@ import numpy as np
 from dask.base import tokenize
 
 from ..geometry import input_window, pixel_grid
-from ..registration import frame_mapping
+from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import content_token
 
