@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import dask
 from dask.utils import format_bytes, parse_bytes
 
-from ._warnings import DrizzlestackError
+from ._warnings import DrizzlestackError, DrizzlestackWarning
 
 LOCAL = ("threads", "processes", "synchronous")
 JOBQUEUE = {
@@ -191,6 +192,8 @@ def scheduler(opts: SchedulerOptions | None = None, **kwargs):
                     f"--scheduler {name}: no answer within {opts.timeout:g} s ({exc})") from None
             if client.dashboard_link:
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+            if name in JOBQUEUE:
+                _wait_for_jobs(client, name, opts.workers or 1)
             _active["client"] = client
             try:
                 yield client
@@ -201,6 +204,26 @@ def scheduler(opts: SchedulerOptions | None = None, **kwargs):
                 closer.close()
     finally:
         _active.update(previous)
+
+
+#: how long a queue's jobs are waited for before the work starts on those that run
+JOB_WAIT_SECONDS = float(os.environ.get("DRIZZLESTACK_JOB_WAIT", "120"))
+
+
+def _wait_for_jobs(client, name: str, jobs: int) -> None:
+    """Wait (bounded) until every requested job has a worker: tasks are spread over the
+    workers present when a step starts, so a job that starts a second late would sit idle
+    through the first step. A queue that keeps jobs pending does not stall the run: after
+    :data:`JOB_WAIT_SECONDS` (``DRIZZLESTACK_JOB_WAIT``) it starts on those that run."""
+    try:
+        client.wait_for_workers(jobs, timeout=JOB_WAIT_SECONDS)
+    except (TimeoutError, OSError):
+        running = len(client.scheduler_info().get("workers", {}))
+        warnings.warn(f"--scheduler {name}: {running} of {jobs} job(s) running after {JOB_WAIT_SECONDS:g} s; "
+                      "starting on those (the others join when the queue starts them)", DrizzlestackWarning,
+                      stacklevel=3)
+        if running == 0:
+            client.wait_for_workers(1)  # nothing can run without a worker: wait for the first
 
 
 def _jobqueue_workers(cluster, opts: SchedulerOptions):

@@ -427,13 +427,17 @@ def _model_region(roi, frame_shape, mappings, margin: int = 8):
     return (ya, xa), (yb - ya, xb - xa)
 
 
-def _header_number(header_text: str, keys) -> float:
+def _parse_header(header_text: str):
     from astropy.io.fits import Header
 
     try:
-        hdr = Header.fromstring(header_text, sep="\n" if "\n" in header_text else "") if header_text else Header()
+        return Header.fromstring(header_text, sep="\n" if "\n" in header_text else "") if header_text else Header()
     except Exception:  # a header ingest could store is always parseable; be safe anyway
-        return float("nan")
+        return Header()
+
+
+def _header_number(hdr, keys) -> float:
+    """The first of ``keys`` in ``hdr`` holding a positive number (NaN: none)."""
     for key in keys:
         try:
             value = float(hdr[key])
@@ -449,9 +453,10 @@ def _frame_noise_models(st: StackStore, used, location, noise, model_frames: int
     headers = [str(h) for h in st.group["header"][:st.n_frames]]
     models, sources = [], {}
     for i in used:
-        gain = _header_number(headers[i], ("GAIN", "EGAIN", "CCDGAIN"))
-        bitpix = _header_number(headers[i], ("BITPIX",))  # NaN for float data (BITPIX < 0)
-        quantum = _header_number(headers[i], ("BSCALE",)) if np.isfinite(bitpix) else 0.0
+        hdr = _parse_header(headers[i])
+        gain = _header_number(hdr, ("GAIN", "EGAIN", "CCDGAIN"))
+        bitpix = _header_number(hdr, ("BITPIX",))  # NaN for float data (BITPIX < 0)
+        quantum = _header_number(hdr, ("BSCALE",)) if np.isfinite(bitpix) else 0.0
         quantum = 1.0 if not np.isfinite(quantum) else quantum
         models.append(_out.FrameNoise(float(location[i]), float(noise[i]), gain, quantum, model_frames))
         sources[str(i)] = ("measured background noise, gain from the header" if np.isfinite(gain)
