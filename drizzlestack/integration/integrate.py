@@ -1,26 +1,32 @@
-"""Step 3, integrate: statistics, normalization and weights, then blockwise pixel
-rejection on the registered view, written tile by tile.
+"""Step 3, integrate: statistics, normalization and weights, outlier flags in each
+frame's own pixels, and the integrated image, written tile by tile.
 
-The step runs in two passes over the stack, both as Dask tasks on the active scheduler:
+The step runs as Dask tasks on the active scheduler, in passes:
 
-1. **Per frame** (one task per frame): robust statistics of the unresampled frame
-   (location, scale, noise; :mod:`.stats`) and forced aperture photometry at the
-   reference stars mapped into the frame through its transform. From these the driver
-   derives each frame's normalization ``v * norm_scale + norm_offset`` and weight
-   (:mod:`.normalize`).
-2. **Per tile** (one task per spatial tile of the reference grid, every frame at once):
-   resample the tile of every frame (:mod:`.resample`), normalize, flag outliers
-   (:func:`.rejection.rejection_flags`), combine (:func:`.rejection.combine_stack`), and
-   write the tile of every product straight into the store (zarr region writes). The
-   task returns only per-frame counts, so nothing the size of the image or of the stack
-   is ever gathered; memory per task is ``tile**2 * frames`` samples, and the tile is
-   shrunk as frames are added so that it stays within ``task_memory``.
+1. **Per frame** (:mod:`.measure`, one task per frame): robust statistics of the
+   unresampled frame and forced aperture photometry at the reference stars mapped into
+   it; from these, each frame's normalization ``v * norm_scale + norm_offset`` and
+   weight (:mod:`.normalize`).
+2. **The model** (one task per reference-grid tile, every frame at once): each frame's
+   tile resampled (:mod:`.resample`), normalized, the chosen rejection
+   (:mod:`.rejection`) and the combine: a robust model of the sky, and the spread of the
+   samples it kept.
+3. **The outliers** (:func:`.outliers.flag_outliers`, one task per sensor tile, every
+   frame at once): each raw pixel tested against the model blotted onto its frame; the
+   flags drizzle uses.
+4. **The integration** (reference-grid tiles again): the frames resampled with their
+   flagged pixels as no data, combined. No star pixel is lost to interpolation.
 
-Saturation (issue 5: star cores never black or hollow): saturated samples are kept with
-their full weight and left out of the rejection statistics -- the rejection kernels do
-this for samples at or above the (normalized) saturation level, and the registered view
-additionally marks samples interpolated next to a saturated pixel, whose flags are
-cleared here. Where every frame is saturated the integration keeps the saturated value.
+Each pass writes its tiles straight into the store (zarr region writes) and records
+them in its own ledger, so an interrupted run resumes pass by pass; tasks return only
+per-frame counts, and memory per task is ``tile**2 * frames`` samples (the tile shrinks
+as frames are added so that it stays within ``task_memory``). With rejection ``none``
+(or fewer than 3 frames) passes 2 and 3 are skipped: one pass, no outlier flags.
+
+Saturation (star cores never black or hollow): saturated samples are kept with their
+full weight and left out of the rejection statistics; the outlier test never flags a
+saturated pixel. Where every frame is saturated the integration keeps the saturated
+value.
 
 The FITS product (image, ``REJLOW``, ``REJHIGH``, ``WEIGHTS``) is streamed from the
 store afterwards, a band of rows at a time.
@@ -50,7 +56,8 @@ from . import normalize as _norm
 from . import outliers as _out
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
-from .stats import Apertures, aperture_photometry, frame_statistics, photometric_ratio
+from .measure import MAX_PHOTOMETRY_STARS, MAX_STATISTICS_PIXELS, measure_frame, reference_stars  # noqa: F401
+from .stats import photometric_ratio
 
 #: per-frame variables written by a full run (``info`` shows several of them)
 FRAME_VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale", "norm_scale", "norm_offset",
@@ -77,160 +84,7 @@ MIN_FRAMES_FOR_REJECTION = 3
 #: bytes of task memory per sample of a tile (resampled value, saturation mask, flags,
 #: and the temporaries of the combine), used to size tiles from ``task_memory``
 BYTES_PER_SAMPLE = 12
-#: statistics of a frame larger than this are measured on chunk-sized blocks spread
-#: over it: a million pixels pin the scale down to 0.1 %, and the float64 temporaries
-#: of the robust estimators stay near 50 MB per task whatever the frame size
-MAX_STATISTICS_PIXELS = 1 << 20
-#: at most this many reference stars are measured in every frame
-MAX_PHOTOMETRY_STARS = 400
 _REJECTION_OPTIONS = ("n_low", "n_high", "max_iterations", "esd_significance", "esd_outliers", "esd_low_relaxation")
-
-
-# ----------------------------------------------------------------------------- pass 1
-def _sample_blocks(frames: DirectArray, i: int, max_pixels: int):
-    """The whole frame ``i`` as one block, or -- when it is larger than ``max_pixels`` --
-    whole zarr chunks picked evenly over it (whole chunks: no chunk is decompressed for
-    a sliver of it). Yields ``(block, (y0, x0))``."""
-    _, ny, nx = frames.shape
-    if ny * nx <= max_pixels:
-        yield np.asarray(frames[i], dtype=np.float32), (0, 0)
-        return
-    _, cy, cx = frames.chunks
-    origins = [(y0, x0) for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
-    step = max(1, int(np.ceil(len(origins) * cy * cx / max_pixels)))
-    for y0, x0 in origins[step // 2::step]:
-        yield np.asarray(frames[i, y0:y0 + cy, x0:x0 + cx], dtype=np.float32), (y0, x0)
-
-
-def _photometry_bands(frames: DirectArray, i: int, x, y, apertures: Apertures, saturation: float):
-    """Aperture photometry of frame ``i`` read one band of chunk rows at a time (plus
-    the apertures' reach above and below), each star measured in the band holding its
-    centre: every star is measured, and memory is one band, not the frame."""
-    _, ny, nx = frames.shape
-    band = frames.chunks[1]
-    half = int(np.ceil(apertures.outer)) + 2
-    flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
-    row = np.floor(np.asarray(y) + 0.5)
-    for y0 in range(0, ny, band):
-        sel = np.flatnonzero((row >= y0) & (row < y0 + band))
-        if sel.size == 0:
-            continue
-        ya, yb = max(y0 - half, 0), min(y0 + band + half, ny)
-        data = np.asarray(frames[i, ya:yb, :], dtype=np.float32)
-        flux[sel], err[sel] = aperture_photometry(data, x[sel], y[sel], apertures, saturation, (ya, 0))
-    return flux, err
-
-
-def measure_frame(store_path: str, i: int, star_x, star_y, apertures: Apertures | None, saturation: float,
-                  max_pixels: int = MAX_STATISTICS_PIXELS) -> dict:
-    """Statistics and star photometry of frame ``i`` (one Dask task).
-
-    Parameters
-    ----------
-    store_path : str
-    i : int
-    star_x, star_y : ndarray
-        Positions of the reference stars in this frame's pixels.
-    apertures : Apertures or None
-        ``None``: no photometry.
-    saturation : float
-        The frame's saturation level (ADU).
-    max_pixels : int
-        Statistics are measured on at most this many pixels (whole chunks spread over
-        the frame), which bounds the task's memory for any frame size.
-
-    Returns
-    -------
-    dict
-        ``stats`` (:class:`~.stats.FrameStatistics`), ``flux`` and ``error`` (per star).
-    """
-    frames = _open_frames(store_path)
-    sat = saturation if np.isfinite(saturation) else np.inf
-    blocks = [b for b, _ in _sample_blocks(frames, i, max_pixels)]
-    st = frame_statistics(blocks, saturation=sat)
-    n = len(star_x)
-    flux, err = np.full(n, np.nan), np.full(n, np.nan)
-    if apertures is not None and n:
-        # Close to saturation a sensor is no longer linear: leave those stars out.
-        x, y = np.asarray(star_x), np.asarray(star_y)
-        if len(blocks) == 1 and blocks[0].shape == frames.shape[1:]:
-            flux, err = aperture_photometry(blocks[0], x, y, apertures, 0.9 * sat)  # the frame is read already
-        else:
-            flux, err = _photometry_bands(frames, i, x, y, apertures, 0.9 * sat)
-    return {"stats": st, "flux": flux, "error": err}
-
-
-def _star_table(st: StackStore, ref: int):
-    """Reference stars from registration (``stars`` variable): x, y, fwhm and flags
-    columns, looked up by the ``field`` names when the store records them."""
-    if "stars" not in st.group:
-        return None
-    arr = st.group["stars"]
-    names = arr.attrs.get("fields") or arr.attrs.get("field")
-    if not names and "field" in st.group:
-        names = [str(v) for v in st.group["field"][:]]
-    if not names:
-        from ..registration.stars import FIELDS as names  # the registration's column order
-    names = [str(n) for n in names]
-    table = np.asarray(arr[ref], dtype=np.float64)
-    return {name: table[:, k] for k, name in enumerate(names) if k < table.shape[1]}
-
-
-def reference_stars(st: StackStore, ref: int, saturation: float):
-    """Isolated, unsaturated reference stars for photometry, and the aperture radii.
-
-    The registration's star list is used when the store has one; otherwise stars are
-    detected in the reference frame here.
-
-    Returns
-    -------
-    x, y : ndarray
-        Reference pixel positions (at most :data:`MAX_PHOTOMETRY_STARS`, brightest first).
-    apertures : Apertures or None
-        ``None`` when no star is available (no photometry).
-    """
-    cols = _star_table(st, ref)
-    if cols is None:
-        try:
-            from ..registration.stars import FIELDS, detect_stars
-
-            found = detect_stars(np.asarray(st.frame(ref), dtype=np.float32), saturation=saturation)
-            table = np.asarray(found.table, dtype=np.float64)
-            cols = {name: table[:, k] for k, name in enumerate(FIELDS)}
-        except (ImportError, ValueError, RuntimeError, AttributeError):
-            return np.empty(0), np.empty(0), None
-    x, y, flux = cols.get("x"), cols.get("y"), cols.get("flux")
-    if x is None or y is None or flux is None:
-        return np.empty(0), np.empty(0), None
-    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
-    if "flags" in cols:
-        f = np.nan_to_num(cols["flags"], nan=0).astype(np.int64)
-        ok &= (f & (1 | 2 | 4)) == 0  # saturated, blended, truncated
-    fwhm = cols.get("fwhm")
-    fwhm_value = float(np.nanmedian(fwhm[ok])) if fwhm is not None and ok.any() else float("nan")
-    apertures = Apertures.for_fwhm(fwhm_value)
-    # Isolation. Light of a neighbour dims and brightens with the star itself, so it
-    # leaves the flux *ratio* alone; what does not scale is a neighbour cut by the
-    # aperture's edge at a different sub-pixel phase in each frame. So only a bright
-    # neighbour (over 10 % of the star) near the aperture excludes a star; cosmic rays
-    # and hot pixels are left to the clipping of the ratios.
-    finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux)
-    if ok.any() and finite.sum() > 1:
-        from scipy.spatial import cKDTree
-
-        xa, ya, fa = x[finite], y[finite], flux[finite]
-        tree = cKDTree(np.column_stack([xa, ya]))
-        sel = np.flatnonzero(ok)
-        reach = apertures.radius + 2.0
-        for j, near in zip(sel, tree.query_ball_point(np.column_stack([x[sel], y[sel]]), reach)):
-            near = np.asarray(near, dtype=np.int64)
-            others = near[(xa[near] != x[j]) | (ya[near] != y[j])]
-            if np.any(fa[others] > 0.1 * flux[j]):
-                ok[j] = False
-    order = np.flatnonzero(ok)[np.argsort(-flux[ok])][:MAX_PHOTOMETRY_STARS]
-    if order.size == 0:
-        return np.empty(0), np.empty(0), None
-    return x[order], y[order], apertures
 
 
 # ----------------------------------------------------------------------------- pass 2
@@ -427,103 +281,6 @@ def _model_region(roi, frame_shape, mappings, margin: int = 8):
     return (ya, xa), (yb - ya, xb - xa)
 
 
-def _parse_header(header_text: str):
-    from astropy.io.fits import Header
-
-    try:
-        return Header.fromstring(header_text, sep="\n" if "\n" in header_text else "") if header_text else Header()
-    except Exception:  # a header ingest could store is always parseable; be safe anyway
-        return Header()
-
-
-def _header_number(hdr, keys) -> float:
-    """The first of ``keys`` in ``hdr`` holding a positive number (NaN: none)."""
-    for key in keys:
-        try:
-            value = float(hdr[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if np.isfinite(value) and value > 0:
-            return value
-    return float("nan")
-
-
-def _frame_noise_models(st: StackStore, used, location, noise, model_frames: int):
-    """Each frame's noise model for the outlier test, and where its numbers came from."""
-    headers = [str(h) for h in st.group["header"][:st.n_frames]]
-    models, sources = [], {}
-    for i in used:
-        hdr = _parse_header(headers[i])
-        gain = _header_number(hdr, ("GAIN", "EGAIN", "CCDGAIN"))
-        bitpix = _header_number(hdr, ("BITPIX",))  # NaN for float data (BITPIX < 0)
-        quantum = _header_number(hdr, ("BSCALE",)) if np.isfinite(bitpix) else 0.0
-        quantum = 1.0 if not np.isfinite(quantum) else quantum
-        models.append(_out.FrameNoise(float(location[i]), float(noise[i]), gain, quantum, model_frames))
-        sources[str(i)] = ("measured background noise, gain from the header" if np.isfinite(gain)
-                           else "measured background noise, no gain keyword (signal term only)")
-    return models, sources
-
-
-def _flag_outliers(st, base: TilePlan, tiling: _Tiling, location, noise, used, params: _out.OutlierParameters,
-                   variable: str, model: str, spread: str, spread_k, ranges) -> dict:
-    """Pass (b): the own-pixel outlier flags of every used frame, one task per spatial
-    tile of the sensor (every frame at once, so hot pixels are seen across frames)."""
-    t0 = time.perf_counter()
-    n = len(used)
-    cy, cx = (int(c) for c in st.group["frames"].chunks[1:])
-    ny, nx = st.frame_shape
-    tiles = (-(-ny // cy), -(-nx // cx))
-    rms = (np.asarray(st.group["registration_rms"][:st.n_frames], np.float64)
-           if "registration_rms" in st.group else np.zeros(st.n_frames))
-    widen = np.array([max(1.0, float(rms[i]) / OUTLIER_RMS_TOLERANCE) if np.isfinite(rms[i]) else 1.0
-                      for i in used])
-    noise_models, sources = _frame_noise_models(st, used, location, noise, n)
-    # Seeing: a frame sharper than the model (about the median frame) has brighter cores.
-    fwhm = np.asarray(st.group["fwhm"][:st.n_frames], np.float64) if "fwhm" in st.group else np.full(st.n_frames,
-                                                                                                   np.nan)
-    f_model = np.nanmedian(fwhm[used]) if np.isfinite(fwhm[used]).any() else np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
-        extra = np.where(np.isfinite(fwhm[used]) & (fwhm[used] > 0), (f_model / fwhm[used]) ** 2 - 1.0, 0.0)
-    extra = np.nan_to_num(np.clip(extra, 0.0, None), nan=0.0)
-    ledger = tiling.ledger("outliers")
-    done = None
-    if tiling.resumable:
-        done = st.resume_tiles(tiling.step, tiling.params, tiling.inputs, tiles, 3 * n, cy, [variable], ledger=ledger)
-    if done is None:
-        st.delete_variables(variable, f"{ledger}_tiles")
-        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8",
-                           _rej.FLAG_RANGE)
-        st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
-                                         "parameters": asdict(params)})
-        done = st.start_tiles(ledger, tiles, 3 * n, cy)
-    plan = _out.OutlierPlan(
-        store=base.store, model=model, spread=spread, spread_k=tuple(float(k) for k in spread_k),
-        ranges=(-np.inf if ranges[0] is None else float(ranges[0]), np.inf if ranges[1] is None else float(ranges[1])),
-        variable=variable, model_origin=tuple(base.origin), indices=list(used),
-        mappings=list(base.mappings), frame_shape=tuple(base.frame_shape), tile=(cy, cx),
-        saturation=np.asarray(base.raw_saturation, np.float64), norm_scale=np.asarray(base.norm_scale, np.float64),
-        norm_offset=np.asarray(base.norm_offset, np.float64), noise=noise_models, params=params,
-        derivative_scale=widen, signal_extra=extra, step=ledger, done=done,
-    )
-    counts = da.map_blocks(_out.outlier_block, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1], (3 * n,)),
-                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
-    (per_tile,) = compute(counts)
-    per_tile = np.asarray(per_tile).reshape(-1, 3 * n)
-    low, high, tested = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fraction = np.where(tested > 0, (low + high) / tested, np.nan)
-    return {
-        "_fraction": fraction,
-        "flagged_fraction": float((low.sum() + high.sum()) / max(tested.sum(), 1)),
-        "flagged_low": int(low.sum()), "flagged_high": int(high.sum()),
-        "parameters": asdict(params),
-        "noise_model": sources,
-        "widened": {str(i): round(float(f), 3) for i, f in zip(used, widen) if f > 1},
-        "sharper_than_model": {str(i): round(float(e), 3) for i, e in zip(used, extra) if e > 0},
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-
-
 def task_memory_needed(tile: int, n_frames: int, task_memory, frame_shape) -> tuple[int, int]:
     """Peak bytes of the integration's largest task, and its tile: a tile task holds
     ``BYTES_PER_SAMPLE`` per sample of every frame; a statistics task one frame (float32)
@@ -692,9 +449,17 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         Combination weight relative to the reference; 0 for excluded frames.
     ``rejected_low_fraction``, ``rejected_high_fraction`` (frame; float64)
         Fraction of the frame's valid samples on the reference grid rejected low/high.
+    ``outliers`` (frame, y, x; uint8), ``outlier_fraction`` (frame)
+        Flags in each frame's own pixels, what drizzle drops: 1 low, 2 high, 4 out of
+        range, 8 hot pixel (excluded frames: 4 everywhere); the share of each frame's
+        pixels flagged (:mod:`.outliers`).
+    ``integration_model``, ``integration_spread`` (y, x; float32)
+        The robust model the outliers were tested against, and the spread of the
+        samples it kept.
     ``rejection`` (frame, y, x; uint8)
-        Flags on the reference grid: 1 low, 2 high, 4 range or invalid (no data);
-        excluded frames are 4 everywhere.
+        The outlier flags seen on the reference grid (a sample takes its nearest input
+        pixel's flag): 1 low, 2 high, 4 range or invalid (no data); excluded frames are
+        4 everywhere.
     ``integration`` (y, x; float32)
         Weighted mean of the kept normalized samples (NaN: no data).
     ``rejected_low``, ``rejected_high`` (y, x; uint16)
@@ -911,9 +676,10 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         # the kept samples' spread are tolerated in each frame's own pixels.
         k_low, k_high = ((float(low), float(high)) if method in SIGMA_METHODS else (3.0, 3.0))
         k_low, k_high = (k_low if reject_low else np.inf), (k_high if reject_high else np.inf)
-        outlier_summary = _flag_outliers(st, base, tiling, location, noise, used, outlier_params,
+        outlier_summary = _out.flag_outliers(st, base, tiling, location, noise, used, outlier_params,
                                          prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE,
-                                         prefix + SPREAD_VARIABLE, (k_low, k_high), (range_low, range_high))
+                                             prefix + SPREAD_VARIABLE, (k_low, k_high), (range_low, range_high),
+                                             OUTLIER_RMS_TOLERANCE)
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
         final_plan = replace(base, origin=origin, rejection={**rej_kwargs, "method": "none"},

@@ -53,15 +53,18 @@ carry it everywhere), ``8`` hot pixel. Drizzle gives zero weight to every flagge
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import math
 
+import dask.array as da
 import numba
 import numpy as np
 
 from ..geometry import input_window, pixel_grid, translation
 from ..chunkio import DirectArray
+from ..parallel import compute
 from ..store import record_tile
 from .rejection import FLAG_HIGH, FLAG_LOW, FLAG_RANGE
 from .resample import LANCZOS3_PAD
@@ -425,5 +428,133 @@ def outlier_block(plan: OutlierPlan, block_info=None):
     return outlier_tile(plan, iy, ix)[None, None, :]
 
 
+# ----------------------------------------------------------------------- the pass
+def _parse_header(header_text: str):
+    from astropy.io.fits import Header
+
+    try:
+        return Header.fromstring(header_text, sep="\n" if "\n" in header_text else "") if header_text else Header()
+    except Exception:  # a header ingest could store is always parseable; be safe anyway
+        return Header()
+
+
+def _header_number(hdr, keys) -> float:
+    """The first of ``keys`` in ``hdr`` holding a positive number (NaN: none)."""
+    for key in keys:
+        try:
+            value = float(hdr[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return float("nan")
+
+
+def _frame_noise_models(st, used, location, noise, model_frames: int):
+    """Each frame's noise model for the outlier test, and where its numbers came from."""
+    headers = [str(h) for h in st.group["header"][:st.n_frames]]
+    models, sources = [], {}
+    for i in used:
+        hdr = _parse_header(headers[i])
+        gain = _header_number(hdr, ("GAIN", "EGAIN", "CCDGAIN"))
+        bitpix = _header_number(hdr, ("BITPIX",))  # NaN for float data (BITPIX < 0)
+        quantum = _header_number(hdr, ("BSCALE",)) if np.isfinite(bitpix) else 0.0
+        quantum = 1.0 if not np.isfinite(quantum) else quantum
+        models.append(FrameNoise(float(location[i]), float(noise[i]), gain, quantum, model_frames))
+        sources[str(i)] = ("measured background noise, gain from the header" if np.isfinite(gain)
+                           else "measured background noise, no gain keyword (signal term only)")
+    return models, sources
+
+
+def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParameters, variable: str, model: str,
+                  spread: str, spread_k, ranges, rms_tolerance: float = 0.5) -> dict:
+    """The outlier pass of :func:`drizzlestack.integrate`: the own-pixel flags of every
+    used frame, one Dask task per spatial tile of the sensor (every frame at once, so
+    that hot pixels are seen across frames), resumable through its tile ledger.
+
+    Parameters
+    ----------
+    st : StackStore
+    base : integrate's TilePlan
+        The integration's plan (store, frames, mappings, normalization, saturation).
+    tiling : integrate's tiling
+        Step name, parameters and inputs of the run, and whether it resumes.
+    location, noise : arrays over the store's frames
+        Background level and noise (raw ADU).
+    used : list of int
+        The frames integrated.
+    params : OutlierParameters
+    variable, model, spread : str
+        Store variables of the flags, the model and the spread.
+    spread_k : (float, float)
+        Multiples of the spread tolerated below / above the model.
+    ranges : (float or None, float or None)
+        ``range_low``, ``range_high`` in normalized units.
+    rms_tolerance : float
+        A frame whose registration residual exceeds this (px) gets a proportionally
+        wider derivative term.
+
+    Returns
+    -------
+    dict
+        The step summary's ``outliers`` record (plus ``_fraction``, per frame).
+    """
+    t0 = time.perf_counter()
+    n = len(used)
+    cy, cx = (int(c) for c in st.group["frames"].chunks[1:])
+    ny, nx = st.frame_shape
+    tiles = (-(-ny // cy), -(-nx // cx))
+    rms = (np.asarray(st.group["registration_rms"][:st.n_frames], np.float64)
+           if "registration_rms" in st.group else np.zeros(st.n_frames))
+    widen = np.array([max(1.0, float(rms[i]) / rms_tolerance) if np.isfinite(rms[i]) else 1.0
+                      for i in used])
+    noise_models, sources = _frame_noise_models(st, used, location, noise, n)
+    # Seeing: a frame sharper than the model (about the median frame) has brighter cores.
+    fwhm = np.asarray(st.group["fwhm"][:st.n_frames], np.float64) if "fwhm" in st.group else np.full(st.n_frames,
+                                                                                                   np.nan)
+    f_model = np.nanmedian(fwhm[used]) if np.isfinite(fwhm[used]).any() else np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        extra = np.where(np.isfinite(fwhm[used]) & (fwhm[used] > 0), (f_model / fwhm[used]) ** 2 - 1.0, 0.0)
+    extra = np.nan_to_num(np.clip(extra, 0.0, None), nan=0.0)
+    ledger = tiling.ledger("outliers")
+    done = None
+    if tiling.resumable:
+        done = st.resume_tiles(tiling.step, tiling.params, tiling.inputs, tiles, 3 * n, cy, [variable], ledger=ledger)
+    if done is None:
+        st.delete_variables(variable, f"{ledger}_tiles")
+        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8",
+                           FLAG_RANGE)
+        st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
+                                         "parameters": asdict(params)})
+        done = st.start_tiles(ledger, tiles, 3 * n, cy)
+    plan = OutlierPlan(
+        store=base.store, model=model, spread=spread, spread_k=tuple(float(k) for k in spread_k),
+        ranges=(-np.inf if ranges[0] is None else float(ranges[0]), np.inf if ranges[1] is None else float(ranges[1])),
+        variable=variable, model_origin=tuple(base.origin), indices=list(used),
+        mappings=list(base.mappings), frame_shape=tuple(base.frame_shape), tile=(cy, cx),
+        saturation=np.asarray(base.raw_saturation, np.float64), norm_scale=np.asarray(base.norm_scale, np.float64),
+        norm_offset=np.asarray(base.norm_offset, np.float64), noise=noise_models, params=params,
+        derivative_scale=widen, signal_extra=extra, step=ledger, done=done,
+    )
+    counts = da.map_blocks(outlier_block, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1], (3 * n,)),
+                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
+    (per_tile,) = compute(counts)
+    per_tile = np.asarray(per_tile).reshape(-1, 3 * n)
+    low, high, tested = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(tested > 0, (low + high) / tested, np.nan)
+    return {
+        "_fraction": fraction,
+        "flagged_fraction": float((low.sum() + high.sum()) / max(tested.sum(), 1)),
+        "flagged_low": int(low.sum()), "flagged_high": int(high.sum()),
+        "parameters": asdict(params),
+        "noise_model": sources,
+        "widened": {str(i): round(float(f), 3) for i, f in zip(used, widen) if f > 1},
+        "sharper_than_model": {str(i): round(float(e), 3) for i, e in zip(used, extra) if e > 0},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
 __all__ = ["FLAG_HOT", "FLAG_HIGH", "FLAG_LOW", "FLAG_RANGE", "OUTLIERS_VARIABLE", "OutlierParameters",
-           "FrameNoise", "flag_pixels", "model_window", "OutlierPlan", "outlier_tile", "outlier_block"]
+           "FrameNoise", "flag_pixels", "blot_window", "model_window", "OutlierPlan", "outlier_tile", "outlier_block",
+           "flag_outliers"]
