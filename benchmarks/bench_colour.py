@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -77,27 +78,11 @@ def ratio(args):
 
 
 def nyquist_ratio(image, scale=2.0):
-    """Mean power near the input grid's Nyquist frequencies (0.5 / scale cycles per
-    output pixel along x, y, diagonal) over the mean power of the rest of the band
-    0.4..0.8 of that frequency (the same statistic as the tests)."""
-    from drizzlestack import cfa
+    """The tests' Bayer-grid statistic (``tests/fidelity.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fidelity import nyquist_ratio as ratio
 
-    # dry pixels (no sample of this colour) filled with the mean of their neighbours: a
-    # global fill would paint the partial-sampling lattice of a few frames as a grid
-    image = np.asarray(image, dtype=np.float64)
-    img = np.where(np.isfinite(image), image,
-                   cfa._normalized_convolution(image, np.isfinite(image), np.ones((3, 3))))
-    img = np.where(np.isfinite(img), img, np.nanmedian(image))
-    img = img - img.mean()
-    power = np.abs(np.fft.fft2(img)) ** 2
-    fy = np.fft.fftfreq(img.shape[0])[:, None]
-    fx = np.fft.fftfreq(img.shape[1])[None, :]
-    f0 = 0.5 / scale
-    near = np.zeros(power.shape, bool)
-    for ax, ay in ((f0, 0.0), (0.0, f0), (f0, f0)):
-        near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012
-    band = (np.hypot(np.abs(fx), np.abs(fy)) > 0.8 * f0) & (np.maximum(np.abs(fx), np.abs(fy)) < 1.6 * f0)
-    return float(power[near].mean() / power[band & ~near].mean())
+    return ratio(image, scale)
 
 
 def _stars(image, scale, min_fwhm=4.0):

@@ -184,3 +184,30 @@ def aperture_fluxes(image, xs, ys, r_in, r_bg0, r_bg1):
             continue
         out[k] = cut[ap].sum() - np.nanmedian(cut[bg]) * ap.sum()
     return out
+
+
+def nyquist_ratio(image, scale: float = 2.0) -> float:
+    """Power at the input grid's Nyquist frequencies (a 2-pixel grid: ``0.5 / scale``
+    cycles per output pixel, along x, y and the diagonal) over the mean power of the
+    floor around them (the rest of the band 0.8 to 1.6 times that frequency, where
+    drizzle's smoothing of the noise is about the same), of an image whose NaN are
+    replaced by the mean of their neighbours (a global fill would paint the
+    partial-sampling lattice of a few frames as a grid) or its median. A Bayer grid left
+    in the image is a spike there. Means, not a maximum over bins: the power of noise in
+    one bin scatters by 100 %."""
+    from drizzlestack import cfa
+
+    image = np.asarray(image, dtype=np.float64)
+    img = np.where(np.isfinite(image), image,
+                   cfa._normalized_convolution(image, np.isfinite(image), np.ones((3, 3))))
+    img = np.where(np.isfinite(img), img, np.nanmedian(image))
+    img = img - img.mean()
+    power = np.abs(np.fft.fft2(img)) ** 2
+    fy = np.fft.fftfreq(img.shape[0])[:, None]
+    fx = np.fft.fftfreq(img.shape[1])[None, :]
+    f0 = 0.5 / scale
+    near = np.zeros(power.shape, bool)
+    for ax, ay in ((f0, 0.0), (0.0, f0), (f0, f0)):
+        near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012
+    band = (np.hypot(np.abs(fx), np.abs(fy)) > 0.8 * f0) & (np.maximum(np.abs(fx), np.abs(fy)) < 1.6 * f0)
+    return float(power[near].mean() / power[band & ~near].mean())

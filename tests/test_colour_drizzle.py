@@ -16,6 +16,8 @@ from drizzlestack.drizzle import drizzle_array
 from drizzlestack.simulate import simulate
 from drizzlestack.store import StackStore
 
+from fidelity import nyquist_ratio
+
 RNG = np.random.default_rng(5)
 
 
@@ -93,28 +95,6 @@ def store_with_true_registration(truth, store):
     return store
 
 
-def nyquist_ratio(image):
-    """Power at the input grid's Nyquist frequencies (a 2-pixel grid: 0.25 cycles per
-    output pixel at scale 2, along x, y and the diagonal) over the mean power of the
-    floor around them (the rest of the band 0.2 to 0.4 cycles per output pixel, where
-    drizzle's smoothing of the noise is about the same), of an image whose NaN are
-    replaced by its median. A Bayer grid left in the image is a spike there."""
-    # dry pixels (no sample of this colour) filled with the mean of their neighbours: a
-    # global fill would paint the partial-sampling lattice of a few frames as a grid
-    image = np.asarray(image, dtype=np.float64)
-    img = np.where(np.isfinite(image), image,
-                   cfa._normalized_convolution(image, np.isfinite(image), np.ones((3, 3))))
-    img = np.where(np.isfinite(img), img, np.nanmedian(image))
-    img = img - img.mean()
-    power = np.abs(np.fft.fft2(img)) ** 2
-    fy = np.fft.fftfreq(img.shape[0])[:, None]
-    fx = np.fft.fftfreq(img.shape[1])[None, :]
-    near = np.zeros(power.shape, bool)
-    for ax, ay in ((0.25, 0.0), (0.0, 0.25), (0.25, 0.25)):
-        near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012
-    band = (np.hypot(np.minimum(np.abs(fx), 0.5), np.abs(fy)) > 0.2) & (np.maximum(np.abs(fx), np.abs(fy)) < 0.4)
-    # means, not a maximum over bins: the power of noise in one bin scatters by 100 %
-    return float(power[near].mean() / power[band & ~near].mean())
 
 
 # every pattern; odd and even offsets; both row orders; odd and even heights

@@ -11,6 +11,7 @@ import drizzlestack as ds
 from drizzlestack import cfa
 
 from conftest import SHARED_DATA
+from fidelity import nyquist_ratio
 
 ROI = (400, 300, 320, 240)
 
@@ -31,22 +32,6 @@ def m27(tmp_path_factory):
     return d, ds.open_stack(d / "stack.zarr"), result
 
 
-def _nyquist_ratio(image):
-    # dry pixels (no sample of this colour) filled with the mean of their neighbours: a
-    # global fill would paint the partial-sampling lattice of a few frames as a grid
-    image = np.asarray(image, dtype=np.float64)
-    img = np.where(np.isfinite(image), image,
-                   cfa._normalized_convolution(image, np.isfinite(image), np.ones((3, 3))))
-    img = np.where(np.isfinite(img), img, np.nanmedian(image))
-    img = img - img.mean()
-    power = np.abs(np.fft.fft2(img)) ** 2
-    fy = np.fft.fftfreq(img.shape[0])[:, None]
-    fx = np.fft.fftfreq(img.shape[1])[None, :]
-    near = np.zeros(power.shape, bool)
-    for ax, ay in ((0.25, 0.0), (0.0, 0.25), (0.25, 0.25)):
-        near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012
-    band = (np.hypot(np.abs(fx), np.abs(fy)) > 0.2) & (np.maximum(np.abs(fx), np.abs(fy)) < 0.4)
-    return float(power[near].mean() / power[band & ~near].mean())
 
 
 def test_m27_is_read_as_rggb_and_its_two_greens_match(m27):
@@ -72,8 +57,8 @@ def test_m27_drizzles_to_rgb_without_a_bayer_grid(m27):
     with fits.open(d / "m27.fits") as hdul:
         assert hdul[0].header["NAXIS3"] == 3 and "BAYERPAT" not in hdul[0].header
     for c in range(3):
-        assert _nyquist_ratio(img[c]) <= 3.0, c
+        assert nyquist_ratio(img[c]) <= 3.0, c
     # The mosaic drizzled as grey carries the grid (the test can fail).
     grey = ds.ingest(sorted((SHARED_DATA / "m27-cfa").glob("*.fits.gz"))[:1], d / "grey.zarr", cfa="grey")
     raw = grey.frames[0].values[ROI[1]:ROI[1] + ROI[3], ROI[0]:ROI[0] + ROI[2]]
-    assert _nyquist_ratio(np.kron(raw, np.ones((2, 2)))) > 30
+    assert nyquist_ratio(np.kron(raw, np.ones((2, 2)))) > 30
