@@ -235,3 +235,18 @@ def test_real_frames_flag_few_samples_and_leave_star_fluxes_alone(tmp_path):
     assert good.sum() >= 30
     assert abs(np.median(ratio) - 1) <= 0.003
     assert 1.4826 * np.median(np.abs(ratio - np.median(ratio))) <= 0.003
+
+
+def test_a_store_integrated_before_own_pixel_flags_drizzles_without_them_and_says_so(field, tmp_path):
+    """The old reference-grid flags hit star cores: they are never used for drizzle."""
+    import shutil
+
+    _, store = field
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    st = StackStore.open(old)
+    st.delete_variables("outliers")
+    with pytest.warns(ds.DrizzlestackWarning, match="predates them.*drizzling without rejection"):
+        out = ds.drizzle(old, scale=2.0, pixfrac=0.9, output=None, force=True)
+    plain = ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None, rejection=False, force=True)
+    np.testing.assert_array_equal(out.drizzle.values, plain.drizzle.values)
