@@ -3,8 +3,9 @@
 The output grid is cut into tiles and drizzled as one Dask task per tile
 (``map_blocks``). For each tile and each frame the task maps points along the tile's
 edges back into the frame (:func:`geometry.input_window`), pads by the kernel's reach,
-reads only that window of the frame (and of its rejection flags), builds the window's
-pixmap in tile coordinates and accumulates it. Memory per task is one output tile plus
+reads only that window of the frame (and of its outlier flags, which are in the
+frame's own pixels: integration/outliers.py), builds the window's pixmap in tile
+coordinates and accumulates it. Memory per task is one output tile plus
 one input window, whatever the size of the stack or of the output; the tiles are
 written straight into the store (zarr region writes) and the FITS file is streamed from
 there, so the whole output never sits in memory.

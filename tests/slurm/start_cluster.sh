@@ -40,7 +40,9 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
     pgrep -n -x munged > "$state/munged.pid"
 fi
 
-cpus=$(nproc)
+# The machine's processors: plain `nproc` follows OMP_NUM_THREADS, which a test run
+# may have set to 1 (a one-CPU node then leaves the second job pending).
+cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc --all)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 cat > "$conf" <<CONF
