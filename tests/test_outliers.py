@@ -176,8 +176,10 @@ def test_bad_outlier_parameters_are_refused(field):
     _, store = field
     with pytest.raises(ds.DrizzlestackError, match="outliers: unknown option 'sn'"):
         ds.integrate(store, outliers={"sn": 3})
-    with pytest.raises(ds.DrizzlestackError, match="snr_grow"):
-        OutlierParameters(snr=3.0, snr_grow=4.0)
+    with pytest.raises(ds.DrizzlestackError, match="outliers.snr_grow=-1.0: must be a number >= 0"):
+        OutlierParameters(snr=3.0, snr_grow=-1.0)
+    with pytest.raises(ds.DrizzlestackError, match="outliers.signal='lots': must be a number"):
+        OutlierParameters.from_dict({"signal": "lots"})
 
 
 def test_fewer_than_three_frames_drizzle_without_flags(field, tmp_path):
