@@ -308,22 +308,14 @@ def tools_pipeline(spec: dict, t_start: float) -> dict:
     t = time.perf_counter()
     out_shape = (int(round(scale * ny)), int(round(scale * nx)))
     driz = Drizzle(kernel="square", out_shape=out_shape, disable_ctx=True)
-    yy, xx = np.indices((ny, nx), dtype=np.float64)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fidelity import script_pixmap_and_weights
+
+    grid = np.indices((ny, nx), dtype=np.float64)
     t_map = 0.0
     for i in range(n):
         tm = time.perf_counter()
-        m = transforms[i]
-        w = m[2, 0] * xx + m[2, 1] * yy + m[2, 2]
-        xr = (m[0, 0] * xx + m[0, 1] * yy + m[0, 2]) / w  # reference pixels
-        yr = (m[1, 0] * xx + m[1, 1] * yy + m[1, 2]) / w
-        ix, iy = np.rint(xr).astype(np.intp), np.rint(yr).astype(np.intp)
-        inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
-        weight = np.ones((ny, nx), np.float32)
-        hit = np.zeros((ny, nx), bool)
-        hit[inside] = rejected[i, iy[inside], ix[inside]]
-        weight[hit] = 0.0
-        pixmap = np.dstack([scale * (xr + 0.5) - 0.5, scale * (yr + 0.5) - 0.5])
-        del w, ix, iy, inside, hit, xr, yr
+        pixmap, weight = script_pixmap_and_weights(transforms[i], rejected[i], scale, grid)
         t_map += time.perf_counter() - tm
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

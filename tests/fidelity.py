@@ -109,6 +109,27 @@ def background_excess(image, weights, truth, scale: float, reference: int = 0) -
     return float(np.max((image - local)[good]) / sig)
 
 
+def script_pixmap_and_weights(matrix, rejected, scale: float, grid=None):
+    """The script's step between clipping and drizzle: the frame's pixmap onto the
+    output grid (frame -> reference ``matrix``, then ``scale``) and its weights, zero
+    where the nearest reference pixel was clipped (``rejected``, on the reference grid).
+    ``grid``: the ``np.indices`` of the frame, computed once for all frames."""
+    ny, nx = rejected.shape
+    yy, xx = np.indices((ny, nx), dtype=np.float64) if grid is None else grid
+    m = matrix
+    w = m[2, 0] * xx + m[2, 1] * yy + m[2, 2]
+    xr = (m[0, 0] * xx + m[0, 1] * yy + m[0, 2]) / w
+    yr = (m[1, 0] * xx + m[1, 1] * yy + m[1, 2]) / w
+    ix, iy = np.rint(xr).astype(np.intp), np.rint(yr).astype(np.intp)
+    inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    weight = np.ones((ny, nx), np.float32)
+    hit = np.zeros((ny, nx), bool)
+    hit[inside] = rejected[iy[inside], ix[inside]]
+    weight[hit] = 0.0
+    pixmap = np.dstack([scale * (xr + 0.5) - 0.5, scale * (yr + 0.5) - 0.5])
+    return pixmap, weight
+
+
 def peer_pipeline(files, scale: float, pixfrac: float, transforms=None):
     """astroalign registration, astropy ``sigma_clip`` (3 sigma, 5 iterations) of the
     registered stack, each frame's pixel zero-weighted where its nearest reference
@@ -146,19 +167,9 @@ def peer_pipeline(files, scale: float, pixfrac: float, transforms=None):
     clipped = sigma_clip(stack, axis=0, sigma=3, maxiters=5, cenfunc="median", stdfunc="std")
     rejected = np.ma.getmaskarray(clipped) & np.isfinite(stack)
     driz = Drizzle(kernel="square", out_shape=(int(round(scale * ny)), int(round(scale * nx))), disable_ctx=True)
-    yy, xx = np.indices((ny, nx), dtype=np.float64)
+    grid = np.indices((ny, nx), dtype=np.float64)
     for i in range(n):
-        m = transforms[i]
-        w = m[2, 0] * xx + m[2, 1] * yy + m[2, 2]
-        xr = (m[0, 0] * xx + m[0, 1] * yy + m[0, 2]) / w
-        yr = (m[1, 0] * xx + m[1, 1] * yy + m[1, 2]) / w
-        ix, iy = np.rint(xr).astype(np.intp), np.rint(yr).astype(np.intp)
-        inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
-        weight = np.ones((ny, nx), np.float32)
-        hit = np.zeros((ny, nx), bool)
-        hit[inside] = rejected[i, iy[inside], ix[inside]]
-        weight[hit] = 0.0
-        pixmap = np.dstack([scale * (xr + 0.5) - 0.5, scale * (yr + 0.5) - 0.5])
+        pixmap, weight = script_pixmap_and_weights(transforms[i], rejected[i], scale, grid)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             driz.add_image(frames[i], exptime=1.0, pixmap=pixmap, weight_map=weight, pixfrac=pixfrac,

@@ -252,3 +252,24 @@ def test_a_store_integrated_before_own_pixel_flags_drizzles_without_them_and_say
         out = ds.drizzle(old, scale=2.0, pixfrac=0.9, output=None, force=True)
     plain = ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None, rejection=False, force=True)
     np.testing.assert_array_equal(out.drizzle.values, plain.drizzle.values)
+
+
+def test_report_shows_the_most_flagged_frames_outliers(field, tmp_path):
+    truth, store = field
+    ds.drizzle(store, scale=2.0, pixfrac=0.9, output=None)
+    from drizzlestack.report import write_report
+    import matplotlib.image as mimage
+
+    html = write_report(store, tmp_path / "report").read_text()
+    fractions = ds.open_stack(store).outlier_fraction.values
+    worst = int(np.nanargmax(fractions))
+    assert f"Outliers of frame {worst}" in html
+    assert worst == truth.trail_frame  # the trail makes its frame the most flagged
+    rgb = mimage.imread(tmp_path / "report" / "outliers.png")[..., :3]
+    red = (rgb[..., 0] > 0.9) & (rgb[..., 1] < 0.2) & (rgb[..., 2] < 0.2)
+    flags = ds.open_stack(store).outliers.values[worst]
+    hit = (flags != 0) & (flags != 4)
+    # Every flagged pixel is painted where it is (the frame is small: no block maxima;
+    # y up, so the PNG's first row is the frame's last), nothing else is.
+    assert hit.sum() > 100
+    np.testing.assert_array_equal(red[::-1], hit)
