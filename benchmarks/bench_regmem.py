@@ -1,0 +1,154 @@
+"""Peak memory of the registration step alone, this tree against another source tree.
+
+    python benchmarks/bench_regmem.py --frames 8 --size 4096 --baseline-src DIR [--repeat 2] [--workdir DIR]
+
+Simulates (or reuses) ``--frames`` undersampled frames as ``bench_pipeline.py`` does
+(``sim_params``: FWHM 1.4 px, ~400 stars, cosmic rays and hot pixels per 512x512 px,
+dithers, a trail, saturated stars), ingests them once, and then runs
+``drizzlestack register STORE --force --reference 0 --scheduler threads --workers N``
+(the command-line entry point, ``drizzlestack.cli.main``) in a *fresh child process*
+per run, alternating between this tree and ``--baseline-src`` (e.g. main's
+``drizzlestack`` extracted with ``git archive main drizzlestack | tar -x -C DIR``).
+Each child reports its own peak RSS (``VmHWM``, read at its end: the child does
+nothing but the registration) and its RSS after importing the command line. The star
+tables and transforms of every run are kept, so the two trees' outputs are compared
+(identical or not) and each is checked against the simulator's truth (the worst RMS
+distance between the fitted and the true frame -> reference mapping at the corners
+and centre, and the median registration residual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+
+from bench_pipeline import _registration_error, sim_params, simulate_frames  # noqa: E402
+
+
+def _vm(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(spec: dict) -> None:
+    """Run the registration command and report this process's own memory."""
+    from drizzlestack import cli
+
+    base = _vm("VmRSS")
+    t0 = time.perf_counter()
+    argv = ["register", spec["store"], "--force", "--reference", "0", "--scheduler", "threads",
+            "--workers", str(spec["workers"])]
+    with open(os.devnull, "w") as null:
+        stdout, sys.stdout = sys.stdout, null
+        try:
+            rc = cli.main(argv)
+        finally:
+            sys.stdout = stdout
+    seconds = time.perf_counter() - t0
+    import drizzlestack
+    from drizzlestack.store import open_stack
+
+    stack = open_stack(spec["store"])
+    np.savez(spec["out"], stars=stack["stars"].values, transform=stack["transform"].values,
+             rms=stack["registration_rms"].values)
+    print(json.dumps({"rc": rc, "seconds": seconds, "baseline_rss_mib": base, "peak_rss_mib": _vm("VmHWM"),
+                      "source": str(Path(drizzlestack.__file__).parent.parent)}))
+
+
+def run(spec: dict, pythonpath: str | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(HERE), "_child", json.dumps(spec)], env=env, check=True,
+                         capture_output=True, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        child(json.loads(argv[1]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--fwhm", type=float, default=1.4)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each side, alternated")
+    ap.add_argument("--baseline-src", default=None, help="source tree whose drizzlestack is the 'before' side")
+    ap.add_argument("--workdir", default=None, help="frames and store (kept, reused); default: a temporary one")
+    args = ap.parse_args(argv)
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-regmem-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = sim_params(args.frames, args.size, args.fwhm, args.seed)
+    files, t_sim, reused = simulate_frames(workdir / "frames", params)
+    store = workdir / "stack.zarr"
+    marker = workdir / "ingested.json"
+    if not (store.exists() and marker.exists() and json.loads(marker.read_text()) == files):
+        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "drizzlestack.cli", "ingest", str(store), *files, "--no-progress"],
+                       check=True, capture_output=True)
+        marker.write_text(json.dumps(files))
+    sides = [("this tree", str(HERE.parent.parent))]
+    if args.baseline_src:
+        sides.insert(0, ("baseline", str(Path(args.baseline_src).resolve())))
+    # warm numba's cache for both sides (not counted)
+    for name, src in sides:
+        run({"store": str(store), "workers": args.workers, "out": str(workdir / "warm.npz")}, src)
+    results: dict[str, list] = {name: [] for name, _ in sides}
+    outputs = {}
+    for r in range(args.repeat):
+        for name, src in sides:
+            out = workdir / f"{name.replace(' ', '_')}.npz"
+            res = run({"store": str(store), "workers": args.workers, "out": str(out)}, src)
+            res["truth_error_px"] = _registration_error(store, workdir / "frames")
+            z = np.load(out)
+            res["median_rms_px"] = float(np.nanmedian(z["rms"][z["rms"] > 0]))
+            results[name].append(res)
+            outputs[name] = {k: z[k] for k in z.files}
+            print(f"# {name} run {r + 1}: peak RSS {res['peak_rss_mib']:.0f} MiB (after imports "
+                  f"{res['baseline_rss_mib']:.0f}), step {res['seconds']:.1f} s, worst error vs truth "
+                  f"{res['truth_error_px']:.4f} px, median residual {res['median_rms_px']:.4f} px "
+                  f"[{res['source']}]", flush=True)
+    print(f"\n{args.frames} frames of {args.size}x{args.size}, threads x{args.workers}")
+    print("| side | peak RSS MiB (runs) | RSS after imports MiB | step s (loaded machine) | worst error vs truth px "
+          "| median residual px |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rs in results.items():
+        peaks = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in rs)
+        secs = " / ".join(f"{r['seconds']:.1f}" for r in rs)
+        print(f"| {name} | {peaks} | {rs[0]['baseline_rss_mib']:.0f} | {secs} | {rs[-1]['truth_error_px']:.4f} "
+              f"| {rs[-1]['median_rms_px']:.4f} |")
+    if len(outputs) == 2:
+        a, b = outputs["baseline"], outputs["this tree"]
+        for key in ("stars", "transform"):
+            same = a[key].shape == b[key].shape and np.array_equal(a[key], b[key], equal_nan=True)
+            diff = "" if same or a[key].shape != b[key].shape else \
+                f" (largest difference {np.nanmax(np.abs(a[key] - b[key])):.3g})"
+            print(f"{key}: {'identical' if same else 'DIFFERENT'}{diff}")
+    print(f"# workdir {workdir}")
+
+
+if __name__ == "__main__":
+    main()
