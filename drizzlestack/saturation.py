@@ -38,7 +38,14 @@ def adc_ceiling(data: np.ndarray, type_max: float, min_count: int = ADC_MIN_COUN
     """
     with np.errstate(invalid="ignore"):
         top = float(np.nanmax(data)) if np.size(data) and not np.all(np.isnan(data)) else float("nan")
-    if not np.isfinite(top) or top >= type_max or np.count_nonzero(data == top) < min_count:
+    count = int(np.count_nonzero(data == top)) if np.isfinite(top) else 0
+    return ceiling_from_top(top, count, type_max, min_count)
+
+
+def ceiling_from_top(top: float, count: int, type_max: float, min_count: int = ADC_MIN_COUNT) -> float:
+    """:func:`adc_ceiling` from the frame's maximum ``top`` (NaN: no data) and the number
+    of pixels at it, ``count`` (for frames read a band at a time)."""
+    if not np.isfinite(top) or top >= type_max or count < min_count:
         return type_max
     for k in ADC_BITS:
         if 0 <= (2.0**k - 1) - top <= ADC_MARGIN:

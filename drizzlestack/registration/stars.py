@@ -20,16 +20,16 @@ a real star, even undersampled, spreads light into its neighbours along *both* a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numba
 import numpy as np
-import sep
 from scipy.spatial import cKDTree
 
 from ..constants import SIGMA_TO_FWHM  # noqa: F401  (also importable from here)
-from ..saturation import adc_ceiling
+from ..saturation import ceiling_from_top
+from .background import MeshBackground, box_statistics
+from .psffit import fit_gaussians  # noqa: F401  (the fitting kernels' home; importable from here)
 
 #: columns of a star table, in order (the ``field`` coordinate of the store's ``stars``)
 FIELDS = ("x", "y", "flux", "fwhm", "peak", "snr", "flags")
@@ -38,9 +38,6 @@ FLAG_SATURATED = 1  #: the star has pixels at or above the saturation level (fit
 FLAG_BLENDED = 2  #: deblended from, or overlapping, another source
 FLAG_TRUNCATED = 4  #: the fitting stamp was cut by the frame edge or by invalid pixels
 FLAG_NOFIT = 8  #: the profile fit did not converge (saturated star): first-moment position
-
-_SQRT2 = np.sqrt(2.0)
-_SQRTPI = np.sqrt(np.pi)
 
 
 @dataclass
@@ -97,213 +94,6 @@ def empty_table() -> np.ndarray:
     return np.empty((0, len(FIELDS)), dtype=np.float64)
 
 
-@numba.njit(nogil=True, cache=True)
-def _profile_1d(pix0, k, c, sig, e, de_dc, de_ds):
-    """Pixel-integrated unit 1-D Gaussian at pixels ``pix0 .. pix0 + k - 1`` and its
-    derivatives with respect to the centre ``c`` and the width ``sig``."""
-    r2s = 1.0 / (_SQRT2 * sig)
-    for j in range(k):
-        hi = (pix0 + j + 0.5 - c) * r2s
-        lo = (pix0 + j - 0.5 - c) * r2s
-        ghi = np.exp(-hi * hi)
-        glo = np.exp(-lo * lo)
-        e[j] = 0.5 * (math.erf(hi) - math.erf(lo))
-        de_dc[j] = -(ghi - glo) * r2s / _SQRTPI
-        de_ds[j] = -(hi * ghi - lo * glo) / (_SQRTPI * sig)
-
-
-@numba.njit(nogil=True, cache=True)
-def _chi2_and_normal(st, vd, x0, y0, p, ex, dex, dexs, ey, dey, deys, jtj, jtr, want_normal):
-    """Chi-square of params ``p`` on one stamp and, if asked, ``J^T J`` and ``J^T r``."""
-    k = st.shape[0]
-    _profile_1d(x0, k, p[0], p[3], ex, dex, dexs)
-    _profile_1d(y0, k, p[1], p[3], ey, dey, deys)
-    chi2 = 0.0
-    if want_normal:
-        for a in range(5):
-            jtr[a] = 0.0
-            for b in range(5):
-                jtj[a, b] = 0.0
-    g = np.empty(5)
-    for i in range(k):
-        for j in range(k):
-            if not vd[i, j]:
-                continue
-            prof = ey[i] * ex[j]
-            r = st[i, j] - (p[2] * prof + p[4])
-            chi2 += r * r
-            if want_normal:
-                g[0] = p[2] * ey[i] * dex[j]
-                g[1] = p[2] * dey[i] * ex[j]
-                g[2] = prof
-                g[3] = p[2] * (deys[i] * ex[j] + ey[i] * dexs[j])
-                g[4] = 1.0
-                for a in range(5):
-                    jtr[a] += g[a] * r
-                    for b in range(a, 5):
-                        jtj[a, b] += g[a] * g[b]
-    if want_normal:
-        for a in range(5):
-            for b in range(a):
-                jtj[a, b] = jtj[b, a]
-    return chi2
-
-
-@numba.njit(nogil=True, cache=True)
-def _solve5(a, b, out):
-    """Solve the 5x5 system ``a out = b`` by Gaussian elimination with partial pivoting;
-    False if singular."""
-    m = a.copy()
-    v = b.copy()
-    for c in range(5):
-        piv = c
-        for r in range(c + 1, 5):
-            if abs(m[r, c]) > abs(m[piv, c]):
-                piv = r
-        if m[piv, c] == 0.0 or not np.isfinite(m[piv, c]):
-            return False
-        if piv != c:
-            for q in range(5):
-                m[c, q], m[piv, q] = m[piv, q], m[c, q]
-            v[c], v[piv] = v[piv], v[c]
-        for r in range(c + 1, 5):
-            f = m[r, c] / m[c, c]
-            for q in range(c, 5):
-                m[r, q] -= f * m[c, q]
-            v[r] -= f * v[c]
-    for c in range(4, -1, -1):
-        acc = v[c]
-        for q in range(c + 1, 5):
-            acc -= m[c, q] * out[q]
-        out[c] = acc / m[c, c]
-    return True
-
-
-@numba.njit(nogil=True, cache=True)
-def _fit_all(stamps, valid, px0, py0, init, n_iter, min_sigma, params, cov, ok):
-    n, k = stamps.shape[0], stamps.shape[1]
-    ex = np.empty(k)
-    dex = np.empty(k)
-    dexs = np.empty(k)
-    ey = np.empty(k)
-    dey = np.empty(k)
-    deys = np.empty(k)
-    jtj = np.empty((5, 5))
-    jtr = np.empty(5)
-    tj = np.empty((5, 5))
-    tr = np.empty(5)
-    a = np.empty((5, 5))
-    step = np.empty(5)
-    trial = np.empty(5)
-    col = np.empty(5)
-    unit = np.empty(5)
-    for s in range(n):
-        st = stamps[s]
-        vd = valid[s]
-        p = params[s]
-        for q in range(5):
-            p[q] = init[s, q]
-        npix = 0
-        for i in range(k):
-            for j in range(k):
-                if vd[i, j]:
-                    npix += 1
-        ok[s] = False
-        if npix < 6:
-            continue
-        chi2 = _chi2_and_normal(st, vd, px0[s], py0[s], p, ex, dex, dexs, ey, dey, deys, jtj, jtr, True)
-        lam = 1e-3
-        for _ in range(n_iter):
-            for r in range(5):
-                for c in range(5):
-                    a[r, c] = jtj[r, c]
-                # damping, plus a tiny ridge so a degenerate stamp never makes it singular
-                a[r, r] += lam * jtj[r, r] + 1e-12 * (jtj[r, r] + 1e-300)
-            if not _solve5(a, jtr, step):
-                lam *= 10.0
-                if lam > 1e8:
-                    break
-                continue
-            for q in range(5):
-                trial[q] = p[q] + step[q]
-            if trial[3] < min_sigma:
-                trial[3] = min_sigma
-            t_chi2 = _chi2_and_normal(st, vd, px0[s], py0[s], trial, ex, dex, dexs, ey, dey, deys, tj, tr, True)
-            if np.isfinite(t_chi2) and t_chi2 <= chi2:
-                small = abs(chi2 - t_chi2) <= 1e-7 * max(chi2, 1e-30) or \
-                    max(abs(step[0]), abs(step[1])) < 1e-4
-                for q in range(5):
-                    p[q] = trial[q]
-                    jtr[q] = tr[q]
-                    for c in range(5):
-                        jtj[q, c] = tj[q, c]
-                chi2 = t_chi2
-                lam *= 0.3
-                if small:
-                    break
-            else:
-                lam *= 10.0
-                if lam > 1e8:
-                    break
-        # covariance: (J^T J)^-1 scaled by the reduced chi-square (which carries the
-        # source's own photon noise, not modelled by the uniform weights)
-        scale = chi2 / max(npix - 5.0, 1.0)
-        good = True
-        for c in range(5):
-            for q in range(5):
-                unit[q] = 1.0 if q == c else 0.0
-            for r in range(5):
-                for q in range(5):
-                    a[r, q] = jtj[r, q]
-                a[r, r] += 1e-12 * (jtj[r, r] + 1e-300)
-            if not _solve5(a, unit, col):
-                good = False
-                break
-            for r in range(5):
-                cov[s, r, c] = col[r] * scale
-        ok[s] = good and np.isfinite(p[0]) and np.isfinite(p[1]) and p[2] > 0.0
-
-
-def fit_gaussians(stamps, valid, px, py, init, n_iter: int = 30, min_sigma: float = 0.15):
-    """Least-squares fit of pixel-integrated circular Gaussians to many stamps.
-
-    Parameters
-    ----------
-    stamps : (n, K, K) float64
-        Background-subtracted pixel values (any value where not ``valid``).
-    valid : (n, K, K) bool
-        Pixels that take part in the fit.
-    px, py : (n, K) float64
-        Pixel-centre x of the stamp columns and y of its rows, in frame pixels
-        (consecutive integers).
-    init : (n, 5) float64
-        Starting ``(x, y, flux, sigma, background offset)``.
-    n_iter : int
-        Most Levenberg-Marquardt steps per star.
-    min_sigma : float
-        Lower bound of the Gaussian sigma (px): a hot pixel runs to it.
-
-    Returns
-    -------
-    params : (n, 5) float64
-        Fitted ``(x, y, flux, sigma, b)``.
-    cov : (n, 5, 5) float64
-        Parameter covariance, scaled by the reduced chi-square (so it includes the
-        source's own photon noise, which a uniform-weight fit does not model).
-    ok : (n,) bool
-        The fit converged to a sensible star.
-    """
-    n = stamps.shape[0]
-    params = np.empty((n, 5))
-    cov = np.full((n, 5, 5), np.nan)
-    ok = np.zeros(n, bool)
-    if n:
-        _fit_all(np.ascontiguousarray(stamps, dtype=np.float64), np.ascontiguousarray(valid, dtype=np.bool_),
-                 np.ascontiguousarray(px[:, 0], dtype=np.float64), np.ascontiguousarray(py[:, 0], dtype=np.float64),
-                 np.ascontiguousarray(init, dtype=np.float64), int(n_iter), float(min_sigma), params, cov, ok)
-    return params, cov, ok
-
-
 def _stamp_indices(xc, yc, radius):
     offs = np.arange(-radius, radius + 1)
     ix = np.floor(xc + 0.5).astype(np.int64)[:, None] + offs
@@ -348,18 +138,21 @@ def _is_peak(f, y, x):
 
 
 @numba.njit(nogil=True, cache=True)
-def _find_peaks(d, rms, threshold, capacity):
+def _find_peaks(d, rms, threshold, capacity, y0, y1):
     """Local maxima of the matched-filtered signal-to-noise image above ``threshold``.
 
     The filter is sep's and Source Extractor's default 3x3 kernel ``[1 2 1] x [1 2 1]``
     applied to ``d / rms``, divided by its noise gain (``sqrt(36) / 16``), so the
     filtered image has unit noise and ``threshold`` is a matched-filter S/N. A pixel is a
     peak if it beats its 8 neighbours (ties go to the first in scan order). Returns
-    ``(x, y, snr, count)`` of the peaks; ``count`` is -1 when there are more than
-    ``capacity``.
+    ``(x, y, snr, count)`` of the peaks in rows ``y0:y1``; ``count`` is -1 when there
+    are more than ``capacity``.
 
-    ``rms`` is overwritten by the filtered image: frames can be 100+ Mpx, and the
-    noise map is not needed afterwards, so it is the filter's only full-size buffer.
+    ``d`` and ``rms`` are a band of the frame: the rows ``y0:y1`` searched and at least
+    two rows on either side (fewer only where the band meets the frame's edge, beyond
+    which the filter sees zeros), so the filtered values and the 8-neighbour test of
+    the searched rows are those of the whole frame. ``rms`` is overwritten by the
+    filtered image (the filter's only band-sized buffer).
     """
     ny, nx = d.shape
     f = rms
@@ -385,7 +178,7 @@ def _find_peaks(d, rms, threshold, capacity):
         above[:] = row
     # Count first, then fill arrays of the exact size (no capacity-sized buffers).
     count = 0
-    for y in range(ny):
+    for y in range(y0, y1):
         for x in range(nx):
             if f[y, x] > threshold and _is_peak(f, y, x):
                 count += 1
@@ -395,7 +188,7 @@ def _find_peaks(d, rms, threshold, capacity):
     ys = np.empty(count, np.int64)
     vs = np.empty(count, np.float32)
     k = 0
-    for y in range(ny):
+    for y in range(y0, y1):
         for x in range(nx):
             if f[y, x] > threshold and _is_peak(f, y, x):
                 xs[k] = x
@@ -422,16 +215,17 @@ def _neighbourhood(d, ix0, iy0):
     return np.where(inside, vals, 0.0)
 
 
-def _typical_sigma(d, x, y, flux, clean, n: int = 100, radius: int = 5) -> float:
-    """Median Gaussian sigma (px) of the ``n`` brightest clean stars, from wide-stamp fits."""
-    ny, nx = d.shape
+def _typical_sigma(take, shape, x, y, flux, clean, n: int = 100, radius: int = 5) -> float:
+    """Median Gaussian sigma (px) of the ``n`` brightest clean stars, from wide-stamp fits
+    (``take``: the candidates' stamps, :class:`_Stamps`)."""
+    ny, nx = shape
     cand = clean & (x > radius) & (x < nx - 1 - radius) & (y > radius) & (y < ny - 1 - radius)
     idx = np.flatnonzero(cand)
     idx = idx[np.argsort(-flux[idx])][:n]
     if idx.size < 3:
         return 1.0
     ix, iy = _stamp_indices(x[idx], y[idx], radius)
-    stamps = d[iy[:, :, None], ix[:, None, :]].astype(np.float64)
+    stamps = take(idx, radius)[0].astype(np.float64)
     init = np.column_stack([x[idx], y[idx], np.maximum(stamps.sum(axis=(1, 2)), 1e-3),
                             np.full(idx.size, 1.0), np.zeros(idx.size)])
     params, _cov, ok = fit_gaussians(stamps, np.ones(stamps.shape, bool), ix.astype(np.float64),
@@ -440,9 +234,10 @@ def _typical_sigma(d, x, y, flux, clean, n: int = 100, radius: int = 5) -> float
     return float(np.median(params[ok, 3])) if ok.sum() >= 3 else 1.0
 
 
-def _plateau_centres(mask, ix0, iy0, window: int = 25):
+def _plateau_centres(mask, ix0, iy0, window: int = 25, row0: int = 0):
     """Centre (mean position) and equivalent radius of the saturated plateau holding each
-    peak pixel ``(ix0, iy0)`` (its connected saturated pixels in ``mask``)."""
+    peak pixel ``(ix0, iy0)`` (its connected saturated pixels in ``mask``, a band whose
+    first row is the frame's ``row0``; the centre in frame coordinates)."""
     from scipy import ndimage
 
     ny, nx = mask.shape
@@ -453,23 +248,22 @@ def _plateau_centres(mask, ix0, iy0, window: int = 25):
         lab, _ = ndimage.label((mask[ya:yb, xa:xb] & _MASK_SATURATED) != 0)
         comp = lab == lab[y - ya, x - xa]
         vy, vx = np.nonzero(comp)
-        xs[k], ys[k] = xa + vx.mean(), ya + vy.mean()
+        xs[k], ys[k] = xa + vx.mean(), (ya + row0) + vy.mean()
         rs[k] = np.sqrt(vx.size / np.pi)
     return xs, ys, rs
 
 
-def _measure(d, mask, x0, y0, nd, ni, sel, radius, s0):
+def _measure(take, shape, x0, y0, nd, ni, sel, radius, s0):
     """Fit candidates ``sel`` on stamps of ``radius``; invalid and saturated pixels are
     left out, and so are the pixels nearer to a neighbouring candidate than to this one
     (a Voronoi split of blends). Returns params, cov, ok, flags and the starting values."""
-    ny, nx = d.shape
+    ny, nx = shape
     n_all = len(x0)
     xs, ys = x0[sel], y0[sel]
     ix, iy = _stamp_indices(xs, ys, radius)
     inside = (ix[:, None, :] >= 0) & (ix[:, None, :] < nx) & (iy[:, :, None] >= 0) & (iy[:, :, None] < ny)
-    cix, ciy = np.clip(ix, 0, nx - 1), np.clip(iy, 0, ny - 1)
-    stamps = d[ciy[:, :, None], cix[:, None, :]].astype(np.float64)
-    m = mask[ciy[:, :, None], cix[:, None, :]] if mask is not None else np.zeros(stamps.shape, np.uint8)
+    stamps, m = take(sel, radius)  # (edge pixels repeated outside the frame, as clipped indices give)
+    stamps = stamps.astype(np.float64)
     usable = inside & ((m & _MASK_NODATA) == 0)
     own = np.ones_like(usable)
     d_own = (ix[:, None, :] - xs[:, None, None]) ** 2 + (iy[:, :, None] - ys[:, None, None]) ** 2
@@ -498,22 +292,85 @@ def _measure(d, mask, x0, y0, nd, ni, sel, radius, s0):
 
 
 # ------------------------------------------------------------ detect_stars, by stage
-def _saturation_level(raw, saturation):
+# Detection reads the frame a band of rows at a time, three times over (issue 12: a
+# 4096^2 frame is 64 MiB of float32, and each Dask worker held it with its noise map):
+# a survey (saturation level, sep's background mesh), a scan (peaks and their
+# neighbourhoods) and a gathering of the candidates' stamps. Each band is read with
+# enough rows of its neighbours (a halo) that every value computed for its own rows is
+# the one the whole frame gives, so the stars are the same to the last bit.
+
+#: rows of a band (rounded to whole mesh boxes): 4 MiB of float32 on a 4096 px wide frame
+_BAND_ROWS = 256
+#: halo of the scan: the peak filter (2 rows), the 3x3 around a peak's brightest pixel
+#: (2) and the window of its saturated plateau (25)
+_SCAN_HALO = 28
+#: stamp radius gathered for unsaturated and saturated candidates (the most
+#: :func:`_fit_candidates` uses; :func:`_typical_sigma` needs 5), and the gathering halo
+_STAMP_RADIUS = (10, 20)
+_STAMP_HALO = 20
+
+
+class _ArrayRows:
+    """Bands of an in-memory frame (each a float32 copy: the caller's pixels stay as they are)."""
+
+    def __init__(self, data):
+        if np.ndim(data) != 2:
+            raise ValueError(f"detect_stars: expected a 2-d frame, got shape {np.shape(data)}")
+        self._data = data
+        self.shape = tuple(int(n) for n in data.shape)
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        return np.array(self._data[y0:y1], dtype=np.float32)
+
+
+def _bands(ny: int, rows: int):
+    for y0 in range(0, ny, rows):
+        yield y0, min(y0 + rows, ny)
+
+
+def _survey(src, box: int, rows: int):
+    """First pass: whether the frame holds any data, its maximum and the number of
+    pixels at it (for :func:`_saturation_level`), and sep's background mesh
+    (:class:`~drizzlestack.registration.background.MeshBackground`; no-data pixels count
+    as sep's masked pixels)."""
+    ny, nx = src.shape
+    back = np.empty(((ny - 1) // box + 1, (nx - 1) // box + 1), np.float32)
+    sigma = np.empty_like(back)
+    top, count, any_data = np.nan, 0, False
+    for y0, y1 in _bands(ny, rows):
+        band = src.rows(y0, y1)
+        nodata = ~np.isfinite(band)
+        any_data |= not nodata.all()
+        if not np.all(np.isnan(band)):
+            btop = float(np.nanmax(band))
+            if not btop <= top:  # also when top is still NaN
+                top, count = btop, int(np.count_nonzero(band == btop))
+            elif btop == top:
+                count += int(np.count_nonzero(band == btop))
+        holes = nodata.any()
+        if holes:
+            band[nodata] = 0.0
+        j = y0 // box
+        box_statistics(band, nodata if holes else None, box, back[j:j + band.shape[0] // box + 1],
+                       sigma[j:j + band.shape[0] // box + 1])
+    return any_data, top, count, MeshBackground(back, sigma, (ny, nx), box)
+
+
+def _saturation_level(top, count, saturation):
     """Level of the raw pixels at and above which they are treated as saturated, or
     ``None``: 99.5 % of ``saturation``, or the converter's ceiling
-    (:func:`drizzlestack.saturation.adc_ceiling`) when the frame shows a lower one."""
+    (:func:`drizzlestack.saturation.adc_ceiling`, from the frame's maximum ``top`` and
+    the ``count`` of pixels at it) when the frame shows a lower one."""
     level = float(saturation) if saturation is not None and np.isfinite(saturation) and saturation > 0 else np.inf
-    ceiling = adc_ceiling(raw, level)
+    ceiling = ceiling_from_top(top, count, level)
     if ceiling < level:
         return min(ceiling, 0.995 * level)
     return 0.995 * level if np.isfinite(level) else None
 
 
-def _pixel_mask(raw, sat_level):
+def _pixel_mask(nodata, saturated):
     """The no-data and saturated pixels as one uint8 mask (``None`` when there are
-    none): a quarter of a float32 frame, kept instead of the raw pixels."""
-    nodata = ~np.isfinite(raw)
-    saturated = (raw >= sat_level) if sat_level is not None else None
+    none): a quarter of a float32 band, kept instead of the raw pixels."""
     if not nodata.any() and (saturated is None or not saturated.any()):
         return None
     mask = nodata.view(np.uint8) * _MASK_NODATA
@@ -522,26 +379,20 @@ def _pixel_mask(raw, sat_level):
     return mask
 
 
-def _subtract_background(d, mask, background_box):
-    """Background-subtract ``d`` in place (no-data pixels set to 0) and return the
-    noise map, the global background and the global noise (sep)."""
-    nodata = mask is not None and bool(np.any(mask & _MASK_NODATA))
-    if nodata:
-        d[(mask & _MASK_NODATA) != 0] = 0.0
-    ny, nx = d.shape
-    box = int(min(background_box, max(8, min(ny, nx) // 4)))
-    bkg = sep.Background(d, mask=mask if nodata else None, maskthresh=1.0, bw=box, bh=box, fw=3, fh=3)
-    noise = float(bkg.globalrms)
-    background = float(bkg.globalback)
-    if not np.isfinite(noise) or noise <= 0:
-        return None, background, noise
-    rms = bkg.rms()
-    if not rms.min() > 0:  # also catches NaN: a mesh with no valid pixel
-        rms[~(np.isfinite(rms) & (rms > 0))] = noise
-    bkg.subfrom(d)  # in place: no full-size background map
-    if nodata:
-        d[(mask & _MASK_NODATA) != 0] = 0.0
-    return rms, background, noise
+def _band_pixels(src, bkg, sat_level, a: int, b: int):
+    """Rows ``a:b`` background-subtracted (no-data pixels 0, as sep saw them), their
+    mask, and a spare band-sized float32 buffer."""
+    d = src.rows(a, b)
+    nodata = ~np.isfinite(d)
+    mask = _pixel_mask(nodata, (d >= sat_level) if sat_level is not None else None)
+    holes = mask is not None and nodata.any()
+    if holes:
+        d[nodata] = 0.0
+    buf = bkg.back_rows(a, b)
+    d -= buf
+    if holes:
+        d[nodata] = 0.0
+    return d, mask, buf
 
 
 def _saturated_at(mask, ix, iy):
@@ -550,10 +401,12 @@ def _saturated_at(mask, ix, iy):
     return (mask[iy, ix] & _MASK_SATURATED) != 0
 
 
-def _candidates(d, mask, px, py, max_stars):
-    """Peak pixels that are not single-pixel spikes (at most ~1.25 ``max_stars``, the
-    brightest): positions ``ix0, iy0``, 3x3 neighbourhoods, their sums, whether the peak
-    is saturated, and the number of spikes rejected."""
+def _band_candidates(d, mask, px, py, row0):
+    """Peaks of one band (band coordinates) that are not single-pixel spikes: the
+    brightest raw pixel next to each (frame coordinates), its 3x3 neighbourhood and
+    sum, whether it is saturated, and the plateau of each saturated one. Returns the
+    per-peak sums and spike test (``flux3_all``, ``keep_all``, for the frame-wide
+    selection) and the kept peaks' arrays."""
     ny, nx = d.shape
     # The filtered maximum can sit next to the brightest raw pixel: spikes are judged,
     # and stamps centred, on the latter.
@@ -569,13 +422,99 @@ def _candidates(d, mask, px, py, max_stars):
     nb = _neighbourhood(d, ix0, iy0)
     flux3 = nb.sum(axis=(1, 2))
     keep = ~spike & (flux3 > 0)
-    n_rejected = int(spike.sum())
+    plateau = np.full((int(keep.sum()), 3), np.nan)
+    sat = saturated[keep]
+    if sat.any():
+        plateau[sat] = np.column_stack(_plateau_centres(mask, ix0[keep][sat], iy0[keep][sat], row0=row0))
+    return {"flux3_all": flux3, "keep_all": keep, "n_spikes": int(spike.sum()),
+            "ix0": ix0[keep], "iy0": iy0[keep] + row0, "nb": nb[keep], "flux3": flux3[keep],
+            "saturated": sat, "plateau": plateau}
+
+
+def _scan(src, bkg, sat_level, threshold, capacity, rows):
+    """Second pass: :func:`_band_candidates` of every band, concatenated in scan order
+    (the order the whole frame gives). ``None`` when the frame has more than
+    ``capacity`` peaks (noise, not stars)."""
+    ny, nx = src.shape
+    parts = []
+    total = 0
+    for y0, y1 in _bands(ny, rows):
+        a, b = max(0, y0 - _SCAN_HALO), min(ny, y1 + _SCAN_HALO)
+        d, mask, rms = _band_pixels(src, bkg, sat_level, a, b)
+        bkg.rms_rows(a, b, out=rms)
+        if not rms.min() > 0:  # also catches NaN: a mesh with no valid pixel
+            rms[~(np.isfinite(rms) & (rms > 0))] = bkg.globalrms
+        px, py, _pv, count = _find_peaks(d, rms, float(threshold), capacity - total, y0 - a, y1 - a)
+        if count < 0:
+            return None
+        total += count
+        if count:
+            parts.append(_band_candidates(d, mask, px, py, a))
+        del d, mask, rms
+    if not parts:
+        return {}
+    return {key: np.concatenate([p[key] for p in parts]) if key != "n_spikes" else sum(p[key] for p in parts)
+            for key in parts[0]}
+
+
+def _select_candidates(found, max_stars):
+    """The kept peaks, at most ~1.25 ``max_stars`` of them (the brightest), and the
+    number of spikes rejected."""
+    keep = found["keep_all"].copy()
     if max_stars is not None and keep.sum() > 1.25 * max_stars + 50:
         # Fitting is the costly part: fit only the brightest candidates, with a margin
         # for those the fit will reject.
-        order = np.argsort(-np.where(keep, flux3, -np.inf))
+        order = np.argsort(-np.where(keep, found["flux3_all"], -np.inf))
         keep[order[int(1.25 * max_stars + 50):]] = False
-    return ix0[keep], iy0[keep], nb[keep], flux3[keep], saturated[keep], n_rejected
+    chosen = keep[found["keep_all"]]
+    names = ("ix0", "iy0", "nb", "flux3", "saturated", "plateau")
+    return {k: found[k][chosen] for k in names}, found["n_spikes"]
+
+
+class _Stamps:
+    """Third pass: background-subtracted pixels and mask bits around every candidate,
+    centred on ``floor(x0 + 0.5), floor(y0 + 0.5)`` with indices clipped to the frame
+    (as :func:`_measure` indexes), gathered band by band. ``take(idx, radius)`` cuts the
+    stamps of candidates ``idx`` (all unsaturated or all saturated) to ``radius``."""
+
+    def __init__(self, src, bkg, sat_level, x0, y0, saturated, rows):
+        ny, nx = src.shape
+        cx = np.floor(x0 + 0.5).astype(np.int64)
+        cy = np.floor(y0 + 0.5).astype(np.int64)
+        self.group = saturated.astype(np.int64)
+        self.slot = np.empty(len(x0), np.int64)
+        self.values, self.masks = [], []
+        for g, r in enumerate(_STAMP_RADIUS):
+            members = self.group == g
+            self.slot[members] = np.arange(members.sum())
+            self.values.append(np.zeros((int(members.sum()), 2 * r + 1, 2 * r + 1), np.float32))
+            self.masks.append(np.zeros((int(members.sum()), 2 * r + 1, 2 * r + 1), np.uint8))
+        row = np.clip(cy, 0, ny - 1)
+        for y0b, y1b in _bands(ny, rows):
+            here = np.flatnonzero((row >= y0b) & (row < y1b))
+            if not here.size:
+                continue
+            a, b = max(0, y0b - _STAMP_HALO), min(ny, y1b + _STAMP_HALO)
+            d, mask, _ = _band_pixels(src, bkg, sat_level, a, b)
+            for g, r in enumerate(_STAMP_RADIUS):
+                sel = here[self.group[here] == g]
+                if not sel.size:
+                    continue
+                offs = np.arange(-r, r + 1)
+                iy = (np.clip(cy[sel, None] + offs, 0, ny - 1) - a)[:, :, None]
+                ix = np.clip(cx[sel, None] + offs, 0, nx - 1)[:, None, :]
+                self.values[g][self.slot[sel]] = d[iy, ix]
+                if mask is not None:
+                    self.masks[g][self.slot[sel]] = mask[iy, ix]
+            del d, mask
+
+    def __call__(self, idx, radius):
+        g = int(self.group[idx[0]]) if len(idx) else 0
+        if np.any(self.group[idx] != g) or radius > _STAMP_RADIUS[g]:
+            raise ValueError("stamps of one size and group at a time, within the gathered radius")
+        cut = slice(_STAMP_RADIUS[g] - radius, _STAMP_RADIUS[g] + radius + 1)
+        slots = self.slot[idx]
+        return self.values[g][slots][:, cut, cut], self.masks[g][slots][:, cut, cut]
 
 
 def _starting_positions(ix0, iy0, nb):
@@ -586,16 +525,17 @@ def _starting_positions(ix0, iy0, nb):
     return ix0 + np.sum(w3.sum(axis=1) * off, axis=1) / wsum, iy0 + np.sum(w3.sum(axis=2) * off, axis=1) / wsum
 
 
-def _merge_plateaus(mask, cand):
+def _merge_plateaus(cand):
     """A saturated star is a plateau that may hold several peaks: start each from the
-    plateau's centre and keep one candidate per plateau. ``cand`` maps names to
-    per-candidate arrays; returns it filtered, with the plateaus' radii."""
+    plateau's centre (``cand["plateau"]``, from :func:`_plateau_centres` as the bands were
+    scanned) and keep one candidate per plateau. ``cand`` maps names to per-candidate
+    arrays; returns it filtered, with the plateaus' radii."""
     sat = cand["saturated"]
     plateau = np.zeros(len(sat))
     if not sat.any():
         return cand, plateau
     idx = np.flatnonzero(sat)
-    cand["x0"][idx], cand["y0"][idx], plateau[idx] = _plateau_centres(mask, cand["ix0"][idx], cand["iy0"][idx])
+    cand["x0"][idx], cand["y0"][idx], plateau[idx] = cand["plateau"][idx].T
     cx, cy = np.round(cand["x0"][idx], 1), np.round(cand["y0"][idx], 1)
     _, first = np.unique(np.column_stack([cx, cy]), axis=0, return_index=True)
     dup = np.ones(idx.size, bool)
@@ -614,7 +554,7 @@ def _nearest_neighbours(x0, y0):
     return nd.reshape(n, kq)[:, 1:], ni.reshape(n, kq)[:, 1:]
 
 
-def _fit_candidates(d, mask, cand, plateau, nd, ni, s0):
+def _fit_candidates(take, shape, cand, plateau, nd, ni, s0):
     """Profile fits of every candidate: unsaturated ones on stamps of ~1.1 FWHM, the
     saturated on wider stamps reaching past their plateau (their wings). Returns
     params, cov, ok, flags, the starting values, and the ones without a fit."""
@@ -635,7 +575,7 @@ def _fit_candidates(d, mask, cand, plateau, nd, ni, s0):
         batches.append((np.flatnonzero(saturated), r_sat))
     for sel, rad in batches:
         if sel.size:
-            params[sel], cov[sel], ok[sel], flags[sel], init[sel] = _measure(d, mask, x0, y0, nd, ni, sel, rad, s0)
+            params[sel], cov[sel], ok[sel], flags[sel], init[sel] = _measure(take, shape, x0, y0, nd, ni, sel, rad, s0)
     flags[saturated] |= FLAG_SATURATED
     # A fit that fails is a bump on something else (a galaxy, a bright star's wing)
     # and is dropped, except on a saturated star, which keeps its plateau-centre
@@ -694,8 +634,11 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
 
     Parameters
     ----------
-    data : (ny, nx) array_like
-        Frame pixels; NaN means no data.
+    data : (ny, nx) array_like, or a source of row bands
+        Frame pixels; NaN means no data. Instead of an array, any object with a
+        ``shape`` and a ``rows(y0, y1)`` method returning rows ``y0:y1`` as a new
+        float32 array (e.g. :meth:`drizzlestack.store.StackStore.frame_rows`, which
+        reads a stored frame a band at a time): then the frame is never in memory whole.
     saturation : float, optional
         Saturation level of the *raw* pixel values (ADU). Pixels at or above 99.5 % of
         it are left out of the fits and their star is flagged :data:`FLAG_SATURATED`.
@@ -713,8 +656,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     background_box : int
         Mesh size of the background and noise maps (px).
     overwrite_input : bool
-        ``data`` (float32, C-contiguous) may be overwritten with the
-        background-subtracted frame, which saves a frame-sized copy.
+        Accepted for compatibility and ignored: detection never writes to ``data``
+        and holds no frame-sized buffer.
 
     Returns
     -------
@@ -724,46 +667,49 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
 
     Notes
     -----
-    Memory: the frame itself (background-subtracted in place), the noise map (which the
-    peak filter then overwrites) and a uint8 mask of no-data and saturated pixels.
+    Memory: a few bands of 256 rows (with their halos) and the candidates' stamps,
+    whatever the frame's size. The frame is read three times, a band at a time
+    (``_survey``, ``_scan``, ``_Stamps``); the background and noise maps are sep's
+    (:mod:`drizzlestack.registration.background`), evaluated for each band.
 
     Single-pixel sources are rejected when the two neighbours along x or along y hold
     less than 12 % of the peak pixel's light (a centred FWHM 1.0 px star puts 32 % there,
     a hot pixel ~0, a cosmic ray with a one-pixel tail ~0 across the tail), and, after
     the fit, when a source is narrower than 40 % of the frame's median width.
     """
-    raw = np.asarray(data)
-    d = np.ascontiguousarray(raw, dtype=np.float32)
-    if d is raw and not (overwrite_input and d.flags.writeable):
-        d = d.copy()  # the caller's pixels stay as they are
-    if not np.isfinite(d).any():
+    src = data if (hasattr(data, "rows") and hasattr(data, "shape")) else _ArrayRows(np.asarray(data))
+    ny, nx = src.shape
+    box = int(min(background_box, max(8, min(ny, nx) // 4)))
+    rows = max(box, (_BAND_ROWS // box) * box)
+    any_data, top, count, bkg = _survey(src, box, rows)
+    if not any_data:
         return StarList(empty_table())
-    sat_level = _saturation_level(d, saturation)
-    mask = _pixel_mask(d, sat_level)
-    rms, background, noise = _subtract_background(d, mask, background_box)
-    if rms is None:
+    sat_level = _saturation_level(top, count, saturation)
+    background, noise = bkg.globalback, bkg.globalrms
+    if not np.isfinite(noise) or noise <= 0:
         return StarList(empty_table(), background, noise)
 
     # Candidates: local maxima of the matched-filtered S/N image (sep's own extraction
     # costs ~0.3 s per 4 Mpx, this ~0.03 s; and local maxima split close pairs).
-    ny, nx = d.shape
-    px, py, _pv, count = _find_peaks(d, rms, float(threshold), max(20_000, ny * nx // 16))
-    del rms  # overwritten by the filtered image
-    if count <= 0:  # none, or more peaks than a sixteenth of the pixels: noise, not stars
+    found = _scan(src, bkg, sat_level, threshold, max(20_000, ny * nx // 16), rows)
+    if not found:  # none, or more peaks than a sixteenth of the pixels: noise, not stars
         return StarList(empty_table(), background, noise)
-    ix0, iy0, nb, flux3, saturated, n_rejected = _candidates(d, mask, px, py, max_stars)
+    picked, n_rejected = _select_candidates(found, max_stars)
+    del found
+    ix0, iy0, nb = picked["ix0"], picked["iy0"], picked["nb"]
     if len(ix0) == 0:
         return StarList(empty_table(), background, noise, n_rejected=n_rejected)
     x0, y0 = _starting_positions(ix0, iy0, nb)
-    cand = {"ix0": ix0, "iy0": iy0, "nb": nb, "flux3": flux3, "x0": x0, "y0": y0, "saturated": saturated}
-    cand, plateau = _merge_plateaus(mask, cand)
+    cand = {**picked, "x0": x0, "y0": y0}
+    cand, plateau = _merge_plateaus(cand)
     nd, ni = _nearest_neighbours(cand["x0"], cand["y0"])
+    take = _Stamps(src, bkg, sat_level, cand["x0"], cand["y0"], cand["saturated"], rows)
 
     # The width: a quick fit of the brightest unsaturated, isolated stars on wide stamps
     # sets the stamp size and the starting point of the main fit.
     isolated = nd[:, 0] > 8.0 if nd.shape[1] else np.ones(len(cand["x0"]), bool)
-    s0 = _typical_sigma(d, cand["x0"], cand["y0"], cand["flux3"], isolated & ~cand["saturated"])
-    params, cov, ok, flags, init, nofit = _fit_candidates(d, mask, cand, plateau, nd, ni, s0)
-    table, n_narrow = _star_table(d.shape, params, cov, ok, flags, init, nofit, cand["nb"], noise, s0,
+    s0 = _typical_sigma(take, (ny, nx), cand["x0"], cand["y0"], cand["flux3"], isolated & ~cand["saturated"])
+    params, cov, ok, flags, init, nofit = _fit_candidates(take, (ny, nx), cand, plateau, nd, ni, s0)
+    table, n_narrow = _star_table((ny, nx), params, cov, ok, flags, init, nofit, cand["nb"], noise, s0,
                                   min_snr, max_stars)
     return StarList(table, background, noise, _frame_fwhm(table), n_rejected + n_narrow)
