@@ -237,6 +237,11 @@ class StackStore:
         """Pixels of frame ``i`` (float32)."""
         return self.group["frames"][i]
 
+    def frame_rows(self, i: int) -> "FrameRows":
+        """Frame ``i`` as a source of row bands (:class:`FrameRows`), for work that never
+        holds a whole frame (star detection)."""
+        return FrameRows(self.group["frames"], i)
+
     def set_frame_values(self, name: str, index, values) -> None:
         """Overwrite a per-frame metadata variable (e.g. ``status``) at ``index``."""
         self.group[name][index] = values
@@ -429,3 +434,33 @@ def open_stack(store) -> xr.Dataset:
     if "frame" in ds.dims:
         ds = ds.assign_coords(frame=np.arange(ds.sizes["frame"]))
     return ds
+
+
+class FrameRows:
+    """Rows of one stored frame, read a band at a time.
+
+    ``rows(y0, y1)`` returns a new float32 array. The store's chunk rows (e.g. 512 rows
+    of the whole width) are decompressed whole, so the last two read are kept: bands
+    read in order, each with a few rows of its neighbours, decompress every chunk once.
+    """
+
+    def __init__(self, frames, index: int):
+        self._frames = frames
+        self._index = int(index)
+        self.shape = tuple(int(n) for n in frames.shape[1:])
+        self._chunk = int(frames.chunks[1])
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _block(self, k: int) -> np.ndarray:
+        if k not in self._cache:
+            if len(self._cache) >= 2:
+                del self._cache[next(iter(self._cache))]  # the older one
+            self._cache[k] = self._frames[self._index, k * self._chunk:(k + 1) * self._chunk]
+        return self._cache[k]
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        out = np.empty((y1 - y0, self.shape[1]), np.float32)
+        for k in range(y0 // self._chunk, (y1 - 1) // self._chunk + 1):
+            a, b = max(y0, k * self._chunk), min(y1, (k + 1) * self._chunk)
+            out[a - y0:b - y0] = self._block(k)[a - k * self._chunk:b - k * self._chunk]
+        return out

@@ -42,15 +42,16 @@ def _detect_task(store_path: str, index: int, saturation: float, threshold: floa
     on the raw mosaic the filter pattern would bias centroids and split stars, and
     the star positions stay in the mosaic's own pixel coordinates."""
     try:
-        data = StackStore.open(store_path, mode="r").frame(index)
+        st = StackStore.open(store_path, mode="r")
         if cfa_pattern:
             from ..cfa import luminance
 
-            data = luminance(data, cfa_pattern)  # a new array: detection may work in it
-        # The frame was read for this task alone: detection subtracts its background in
-        # place rather than holding a second frame-sized copy.
-        sl = detect_stars(data, saturation=saturation, threshold=threshold, max_stars=max_stars,
-                          overwrite_input=True)
+            # the luminance proxy needs the mosaic's global levels: built whole
+            data = luminance(st.frame(index), cfa_pattern)
+        else:
+            # read a band at a time: no task holds a frame (issue 12, 4096^2 frames)
+            data = st.frame_rows(index)
+        sl = detect_stars(data, saturation=saturation, threshold=threshold, max_stars=max_stars)
     except Exception as exc:  # one bad frame must not stop the run: report it as the frame's status
         return {"index": index, "error": f"star detection failed ({type(exc).__name__}: {exc})"}
     return {"index": index, "table": sl.table, "background": sl.background, "noise": sl.noise,
