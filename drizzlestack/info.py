@@ -25,6 +25,40 @@ OPTIONAL_COLUMNS = [
 ]
 
 
+#: the integration's default registration-residual tolerance of the outlier test (px),
+#: for summaries that do not record theirs (``integration.integrate.OUTLIER_RMS_TOLERANCE``)
+_DEFAULT_RMS_TOLERANCE = 0.5
+
+
+def outlier_widening(steps: dict) -> dict[int, dict]:
+    """Frames whose outlier tolerance the integration widened for a poor registration.
+
+    ``integration.outliers.flag_outliers`` multiplies the derivative term of a frame's
+    tolerance by ``registration rms / tolerance`` when its residual exceeds the
+    tolerance, and records the factor in the step summary (``outliers.widened``).
+
+    Parameters
+    ----------
+    steps : dict
+        The store's ``steps`` attribute.
+
+    Returns
+    -------
+    dict
+        ``{frame: {"factor": f, "tolerance": px, "step": name}}`` (the largest factor when
+        several integrate steps, e.g. colour channels, widened the same frame).
+    """
+    out: dict[int, dict] = {}
+    for name, record in (steps or {}).items():
+        outliers = ((record or {}).get("summary") or {}).get("outliers") or {}
+        tolerance = float(outliers.get("rms_tolerance", _DEFAULT_RMS_TOLERANCE))
+        for frame, factor in (outliers.get("widened") or {}).items():
+            i, f = int(frame), float(factor)
+            if i not in out or f > out[i]["factor"]:
+                out[i] = {"factor": f, "tolerance": tolerance, "step": str(name)}
+    return out
+
+
 #: header keywords that must agree between the frames of one store: (keyword, what it is)
 SETUP_KEYWORDS = (("FILTER", "filters"), ("INSTRUME", "instruments"))
 
@@ -106,9 +140,13 @@ def info_table(store) -> str:
             ("file", [Path(str(p)).name for p in ds["path"].values]),
             ("exptime", [_fmt("{:g}", v) for v in ds["exptime"].values]),
             ("saturation", [_fmt("{:g}", v) for v in ds["saturation"].values])]
+    widened = outlier_widening(steps)
     for var, header, fmt in OPTIONAL_COLUMNS:
         if var in ds and ds[var].dims == ("frame",):
             cols.append((header, [_fmt(fmt, v) for v in ds[var].values]))
+        if var == "outlier_fraction" and widened:
+            # the outlier tolerance widened for a poor registration residual (rms[px] column)
+            cols.append(("tol.x", [f"x{widened[i]['factor']:.2f}" if i in widened else "-" for i in range(n)]))
     cols.append(("status", [str(s) for s in ds["status"].values]))
     widths = [max(len(h), *(len(v) for v in vals)) if vals else len(h) for h, vals in cols]
     lines.append("  ".join(h.ljust(w) for (h, _), w in zip(cols, widths)).rstrip())
@@ -117,6 +155,11 @@ def info_table(store) -> str:
     excluded = [(i, s) for i, s in enumerate(ds["status"].values) if s != "ok"]
     lines.append("")
     lines.append(f"{n - len(excluded)} frame(s) ok, {len(excluded)} excluded")
+    if widened:
+        tol = sorted({w["tolerance"] for w in widened.values()})
+        lines.append(f"outlier tolerance widened (tol.x) for {len(widened)} frame(s) whose registration residual "
+                     f"exceeds {'/'.join(f'{t:g}' for t in tol)} px: "
+                     + ", ".join(f"{i} (x{w['factor']:.2f})" for i, w in sorted(widened.items())))
     if n:
         for message in mixed_setups(ds["path"].values, ds["header"].values, ds["exptime"].values):
             lines.append(f"warning: {message}")

@@ -245,10 +245,12 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def plot_frames(path: Path, values: dict, status, reference=None) -> list[str]:
+def plot_frames(path: Path, values: dict, status, reference=None, widened=None) -> list[str]:
     """Per-frame panels (those whose variables are in ``values``); excluded frames marked.
 
-    Returns the titles of the panels drawn (empty: nothing written).
+    ``widened`` (:func:`drizzlestack.info.outlier_widening`) marks, in the outlier panel,
+    the frames whose outlier tolerance was widened for a poor registration residual, with
+    the factor. Returns the titles of the panels drawn (empty: nothing written).
     """
     panels = [(t, yl, [s for s in series if s[0] in values]) for t, yl, series in FRAME_PANELS]
     panels = [p for p in panels if p[2]]
@@ -271,9 +273,10 @@ def plot_frames(path: Path, values: dict, status, reference=None) -> list[str]:
             ax.plot(frames[~excluded], v[~excluded], "o", color=color, ms=3.5, label=label)
             if excluded.any():
                 ax.plot(frames[excluded], v[excluded], "x", color="tab:red", ms=6, mew=1.5)
+        marked = _mark_widened(ax, frames, values, series, widened)
         ax.set_ylabel(ylabel)
         ax.set_title(title, loc="left", fontsize="medium")
-        if len(series) > 1:
+        if len(series) > 1 or marked:
             ax.legend(fontsize="small", loc="best")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("frame" + (" (dotted: reference; red x / band: excluded)" if excluded.any()
@@ -281,6 +284,46 @@ def plot_frames(path: Path, values: dict, status, reference=None) -> list[str]:
     axes[-1].set_xlim(-0.5, len(frames) - 0.5)
     fig.savefig(path, dpi=100)
     return [p[0] for p in panels]
+
+
+def _mark_widened(ax, frames, values, series, widened) -> bool:
+    """Ring, in the outlier panel, the frames tested with a widened tolerance and write the
+    factor above each (True if any was marked)."""
+    var = "outlier_fraction"
+    if not widened or var not in [s[0] for s in series]:
+        return False
+    factor = dict((v, f) for v, _, f in series)[var]
+    idx = np.array([i for i in sorted(widened) if 0 <= i < len(frames)], int)
+    if not idx.size:
+        return False
+    v = np.asarray(values[var], dtype=np.float64)[idx] * factor
+    v = np.where(np.isfinite(v), v, 0.0)
+    ax.plot(frames[idx], v, "D", mfc="none", mec="tab:purple", ms=10, mew=1.5,
+            label="tolerance widened: poor registration residual")
+    for i, y in zip(idx, v):
+        ax.annotate(f"x{widened[int(i)]['factor']:.2f}", (i, y), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize="small", color="tab:purple")
+    ax.margins(y=0.25)
+    return True
+
+
+def _widened_html(widened: dict, values: dict, paths) -> str:
+    """Table of the frames whose outlier tolerance was widened, by how much and why."""
+    rms = values.get("registration_rms")
+    frac = values.get("outlier_fraction")
+    rows = []
+    for i, w in sorted(widened.items()):
+        r = f"{rms[i]:.3f}" if rms is not None and i < len(rms) and np.isfinite(rms[i]) else "-"
+        o = f"{100 * frac[i]:.3f}" if frac is not None and i < len(frac) and np.isfinite(frac[i]) else "-"
+        name = Path(str(paths[i])).name if i < len(paths) else ""
+        rows.append(f"<tr class='widened' id='widened-{i}'><td>{i}</td><td>{_esc(name)}</td><td>{r}</td>"
+                    f"<td>{w['tolerance']:g}</td><td>x{w['factor']:.2f}</td><td>{o}</td></tr>")
+    return ("<h3>Outlier tolerance widened</h3><p>These frames' registration residual exceeds the outlier "
+            "test's tolerance, so their own-pixel outlier test allowed proportionally more room for "
+            "interpolation and registration error (the model-gradient term multiplied by residual / "
+            "tolerance), so that their misaligned star edges are not taken for outliers. Ringed in the "
+            "outlier panel above; <code>drizzlestack info</code> lists the factor as <code>tol.x</code>.</p><table><tr><th>frame</th><th>file</th><th>registration RMS [px]</th>"
+            "<th>tolerance [px]</th><th>widened by</th><th>flagged [%]</th></tr>" + "".join(rows) + "</table>")
 
 
 def plot_dither(path: Path, phases: np.ndarray, status, reference=None) -> None:
@@ -560,10 +603,19 @@ def write_report(store, directory=None) -> Path:
 
     # ---- per-frame plots
     body.append("<h2>Frames</h2>")
-    drawn = plot_frames(out / "frames.png", values, status, reference) if n else []
+    from .info import outlier_widening
+
+    widened = outlier_widening(steps)
+    drawn = plot_frames(out / "frames.png", values, status, reference, widened) if n else []
     if drawn:
+        ringed = (" Purple diamonds in the outlier panel: frames whose outlier tolerance was widened for a poor "
+                  "registration residual (by the factor written above each; see the table below)."
+                  if widened and "outlier_fraction" in values else "")
         body.append(_figure("frames.png", "Per-frame " + ", ".join(d.lower() for d in drawn)
-                            + ". Excluded frames are red crosses on a red band; the dotted line is the reference."))
+                            + ". Excluded frames are red crosses on a red band; the dotted line is the reference."
+                            + ringed))
+    if widened:
+        body.append(_widened_html(widened, values, paths))
     else:
         body.append(_missing("No per-frame measurements yet: FWHM, stars and registration RMS come from "
                              "<code>drizzlestack register</code>, weights and rejection from "

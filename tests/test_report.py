@@ -221,3 +221,45 @@ def test_preview_is_a_block_mean_and_computes_once():
     assert k1 == 1 and small.shape == (50, 40)
     s = stretch(image)
     assert np.nanmin(s) >= 0 and np.nanmax(s) <= 1 and np.isnan(s[0, 0])
+
+
+def test_report_marks_the_frame_whose_outlier_tolerance_was_widened(stores, tmp_path):
+    """Issue 10 (bad input): a frame whose registration residual exceeds the outlier
+    test's tolerance is tested with a proportionally wider tolerance. The report (the
+    outlier panel's caption and a table) and ``drizzlestack info`` name that frame, the
+    factor (its residual / the tolerance) and the residual, and mark no other frame."""
+    from drizzlestack.info import info_table
+    from drizzlestack.integration.integrate import OUTLIER_RMS_TOLERANCE
+    from drizzlestack.store import StackStore
+
+    store = tmp_path / "stack.zarr"
+    shutil.copytree(stores["registered"], store)
+    st = StackStore.open(store)
+    ref = int(st.attrs["reference"])
+    rms = np.asarray(st.group["registration_rms"][:], np.float64)
+    assert np.all(rms[np.isfinite(rms)] < OUTLIER_RMS_TOLERANCE)  # the others stay untouched
+    bad = next(i for i in range(len(rms)) if i != ref)
+    rms[bad] = 3.1 * OUTLIER_RMS_TOLERANCE
+    st.group["registration_rms"][:] = rms
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DrizzlestackWarning)
+        ds.integrate(store, output=None)
+    factor = rms[bad] / OUTLIER_RMS_TOLERANCE
+    page = write_report(store, tmp_path / "report").read_text()
+    assert "frames.png" in _check_images(tmp_path / "report" / "report.html")
+    rows = re.findall(r"<tr class='widened' id='widened-(\d+)'>(.*?)</tr>", page)
+    assert [int(i) for i, _ in rows] == [bad]
+    cells = re.findall(r"<td>(.*?)</td>", rows[0][1])
+    assert cells[2] == f"{rms[bad]:.3f}" and cells[3] == f"{OUTLIER_RMS_TOLERANCE:g}"
+    assert cells[4] == f"x{factor:.2f}"
+    assert "Purple diamonds in the outlier panel" in page
+
+    table = info_table(store).splitlines()
+    header = next(line for line in table if line.startswith("#"))
+    col = header.index("tol.x")  # columns are padded to a fixed width (file names may hold spaces)
+    body = table[table.index(header) + 1:]
+    body = body[:body.index("")]
+    marks = {int(line.split()[0]): line[col:].split()[0] for line in body}
+    assert len(marks) == len(rms)
+    assert marks[bad] == f"x{factor:.2f}"
+    assert all(v == "-" for i, v in marks.items() if i != bad)
