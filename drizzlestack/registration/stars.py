@@ -311,7 +311,7 @@ _STAMP_HALO = 20
 
 
 class _ArrayRows:
-    """Bands of an in-memory frame (each a float32 copy: the caller's pixels stay as they are)."""
+    """Bands of an in-memory frame (copies: the caller's pixels stay as they are)."""
 
     def __init__(self, data):
         if np.ndim(data) != 2:
@@ -319,8 +319,31 @@ class _ArrayRows:
         self._data = data
         self.shape = tuple(int(n) for n in data.shape)
 
-    def rows(self, y0: int, y1: int) -> np.ndarray:
-        return np.array(self._data[y0:y1], dtype=np.float32)
+    def rows(self, y0: int, y1: int, out=None) -> np.ndarray:
+        if out is None:
+            return np.array(self._data[y0:y1], dtype=np.float32)
+        out[...] = self._data[y0:y1]
+        return out
+
+
+class _Work:
+    """The band-sized buffers of one detection, reused by every band of every pass.
+
+    A new array per band would be freed into the allocator and not returned: glibc's
+    mmap threshold rises to the size of the last large block freed, so later blocks of
+    that size come from (per-thread) heaps, and two workers ended up holding ~100 MiB
+    more than they used.
+    """
+
+    def __init__(self, rows: int, nx: int):
+        self.d = np.empty((rows, nx), np.float32)
+        self.buf = np.empty((rows, nx), np.float32)
+        self.nodata = np.empty((rows, nx), bool)
+        self.flag = np.empty((rows, nx), bool)
+        self.mask = np.empty((rows, nx), np.uint8)
+
+    def view(self, name: str, n: int) -> np.ndarray:
+        return getattr(self, name)[:n]
 
 
 def _bands(ny: int, rows: int):
@@ -328,7 +351,7 @@ def _bands(ny: int, rows: int):
         yield y0, min(y0 + rows, ny)
 
 
-def _survey(src, box: int, rows: int):
+def _survey(src, box: int, rows: int, work: _Work):
     """First pass: whether the frame holds any data, its maximum and the number of
     pixels at it (for :func:`_saturation_level`), and sep's background mesh
     (:class:`~drizzlestack.registration.background.MeshBackground`; no-data pixels count
@@ -338,18 +361,20 @@ def _survey(src, box: int, rows: int):
     sigma = np.empty_like(back)
     top, count, any_data = np.nan, 0, False
     for y0, y1 in _bands(ny, rows):
-        band = src.rows(y0, y1)
-        nodata = ~np.isfinite(band)
+        n = y1 - y0
+        band = src.rows(y0, y1, work.view("d", n))
+        nodata = np.logical_not(np.isfinite(band, out=work.view("nodata", n)), out=work.view("nodata", n))
         any_data |= not nodata.all()
-        if not np.all(np.isnan(band)):
+        flag = work.view("flag", n)
+        if not np.isnan(band, out=flag).all():
             btop = float(np.nanmax(band))
             if not btop <= top:  # also when top is still NaN
-                top, count = btop, int(np.count_nonzero(band == btop))
+                top, count = btop, int(np.count_nonzero(np.equal(band, btop, out=flag)))
             elif btop == top:
-                count += int(np.count_nonzero(band == btop))
+                count += int(np.count_nonzero(np.equal(band, btop, out=flag)))
         holes = nodata.any()
         if holes:
-            band[nodata] = 0.0
+            np.copyto(band, 0.0, where=nodata)
         j = y0 // box
         box_statistics(band, nodata if holes else None, box, back[j:j + band.shape[0] // box + 1],
                        sigma[j:j + band.shape[0] // box + 1])
@@ -368,30 +393,32 @@ def _saturation_level(top, count, saturation):
     return 0.995 * level if np.isfinite(level) else None
 
 
-def _pixel_mask(nodata, saturated):
-    """The no-data and saturated pixels as one uint8 mask (``None`` when there are
-    none): a quarter of a float32 band, kept instead of the raw pixels."""
+def _pixel_mask(nodata, saturated, out):
+    """The no-data and saturated pixels as one uint8 mask in ``out`` (``None`` when there
+    are none), kept instead of the raw pixels."""
     if not nodata.any() and (saturated is None or not saturated.any()):
         return None
-    mask = nodata.view(np.uint8) * _MASK_NODATA
+    np.multiply(nodata.view(np.uint8), _MASK_NODATA, out=out)
     if saturated is not None:
-        mask |= saturated.view(np.uint8)
-    return mask
+        np.bitwise_or(out, saturated.view(np.uint8), out=out)
+    return out
 
 
-def _band_pixels(src, bkg, sat_level, a: int, b: int):
+def _band_pixels(src, bkg, sat_level, a: int, b: int, work: _Work):
     """Rows ``a:b`` background-subtracted (no-data pixels 0, as sep saw them), their
-    mask, and a spare band-sized float32 buffer."""
-    d = src.rows(a, b)
-    nodata = ~np.isfinite(d)
-    mask = _pixel_mask(nodata, (d >= sat_level) if sat_level is not None else None)
+    mask, and a spare band-sized float32 buffer (views of ``work``)."""
+    n = b - a
+    d = src.rows(a, b, work.view("d", n))
+    nodata = np.logical_not(np.isfinite(d, out=work.view("nodata", n)), out=work.view("nodata", n))
+    saturated = np.greater_equal(d, sat_level, out=work.view("flag", n)) if sat_level is not None else None
+    mask = _pixel_mask(nodata, saturated, work.view("mask", n))
     holes = mask is not None and nodata.any()
     if holes:
-        d[nodata] = 0.0
-    buf = bkg.back_rows(a, b)
+        np.copyto(d, 0.0, where=nodata)
+    buf = bkg.back_rows(a, b, out=work.view("buf", n))
     d -= buf
     if holes:
-        d[nodata] = 0.0
+        np.copyto(d, 0.0, where=nodata)
     return d, mask, buf
 
 
@@ -431,7 +458,7 @@ def _band_candidates(d, mask, px, py, row0):
             "saturated": sat, "plateau": plateau}
 
 
-def _scan(src, bkg, sat_level, threshold, capacity, rows):
+def _scan(src, bkg, sat_level, threshold, capacity, rows, work):
     """Second pass: :func:`_band_candidates` of every band, concatenated in scan order
     (the order the whole frame gives). ``None`` when the frame has more than
     ``capacity`` peaks (noise, not stars)."""
@@ -440,7 +467,7 @@ def _scan(src, bkg, sat_level, threshold, capacity, rows):
     total = 0
     for y0, y1 in _bands(ny, rows):
         a, b = max(0, y0 - _SCAN_HALO), min(ny, y1 + _SCAN_HALO)
-        d, mask, rms = _band_pixels(src, bkg, sat_level, a, b)
+        d, mask, rms = _band_pixels(src, bkg, sat_level, a, b, work)
         bkg.rms_rows(a, b, out=rms)
         if not rms.min() > 0:  # also catches NaN: a mesh with no valid pixel
             rms[~(np.isfinite(rms) & (rms > 0))] = bkg.globalrms
@@ -477,7 +504,7 @@ class _Stamps:
     (as :func:`_measure` indexes), gathered band by band. ``take(idx, radius)`` cuts the
     stamps of candidates ``idx`` (all unsaturated or all saturated) to ``radius``."""
 
-    def __init__(self, src, bkg, sat_level, x0, y0, saturated, rows):
+    def __init__(self, src, bkg, sat_level, x0, y0, saturated, rows, work):
         ny, nx = src.shape
         cx = np.floor(x0 + 0.5).astype(np.int64)
         cy = np.floor(y0 + 0.5).astype(np.int64)
@@ -495,7 +522,7 @@ class _Stamps:
             if not here.size:
                 continue
             a, b = max(0, y0b - _STAMP_HALO), min(ny, y1b + _STAMP_HALO)
-            d, mask, _ = _band_pixels(src, bkg, sat_level, a, b)
+            d, mask, _ = _band_pixels(src, bkg, sat_level, a, b, work)
             for g, r in enumerate(_STAMP_RADIUS):
                 sel = here[self.group[here] == g]
                 if not sel.size:
@@ -636,9 +663,10 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     ----------
     data : (ny, nx) array_like, or a source of row bands
         Frame pixels; NaN means no data. Instead of an array, any object with a
-        ``shape`` and a ``rows(y0, y1)`` method returning rows ``y0:y1`` as a new
-        float32 array (e.g. :meth:`drizzlestack.store.StackStore.frame_rows`, which
-        reads a stored frame a band at a time): then the frame is never in memory whole.
+        ``shape`` and a ``rows(y0, y1, out)`` method that writes rows ``y0:y1`` into the
+        float32 array ``out`` and returns it (e.g.
+        :meth:`drizzlestack.store.StackStore.frame_rows`, which reads a stored frame a
+        band at a time): then the frame is never in memory whole.
     saturation : float, optional
         Saturation level of the *raw* pixel values (ADU). Pixels at or above 99.5 % of
         it are left out of the fits and their star is flagged :data:`FLAG_SATURATED`.
@@ -681,7 +709,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     ny, nx = src.shape
     box = int(min(background_box, max(8, min(ny, nx) // 4)))
     rows = max(box, (_BAND_ROWS // box) * box)
-    any_data, top, count, bkg = _survey(src, box, rows)
+    work = _Work(min(ny, rows + 2 * max(_SCAN_HALO, _STAMP_HALO)), nx)
+    any_data, top, count, bkg = _survey(src, box, rows, work)
     if not any_data:
         return StarList(empty_table())
     sat_level = _saturation_level(top, count, saturation)
@@ -691,7 +720,7 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
 
     # Candidates: local maxima of the matched-filtered S/N image (sep's own extraction
     # costs ~0.3 s per 4 Mpx, this ~0.03 s; and local maxima split close pairs).
-    found = _scan(src, bkg, sat_level, threshold, max(20_000, ny * nx // 16), rows)
+    found = _scan(src, bkg, sat_level, threshold, max(20_000, ny * nx // 16), rows, work)
     if not found:  # none, or more peaks than a sixteenth of the pixels: noise, not stars
         return StarList(empty_table(), background, noise)
     picked, n_rejected = _select_candidates(found, max_stars)
@@ -703,7 +732,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     cand = {**picked, "x0": x0, "y0": y0}
     cand, plateau = _merge_plateaus(cand)
     nd, ni = _nearest_neighbours(cand["x0"], cand["y0"])
-    take = _Stamps(src, bkg, sat_level, cand["x0"], cand["y0"], cand["saturated"], rows)
+    take = _Stamps(src, bkg, sat_level, cand["x0"], cand["y0"], cand["saturated"], rows, work)
+    del work
 
     # The width: a quick fit of the brightest unsaturated, isolated stars on wide stamps
     # sets the stamp size and the starting point of the main fit.
