@@ -663,3 +663,96 @@ def test_min_matches_excludes_frames_with_fewer_matched_stars(small_store):
             assert strict.status.values[i].startswith("unregistered:") and f"({need} needed)" in strict.status.values[i]
             assert not np.isfinite(strict.transform.values[i]).any()
     assert 0 < sum(strict.status.values[1:] != "ok") < len(matches) - 1
+
+
+def _edge_field(shape=(700, 300), seed=6):
+    """Stars (some saturated) centred on and around the rows where detection's bands
+    meet (multiples of 64 and 256), a no-data hole across one of them, hot pixels."""
+    rng = np.random.default_rng(seed)
+    img = np.full(shape, 150.0) + np.linspace(0, 40, shape[1])[None, :]
+    edges = np.array([64, 128, 256, 512])
+    y = np.concatenate([edges + d for d in (-1.5, -0.5, 0.0, 0.4, 1.2, 27.6, 28.3)] + [rng.uniform(5, shape[0] - 5, 80)])
+    x = rng.uniform(6, shape[1] - 6, y.size)
+    flux = rng.uniform(3e3, 4e5, y.size)
+    flux[::5] = 3e6  # clipped at the 14-bit ceiling below: plateaus across band edges
+    render_stars(img, x, y, flux, 1.7)
+    img = np.clip(img + rng.normal(0, 4, shape), 0, 16383)
+    img[rng.integers(0, shape[0], 30), rng.integers(0, shape[1], 30)] = 9000.0
+    img[250:262, 100:160] = np.nan
+    return img.astype(np.float32)
+
+
+def test_star_detection_band_by_band_equals_the_whole_frame(monkeypatch):
+    """Issue 12: detection reads a frame in bands of rows with halos. Whatever the band
+    height -- one band holding the whole frame (the whole-frame computation) or bands of
+    one mesh box -- the star table, background and noise are the same to the last bit,
+    also for stars and saturated plateaus on the rows where bands meet."""
+    from drizzlestack.registration import stars
+
+    img = _edge_field()
+    monkeypatch.setattr(stars, "_BAND_ROWS", 4096)
+    whole = detect_stars(img, saturation=65535)
+    assert len(whole) > 60 and np.any(whole.column("flags").astype(int) & FLAG_SATURATED)
+    for rows in (64, 128, 256):
+        monkeypatch.setattr(stars, "_BAND_ROWS", rows)
+        banded = detect_stars(img, saturation=65535)
+        np.testing.assert_array_equal(banded.table, whole.table)
+        assert (banded.background, banded.noise, banded.n_rejected) == (whole.background, whole.noise,
+                                                                        whole.n_rejected)
+
+
+@pytest.mark.parametrize("shape, box, holes", [((512, 512), 64, False), ((333, 500), 64, False),
+                                               ((777, 1025), 64, True), ((300, 200), 50, True)])
+def test_band_background_is_seps_to_the_last_bit(shape, box, holes):
+    """The background and noise maps that detection evaluates band by band
+    (registration/background.py: sep's box statistics, its mesh filter and splines
+    ported) equal ``sep.Background``'s whole maps and global values exactly, with
+    no-data holes (sep's mask), a box with too few valid pixels, and frames that are
+    not a multiple of the box."""
+    import sep
+
+    from drizzlestack.registration.background import MeshBackground, box_statistics
+
+    rng = np.random.default_rng(sum(shape))
+    ny, nx = shape
+    img = rng.normal(100, 5, shape) + np.linspace(0, 30, nx)[None, :] + np.linspace(0, 20, ny)[:, None]
+    render_stars(img, rng.uniform(0, nx, 200), rng.uniform(0, ny, 200), rng.uniform(1e3, 1e5, 200), 2.0)
+    img = img.astype(np.float32)
+    nodata = None
+    if holes:
+        nodata = np.zeros(shape, bool)
+        nodata[10:40, 20:150] = True
+        nodata[ny - box:, nx // 2:nx // 2 + 2 * box] = True  # whole boxes without data
+        img[nodata] = 0.0
+    mask = nodata.view(np.uint8) * np.uint8(2) if holes else None
+    ref = sep.Background(img, mask=mask, maskthresh=1.0, bw=box, bh=box, fw=3, fh=3)
+    back = np.empty(((ny - 1) // box + 1, (nx - 1) // box + 1), np.float32)
+    sigma = np.empty_like(back)
+    for r in range(0, ny, 2 * box):  # two mesh rows per band
+        box_statistics(img[r:r + 2 * box], None if nodata is None else nodata[r:r + 2 * box], box,
+                       back[r // box:r // box + 2], sigma[r // box:r // box + 2])
+    mesh = MeshBackground(back, sigma, shape, box)
+    assert (mesh.globalback, mesh.globalrms) == (ref.globalback, ref.globalrms)
+    np.testing.assert_array_equal(np.concatenate([mesh.back_rows(a, min(a + 37, ny)) for a in range(0, ny, 37)]),
+                                  ref.back())
+    np.testing.assert_array_equal(np.concatenate([mesh.rms_rows(a, min(a + 37, ny)) for a in range(0, ny, 37)]),
+                                  ref.rms())
+
+
+def test_star_detection_holds_a_band_not_the_frame():
+    """Issue 12 (registration memory on 4096^2 frames): detection allocates a few bands
+    of 256 rows (with their halos) and the candidates' stamps, not frame-sized maps:
+    on a 4096-row frame its traced peak stays under half a frame (the version that
+    worked on whole frames held 1.8 frames besides the frame itself)."""
+    import tracemalloc
+
+    img = _sparse_field(shape=(4096, 512))
+    detect_stars(img[:512], saturation=65535)  # numba's caches loaded before tracing
+    tracemalloc.start()
+    try:
+        found = detect_stars(img, saturation=65535)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(found) > 100
+    assert peak < 0.5 * img.nbytes, f"traced peak {peak / img.nbytes:.2f} frames"

@@ -139,3 +139,17 @@ def test_a_rewritten_store_gets_new_dask_keys(tmp_path):
     st.write_variable("weight", np.array([2.0]), ("frame",))
     after = open_stack(st.path)
     assert before.frames.data.name != after.frames.data.name
+
+
+def test_frame_rows_read_any_band_of_a_frame(tmp_path):
+    """Registration reads its frame a band at a time (issue 12): any row range, across
+    chunk rows and partial edge chunks, in any order and into a given buffer, is the
+    frame's own rows."""
+    st, frames = _store_with_frames(tmp_path / "s.zarr", n=2, shape=(45, 37), chunk=16)
+    rows = st.frame_rows(1)
+    assert rows.shape == (45, 37)
+    for y0, y1 in [(0, 45), (3, 17), (15, 33), (40, 45), (0, 1), (31, 32), (2, 44), (16, 32)]:
+        np.testing.assert_array_equal(rows.rows(y0, y1), frames[1][y0:y1])
+    out = np.full((20, 37), np.nan, np.float32)
+    assert rows.rows(20, 40, out) is out
+    np.testing.assert_array_equal(out, frames[1][20:40])
