@@ -1,14 +1,15 @@
 """Peak memory of the registration step alone, this tree against another source tree.
 
-    python benchmarks/bench_regmem.py --frames 8 --size 4096 --baseline-src DIR [--repeat 2] [--workdir DIR]
+    python benchmarks/bench_regmem.py --frames 8 --size 4096 --baseline-src DIR [DIR ...] [--repeat 2] [--workdir DIR]
 
 Simulates (or reuses) ``--frames`` undersampled frames as ``bench_pipeline.py`` does
 (``sim_params``: FWHM 1.4 px, ~400 stars, cosmic rays and hot pixels per 512x512 px,
 dithers, a trail, saturated stars), ingests them once, and then runs
 ``drizzlestack register STORE --force --reference 0 --scheduler threads --workers N``
 (the command-line entry point, ``drizzlestack.cli.main``) in a *fresh child process*
-per run, alternating between this tree and ``--baseline-src`` (e.g. main's
-``drizzlestack`` extracted with ``git archive main drizzlestack | tar -x -C DIR``).
+per run, alternating between this tree and each ``--baseline-src`` (e.g. main's
+``drizzlestack`` extracted with ``git archive main drizzlestack | tar -x -C DIR``;
+each side is named after its directory).
 Each child reports its own peak RSS (``VmHWM``, read at its end: the child does
 nothing but the registration) and its RSS after importing the command line. The star
 tables and transforms of every run are kept, so the two trees' outputs are compared
@@ -95,7 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each side, alternated")
-    ap.add_argument("--baseline-src", default=None, help="source tree whose drizzlestack is the 'before' side")
+    ap.add_argument("--baseline-src", nargs="*", default=[],
+                    help="source trees whose drizzlestack are the 'before' sides (named after their directory)")
     ap.add_argument("--workdir", default=None, help="frames and store (kept, reused); default: a temporary one")
     args = ap.parse_args(argv)
 
@@ -110,9 +112,8 @@ def main(argv=None) -> None:
         subprocess.run([sys.executable, "-m", "drizzlestack.cli", "ingest", str(store), *files, "--no-progress"],
                        check=True, capture_output=True)
         marker.write_text(json.dumps(files))
-    sides = [("this tree", str(HERE.parent.parent))]
-    if args.baseline_src:
-        sides.insert(0, ("baseline", str(Path(args.baseline_src).resolve())))
+    sides = [(Path(src).resolve().name, str(Path(src).resolve())) for src in args.baseline_src]
+    sides.append(("this tree", str(HERE.parent.parent)))
     # warm numba's cache for both sides (not counted)
     for name, src in sides:
         run({"store": str(store), "workers": args.workers, "out": str(workdir / "warm.npz")}, src)
@@ -140,13 +141,15 @@ def main(argv=None) -> None:
         secs = " / ".join(f"{r['seconds']:.1f}" for r in rs)
         print(f"| {name} | {peaks} | {rs[0]['baseline_rss_mib']:.0f} | {secs} | {rs[-1]['truth_error_px']:.4f} "
               f"| {rs[-1]['median_rms_px']:.4f} |")
-    if len(outputs) == 2:
-        a, b = outputs["baseline"], outputs["this tree"]
+    b = outputs["this tree"]
+    for name, a in outputs.items():
+        if name == "this tree":
+            continue
         for key in ("stars", "transform"):
             same = a[key].shape == b[key].shape and np.array_equal(a[key], b[key], equal_nan=True)
             diff = "" if same or a[key].shape != b[key].shape else \
                 f" (largest difference {np.nanmax(np.abs(a[key] - b[key])):.3g})"
-            print(f"{key}: {'identical' if same else 'DIFFERENT'}{diff}")
+            print(f"{key}, {name} vs this tree: {'identical' if same else 'DIFFERENT'}{diff}")
     print(f"# workdir {workdir}")
 
 
