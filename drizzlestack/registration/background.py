@@ -172,16 +172,42 @@ def _spline_y(m):
 
 
 @numba.njit(nogil=True, cache=True)
+def _x_tables(nbx, bw, width):
+    """The x interpolation of sep's ``bkg_line_flt_internal``, the same for every row:
+    each pixel's lower node and its ``dx``, ``1 - dx`` and their cubic terms (float32,
+    accumulated as sep does)."""
+    lo_of = np.zeros(width, np.int64)
+    dxs = np.empty(width, np.float32)
+    xstep = np.float32(1.0 / bw)
+    changepoint = bw // 2
+    dx = (xstep - _F1) / _F2
+    dx0 = np.float32((bw + 1) % 2) * xstep / _F2
+    lo = 0
+    x = 0
+    i = 0
+    for p in range(width):
+        if i == changepoint and x > 0 and x < nbx - 1:
+            lo += 1
+            dx = dx0
+        lo_of[p] = lo
+        dxs[p] = dx
+        if i == bw:
+            x += 1
+            i = 0
+        i += 1
+        dx += xstep
+    cdx = _F1 - dxs
+    return lo_of, dxs, cdx, cdx * cdx - _F1, dxs * dxs - _F1
+
+
+@numba.njit(nogil=True, cache=True)
 def _rows(values, dvalues, bw, bh, width, y0, out):
     """Rows ``y0 .. y0 + len(out) - 1`` of a map, as sep's ``bkg_line_flt_internal``."""
     nby, nbx = values.shape
     node = np.empty(nbx, np.float32)
     dnode = np.zeros(nbx, np.float32)
     u = np.empty(max(nbx - 1, 1), np.float32)
-    xstep = np.float32(1.0 / bw)
-    changepoint = bw // 2
-    dx_first = (xstep - _F1) / _F2
-    dx0 = np.float32((bw + 1) % 2) * xstep / _F2
+    lo_of, dxs, cdx, cdx3, dx3 = _x_tables(nbx, bw, width)
     for r in range(out.shape[0]):
         y = y0 + r
         if nby > 1:
@@ -212,22 +238,10 @@ def _rows(values, dvalues, bw, bh, width, y0, out):
             dnode[:] = dvalues[0]
         line = out[r]
         if nbx > 1:
-            dx = dx_first
-            lo = 0
-            x = 0
-            i = 0
             for p in range(width):
-                if i == changepoint and x > 0 and x < nbx - 1:
-                    lo += 1
-                    dx = dx0
-                cdx = _F1 - dx
-                line[p] = (cdx * (node[lo] + (cdx * cdx - _F1) * dnode[lo])
-                           + dx * (node[lo + 1] + (dx * dx - _F1) * dnode[lo + 1]))
-                if i == bw:
-                    x += 1
-                    i = 0
-                i += 1
-                dx += xstep
+                lo = lo_of[p]
+                line[p] = (cdx[p] * (node[lo] + cdx3[p] * dnode[lo])
+                           + dxs[p] * (node[lo + 1] + dx3[p] * dnode[lo + 1]))
         else:
             line[:] = node[0]
 

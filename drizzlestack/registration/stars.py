@@ -292,22 +292,21 @@ def _measure(take, shape, x0, y0, nd, ni, sel, radius, s0):
 
 
 # ------------------------------------------------------------ detect_stars, by stage
-# Detection reads the frame a band of rows at a time, three times over (issue 12: a
-# 4096^2 frame is 64 MiB of float32, and each Dask worker held it with its noise map):
-# a survey (saturation level, sep's background mesh), a scan (peaks and their
-# neighbourhoods) and a gathering of the candidates' stamps. Each band is read with
-# enough rows of its neighbours (a halo) that every value computed for its own rows is
-# the one the whole frame gives, so the stars are the same to the last bit.
+# Detection reads the frame a band of rows at a time, twice (issue 12: a 4096^2 frame is
+# 64 MiB of float32, and each Dask worker held it with its noise map): a survey
+# (saturation level, sep's background mesh), then a scan (peaks, their neighbourhoods,
+# and the stamps of the candidates that may be fitted). Each band is read with enough
+# rows of its neighbours (a halo) that every value computed for its own rows is the one
+# the whole frame gives, so the stars are the same to the last bit.
 
 #: rows of a band (rounded to whole mesh boxes): 4 MiB of float32 on a 4096 px wide frame
 _BAND_ROWS = 256
-#: halo of the scan: the peak filter (2 rows), the 3x3 around a peak's brightest pixel
-#: (2) and the window of its saturated plateau (25)
-_SCAN_HALO = 28
 #: stamp radius gathered for unsaturated and saturated candidates (the most
-#: :func:`_fit_candidates` uses; :func:`_typical_sigma` needs 5), and the gathering halo
+#: :func:`_fit_candidates` uses; :func:`_typical_sigma` needs 5)
 _STAMP_RADIUS = (10, 20)
-_STAMP_HALO = 20
+#: halo of the scan: the peak filter (2 rows), the 3x3 around a peak's brightest pixel
+#: (2), the window of its saturated plateau (25), whose centre is the stamp's (+20)
+_SCAN_HALO = 50
 
 
 class _ArrayRows:
@@ -458,13 +457,16 @@ def _band_candidates(d, mask, px, py, row0):
             "saturated": sat, "plateau": plateau}
 
 
-def _scan(src, bkg, sat_level, threshold, capacity, rows, work):
+def _scan(src, bkg, sat_level, threshold, capacity, rows, work, limit):
     """Second pass: :func:`_band_candidates` of every band, concatenated in scan order
-    (the order the whole frame gives). ``None`` when the frame has more than
+    (the order the whole frame gives), and the stamps of those that may be among the
+    ``limit`` brightest (:class:`_Gathered`). ``None`` when the frame has more than
     ``capacity`` peaks (noise, not stars)."""
     ny, nx = src.shape
     parts = []
     total = 0
+    gathered = _Gathered(limit, (ny, nx))
+    n_kept = 0
     for y0, y1 in _bands(ny, rows):
         a, b = max(0, y0 - _SCAN_HALO), min(ny, y1 + _SCAN_HALO)
         d, mask, rms = _band_pixels(src, bkg, sat_level, a, b, work)
@@ -476,12 +478,16 @@ def _scan(src, bkg, sat_level, threshold, capacity, rows, work):
             return None
         total += count
         if count:
-            parts.append(_band_candidates(d, mask, px, py, a))
+            part = _band_candidates(d, mask, px, py, a)
+            part["kept_index"] = n_kept + np.arange(len(part["ix0"]))
+            n_kept += len(part["ix0"])
+            gathered.add(part, d, mask, a)
+            parts.append(part)
         del d, mask, rms
     if not parts:
-        return {}
-    return {key: np.concatenate([p[key] for p in parts]) if key != "n_spikes" else sum(p[key] for p in parts)
-            for key in parts[0]}
+        return {}, gathered
+    return ({key: np.concatenate([p[key] for p in parts]) if key != "n_spikes" else sum(p[key] for p in parts)
+             for key in parts[0]}, gathered)
 
 
 def _select_candidates(found, max_stars):
@@ -494,46 +500,113 @@ def _select_candidates(found, max_stars):
         order = np.argsort(-np.where(keep, found["flux3_all"], -np.inf))
         keep[order[int(1.25 * max_stars + 50):]] = False
     chosen = keep[found["keep_all"]]
-    names = ("ix0", "iy0", "nb", "flux3", "saturated", "plateau")
+    names = ("ix0", "iy0", "nb", "flux3", "saturated", "plateau", "kept_index")
     return {k: found[k][chosen] for k in names}, found["n_spikes"]
 
 
-class _Stamps:
-    """Third pass: background-subtracted pixels and mask bits around every candidate,
-    centred on ``floor(x0 + 0.5), floor(y0 + 0.5)`` with indices clipped to the frame
-    (as :func:`_measure` indexes), gathered band by band. ``take(idx, radius)`` cuts the
-    stamps of candidates ``idx`` (all unsaturated or all saturated) to ``radius``."""
+def _centres(ix0, iy0, nb, saturated, plateau):
+    """Starting positions of candidates (:func:`_starting_positions`; a saturated one's
+    plateau centre, as :func:`_merge_plateaus` sets it)."""
+    x0, y0 = _starting_positions(ix0, iy0, nb)
+    x0[saturated], y0[saturated] = plateau[saturated, 0], plateau[saturated, 1]
+    return x0, y0
 
-    def __init__(self, src, bkg, sat_level, x0, y0, saturated, rows, work):
-        ny, nx = src.shape
-        cx = np.floor(x0 + 0.5).astype(np.int64)
-        cy = np.floor(y0 + 0.5).astype(np.int64)
-        self.group = saturated.astype(np.int64)
-        self.slot = np.empty(len(x0), np.int64)
-        self.values, self.masks = [], []
+
+class _Gathered:
+    """Background-subtracted pixels and mask bits around candidates, gathered during the
+    scan, centred on ``floor(x0 + 0.5), floor(y0 + 0.5)`` with indices clipped to the
+    frame (as :func:`_measure` indexes), out to :data:`_STAMP_RADIUS`.
+
+    Only the ``limit`` brightest candidates (by 3x3 sum) are fitted, and which they are
+    is known only at the end; a candidate fainter than the ``limit``-th brightest seen so
+    far can never be among them, so only the others are gathered (and pruned as
+    brighter ones arrive): at most ~2 ``limit`` stamps are held.
+    """
+
+    def __init__(self, limit, shape):
+        self.limit = None if limit is None else int(limit)
+        self.shape = shape
+        self.threshold = -np.inf
+        self.top = np.empty(0)  # the brightest sums seen (at most ``limit`` and ties)
+        self.parts: list[dict] = []
+        self.held = 0
+
+    def add(self, part, d, mask, row0):
+        flux = part["flux3"]
+        if self.limit is not None:
+            self.top = np.concatenate([self.top, flux])
+            if self.top.size > self.limit:
+                self.threshold = max(self.threshold, float(np.partition(self.top, self.top.size - self.limit)[
+                    self.top.size - self.limit]))
+                self.top = self.top[self.top >= self.threshold]
+        sel = np.flatnonzero(flux >= self.threshold)
+        if not sel.size:
+            return
+        ny, nx = self.shape
+        x0, y0 = _centres(part["ix0"][sel], part["iy0"][sel], part["nb"][sel], part["saturated"][sel],
+                          part["plateau"][sel])
+        cx, cy = np.floor(x0 + 0.5).astype(np.int64), np.floor(y0 + 0.5).astype(np.int64)
+        group = part["saturated"][sel].astype(np.int64)
+        out = {"kept_index": part["kept_index"][sel], "flux3": flux[sel], "group": group, "cx": cx, "cy": cy}
         for g, r in enumerate(_STAMP_RADIUS):
-            members = self.group == g
-            self.slot[members] = np.arange(members.sum())
-            self.values.append(np.zeros((int(members.sum()), 2 * r + 1, 2 * r + 1), np.float32))
-            self.masks.append(np.zeros((int(members.sum()), 2 * r + 1, 2 * r + 1), np.uint8))
-        row = np.clip(cy, 0, ny - 1)
-        for y0b, y1b in _bands(ny, rows):
-            here = np.flatnonzero((row >= y0b) & (row < y1b))
-            if not here.size:
-                continue
-            a, b = max(0, y0b - _STAMP_HALO), min(ny, y1b + _STAMP_HALO)
-            d, mask, _ = _band_pixels(src, bkg, sat_level, a, b, work)
-            for g, r in enumerate(_STAMP_RADIUS):
-                sel = here[self.group[here] == g]
-                if not sel.size:
-                    continue
-                offs = np.arange(-r, r + 1)
-                iy = (np.clip(cy[sel, None] + offs, 0, ny - 1) - a)[:, :, None]
-                ix = np.clip(cx[sel, None] + offs, 0, nx - 1)[:, None, :]
-                self.values[g][self.slot[sel]] = d[iy, ix]
-                if mask is not None:
-                    self.masks[g][self.slot[sel]] = mask[iy, ix]
-            del d, mask
+            k = group == g
+            offs = np.arange(-r, r + 1)
+            iy = np.clip(cy[k, None] + offs, 0, ny - 1) - row0
+            if iy.size and (iy.min() < 0 or iy.max() >= d.shape[0]):
+                raise RuntimeError("star detection: a stamp reaches beyond its band's halo")
+            ix = np.clip(cx[k, None] + offs, 0, nx - 1)[:, None, :]
+            out[f"values{g}"] = d[iy[:, :, None], ix]
+            out[f"masks{g}"] = (mask[iy[:, :, None], ix] if mask is not None
+                                else np.zeros((int(k.sum()), 2 * r + 1, 2 * r + 1), np.uint8))
+        self.parts.append(out)
+        self.held += sel.size
+        if self.limit is not None and self.held > 2 * self.limit:
+            self._prune()
+
+    def _prune(self):
+        for p in self.parts:
+            keep = p["flux3"] >= self.threshold
+            for g in range(len(_STAMP_RADIUS)):
+                p[f"values{g}"] = p[f"values{g}"][keep[p["group"] == g]]
+                p[f"masks{g}"] = p[f"masks{g}"][keep[p["group"] == g]]
+            for key in ("kept_index", "flux3", "group", "cx", "cy"):
+                p[key] = p[key][keep]
+        self.held = sum(len(p["kept_index"]) for p in self.parts)
+
+    def stamps(self, kept_index, x0, y0):
+        """:class:`_Stamps` of the final candidates (their ``kept_index`` and positions)."""
+        return _Stamps(self, kept_index, x0, y0)
+
+
+class _Stamps:
+    """The final candidates' stamps: ``take(idx, radius)`` cuts those of candidates
+    ``idx`` (all unsaturated or all saturated) to ``radius``, with their mask bits."""
+
+    def __init__(self, gathered: _Gathered, kept_index, x0, y0):
+        cat = {key: np.concatenate([p[key] for p in gathered.parts]) if gathered.parts else np.empty(0, np.int64)
+               for key in ("kept_index", "group", "cx", "cy")}
+        where = np.full(int(cat["kept_index"].max()) + 1 if cat["kept_index"].size else 0, -1, np.int64)
+        where[cat["kept_index"]] = np.arange(cat["kept_index"].size)
+        pos = where[kept_index] if kept_index.size else np.empty(0, np.int64)
+        if np.any(pos < 0) or np.any(cat["cx"][pos] != np.floor(x0 + 0.5)) or \
+                np.any(cat["cy"][pos] != np.floor(y0 + 0.5)):
+            raise RuntimeError("star detection: a selected candidate's stamp was not gathered")
+        self.group = cat["group"][pos]
+        self.values, self.masks = [], []
+        self.slot = np.empty(len(pos), np.int64)
+        for g in range(len(_STAMP_RADIUS)):
+            # rank of each gathered stamp within its group's arrays, in gathering order
+            vals = [p[f"values{g}"] for p in gathered.parts]
+            masks = [p[f"masks{g}"] for p in gathered.parts]
+            in_group = np.flatnonzero(cat["group"] == g)
+            rank = np.full(cat["group"].size, -1, np.int64)
+            rank[in_group] = np.arange(in_group.size)
+            mine = np.flatnonzero(self.group == g)
+            r = _STAMP_RADIUS[g]
+            empty = np.empty((0, 2 * r + 1, 2 * r + 1))
+            self.values.append(np.concatenate(vals)[rank[pos[mine]]] if vals else empty.astype(np.float32))
+            self.masks.append(np.concatenate(masks)[rank[pos[mine]]] if masks else empty.astype(np.uint8))
+            self.slot[mine] = np.arange(mine.size)
 
     def __call__(self, idx, radius):
         g = int(self.group[idx[0]]) if len(idx) else 0
@@ -709,7 +782,7 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     ny, nx = src.shape
     box = int(min(background_box, max(8, min(ny, nx) // 4)))
     rows = max(box, (_BAND_ROWS // box) * box)
-    work = _Work(min(ny, rows + 2 * max(_SCAN_HALO, _STAMP_HALO)), nx)
+    work = _Work(min(ny, rows + 2 * _SCAN_HALO), nx)
     any_data, top, count, bkg = _survey(src, box, rows, work)
     if not any_data:
         return StarList(empty_table())
@@ -720,9 +793,12 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
 
     # Candidates: local maxima of the matched-filtered S/N image (sep's own extraction
     # costs ~0.3 s per 4 Mpx, this ~0.03 s; and local maxima split close pairs).
-    found = _scan(src, bkg, sat_level, threshold, max(20_000, ny * nx // 16), rows, work)
-    if not found:  # none, or more peaks than a sixteenth of the pixels: noise, not stars
+    scanned = _scan(src, bkg, sat_level, threshold, max(20_000, ny * nx // 16), rows, work,
+                    None if max_stars is None else int(1.25 * max_stars + 50))
+    del work
+    if scanned is None or not scanned[0]:  # none, or more peaks than a sixteenth of the pixels: noise
         return StarList(empty_table(), background, noise)
+    found, gathered = scanned
     picked, n_rejected = _select_candidates(found, max_stars)
     del found
     ix0, iy0, nb = picked["ix0"], picked["iy0"], picked["nb"]
@@ -732,8 +808,8 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     cand = {**picked, "x0": x0, "y0": y0}
     cand, plateau = _merge_plateaus(cand)
     nd, ni = _nearest_neighbours(cand["x0"], cand["y0"])
-    take = _Stamps(src, bkg, sat_level, cand["x0"], cand["y0"], cand["saturated"], rows, work)
-    del work
+    take = gathered.stamps(cand["kept_index"], cand["x0"], cand["y0"])
+    del gathered
 
     # The width: a quick fit of the brightest unsaturated, isolated stars on wide stamps
     # sets the stamp size and the starting point of the main fit.
