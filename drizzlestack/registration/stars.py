@@ -469,11 +469,15 @@ def _scan(src, bkg, sat_level, threshold, capacity, rows, work, limit):
     n_kept = 0
     for y0, y1 in _bands(ny, rows):
         a, b = max(0, y0 - _SCAN_HALO), min(ny, y1 + _SCAN_HALO)
-        d, mask, rms = _band_pixels(src, bkg, sat_level, a, b, work)
-        bkg.rms_rows(a, b, out=rms)
+        d, mask, buf = _band_pixels(src, bkg, sat_level, a, b, work)
+        # The peak search needs two rows beyond its own, not the halo of the stamps.
+        r0, r1 = max(0, y0 - a - 2), min(b - a, y1 - a + 2)
+        rms = bkg.rms_rows(a + r0, a + r1, out=buf[:r1 - r0])
         if not rms.min() > 0:  # also catches NaN: a mesh with no valid pixel
             rms[~(np.isfinite(rms) & (rms > 0))] = bkg.globalrms
-        px, py, _pv, count = _find_peaks(d, rms, float(threshold), capacity - total, y0 - a, y1 - a)
+        px, py, _pv, count = _find_peaks(d[r0:r1], rms, float(threshold), capacity - total, y0 - a - r0,
+                                         y1 - a - r0)
+        py = py + r0
         if count < 0:
             return None
         total += count
@@ -483,7 +487,7 @@ def _scan(src, bkg, sat_level, threshold, capacity, rows, work, limit):
             n_kept += len(part["ix0"])
             gathered.add(part, d, mask, a)
             parts.append(part)
-        del d, mask, rms
+        del d, mask, buf, rms
     if not parts:
         return {}, gathered
     return ({key: np.concatenate([p[key] for p in parts]) if key != "n_spikes" else sum(p[key] for p in parts)
