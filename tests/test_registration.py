@@ -677,6 +677,9 @@ def _edge_field(shape=(700, 300), seed=6, n_more=80):
     flux = rng.uniform(3e3, 4e5, y.size)
     flux[::5] = 3e6  # clipped at the 14-bit ceiling below: plateaus across band edges
     render_stars(img, x, y, flux, 1.7)
+    # two bright wide stars whose plateaus (radius ~15 px) straddle band edges, with
+    # peaks on both sides of the edge that start from one plateau centre
+    render_stars(img, np.array([80.3, 200.6]), np.array([269.6, 525.6]), np.array([2e8, 2e8]), 12.0)
     img = np.clip(img + rng.normal(0, 4, shape), 0, 16383)
     img[rng.integers(0, shape[0], 30), rng.integers(0, shape[1], 30)] = 9000.0
     img[250:262, 100:160] = np.nan
