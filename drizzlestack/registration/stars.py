@@ -1,7 +1,8 @@
 """Star detection and measurement for registration.
 
-Background and noise maps come from ``sep`` (Source Extractor's, as a library).
-Candidates are the local maxima of the background-subtracted image divided by the noise
+Background and noise maps are ``sep``'s (Source Extractor's, as a library), evaluated a
+band of rows at a time (:mod:`.background`): the frame is read in bands, never whole, so
+a task holds a few MiB whatever the frame's size (issue 12). Candidates are the local maxima of the background-subtracted image divided by the noise
 map and filtered with Source Extractor's default 3x3 kernel (a matched filter for
 undersampled stars) -- ten times faster than a full segmentation, and local maxima keep
 close pairs apart.
@@ -12,7 +13,7 @@ Positions do **not** come from windowed or isophotal centroids: on undersampled 
 *pixel-integrated* circular Gaussian (the model pixel value is the Gaussian integrated
 over the pixel's square, ``A [Phi(x+1/2) - Phi(x-1/2)] [Phi(y+1/2) - Phi(y-1/2)] + b``),
 which has no pixel-phase bias for any sampling. The fit is a Levenberg-Marquardt
-iteration per star (small stamps, five parameters), compiled with numba.
+iteration per star (small stamps, five parameters), compiled with numba (:mod:`.psffit`).
 
 Sharp single-pixel sources (hot pixels, cosmic rays, their one-pixel tails) are rejected:
 a real star, even undersampled, spreads light into its neighbours along *both* axes.
@@ -29,6 +30,7 @@ from scipy.spatial import cKDTree
 from ..constants import SIGMA_TO_FWHM  # noqa: F401  (also importable from here)
 from ..saturation import ceiling_from_top
 from .background import MeshBackground, box_statistics
+from .bands import ArrayRows, Gathered, Work, bands
 from .psffit import fit_gaussians  # noqa: F401  (the fitting kernels' home; importable from here)
 
 #: columns of a star table, in order (the ``field`` coordinate of the store's ``stars``)
@@ -217,7 +219,7 @@ def _neighbourhood(d, ix0, iy0):
 
 def _typical_sigma(take, shape, x, y, flux, clean, n: int = 100, radius: int = 5) -> float:
     """Median Gaussian sigma (px) of the ``n`` brightest clean stars, from wide-stamp fits
-    (``take``: the candidates' stamps, :class:`_Stamps`)."""
+    (``take``: the candidates' stamps, :class:`.bands.Stamps`)."""
     ny, nx = shape
     cand = clean & (x > radius) & (x < nx - 1 - radius) & (y > radius) & (y < ny - 1 - radius)
     idx = np.flatnonzero(cand)
@@ -301,56 +303,12 @@ def _measure(take, shape, x0, y0, nd, ni, sel, radius, s0):
 
 #: rows of a band (rounded to whole mesh boxes): 4 MiB of float32 on a 4096 px wide frame
 _BAND_ROWS = 256
-#: stamp radius gathered for unsaturated and saturated candidates (the most
-#: :func:`_fit_candidates` uses; :func:`_typical_sigma` needs 5)
-_STAMP_RADIUS = (10, 20)
 #: halo of the scan: the peak filter (2 rows), the 3x3 around a peak's brightest pixel
 #: (2), the window of its saturated plateau (25), whose centre is the stamp's (+20)
 _SCAN_HALO = 50
 
 
-class _ArrayRows:
-    """Bands of an in-memory frame (copies: the caller's pixels stay as they are)."""
-
-    def __init__(self, data):
-        if np.ndim(data) != 2:
-            raise ValueError(f"detect_stars: expected a 2-d frame, got shape {np.shape(data)}")
-        self._data = data
-        self.shape = tuple(int(n) for n in data.shape)
-
-    def rows(self, y0: int, y1: int, out=None) -> np.ndarray:
-        if out is None:
-            return np.array(self._data[y0:y1], dtype=np.float32)
-        out[...] = self._data[y0:y1]
-        return out
-
-
-class _Work:
-    """The band-sized buffers of one detection, reused by every band of every pass.
-
-    A new array per band would be freed into the allocator and not returned: glibc's
-    mmap threshold rises to the size of the last large block freed, so later blocks of
-    that size come from (per-thread) heaps, and two workers ended up holding ~100 MiB
-    more than they used.
-    """
-
-    def __init__(self, rows: int, nx: int):
-        self.d = np.empty((rows, nx), np.float32)
-        self.buf = np.empty((rows, nx), np.float32)
-        self.nodata = np.empty((rows, nx), bool)
-        self.flag = np.empty((rows, nx), bool)
-        self.mask = np.empty((rows, nx), np.uint8)
-
-    def view(self, name: str, n: int) -> np.ndarray:
-        return getattr(self, name)[:n]
-
-
-def _bands(ny: int, rows: int):
-    for y0 in range(0, ny, rows):
-        yield y0, min(y0 + rows, ny)
-
-
-def _survey(src, box: int, rows: int, work: _Work):
+def _survey(src, box: int, rows: int, work: Work):
     """First pass: whether the frame holds any data, its maximum and the number of
     pixels at it (for :func:`_saturation_level`), and sep's background mesh
     (:class:`~drizzlestack.registration.background.MeshBackground`; no-data pixels count
@@ -359,7 +317,7 @@ def _survey(src, box: int, rows: int, work: _Work):
     back = np.empty(((ny - 1) // box + 1, (nx - 1) // box + 1), np.float32)
     sigma = np.empty_like(back)
     top, count, any_data = np.nan, 0, False
-    for y0, y1 in _bands(ny, rows):
+    for y0, y1 in bands(ny, rows):
         n = y1 - y0
         band = src.rows(y0, y1, work.view("d", n))
         nodata = np.logical_not(np.isfinite(band, out=work.view("nodata", n)), out=work.view("nodata", n))
@@ -403,7 +361,7 @@ def _pixel_mask(nodata, saturated, out):
     return out
 
 
-def _band_pixels(src, bkg, sat_level, a: int, b: int, work: _Work):
+def _band_pixels(src, bkg, sat_level, a: int, b: int, work: Work):
     """Rows ``a:b`` background-subtracted (no-data pixels 0, as sep saw them), their
     mask, and a spare band-sized float32 buffer (views of ``work``)."""
     n = b - a
@@ -460,14 +418,14 @@ def _band_candidates(d, mask, px, py, row0):
 def _scan(src, bkg, sat_level, threshold, capacity, rows, work, limit):
     """Second pass: :func:`_band_candidates` of every band, concatenated in scan order
     (the order the whole frame gives), and the stamps of those that may be among the
-    ``limit`` brightest (:class:`_Gathered`). ``None`` when the frame has more than
+    ``limit`` brightest (:class:`.bands.Gathered`). ``None`` when the frame has more than
     ``capacity`` peaks (noise, not stars)."""
     ny, nx = src.shape
     parts = []
     total = 0
-    gathered = _Gathered(limit, (ny, nx))
+    gathered = Gathered(limit, (ny, nx))
     n_kept = 0
-    for y0, y1 in _bands(ny, rows):
+    for y0, y1 in bands(ny, rows):
         a, b = max(0, y0 - _SCAN_HALO), min(ny, y1 + _SCAN_HALO)
         d, mask, buf = _band_pixels(src, bkg, sat_level, a, b, work)
         # The peak search needs two rows beyond its own, not the halo of the stamps.
@@ -485,7 +443,8 @@ def _scan(src, bkg, sat_level, threshold, capacity, rows, work, limit):
             part = _band_candidates(d, mask, px, py, a)
             part["kept_index"] = n_kept + np.arange(len(part["ix0"]))
             n_kept += len(part["ix0"])
-            gathered.add(part, d, mask, a)
+            gathered.add(part, *_centres(part["ix0"], part["iy0"], part["nb"], part["saturated"], part["plateau"]),
+                         d, mask, a)
             parts.append(part)
         del d, mask, buf, rms
     if not parts:
@@ -514,111 +473,6 @@ def _centres(ix0, iy0, nb, saturated, plateau):
     x0, y0 = _starting_positions(ix0, iy0, nb)
     x0[saturated], y0[saturated] = plateau[saturated, 0], plateau[saturated, 1]
     return x0, y0
-
-
-class _Gathered:
-    """Background-subtracted pixels and mask bits around candidates, gathered during the
-    scan, centred on ``floor(x0 + 0.5), floor(y0 + 0.5)`` with indices clipped to the
-    frame (as :func:`_measure` indexes), out to :data:`_STAMP_RADIUS`.
-
-    Only the ``limit`` brightest candidates (by 3x3 sum) are fitted, and which they are
-    is known only at the end; a candidate fainter than the ``limit``-th brightest seen so
-    far can never be among them, so only the others are gathered (and pruned as
-    brighter ones arrive): at most ~2 ``limit`` stamps are held.
-    """
-
-    def __init__(self, limit, shape):
-        self.limit = None if limit is None else int(limit)
-        self.shape = shape
-        self.threshold = -np.inf
-        self.top = np.empty(0)  # the brightest sums seen (at most ``limit`` and ties)
-        self.parts: list[dict] = []
-        self.held = 0
-
-    def add(self, part, d, mask, row0):
-        flux = part["flux3"]
-        if self.limit is not None:
-            self.top = np.concatenate([self.top, flux])
-            if self.top.size > self.limit:
-                self.threshold = max(self.threshold, float(np.partition(self.top, self.top.size - self.limit)[
-                    self.top.size - self.limit]))
-                self.top = self.top[self.top >= self.threshold]
-        sel = np.flatnonzero(flux >= self.threshold)
-        if not sel.size:
-            return
-        ny, nx = self.shape
-        x0, y0 = _centres(part["ix0"][sel], part["iy0"][sel], part["nb"][sel], part["saturated"][sel],
-                          part["plateau"][sel])
-        cx, cy = np.floor(x0 + 0.5).astype(np.int64), np.floor(y0 + 0.5).astype(np.int64)
-        group = part["saturated"][sel].astype(np.int64)
-        out = {"kept_index": part["kept_index"][sel], "flux3": flux[sel], "group": group, "cx": cx, "cy": cy}
-        for g, r in enumerate(_STAMP_RADIUS):
-            k = group == g
-            offs = np.arange(-r, r + 1)
-            iy = np.clip(cy[k, None] + offs, 0, ny - 1) - row0
-            if iy.size and (iy.min() < 0 or iy.max() >= d.shape[0]):
-                raise RuntimeError("star detection: a stamp reaches beyond its band's halo")
-            ix = np.clip(cx[k, None] + offs, 0, nx - 1)[:, None, :]
-            out[f"values{g}"] = d[iy[:, :, None], ix]
-            out[f"masks{g}"] = (mask[iy[:, :, None], ix] if mask is not None
-                                else np.zeros((int(k.sum()), 2 * r + 1, 2 * r + 1), np.uint8))
-        self.parts.append(out)
-        self.held += sel.size
-        if self.limit is not None and self.held > 2 * self.limit:
-            self._prune()
-
-    def _prune(self):
-        for p in self.parts:
-            keep = p["flux3"] >= self.threshold
-            for g in range(len(_STAMP_RADIUS)):
-                p[f"values{g}"] = p[f"values{g}"][keep[p["group"] == g]]
-                p[f"masks{g}"] = p[f"masks{g}"][keep[p["group"] == g]]
-            for key in ("kept_index", "flux3", "group", "cx", "cy"):
-                p[key] = p[key][keep]
-        self.held = sum(len(p["kept_index"]) for p in self.parts)
-
-    def stamps(self, kept_index, x0, y0):
-        """:class:`_Stamps` of the final candidates (their ``kept_index`` and positions)."""
-        return _Stamps(self, kept_index, x0, y0)
-
-
-class _Stamps:
-    """The final candidates' stamps: ``take(idx, radius)`` cuts those of candidates
-    ``idx`` (all unsaturated or all saturated) to ``radius``, with their mask bits."""
-
-    def __init__(self, gathered: _Gathered, kept_index, x0, y0):
-        cat = {key: np.concatenate([p[key] for p in gathered.parts]) if gathered.parts else np.empty(0, np.int64)
-               for key in ("kept_index", "group", "cx", "cy")}
-        where = np.full(int(cat["kept_index"].max()) + 1 if cat["kept_index"].size else 0, -1, np.int64)
-        where[cat["kept_index"]] = np.arange(cat["kept_index"].size)
-        pos = where[kept_index] if kept_index.size else np.empty(0, np.int64)
-        if np.any(pos < 0) or np.any(cat["cx"][pos] != np.floor(x0 + 0.5)) or \
-                np.any(cat["cy"][pos] != np.floor(y0 + 0.5)):
-            raise RuntimeError("star detection: a selected candidate's stamp was not gathered")
-        self.group = cat["group"][pos]
-        self.values, self.masks = [], []
-        self.slot = np.empty(len(pos), np.int64)
-        for g in range(len(_STAMP_RADIUS)):
-            # rank of each gathered stamp within its group's arrays, in gathering order
-            vals = [p[f"values{g}"] for p in gathered.parts]
-            masks = [p[f"masks{g}"] for p in gathered.parts]
-            in_group = np.flatnonzero(cat["group"] == g)
-            rank = np.full(cat["group"].size, -1, np.int64)
-            rank[in_group] = np.arange(in_group.size)
-            mine = np.flatnonzero(self.group == g)
-            r = _STAMP_RADIUS[g]
-            empty = np.empty((0, 2 * r + 1, 2 * r + 1))
-            self.values.append(np.concatenate(vals)[rank[pos[mine]]] if vals else empty.astype(np.float32))
-            self.masks.append(np.concatenate(masks)[rank[pos[mine]]] if masks else empty.astype(np.uint8))
-            self.slot[mine] = np.arange(mine.size)
-
-    def __call__(self, idx, radius):
-        g = int(self.group[idx[0]]) if len(idx) else 0
-        if np.any(self.group[idx] != g) or radius > _STAMP_RADIUS[g]:
-            raise ValueError("stamps of one size and group at a time, within the gathered radius")
-        cut = slice(_STAMP_RADIUS[g] - radius, _STAMP_RADIUS[g] + radius + 1)
-        slots = self.slot[idx]
-        return self.values[g][slots][:, cut, cut], self.masks[g][slots][:, cut, cut]
 
 
 def _starting_positions(ix0, iy0, nb):
@@ -773,8 +627,9 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     Notes
     -----
     Memory: a few bands of 256 rows (with their halos) and the candidates' stamps,
-    whatever the frame's size. The frame is read three times, a band at a time
-    (``_survey``, ``_scan``, ``_Stamps``); the background and noise maps are sep's
+    whatever the frame's size. The frame is read twice, a band at a time (``_survey``:
+    saturation level and background mesh; ``_scan``: peaks, candidates and their
+    stamps); the background and noise maps are sep's
     (:mod:`drizzlestack.registration.background`), evaluated for each band.
 
     Single-pixel sources are rejected when the two neighbours along x or along y hold
@@ -782,11 +637,11 @@ def detect_stars(data, saturation: float | None = None, threshold: float = 5.0, 
     a hot pixel ~0, a cosmic ray with a one-pixel tail ~0 across the tail), and, after
     the fit, when a source is narrower than 40 % of the frame's median width.
     """
-    src = data if (hasattr(data, "rows") and hasattr(data, "shape")) else _ArrayRows(np.asarray(data))
+    src = data if (hasattr(data, "rows") and hasattr(data, "shape")) else ArrayRows(np.asarray(data))
     ny, nx = src.shape
     box = int(min(background_box, max(8, min(ny, nx) // 4)))
     rows = max(box, (_BAND_ROWS // box) * box)
-    work = _Work(min(ny, rows + 2 * _SCAN_HALO), nx)
+    work = Work(min(ny, rows + 2 * _SCAN_HALO), nx)
     any_data, top, count, bkg = _survey(src, box, rows, work)
     if not any_data:
         return StarList(empty_table())
