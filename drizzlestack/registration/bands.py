@@ -137,21 +137,33 @@ class Stamps:
                 np.any(cat["cy"][pos] != np.floor(y0 + 0.5)):
             raise RuntimeError("star detection: a selected candidate's stamp was not gathered")
         self.group = cat["group"][pos]
+        # where each gathered stamp lives: its part, and its rank among the part's stamps
+        # of its group (the order the part's arrays hold them)
+        part_of = np.concatenate([np.full(len(p["kept_index"]), j) for j, p in enumerate(gathered.parts)]) \
+            if gathered.parts else np.empty(0, np.int64)
+        rank = np.empty(cat["group"].size, np.int64)
+        start = 0
+        for p in gathered.parts:
+            for g in range(len(_STAMP_RADIUS)):
+                k = np.flatnonzero(p["group"] == g)
+                rank[start + k] = np.arange(k.size)
+            start += len(p["kept_index"])
         self.values, self.masks = [], []
         self.slot = np.empty(len(pos), np.int64)
-        for g in range(len(_STAMP_RADIUS)):
-            # rank of each gathered stamp within its group's arrays, in gathering order
-            vals = [p[f"values{g}"] for p in gathered.parts]
-            masks = [p[f"masks{g}"] for p in gathered.parts]
-            in_group = np.flatnonzero(cat["group"] == g)
-            rank = np.full(cat["group"].size, -1, np.int64)
-            rank[in_group] = np.arange(in_group.size)
+        for g, r in enumerate(_STAMP_RADIUS):
             mine = np.flatnonzero(self.group == g)
-            r = _STAMP_RADIUS[g]
-            empty = np.empty((0, 2 * r + 1, 2 * r + 1))
-            self.values.append(np.concatenate(vals)[rank[pos[mine]]] if vals else empty.astype(np.float32))
-            self.masks.append(np.concatenate(masks)[rank[pos[mine]]] if masks else empty.astype(np.uint8))
             self.slot[mine] = np.arange(mine.size)
+            self.values.append(np.empty((mine.size, 2 * r + 1, 2 * r + 1), np.float32))
+            self.masks.append(np.empty((mine.size, 2 * r + 1, 2 * r + 1), np.uint8))
+        # filled part by part, each part freed once copied: never two copies of them all
+        for j, p in enumerate(gathered.parts):
+            for g in range(len(_STAMP_RADIUS)):
+                mine = np.flatnonzero((self.group == g) & (part_of[pos] == j))
+                if mine.size:
+                    self.values[g][self.slot[mine]] = p[f"values{g}"][rank[pos[mine]]]
+                    self.masks[g][self.slot[mine]] = p[f"masks{g}"][rank[pos[mine]]]
+                p[f"values{g}"] = p[f"masks{g}"] = None
+        gathered.parts = []
 
     def __call__(self, idx, radius):
         g = int(self.group[idx[0]]) if len(idx) else 0
