@@ -16,6 +16,11 @@ tables and transforms of every run are kept, so the two trees' outputs are compa
 (identical or not) and each is checked against the simulator's truth (the worst RMS
 distance between the fitted and the true frame -> reference mapping at the corners
 and centre, and the median registration residual).
+
+With ``--detect-speed``, also times ``detect_stars`` alone in one process, the last
+baseline's (loaded under another package name, given the whole frame read from the
+store, as its register did) and this tree's (given ``StackStore.frame_rows``, as its
+register does) alternated on every frame, ``--repeat`` times; the stars are checked equal.
 """
 
 from __future__ import annotations
@@ -71,6 +76,40 @@ def child(spec: dict) -> None:
                       "source": str(Path(drizzlestack.__file__).parent.parent)}))
 
 
+def detect_speed(store: Path, baseline_src: str, repeat: int) -> None:
+    """Seconds per frame of the baseline's and this tree's ``detect_stars``, alternated."""
+    import importlib.util
+
+    init = Path(baseline_src) / "drizzlestack" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("ds_baseline", init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ds_baseline"] = mod
+    spec.loader.exec_module(mod)
+    from ds_baseline.registration.stars import detect_stars as old_detect
+
+    from drizzlestack.registration.stars import detect_stars as new_detect
+    from drizzlestack.store import StackStore
+
+    st = StackStore.open(store, mode="r")
+    sat = [float(v) for v in st.group["saturation"][:st.n_frames]]
+    old_detect(st.frame(0)[:600], saturation=sat[0])  # numba caches loaded, not timed
+    new_detect(st.frame(0)[:600], saturation=sat[0])
+    t_old, t_new = [], []
+    for _ in range(repeat):
+        for i in range(st.n_frames):
+            t0 = time.perf_counter()
+            a = old_detect(st.frame(i), saturation=sat[i])
+            t_old.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            b = new_detect(st.frame_rows(i), saturation=sat[i])
+            t_new.append(time.perf_counter() - t0)
+            if not np.array_equal(a.table, b.table):
+                raise SystemExit(f"frame {i}: the two trees' stars differ")
+    print(f"detect_stars per frame (median of {len(t_old)}): {Path(baseline_src).name} {np.median(t_old):.3f} s "
+          f"(whole frame read), this tree {np.median(t_new):.3f} s (bands); this tree / baseline "
+          f"{np.median(t_new) / np.median(t_old):.2f}; stars identical")
+
+
 def run(spec: dict, pythonpath: str | None) -> dict:
     env = dict(os.environ)
     if pythonpath:
@@ -99,6 +138,9 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-src", nargs="*", default=[],
                     help="source trees whose drizzlestack are the 'before' sides (named after their directory)")
     ap.add_argument("--workdir", default=None, help="frames and store (kept, reused); default: a temporary one")
+    ap.add_argument("--detect-speed", action="store_true",
+                    help="also time detect_stars alone against the last baseline, in this process")
+    ap.add_argument("--no-register", action="store_true", help="skip the register runs (with --detect-speed)")
     args = ap.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-regmem-")).resolve()
@@ -112,6 +154,10 @@ def main(argv=None) -> None:
         subprocess.run([sys.executable, "-m", "drizzlestack.cli", "ingest", str(store), *files, "--no-progress"],
                        check=True, capture_output=True)
         marker.write_text(json.dumps(files))
+    if args.detect_speed and args.baseline_src:
+        detect_speed(store, args.baseline_src[-1], args.repeat)
+    if args.no_register:
+        return
     sides = [(Path(src).resolve().name, str(Path(src).resolve())) for src in args.baseline_src]
     sides.append(("this tree", str(HERE.parent.parent)))
     # warm numba's cache for both sides (not counted)
