@@ -268,6 +268,51 @@ def luminance(data, pattern: str, y0: int = 0, x0: int = 0, box: int = 5) -> np.
     return out.astype(np.float32)
 
 
+def channel_plane(data, pattern: str, channel: int, y0: int = 0, x0: int = 0, box: int = 5) -> np.ndarray:
+    """One colour at every pixel of a mosaic, sharp on stars (float64): the registered
+    view of a colour store is made of these, and the outlier test compares every raw
+    sample with a model made of them.
+
+    The channel's own pixels keep their values. On the sky, every other pixel gets the
+    bilinear mean of the nearest samples of that colour (:func:`channel_estimate`). On a
+    star (where both colours stand out of their sky by 3 sigma, averaged over a ``box``
+    x ``box`` neighbourhood), a pixel of another colour ``c'`` keeps its own sample,
+    scaled into ``c`` by the local colour ratio above the sky::
+
+        est = sky_c + (v - sky_c') * (mean_c - sky_c) / (mean_c' - sky_c')
+
+    A star's light has the same profile in every colour, so its samples of any colour
+    carry its shape: the bilinear mean of samples 2 px apart flattens an undersampled
+    core to a fraction of its peak (and a rejection against such a model would flag
+    every star core), this does not. NaN pixels are no data.
+    """
+    data = np.asarray(data, dtype=np.float64)
+    idx = channel_index(pattern, data.shape, y0, x0)
+    est = channel_estimate(data, pattern, channel, y0, x0)
+    level = {}
+    for c in range(3):
+        own = data[(idx == c) & np.isfinite(data)]
+        if own.size < 16:
+            return est  # too small a window to tell sky from star
+        med = float(np.median(own))
+        level[c] = (med, 1.4826 * float(np.median(np.abs(own - med))))
+    kernel = np.ones((box, box))
+    mean = {c: _normalized_convolution(data, idx == c, kernel) for c in range(3)}
+    t = int(channel)
+    t_sky, t_sig = level[t]
+    t_above = mean[t] - t_sky
+    star_t = t_above > 3.0 * t_sig / box
+    for c in range(3):
+        if c == t:
+            continue
+        c_sky, c_sig = level[c]
+        c_above = mean[c] - c_sky
+        with np.errstate(invalid="ignore", divide="ignore"):
+            use = (idx == c) & np.isfinite(data) & star_t & (c_above > 3.0 * c_sig / box)
+            est[use] = t_sky + (data[use] - c_sky) * (t_above[use] / c_above[use])
+    return est
+
+
 def phase_medians(data) -> np.ndarray:
     """Medians of the four 2x2 phases of a frame, ``[[p00, p01], [p10, p11]]``."""
     data = np.asarray(data, dtype=np.float32)

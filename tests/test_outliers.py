@@ -151,7 +151,9 @@ def test_flag_kernel_tolerances():
 
     def run(data, model, saturation=np.inf, tol=(4.0, 1.2, 0.6, 3.0, 0.7, 0.4), k=(3.0, 3.0), spread=spread,
             norm=unit):
-        flag_pixels(data, model, spread, saturation, 100.0, 100.0, 0.0, 1.0, *tol, *k, *norm, out)
+        scale, offset, lo, hi = norm
+        flag_pixels(data, np.zeros(data.shape, np.uint8), model, spread, saturation, np.array([100.0]),
+                    np.array([100.0]), 0.0, 1.0, *tol, *k, np.array([scale]), np.array([offset]), lo, hi, out)
         return out
 
     assert run(data, model)[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH

@@ -62,6 +62,7 @@ class FramePlan:
     saturation: float
     pixel_scale_ratio: float
     channel_norm: tuple | None = None  # colour: ((scale R, G, B), (offset R, G, B)), else None
+    channel_weight: tuple | None = None  # colour: (weight R, G, B) from a per-channel integration
 
 
 @dataclass
@@ -128,10 +129,13 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         # pixels' drops land outside the tile and add nothing to it.
         sy, sx = (_at_least_two(s, n) for s, n in zip(window, plan.frame_shape))
         data = frames[fp.index, sy, sx]  # float32, used as is by the kernels
-        weights = np.full(data.shape, fp.weight)
-        # Colour: the channel of every pixel of this window (kept apart from the weights
-        # and the outlier flags, which know nothing of colour).
+        # Colour: the channel of every pixel of this window (kept apart from the outlier
+        # flags, which know nothing of colour); each colour its own weight.
         chan = _cfa.channel_index(plan.cfa_pattern, data.shape, sy.start, sx.start) if colour else None
+        if colour and fp.channel_weight is not None:
+            weights = np.asarray(fp.channel_weight, np.float64)[chan]
+        else:
+            weights = np.full(data.shape, fp.weight)
         if fp.mapping.is_homography:
             # The common case, one fused pass: frame -> reference -> tile coordinates.
             pixmap = np.empty(data.shape + (2,))
@@ -359,6 +363,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     pattern = st.cfa_pattern
     channel_scale = _channel_values(stack, "norm_scale", indices, 1.0) if (normalization and pattern) else None
     channel_offset = _channel_values(stack, "norm_offset", indices, 0.0) if (normalization and pattern) else None
+    channel_weight = _channel_values(stack, "weight", indices, 0.0) if (weights and pattern) else None
     use_rejection = bool(rejection and OUTLIERS_VARIABLE in stack)
     if rejection and not use_rejection and "rejection" in stack:
         # A store integrated before the flags moved into the frames' own pixels (or with
@@ -380,7 +385,8 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         if channel_scale is not None and channel_offset is not None:
             channel_norm = (tuple(channel_scale[k]), tuple(channel_offset[k]))
         plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
-                               float(n_offset[k]), float(saturation[k]), float(psr), channel_norm))
+                               float(n_offset[k]), float(saturation[k]), float(psr), channel_norm,
+                               None if channel_weight is None else tuple(channel_weight[k])))
     pad = max(_kernel_pad(kernel, pixfrac, fp.pixel_scale_ratio) for fp in plans)
     plan = DrizzlePlan(st.location, ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage,
                        cfa_pattern=pattern)

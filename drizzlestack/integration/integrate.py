@@ -45,6 +45,7 @@ import xarray as xr
 from astropy.io import fits
 from dask.utils import parse_bytes
 
+from .. import cfa as _cfa
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
 from ..io.fits import check_output_path
@@ -100,22 +101,28 @@ class TilePlan:
     shape: tuple  # output shape (ny, nx)
     tile: int
     raw_saturation: np.ndarray  # per frame, ADU (inf: no protection)
-    norm_scale: np.ndarray  # float32 per frame
+    norm_scale: np.ndarray  # float32 (frame, channel): one column for grey frames
     norm_offset: np.ndarray
-    weights: np.ndarray  # float64 per frame
+    weights: np.ndarray  # float64 (frame, channel)
     rejection: dict  # keyword arguments of rejection_flags
     outputs: dict  # product -> store variable name
     flags_variable: str | None  # "rejection", or None (ROI trials and the model pass keep no flags)
     step: str = "integrate"  # whose tile ledger records finished tiles
     done: np.ndarray | None = None  # the ledger at the start: finite rows are finished tiles
     outliers: str | None = None  # own-pixel flags to mask before resampling (the final pass)
+    cfa_pattern: str = ""  # colour store: products get a leading channel axis
+
+    @property
+    def channels(self) -> tuple:
+        """Channel indices to integrate: ``(None,)`` for grey frames, ``(0, 1, 2)`` for colour."""
+        return tuple(range(len(_cfa.CHANNELS))) if self.cfa_pattern else (None,)
 
 
-def _normalized_saturation(plan: TilePlan) -> np.ndarray:
+def _normalized_saturation(plan: TilePlan, c: int = 0) -> np.ndarray:
     # Computed with the same float32 operations as the samples, then lowered by a
     # relative 1e-6, so that a sample equal to the raw level always compares >=.
     raw = plan.raw_saturation.astype(np.float32)
-    level = (raw * plan.norm_scale + plan.norm_offset).astype(np.float64)
+    level = (raw * plan.norm_scale[:, c] + plan.norm_offset[:, c]).astype(np.float64)
     return np.where(np.isfinite(level), level - 1e-6 * np.abs(level), np.inf)
 
 
@@ -132,63 +139,77 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
     n = len(plan.indices)
+    counts = np.zeros(3 * n + 1)
+    values = np.empty((n, sy.stop - sy.start, sx.stop - sx.start), np.float32)
+    saturated = np.zeros(values.shape, np.bool_)
     projected = None
     if plan.outliers is not None:
-        projected = np.zeros((n, sy.stop - sy.start, sx.stop - sx.start), np.uint8)
-    values, saturated = resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx,
-                                      plan.frame_shape, plan.raw_saturation, plan.origin,
-                                      outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
-                                      projected=projected)
-    values *= plan.norm_scale[:, None, None]
-    values += plan.norm_offset[:, None, None]
-    flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan), **plan.rejection)
-    # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
-    flags[saturated] = 0
-    if projected is not None:
-        # The own-pixel flags, seen on the reference grid (a sample takes its nearest
-        # input pixel's flag): what the rejection maps count.
-        flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
-        flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
-    image, n_low, n_high = _rej.combine_stack(values, flags, plan.weights)
-    finite = np.isfinite(values)
-    wsum = np.zeros(values.shape[1:], np.float32)
-    for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
-        wsum += np.float32(plan.weights[k]) * ((flags[k] == 0) & finite[k])
-    spread = None
-    if "spread" in plan.outputs:
-        # How much the kept samples disagree among themselves (seeing, pixel phase, or an
-        # outlier the chosen rejection let through): the outlier test allows for it.
-        s1 = np.zeros(values.shape[1:])
-        s2 = np.zeros(values.shape[1:])
-        cnt = np.zeros(values.shape[1:])
-        for k in range(n):
-            keep = (flags[k] == 0) & finite[k]
-            v = np.where(keep, values[k], 0.0).astype(np.float64)
-            s1 += v
-            s2 += v * v
-            cnt += keep
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s1 / cnt
-            spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
-        spread = np.where(cnt >= 2, spread, np.nan).astype(np.float32)
-
-    # Tiles are the products' chunks: written whole, encoded in this task's thread.
-    for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
-                       ("integration_weight", wsum), ("spread", spread)):
-        if key in plan.outputs:
-            DirectArray(plan.store, plan.outputs[key], "r+")[sy, sx] = value
-    if plan.flags_variable is not None:
+        projected = np.zeros(values.shape, np.uint8)
+    any_flags = np.zeros(values.shape, np.uint8) if plan.flags_variable is not None else None
+    for c in plan.channels:
+        # Colour: one channel after the other through the same buffers (a task's memory
+        # is that of a grey tile); each sample compared only with its own colour.
+        col = 0 if c is None else c
+        resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape,
+                      plan.raw_saturation, plan.origin, out=values, saturated=saturated,
+                      outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
+                      projected=projected, pattern=plan.cfa_pattern, channel=c)
+        values *= plan.norm_scale[:, col, None, None]
+        values += plan.norm_offset[:, col, None, None]
+        flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan, col), **plan.rejection)
+        # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
+        flags[saturated] = 0
+        if projected is not None:
+            # The own-pixel flags, seen on the reference grid (a sample takes its nearest
+            # input pixel's flag): what the rejection maps count.
+            flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
+            flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
+        weights = plan.weights[:, col]
+        image, n_low, n_high = _rej.combine_stack(values, flags, weights)
+        finite = np.isfinite(values)
+        wsum = np.zeros(values.shape[1:], np.float32)
+        for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
+            wsum += np.float32(weights[k]) * ((flags[k] == 0) & finite[k])
+        spread = _kept_spread(values, flags, finite) if "spread" in plan.outputs else None
+        # Tiles are the products' chunks: written whole, encoded in this task's thread.
+        at = (sy, sx) if c is None else (c, sy, sx)
+        for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
+                           ("integration_weight", wsum), ("spread", spread)):
+            if key in plan.outputs:
+                DirectArray(plan.store, plan.outputs[key], "r+")[at] = value
+        if any_flags is not None:
+            any_flags |= flags
+        counts[0:n] += ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
+        counts[n:2 * n] += ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
+        counts[2 * n:3 * n] += finite.sum(axis=(1, 2))
+        counts[3 * n] = max(counts[3 * n], float(wsum.max()) if wsum.size else 0.0)
+    if any_flags is not None:
+        # One flag map per frame on the reference grid (colour: the worst of the channels).
         y0, x0 = plan.origin
         target = DirectArray(plan.store, plan.flags_variable, "r+")
         for k, i in enumerate(plan.indices):
-            target[int(i), y0 + sy.start:y0 + sy.stop, x0 + sx.start:x0 + sx.stop] = flags[k]
-    counts = np.empty(3 * n + 1)
-    counts[0:n] = ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
-    counts[n:2 * n] = ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
-    counts[2 * n:3 * n] = finite.sum(axis=(1, 2))
-    counts[3 * n] = float(wsum.max()) if wsum.size else 0.0
+            target[int(i), y0 + sy.start:y0 + sy.stop, x0 + sx.start:x0 + sx.stop] = any_flags[k]
     record_tile(plan.store, plan.step, iy, ix, counts)
     return counts
+
+
+def _kept_spread(values, flags, finite) -> np.ndarray:
+    """Standard deviation of the kept samples per pixel (NaN with fewer than 2): how much
+    the frames disagree among themselves (seeing, pixel phase, or an outlier the chosen
+    rejection let through); the outlier test allows for it."""
+    s1 = np.zeros(values.shape[1:])
+    s2 = np.zeros(values.shape[1:])
+    cnt = np.zeros(values.shape[1:])
+    for k in range(values.shape[0]):
+        keep = (flags[k] == 0) & finite[k]
+        v = np.where(keep, values[k], 0.0).astype(np.float64)
+        s1 += v
+        s2 += v * v
+        cnt += keep
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / cnt
+        spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
+    return np.where(cnt >= 2, spread, np.nan).astype(np.float32)
 
 
 def _tile_block(plan, block_info=None):
@@ -242,9 +263,12 @@ class _Tiling:
             # belongs to the products next to it.
             st.delete_variables(*products, f"{ledger}_tiles")
             chunks = (min(self.tile, self.shape[0]), min(self.tile, self.shape[1]))
+            # colour: one channel per chunk, as the drizzle's products
+            lead, lead_dims = ((len(plan.channels),), ("channel",)) if plan.cfa_pattern else ((), ())
             for key, var in plan.outputs.items():
                 dtype, fill = _PRODUCTS[key]
-                st.create_variable(var, self.shape, self.dims, chunks, dtype, fill)
+                st.create_variable(var, lead + self.shape, lead_dims + tuple(self.dims), (1,) * len(lead) + chunks,
+                                   dtype, fill)
                 st.group[var].attrs.update({"roi": list(self.roi) if self.roi else None})
             if plan.flags_variable:
                 # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
@@ -347,7 +371,35 @@ def _require_registration(st: StackStore) -> int:
 
 
 def _write_frame_variable(st: StackStore, name: str, values, dtype=np.float64) -> None:
-    st.write_variable(name, np.asarray(values, dtype=dtype), ("frame",))
+    values = np.asarray(values, dtype=dtype)
+    st.write_variable(name, values, ("frame", "channel")[:values.ndim])
+
+
+def _frame_statistics(measured: dict, ref: int, n_all: int, n_ch: int, apertures):
+    """Per-frame statistics from the measurement tasks: location, scale, scale_mad and
+    noise, ``(n_all,)`` arrays or ``(n_all, 3)`` for a colour store (one column per
+    channel); the photometric scale and the number of stars behind it, ``(n_all,)``
+    (colour: measured on the whole mosaic, see :mod:`.measure`)."""
+    shape = (n_all, n_ch) if n_ch > 1 else (n_all,)
+    location, scale, scale_mad, noise = (np.full(shape, np.nan) for _ in range(4))
+    phot, n_phot = np.full(n_all, np.nan), np.zeros(n_all, int)
+    for i, m in measured.items():
+        stats = m["stats"] if n_ch > 1 else [m["stats"]]
+        for c, s in enumerate(stats):
+            at = (i, c) if n_ch > 1 else i
+            location[at], scale[at], scale_mad[at], noise[at] = s.location, s.scale, s.scale_mad, s.noise
+    if apertures is not None:
+        ref_m = measured[ref]
+        for i, m in measured.items():
+            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
+    return location, scale, scale_mad, noise, phot, n_phot
+
+
+def _usable(i: int, c: int, location, norm, w, pattern: str) -> bool:
+    """Frame ``i`` has statistics, a normalization and a positive weight in channel ``c``."""
+    loc = location[i, c] if pattern else location[i]
+    return bool(np.isfinite(loc) and np.isfinite(norm.scale[i, c]) and np.isfinite(norm.offset[i, c])
+                and np.isfinite(w[i, c]) and w[i, c] > 0)
 
 
 def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: float = 3.0,
@@ -475,15 +527,10 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     """
     t_start = time.perf_counter()
     st = StackStore.open(store)
-    if st.cfa_pattern:
-        # Integrating a mosaic as grey would compare red samples with green ones in the
-        # registered view and reject the colour itself: refused until integration runs
-        # per channel (issue 11). Drizzle works on colour stores without integration.
-        raise DrizzlestackError(
-            f"{st.path}: holds colour (Bayer {st.cfa_pattern}) frames; integration per colour channel "
-            f"(statistics, normalization, rejection) is not implemented yet. Drizzle the store directly "
-            f"('drizzlestack drizzle {st.path}': every sample into its own channel, frame weights 1, no "
-            "normalization and no rejection), or ingest the frames with --grey for a grey integration")
+    # Colour (Bayer) stores are integrated per channel: every statistic, factor and weight
+    # has a channel axis, and each sample is compared only with samples of its own colour.
+    pattern = st.cfa_pattern
+    n_ch = len(_cfa.CHANNELS) if pattern else 1
     ref = _require_registration(st)
     n_all = st.n_frames
     frame_shape = st.frame_shape
@@ -556,53 +603,58 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     tasks = []
     for i in candidates:
         xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
-        tasks.append(dask.delayed(measure_frame, pure=True)(store_path, i, xf, yf, apertures, raw_sat[i]))
+        tasks.append(dask.delayed(measure_frame, pure=True)(store_path, i, xf, yf, apertures, raw_sat[i],
+                                                            pattern=pattern))
     t0 = time.perf_counter()
     measured = dict(zip(candidates, compute(*tasks)))
     t_stats = time.perf_counter() - t0
-
-    nan = np.full(n_all, np.nan)
-    location, scale, scale_mad, noise, phot = nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy()
-    n_phot = np.zeros(n_all, int)
-    for i, m in measured.items():
-        s = m["stats"]
-        location[i], scale[i], scale_mad[i], noise[i] = s.location, s.scale, s.scale_mad, s.noise
-    if apertures is not None:
-        ref_m = measured[ref]
-        for i, m in measured.items():
-            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
+    location, scale, scale_mad, noise, phot, n_phot = _frame_statistics(measured, ref, n_all, n_ch, apertures)
     for name, values in (("location", location), ("scale", scale), ("scale_mad", scale_mad), ("noise", noise),
                          ("photometric_scale", phot)):
         _write_frame_variable(st, name, values)
 
     # ---------------------------------------------- normalization, weights, exclusion
-    dispersion = scale_mad if scale_estimator == "mad" else scale
-    k, estimator = _norm.scale_factors(ref, dispersion, phot if apertures is not None else None, scale_estimator)
-    norm = _norm.normalization(normalization, ref, location, k, estimator)
-    if normalization.endswith("+scaling") and scale_estimator == "auto" and estimator != "photometry":
-        missing = [i for i in candidates if not np.isfinite(phot[i])]
-        why = (f"frames {missing} matched too few reference stars" if apertures is not None
-               else "no reference stars were found")
-        warnings.warn(f"photometric scaling unavailable ({why}); scaling every frame by its {estimator} "
-                      f"dispersion instead, which is wrong for frames whose transparency changed",
-                      DrizzlestackWarning, stacklevel=2)
     headers = [str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None
     exptime = np.asarray(st.group["exptime"][:n_all], dtype=np.float64)
-    w = _norm.frame_weights(weights, ref, noise=noise, norm_scale=norm.scale, exptime=exptime,
-                            headers=headers, keyword=weight_keyword)
+    norm_a, norm_b, w = np.full((n_all, n_ch), np.nan), np.full((n_all, n_ch), np.nan), np.zeros((n_all, n_ch))
+    estimators = []
+    for c in range(n_ch):
+        # Each colour on its own, relative to the reference frame's same colour.
+        col = (lambda a: a[:, c] if pattern else a)  # noqa: E731 - grey arrays have no channel axis
+        dispersion = col(scale_mad if scale_estimator == "mad" else scale)
+        k, estimator = _norm.scale_factors(ref, dispersion, phot if apertures is not None else None, scale_estimator)
+        norm = _norm.normalization(normalization, ref, col(location), k, estimator)
+        norm_a[:, c], norm_b[:, c] = norm.scale, norm.offset
+        w[:, c] = _norm.frame_weights(weights, ref, noise=col(noise), norm_scale=norm.scale, exptime=exptime,
+                                      headers=headers, keyword=weight_keyword)
+        estimators.append(estimator)
+        if normalization.endswith("+scaling") and scale_estimator == "auto" and estimator != "photometry":
+            missing = [i for i in candidates if not np.isfinite(phot[i])]
+            why = (f"frames {missing} matched too few reference stars" if apertures is not None
+                   else "no reference stars were found")
+            what = f" of {_cfa.CHANNELS[c]}" if pattern else ""
+            warnings.warn(f"photometric scaling{what} unavailable ({why}); scaling every frame by its {estimator} "
+                          f"dispersion instead, which is wrong for frames whose transparency changed",
+                          DrizzlestackWarning, stacklevel=2)
+    norm = _norm.Normalization(norm_a, norm_b, normalization, "/".join(dict.fromkeys(estimators)))
     used = []
     for i in candidates:
-        if not np.isfinite(location[i]):
-            excluded[i] = "no valid pixels for statistics"
-        elif not (np.isfinite(norm.scale[i]) and np.isfinite(norm.offset[i])):
-            excluded[i] = f"no {estimator} scale factor (photometry matched {n_phot[i]} stars)" \
-                if estimator == "photometry" else "no normalization (scale statistics missing)"
-        elif not np.isfinite(w[i]):
-            excluded[i] = f"no weight ({weights})"
-        elif w[i] == 0:
-            excluded[i] = "zero weight"
-        else:
+        bad = [c for c in range(n_ch) if not _usable(i, c, location, norm, w, pattern)]
+        if not bad:
             used.append(i)
+            continue
+        c = bad[0]
+        what = f" ({_cfa.CHANNELS[c]})" if pattern else ""
+        loc = location[i, c] if pattern else location[i]
+        if not np.isfinite(loc):
+            excluded[i] = f"no valid pixels for statistics{what}"
+        elif not (np.isfinite(norm.scale[i, c]) and np.isfinite(norm.offset[i, c])):
+            excluded[i] = f"no {estimators[c]} scale factor{what} (photometry matched {n_phot[i]} stars)" \
+                if estimators[c] == "photometry" else f"no normalization{what} (scale statistics missing)"
+        elif not np.isfinite(w[i, c]):
+            excluded[i] = f"no weight{what} ({weights})"
+        else:
+            excluded[i] = f"zero weight{what}"
     for i in sorted(excluded):
         warnings.warn(f"frame {i} excluded from the integration: {excluded[i]}", DrizzlestackWarning, stacklevel=2)
     if not used:
@@ -615,15 +667,14 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                       DrizzlestackWarning, stacklevel=2)
         method = "none"
 
-    weight_all = np.zeros(n_all)
+    weight_all = np.zeros((n_all, n_ch))
     weight_all[used] = w[used]
     if roi is None:
-        norm_scale = np.full(n_all, np.nan)
-        norm_offset = np.full(n_all, np.nan)
+        norm_scale = np.full((n_all, n_ch), np.nan)
+        norm_offset = np.full((n_all, n_ch), np.nan)
         norm_scale[used], norm_offset[used] = norm.scale[used], norm.offset[used]
-        _write_frame_variable(st, "norm_scale", norm_scale)
-        _write_frame_variable(st, "norm_offset", norm_offset)
-        _write_frame_variable(st, "weight", weight_all)
+        for name, values in (("norm_scale", norm_scale), ("norm_offset", norm_offset), ("weight", weight_all)):
+            _write_frame_variable(st, name, values if pattern else values[:, 0])
 
     # ------------------------------------------------------------- pass 2: per tile
     if saturation is True:
@@ -647,7 +698,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
         weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs={v: prefix + v for v in IMAGE_VARIABLES},
-        flags_variable="rejection" if roi is None else None, step=step_name,
+        flags_variable="rejection" if roi is None else None, step=step_name, cfa_pattern=pattern,
     )
     tiling = _Tiling(st, step_name, params, inputs, resumable, shape, eff_tile, ("y", "x") if roi is None
                      else ("roi_y", "roi_x"), roi)
@@ -771,6 +822,9 @@ def _write_fits(path, st: StackStore, roi, record: dict) -> None:
     header["EXPTIME"] = (summary.get("exptime"), "total exposure of the integrated frames [s]")
     if roi is not None:
         header["ROIX0"], header["ROIY0"], header["ROIW"], header["ROIH"] = roi
+    if st.cfa_pattern:  # a 3 x H x W cube, no longer a mosaic (no BAYERPAT)
+        header["CHANNELS"] = ("R G B", "planes of the cube (NAXIS3)")
+        header["INTEGCFA"] = (st.cfa_pattern, "Bayer pattern of the integrated mosaics")
     header["CREATOR"] = (f"drizzlestack {__version__}", "software")
     wcs = _reference_wcs(st, roi)
     if wcs is not None:

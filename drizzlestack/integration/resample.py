@@ -34,6 +34,7 @@ import numpy as np
 
 from dask.base import tokenize
 
+from .. import cfa as _cfa
 from ..geometry import input_window, pixel_grid
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
@@ -239,7 +240,8 @@ def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tupl
 
 
 def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, saturation=None,
-                  roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None):
+                  roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None,
+                  pattern: str = "", channel: int | None = None):
     """One spatial tile of the registered view, for the frames ``indices``.
 
     Parameters
@@ -267,6 +269,10 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         the valid 2x2 pixels -- an outlier never leaks into its neighbours.
     projected : (n, ty, tx) uint8, optional
         With ``outliers``: receives the flag of each sample's nearest input pixel.
+    pattern, channel : str, int, optional
+        Colour (Bayer) frames: resample only that channel (0 = R, 1 = G, 2 = B). The
+        colour is first estimated at every pixel of the frame's own grid from its own
+        samples (:func:`channel_plane`), then resampled like a grey frame.
 
     Returns
     -------
@@ -282,8 +288,12 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         saturated = np.zeros((n,) + shape, np.bool_)
     xr, yr = pixel_grid(shape, roi_origin[0] + sy.start, roi_origin[1] + sx.start)
     box = tile_box(sy, sx, roi_origin)
+    colour = channel is not None
+    if colour and not pattern:
+        raise ValueError("resample_tile: channel= needs the frames' Bayer pattern")
     for k, (i, mapping) in enumerate(zip(indices, mappings)):
-        window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD)
+        # colour: one more pixel for the 3x3 support of the channel estimate
+        window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD + (1 if colour else 0))
         if window is None:
             out[k] = np.nan
             saturated[k] = False
@@ -300,8 +310,28 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
             if bad.any():
                 data = data.copy()
                 data[bad] = np.nan
+        if colour:
+            data = channel_plane(data, pattern, channel, (wy.start, wx.start), sat)
         resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
     return out, saturated
+
+
+def channel_plane(data, pattern: str, channel: int, origin=(0, 0), saturation: float = np.inf) -> np.ndarray:
+    """One colour of a window of a mosaic at every pixel (float32): its own samples, and
+    between them an estimate from the nearest ones, sharp on stars
+    (:func:`drizzlestack.cfa.channel_plane`; NaN and flagged pixels left out). An estimate that used a saturated sample is raised
+    to the saturation level, so that the resampler protects it like a saturated pixel:
+    a star core is a lower bound wherever it is seen from."""
+    plane = _cfa.channel_plane(data, pattern, channel, int(origin[0]), int(origin[1]))
+    if np.isfinite(saturation):
+        own = _cfa.channel_mask(pattern, plane.shape, channel, int(origin[0]), int(origin[1]))
+        hot = own & (np.asarray(data) >= saturation)
+        if hot.any():
+            from scipy.ndimage import binary_dilation
+
+            near = binary_dilation(hot, np.ones((3, 3), bool))
+            plane[near] = np.maximum(plane[near], saturation)
+    return plane.astype(np.float32)
 
 
 def _nearest_flags(flags, y0, x0, xf, yf, out) -> None:
