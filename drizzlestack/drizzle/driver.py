@@ -245,7 +245,8 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         ``square``, ``point``, ``turbo``, ``gaussian``, ``lanczos2`` or ``lanczos3``.
     roi : (x0, y0, width, height), optional
         Region of the reference frame to drizzle (reference pixels); default all of it.
-        Its cost is proportional to its area.
+        Its cost is proportional to its area. An ROI reaching beyond the reference
+        frame is clipped to it, with a warning (:func:`drizzlestack.tiled.clip_roi`).
     output : path-like or None
         FITS file to write (image, ``WEIGHTS``, ``COVERAGE``); ``None`` for the store only.
     tile : int
@@ -272,6 +273,13 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     xarray.Dataset
         ``drizzle`` (image, NaN where nothing landed), ``drizzle_weights`` (raw sums)
         and ``drizzle_coverage``, lazily from the store.
+
+    Raises
+    ------
+    StoreError
+        The store is not registered.
+    DrizzlestackError
+        A bad parameter, or no frame left to drizzle.
     """
     _check_parameters(scale, pixfrac, kernel, tile)
     if kernel.startswith("lanczos") and pixfrac != 1.0:

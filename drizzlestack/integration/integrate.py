@@ -329,7 +329,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         Region of the reference grid (whole pixels) for quick parameter trials: the
         products go to ``roi_integration``, ``roi_rejected_low``, ``roi_rejected_high``
         and ``roi_integration_weight`` and nothing the drizzle step uses (flags,
-        weights, normalization) is touched. Default: the whole field.
+        weights, normalization) is touched. Default: the whole field. An ROI reaching
+        beyond the reference frame is clipped to it, with a warning
+        (:func:`drizzlestack.tiled.clip_roi`).
     tile : int
         Largest tile side (reference pixels); smaller when ``task_memory`` requires.
     saturation : bool or float
@@ -373,8 +375,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     Warns
     -----
     DrizzlestackWarning
-        For every excluded frame (unregistered, no statistics, zero weight) and when
-        fewer than 3 frames remain (they are averaged without rejection).
+        For every excluded frame (unregistered, no statistics, zero weight), when
+        fewer than 3 frames remain (they are averaged without rejection), and for an ROI
+        clipped to the reference frame.
 
     Raises
     ------
