@@ -378,14 +378,14 @@ def _registration_dataset(st: StackStore):
 
 def _registered(store, frames, distortion):
     """(stack, frame indices, mappings, frame weights) of a registered store."""
-    from .drizzle.driver import _frame_values, _select_frames
+    from .drizzle.driver import _frame_values
     from .mappings import frame_mapping
+    from .tiled import require_registration, select_frames
 
     st = StackStore.open(store, mode="r")
-    if "transform" not in st.group or not (st.step("register") or {}).get("complete", False):
-        raise DrizzlestackError(f"{store}: frames are not registered; run 'drizzlestack register {store}' first")
+    require_registration(st)
     stack = _registration_dataset(st)
-    indices = _select_frames(stack, frames)
+    indices, _ = select_frames(st, frames, refuse_unregistered=True, step="drizzle", stacklevel=3)
     mappings = [frame_mapping(stack, i, distortion=distortion) for i in indices]
     weights = _frame_values(stack, "weight", indices, 1.0)
     weights = np.where(weights > 0, weights, 0.0)

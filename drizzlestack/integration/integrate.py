@@ -39,7 +39,6 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 
 import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
@@ -47,12 +46,13 @@ from dask.utils import parse_bytes
 
 from .. import cfa as _cfa
 from .._version import __version__
-from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
 from ..parallel import compute
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
-from ..store import STATUS_OK, StackStore, open_stack, record_tile
+from ..store import StackStore, open_stack, record_tile
+from ..tiled import clip_roi, reference_wcs, require_registration, run_tiles, select_frames, start_or_resume
 from . import normalize as _norm
 from . import outliers as _out
 from . import rejection as _rej
@@ -212,13 +212,6 @@ def _kept_spread(values, flags, finite) -> np.ndarray:
     return np.where(cnt >= 2, spread, np.nan).astype(np.float32)
 
 
-def _tile_block(plan, block_info=None):
-    iy, ix, _ = block_info[None]["chunk-location"]
-    if plan.done is not None and np.all(np.isfinite(plan.done[iy, ix])):
-        return plan.done[iy, ix][None, None, :]  # finished before an interruption
-    return integrate_tile(plan, iy, ix)[None, None, :]
-
-
 def tile_size(tile: int, n_frames: int, task_memory) -> int:
     """Largest tile (a multiple of 32, at least 64, at most ``tile``) whose samples of
     ``n_frames`` frames fit in ``task_memory`` bytes: tiles shrink as frames are added,
@@ -245,23 +238,12 @@ class _Tiling:
     def ledger(self, name: str) -> str:
         return f"{self.step}_{name}" if name else self.step
 
-    def resume(self, name, width, products, chunk):
-        """The finished-tile ledger of pass ``name`` (``None``: start it afresh)."""
-        if not self.resumable:
-            return None
-        return self.st.resume_tiles(self.step, self.params, self.inputs, self.tiles, width, chunk, products,
-                                    ledger=self.ledger(name))
-
     def run(self, plan: TilePlan, name: str) -> np.ndarray:
         st, n = self.st, len(plan.indices)
         width = 3 * n + 1
         products = list(plan.outputs.values()) + ([plan.flags_variable] if plan.flags_variable else [])
-        ledger = self.ledger(name)
-        done = self.resume(name, width, products, self.tile)
-        if done is None:
-            # The ledger is created last: a ledger present for this step's record always
-            # belongs to the products next to it.
-            st.delete_variables(*products, f"{ledger}_tiles")
+
+        def create():
             chunks = (min(self.tile, self.shape[0]), min(self.tile, self.shape[1]))
             # colour: one channel per chunk, as the drizzle's products
             lead, lead_dims = ((len(plan.channels),), ("channel",)) if plan.cfa_pattern else ((), ())
@@ -274,20 +256,13 @@ class _Tiling:
                 # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
                 st.create_variable(plan.flags_variable, (st.n_frames,) + tuple(plan.frame_shape),
                                    ("frame", "y", "x"), (1,) + chunks, "uint8", _rej.FLAG_RANGE)
-            done = st.start_tiles(ledger, self.tiles, width, self.tile)
-        else:
-            n_done = int(np.all(np.isfinite(done), axis=2).sum())
-            if n_done < done.shape[0] * done.shape[1]:
-                warnings.warn(f"{st.path}: resuming an interrupted integration ({n_done} of "
-                              f"{done.shape[0] * done.shape[1]} tiles of its {name or 'final'} pass already done)",
-                              DrizzlestackWarning, stacklevel=3)
-        plan = replace(plan, step=ledger, done=done)
-        # The plan rides inside every task (a keyword argument), not as a task of its own:
-        # a distributed scheduler would run every tile on the worker that holds that task.
-        counts = da.map_blocks(_tile_block, plan=plan, chunks=((1,) * self.tiles[0], (1,) * self.tiles[1], (width,)),
-                               dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
-        (per_tile,) = compute(counts)
-        return per_tile
+
+        ledger = self.ledger(name)
+        done = start_or_resume(st, self.step, self.params, self.inputs, tiles=self.tiles, width=width,
+                               tile=self.tile, products=products, create=create, ledger=ledger,
+                               resumable=self.resumable, what="integration",
+                               part=f" of its {name or 'final'} pass", stacklevel=3)
+        return run_tiles(integrate_tile, replace(plan, step=ledger, done=done), self.tiles, width)
 
 
 def _model_region(roi, frame_shape, mappings, margin: int = 8):
@@ -329,23 +304,6 @@ def _check_worker_memory(tile, n_frames, task_memory, frame_shape) -> None:
 
 
 # ------------------------------------------------------------------------------ driver
-def _check_roi(roi, frame_shape):
-    ny, nx = frame_shape
-    if roi is None:
-        return None
-    try:
-        x0, y0, w, h = (float(v) for v in roi)
-    except (TypeError, ValueError):
-        raise DrizzlestackError(f"roi={roi!r}: expected (x0, y0, width, height) in reference pixels") from None
-    if not all(float(v).is_integer() for v in (x0, y0, w, h)):
-        raise DrizzlestackError(f"roi={roi!r}: the integration grid is the reference grid; use whole pixels")
-    x0, y0, w, h = int(x0), int(y0), int(w), int(h)
-    if w < 1 or h < 1 or x0 < 0 or y0 < 0 or x0 + w > nx or y0 + h > ny:
-        raise DrizzlestackError(f"roi={roi!r}: must lie inside the reference frame ({nx} x {ny} px) "
-                                f"with a positive width and height")
-    return x0, y0, w, h
-
-
 def _registration_inputs(st: StackStore) -> dict:
     """What the integration depends on besides its parameters (for re-run decisions)."""
     import hashlib
@@ -358,16 +316,6 @@ def _registration_inputs(st: StackStore) -> dict:
     for name in sorted(k for k in st.group.array_keys() if k.startswith("distortion")):
         h.update(np.ascontiguousarray(st.group[name][...]).tobytes())
     return {"n_frames": n, "reference": st.attrs.get("reference"), "registration": h.hexdigest()[:16]}
-
-
-def _require_registration(st: StackStore) -> int:
-    hint = f"run 'drizzlestack register {st.path}' first"
-    rec = st.step("register")
-    if "transform" not in st.group or st.attrs.get("reference") is None:
-        raise StoreError(f"{st.path}: the frames are not registered; {hint}")
-    if rec is not None and not rec.get("complete", False):
-        raise StoreError(f"{st.path}: the registration did not complete; {hint}")
-    return int(st.attrs["reference"])
 
 
 def _write_frame_variable(st: StackStore, name: str, values, dtype=np.float64) -> None:
@@ -433,7 +381,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         Region of the reference grid (whole pixels) for quick parameter trials: the
         products go to ``roi_integration``, ``roi_rejected_low``, ``roi_rejected_high``
         and ``roi_integration_weight`` and nothing the drizzle step uses (flags,
-        weights, normalization) is touched. Default: the whole field.
+        weights, normalization) is touched. Default: the whole field. An ROI reaching
+        beyond the reference frame is clipped to it, with a warning
+        (:func:`drizzlestack.tiled.clip_roi`).
     tile : int
         Largest tile side (reference pixels); smaller when ``task_memory`` requires.
     saturation : bool or float
@@ -477,8 +427,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     Warns
     -----
     DrizzlestackWarning
-        For every excluded frame (unregistered, no statistics, zero weight) and when
-        fewer than 3 frames remain (they are averaged without rejection).
+        For every excluded frame (unregistered, no statistics, zero weight), when
+        fewer than 3 frames remain (they are averaged without rejection), and for an ROI
+        clipped to the reference frame.
 
     Raises
     ------
@@ -531,7 +482,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     # has a channel axis, and each sample is compared only with samples of its own colour.
     pattern = st.cfa_pattern
     n_ch = len(_cfa.CHANNELS) if pattern else 1
-    ref = _require_registration(st)
+    ref = require_registration(st)
     n_all = st.n_frames
     frame_shape = st.frame_shape
     if rejection not in _rej.METHODS:
@@ -548,10 +499,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                                 f"(known: {', '.join(_REJECTION_OPTIONS)})")
     outlier_params = outliers if isinstance(outliers, _out.OutlierParameters) else \
         _out.OutlierParameters.from_dict(outliers)
-    roi = _check_roi(roi, frame_shape)
+    roi = clip_roi(roi, frame_shape, whole_pixels=True)
     check_output_path(output, overwrite)
-    if not 0 <= ref < n_all:
-        raise StoreError(f"{st.path}: reference frame {ref} is not in the store ({n_all} frames)")
 
     params = {"rejection": rejection, "low": low, "high": high, "normalization": normalization,
               "weights": weights, "roi": list(roi) if roi else None, "saturation": saturation,
@@ -568,20 +517,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         return open_stack(st)
 
     # ------------------------------------------------------------- which frames
-    status = [str(s) for s in st.group["status"][:n_all]]
-    transform = np.asarray(st.group["transform"][:n_all], dtype=np.float64)
-    chosen = range(n_all) if frames is None else [int(i) for i in frames]
-    excluded: dict[int, str] = {}
-    candidates = []
-    for i in chosen:
-        if not 0 <= i < n_all:
-            raise DrizzlestackError(f"frames: {i} is not a frame of the store (0..{n_all - 1})")
-        if status[i] != STATUS_OK:
-            excluded[i] = status[i] or "no status"
-        elif not np.all(np.isfinite(transform[i])):
-            excluded[i] = "unregistered: no transform"
-        else:
-            candidates.append(i)
+    candidates, excluded = select_frames(st, frames)
     if ref not in candidates:
         raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
                                 f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
@@ -783,19 +719,12 @@ def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
     """The reference frame's celestial WCS, shifted to the ROI; ``None`` if the header has
     none. The integration *is* the reference grid, so the WCS carries over whole,
     distortion (SIP) terms included -- unlike drizzle's rescaled grid."""
-    ref = st.attrs.get("reference")
-    if ref is None:
+    wcs = reference_wcs(st)
+    if wcs is None:
         return None
     try:
-        from astropy.wcs import WCS
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = fits.Header.fromstring(str(st.group["header"][int(ref)]), sep="\n")
-            wcs = WCS(header)
-            if not wcs.has_celestial:
-                return None
-            wcs = wcs.celestial
             if roi is not None:
                 wcs = wcs.slice((slice(roi[1], roi[1] + roi[3]), slice(roi[0], roi[0] + roi[2])))
             return wcs.to_header()

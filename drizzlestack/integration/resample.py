@@ -39,6 +39,7 @@ from ..geometry import input_window, pixel_grid
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import content_token
+from ..tiled import require_registration, select_frames
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
@@ -355,16 +356,12 @@ def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, 
 
 
 def usable_frames(store) -> list[int]:
-    """Frames with status ``ok`` and a finite transform: the ones the view shows."""
-    from ..store import STATUS_OK, StackStore
+    """Frames with status ``ok`` and a finite transform: the ones the view shows
+    (:func:`drizzlestack.tiled.select_frames`)."""
+    from ..store import StackStore
 
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
-    n = st.n_frames
-    status = [str(s) for s in st.group["status"][:n]]
-    if "transform" not in st.group:
-        return []
-    transform = np.asarray(st.group["transform"][:n], dtype=np.float64)
-    return [i for i in range(n) if status[i] == STATUS_OK and np.all(np.isfinite(transform[i]))]
+    return select_frames(st)[0]
 
 
 def registered_view(store, frames=None, tile: int = 512, roi=None, normalization=None) -> da.Array:
@@ -393,10 +390,7 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     from ..store import StackStore
 
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
-    if "transform" not in st.group:
-        from .._warnings import StoreError
-
-        raise StoreError(f"{st.path}: not registered (run 'drizzlestack register {st.path}' first)")
+    require_registration(st)
     indices = usable_frames(st) if frames is None else [int(i) for i in frames]
     frame_shape = st.frame_shape
     (x0, y0, w, h) = (0, 0, frame_shape[1], frame_shape[0]) if roi is None else (int(v) for v in roi)
