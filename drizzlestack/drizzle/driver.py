@@ -33,6 +33,7 @@ import xarray as xr
 from astropy.io import fits
 
 from .. import cfa as _cfa
+from .. import whitebalance as _wb
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
@@ -228,7 +229,7 @@ def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | 
 def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
             output="drizzle.fits", tile: int = 1024, frames=None, rejection: bool = True,
             weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
-            overwrite: bool = False, force: bool = False) -> xr.Dataset:
+            overwrite: bool = False, force: bool = False, white_balance: str = "none") -> xr.Dataset:
     """Drizzle the registered frames of a store onto a finer output grid.
 
     Every input pixel of every selected frame is mapped through its registration onto
@@ -271,6 +272,14 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         parameters from the same registration and integration (and ``output`` exists).
         By default (as for :func:`register` and :func:`integrate`) such a drizzle is
         returned as it is, and an interrupted one resumes.
+    white_balance : str
+        Colour stores: ``none`` (default: the sensor's raw colours, as Siril and
+        PixInsight), ``camera`` (the as-shot multipliers of raw files, recorded at
+        ingest) or ``neutral`` (each channel's sky brought to green's, from the
+        integration's per-channel sky of the reference frame). Multiplicative about the
+        black levels and folded into the per-channel normalization, so it costs nothing
+        (:mod:`drizzlestack.whitebalance`); recorded in the FITS header (``WBALANCE``,
+        ``WBR``, ``WBG``, ``WBB``). Refused for grey stores.
 
     Returns
     -------
@@ -286,6 +295,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         A bad parameter, or no frame left to drizzle.
     """
     _check_parameters(scale, pixfrac, kernel, tile)
+    white_balance = _wb.check_white_balance(white_balance)
     if kernel.startswith("lanczos") and pixfrac != 1.0:
         # Warned once here rather than by the kernel in every tile.
         warnings.warn(f"kernel={kernel!r} ignores pixfrac={pixfrac:g} (as STScI drizzle does); using 1",
@@ -317,6 +327,10 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     channel_scale = _channel_values(stack, "norm_scale", indices, 1.0) if (normalization and pattern) else None
     channel_offset = _channel_values(stack, "norm_offset", indices, 0.0) if (normalization and pattern) else None
     channel_weight = _channel_values(stack, "weight", indices, 0.0) if (weights and pattern) else None
+    wb = _wb.balance(white_balance, stack, indices, int(st.attrs.get("reference") or 0), store=str(store))
+    if wb is not None:
+        channel_scale, channel_offset = _balanced_norm(wb, stack, indices, n_scale, n_offset, channel_scale,
+                                                       channel_offset)
     use_rejection = bool(rejection and OUTLIERS_VARIABLE in stack)
     if rejection and not use_rejection and "rejection" in stack:
         # A store integrated before the flags moved into the frames' own pixels (or with
@@ -349,6 +363,8 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
               "distortion": distortion, "coverage": coverage}
     if pattern:  # (grey runs keep their digest)
         params["cfa_pattern"] = pattern
+    if wb is not None:  # (unbalanced runs keep their digest)
+        params["white_balance"] = white_balance
     # The upstream steps' completion stamps: a rerun of either makes this drizzle stale.
     inputs = {step: [(st.step(step) or {}).get("digest"), (st.step(step) or {}).get("finished")]
               for step in ("ingest", "register", "integrate")}
@@ -400,8 +416,24 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
                 output=str(out_path) if out_path else None, **summary)
     if out_path is not None:
         _write_fits(out_path, st, stack, plan, params, indices, max_weights_rgb or max_weight, total_exptime,
-                    coverage)
+                    coverage, wb)
     return open_stack(st)[list(OUTPUT_VARIABLES)]
+
+
+def _balanced_norm(wb, stack, indices, n_scale, n_offset, channel_scale, channel_offset):
+    """Per-channel ``(scale, offset)`` ``(n, 3)`` of the normalization followed by the
+    white balance ``wb``: the balance is folded into the affine map each sample gets
+    anyway. Normalized data are in the reference frame's units (its black levels);
+    without a per-channel normalization each frame keeps its own units and black."""
+    n = len(indices)
+    if channel_scale is not None and channel_offset is not None:
+        ref = int(stack.attrs.get("reference") or 0)
+        black = np.tile(_wb.reference_black(stack, ref), (n, 1))
+    else:
+        channel_scale = np.repeat(np.asarray(n_scale, np.float64)[:, None], len(_cfa.CHANNELS), axis=1)
+        channel_offset = np.repeat(np.asarray(n_offset, np.float64)[:, None], len(_cfa.CHANNELS), axis=1)
+        black = _wb.black_levels(stack, indices)
+    return wb.fold(np.asarray(channel_scale, np.float64), np.asarray(channel_offset, np.float64), black)
 
 
 #: A colour channel missing from more than this fraction of the covered output pixels warns.
@@ -472,7 +504,7 @@ def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
     return np.asarray(values, np.float64)
 
 
-def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage):
+def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage, wb=None):
     """The FITS product: image, ``WEIGHTS`` (normalized to a maximum of 1, per channel for
     colour) and ``COVERAGE``; colour products are 3 x H x W cubes in R, G, B order (no
     ``BAYERPAT``: they are not mosaics any more)."""
@@ -498,6 +530,10 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
     if plan.cfa_pattern:
         header["CHANNELS"] = ("R G B", "planes of the cube (NAXIS3)")
         header["DRIZCFA"] = (plan.cfa_pattern, "Bayer pattern of the drizzled mosaics")
+        header["WBALANCE"] = (wb.method if wb is not None else "none", "white balance (none, camera, neutral)")
+        if wb is not None:
+            for c, g in zip(_cfa.CHANNELS, wb.gains):
+                header[f"WB{c}"] = (float(g), f"{c} gain about its black level (G = 1)")
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
     hdus = [(header, DirectArray(st.location, "drizzle"), None)]
