@@ -74,9 +74,10 @@ def test_drizzle_warning_names_the_worst_channel(eight_frames):
 
 @pytest.fixture(scope="module")
 def colour_stars(tmp_path_factory):
-    """12 undersampled colour frames (FWHM 1.6 px), registered by drizzlestack."""
+    """24 undersampled colour frames (FWHM 1.6 px), registered by drizzlestack: enough for
+    an even weight map at small drops, where red and blue run dry first."""
     d = tmp_path_factory.mktemp("colour_advise_stars")
-    truth = simulate(d / "frames", n_frames=12, shape=(128, 144), fwhm=1.6, n_stars=120, n_galaxies=0,
+    truth = simulate(d / "frames", n_frames=24, shape=(128, 144), fwhm=1.6, n_stars=120, n_galaxies=0,
                      n_saturated=0, cosmic_rays=0, hot_pixels=0, trail=False, max_shift=4.0, max_rotation=0.3,
                      seed=11, cfa="RGGB", dtype="float32")
     ds.ingest(truth.files, d / "stack.zarr")
@@ -93,17 +94,21 @@ def test_recommendation_is_judged_on_the_worst_channel(colour_stars):
     rgb = a["predicted_dry_fraction_rgb"]
     assert a["predicted_dry_fraction"] == max(rgb.values()) <= advise_module.MAX_DRY_FRACTION
     assert a["predicted_weight_rms"] <= advise_module.MAX_WEIGHT_RMS
-    # the rule: the next smaller pixfrac breaks a limit, in some channel
+    # the rule: the next smaller pixfrac breaks a limit -- here only red's or blue's dry
+    # fraction: its weight map is even enough, green has no dry pixel, and all the samples
+    # counted together (the advisor before it went per channel) would have passed it
     mappings, weights, shape, pattern, cw = _geometry(colour_stars)
     smaller = [p for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9) if p < a["pixfrac"] - 1e-9]
-    assert smaller  # 12 frames: a drop below 1 still fills every channel
+    assert smaller  # 24 frames: a drop well below 1 still fills every channel
     p = max(smaller)
     pred = advise_module.predict_weights(mappings, weights, shape, a["scale"], [p], cfa_pattern=pattern,
                                          channel_weights=cw)[p]
-    assert pred["dry_fraction"] > advise_module.MAX_DRY_FRACTION or pred["weight_rms"] > advise_module.MAX_WEIGHT_RMS
-    # green alone (all samples together even more) would have allowed a smaller drop
+    print(p, pred)
+    limit = advise_module.MAX_DRY_FRACTION
+    assert pred["weight_rms"] <= advise_module.MAX_WEIGHT_RMS
+    assert max(pred["dry_fraction_rgb"]["R"], pred["dry_fraction_rgb"]["B"]) > limit >= pred["dry_fraction_rgb"]["G"]
     together = advise_module.predict_weights(mappings, weights, shape, a["scale"], [p])[p]
-    assert pred["dry_fraction_rgb"]["G"] < pred["dry_fraction"] and together["dry_fraction"] < pred["dry_fraction"]
+    assert together["dry_fraction"] <= limit and together["weight_rms"] == pytest.approx(pred["weight_rms"])
     text = advise_module.format_advice(a)
     assert "dry R/G/B[%]" in text and "worst channel" in text
     row = next(r for r in a["predictions"] if (r["scale"], r["pixfrac"]) == (a["scale"], a["pixfrac"]))
