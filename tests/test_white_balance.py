@@ -190,3 +190,21 @@ def test_raw_ingest_records_the_multipliers_only_when_the_camera_did(tmp_path):
     np.testing.assert_allclose(camera_multipliers(with_wb.header.tostring(sep="\n")), [2.0, 1.0, 1.6], rtol=1e-6)
     assert camera_multipliers(without.header.tostring(sep="\n")) is None
     assert "CAMWBR" not in without.header
+
+
+def test_cli_and_config_take_the_white_balance(neutral_field, capsys):
+    from drizzlestack.cli import main as cli_main
+    from drizzlestack.config import load_config
+
+    _, store, _, neutral, _, d = neutral_field
+    with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
+        assert cli_main(["drizzle", str(store), "--scale", "2", "--pixfrac", "0.8", "--tile", "64",
+                         "--white-balance", "neutral", "-o", str(d / "cli.fits"), "--no-progress"]) == 0
+    with fits.open(d / "cli.fits") as h:
+        assert h[0].header["WBALANCE"] == "neutral"
+        np.testing.assert_array_equal(h[0].data, neutral.astype(np.float32))
+    with pytest.raises(SystemExit):
+        cli_main(["drizzle", str(store), "--white-balance", "auto"])
+    assert "invalid choice: 'auto'" in capsys.readouterr().err
+    cfg = load_config(None, ["drizzle.white_balance=camera"])
+    assert cfg.drizzle.white_balance == "camera"
