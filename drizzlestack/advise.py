@@ -693,8 +693,10 @@ def drizzle_warnings(store, scale: float, pixfrac: float, kernel: str = "square"
     pred = predict_weights(mappings, weights, frame_shape, float(scale), [float(pixfrac)], kernel,
                            cfa_pattern=pattern, channel_weights=channel_weights)[float(pixfrac)]
     if pred["dry_fraction"] > MAX_DRY_FRACTION:
-        where = (f" in the worst colour channel (dry {_per_channel(pred['dry_fraction_rgb'], '.1%')}: each colour "
-                 "has only its own samples)" if pattern else "")
+        # (worded as the drizzle's own per-channel warning: "dry fraction")
+        where = (f" in the worst colour channel (predicted dry fraction per channel: "
+                 f"{_per_channel(pred['dry_fraction_rgb'], '.1%')}; each colour has only its own samples)"
+                 if pattern else "")
         out.append(f"{store}: scale {scale:g} with pixfrac {pixfrac:g} is predicted to leave "
                    f"{pred['dry_fraction']:.1%} of the output pixels dry (no data){where}; use a larger pixfrac, a "
                    f"smaller scale or more frames ('drizzlestack advise {store}')")

@@ -67,7 +67,8 @@ def test_per_channel_dry_fractions_match_real_colour_drizzles(eight_frames, scal
 
 
 def test_drizzle_warning_names_the_worst_channel(eight_frames):
-    with pytest.warns(DrizzlestackWarning, match=r"worst colour channel \(dry R \d+\.\d%, G 0\.0%, B \d+\.\d%"):
+    expected = r"worst colour channel \(predicted dry fraction per channel: R \d+\.\d%, G 0\.0%, B \d+\.\d%"
+    with pytest.warns(DrizzlestackWarning, match=expected):
         advise_module.warn_drizzle_settings(eight_frames, 2.0, 0.7)
 
 
