@@ -28,8 +28,16 @@ full weight and left out of the rejection statistics; the outlier test never fla
 saturated pixel. Where every frame is saturated the integration keeps the saturated
 value.
 
+Colour (Bayer) stores are integrated per channel: statistics on each colour's own
+pixels, a normalization and weight per frame and colour (the photometric scale, grey,
+from the whole mosaic), the registered view of one colour at a time
+(:func:`drizzlestack.cfa.channel_plane`), each raw pixel tested against the model of its
+own colour; products get a leading ``channel`` axis (R, G, B), the outlier flags stay one
+per raw pixel. A tile task runs the channels one after the other through the same
+buffers, so its memory is that of a grey tile.
+
 The FITS product (image, ``REJLOW``, ``REJHIGH``, ``WEIGHTS``) is streamed from the
-store afterwards, a band of rows at a time.
+store afterwards, a band of rows at a time (colour: 3 x H x W cubes).
 """
 
 from __future__ import annotations
@@ -440,7 +448,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
 
     Notes
     -----
-    Store variables written by a full run (``roi=None``):
+    Store variables written by a full run (``roi=None``); for a colour store the per-frame
+    ones but ``photometric_scale`` have dims (frame, channel) and the images (channel, y, x):
 
     ``location``, ``scale``, ``scale_mad``, ``noise`` (frame; float64, ADU)
         Median, sqrt of the biweight midvariance, normalized MAD, wavelet noise.
