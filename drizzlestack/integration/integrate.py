@@ -119,6 +119,8 @@ class TilePlan:
     done: np.ndarray | None = None  # the ledger at the start: finite rows are finished tiles
     outliers: str | None = None  # own-pixel flags to mask before resampling (the final pass)
     cfa_pattern: str = ""  # colour store: products get a leading channel axis
+    sky: np.ndarray | None = None  # colour: (frame, channel) background, raw ADU (the colour estimate's star test)
+    noise: np.ndarray | None = None  # colour: (frame, channel) pixel noise, raw ADU
 
     @property
     def channels(self) -> tuple:
@@ -148,20 +150,20 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
     n = len(plan.indices)
     counts = np.zeros(3 * n + 1)
-    values = np.empty((n, sy.stop - sy.start, sx.stop - sx.start), np.float32)
-    saturated = np.zeros(values.shape, np.bool_)
+    shape = (n, sy.stop - sy.start, sx.stop - sx.start)
     projected = None
     if plan.outliers is not None:
-        projected = np.zeros(values.shape, np.uint8)
-    any_flags = np.zeros(values.shape, np.uint8) if plan.flags_variable is not None else None
+        projected = np.zeros(shape, np.uint8)
+    any_flags = np.zeros(shape, np.uint8) if plan.flags_variable is not None else None
+    # Colour: every colour of a frame window estimated and resampled at once (one read,
+    # one mapping), then each channel rejected and combined on its own.
+    all_values, all_saturated = resample_tile(
+        _open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape, plan.raw_saturation,
+        plan.origin, outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
+        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise)
     for c in plan.channels:
-        # Colour: one channel after the other through the same buffers (a task's memory
-        # is that of a grey tile); each sample compared only with its own colour.
         col = 0 if c is None else c
-        resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape,
-                      plan.raw_saturation, plan.origin, out=values, saturated=saturated,
-                      outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
-                      projected=projected, pattern=plan.cfa_pattern, channel=c)
+        values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
         values *= plan.norm_scale[:, col, None, None]
         values += plan.norm_offset[:, col, None, None]
         flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan, col), **plan.rejection)
@@ -531,7 +533,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
                                 f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
 
-    _check_worker_memory(tile, len(candidates), task_memory, frame_shape)
+    _check_worker_memory(tile, len(candidates) * n_ch, task_memory, frame_shape)
 
     # An interrupted run with the same parameters and inputs keeps its finished tiles,
     # even when forced (tiles are deterministic); pass 1 is redone (cheap, deterministic).
@@ -632,7 +634,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         origin, shape = (0, 0), frame_shape
     else:
         origin, shape = (roi[1], roi[0]), (roi[3], roi[2])
-    eff_tile = tile_size(tile, len(used), task_memory)
+    eff_tile = tile_size(tile, len(used) * n_ch, task_memory)  # colour: a tile holds every channel
     prefix = "" if roi is None else ROI_PREFIX
     n = len(used)
     rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
@@ -644,6 +646,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
         weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs={v: prefix + v for v in IMAGE_VARIABLES},
         flags_variable="rejection" if roi is None else None, step=step_name, cfa_pattern=pattern,
+        sky=np.asarray(location[used], np.float64) if pattern else None,
+        noise=np.asarray(noise[used], np.float64) if pattern else None,
     )
     tiling = _Tiling(st, step_name, params, inputs, resumable, shape, eff_tile, ("y", "x") if roi is None
                      else ("roi_y", "roi_x"), roi)

@@ -242,7 +242,7 @@ def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tupl
 
 def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, saturation=None,
                   roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None,
-                  pattern: str = "", channel: int | None = None):
+                  pattern: str = "", sky=None, noise=None):
     """One spatial tile of the registered view, for the frames ``indices``.
 
     Parameters
@@ -262,7 +262,8 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
     roi_origin : (y0, x0)
         Reference pixel of the output array's first pixel.
     out, saturated : ndarray, optional
-        ``(len(indices), ty, tx)`` float32 and bool outputs.
+        ``(len(indices), ty, tx)`` float32 and bool outputs (colour: ``(3, len(indices),
+        ty, tx)``).
     outliers : array_like (frame, y, x) uint8, optional
         Own-pixel outlier flags (:mod:`.outliers`): flagged pixels are no data for the
         interpolation, so a sample whose nearest pixel is flagged is NaN and one with a
@@ -270,34 +271,36 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         the valid 2x2 pixels -- an outlier never leaks into its neighbours.
     projected : (n, ty, tx) uint8, optional
         With ``outliers``: receives the flag of each sample's nearest input pixel.
-    pattern, channel : str, int, optional
-        Colour (Bayer) frames: resample only that channel (0 = R, 1 = G, 2 = B). The
-        colour is first estimated at every pixel of the frame's own grid from its own
-        samples (:func:`channel_plane`), then resampled like a grey frame.
+    pattern : str, optional
+        Colour (Bayer) frames: each colour (0 = R, 1 = G, 2 = B) is first estimated at
+        every pixel of the frame's own grid (:func:`drizzlestack.cfa.channel_planes`),
+        then resampled like a grey frame; the outputs get a leading channel axis.
+    sky, noise : (n, 3) array_like, optional
+        Colour: each frame's background level and noise per colour (raw units), for the
+        star test of the colour estimate (default: measured in each window).
 
     Returns
     -------
-    values : (n, ty, tx) float32
+    values : (n, ty, tx) float32, colour (3, n, ty, tx)
         NaN where a frame has no data.
-    saturated : (n, ty, tx) bool
+    saturated : bool, the shape of ``values``
     """
     n = len(indices)
     shape = (sy.stop - sy.start, sx.stop - sx.start)
+    colour = bool(pattern)
+    lead = (len(_cfa.CHANNELS), n) if colour else (n,)
     if out is None:
-        out = np.empty((n,) + shape, np.float32)
+        out = np.empty(lead + shape, np.float32)
     if saturated is None:
-        saturated = np.zeros((n,) + shape, np.bool_)
+        saturated = np.zeros(lead + shape, np.bool_)
     xr, yr = pixel_grid(shape, roi_origin[0] + sy.start, roi_origin[1] + sx.start)
     box = tile_box(sy, sx, roi_origin)
-    colour = channel is not None
-    if colour and not pattern:
-        raise ValueError("resample_tile: channel= needs the frames' Bayer pattern")
     for k, (i, mapping) in enumerate(zip(indices, mappings)):
         # colour: one more pixel for the 3x3 support of the channel estimate
         window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD + (1 if colour else 0))
         if window is None:
-            out[k] = np.nan
-            saturated[k] = False
+            out[..., k, :, :] = np.nan
+            saturated[..., k, :, :] = False
             continue
         wy, wx = window
         data = np.asarray(frames[int(i), wy, wx], dtype=np.float32)
@@ -312,27 +315,13 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
                 data = data.copy()
                 data[bad] = np.nan
         if colour:
-            data = channel_plane(data, pattern, channel, (wy.start, wx.start), sat)
-        resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
+            planes = _cfa.channel_planes(data, pattern, wy.start, wx.start, None if sky is None else sky[k],
+                                         None if noise is None else noise[k], sat)
+            for c in range(len(planes)):
+                resample_window(planes[c], (wy.start, wx.start), frame_shape, xf, yf, sat, out[c, k], saturated[c, k])
+        else:
+            resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
     return out, saturated
-
-
-def channel_plane(data, pattern: str, channel: int, origin=(0, 0), saturation: float = np.inf) -> np.ndarray:
-    """One colour of a window of a mosaic at every pixel (float32): its own samples, and
-    between them an estimate from the nearest ones, sharp on stars
-    (:func:`drizzlestack.cfa.channel_plane`; NaN and flagged pixels left out). An estimate that used a saturated sample is raised
-    to the saturation level, so that the resampler protects it like a saturated pixel:
-    a star core is a lower bound wherever it is seen from."""
-    plane = _cfa.channel_plane(data, pattern, channel, int(origin[0]), int(origin[1]))
-    if np.isfinite(saturation):
-        own = _cfa.channel_mask(pattern, plane.shape, channel, int(origin[0]), int(origin[1]))
-        hot = own & (np.asarray(data) >= saturation)
-        if hot.any():
-            from scipy.ndimage import binary_dilation
-
-            near = binary_dilation(hot, np.ones((3, 3), bool))
-            plane[near] = np.maximum(plane[near], saturation)
-    return plane.astype(np.float32)
 
 
 def _nearest_flags(flags, y0, x0, xf, yf, out) -> None:
