@@ -202,7 +202,7 @@ def kernel_radius(kernel: str, pixfrac: float = 1.0, pixel_scale_ratio: float = 
     if kernel == "point":
         return 0.0
     if kernel == "gaussian":
-        return max(_k._GAUSS_NSIG * pixfrac / _k._GAUSS_FWHM, _k._GAUSS_MIN_REACH) / psr
+        return max(_k.GAUSS_NSIG * pixfrac / _k.GAUSS_FWHM, _k.GAUSS_MIN_REACH) / psr
     return (2.0 if kernel == "lanczos2" else 3.0) / psr
 
 
