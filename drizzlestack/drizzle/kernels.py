@@ -39,7 +39,8 @@ loops with a division vectorizable.
 The kernels live in three modules by role, re-exported here (callers import this one):
 :mod:`.kernels_square` (the square kernel and its batched overlap machinery),
 :mod:`.kernels_centred` (point, turbo, gaussian, lanczos: drops placed by their mapped
-centre) and :mod:`.kernels_common` (the coordinate guard, finalize, coverage and the
+centre; their Lanczos table is :mod:`drizzlestack.lanczos`, shared with the registered
+view) and :mod:`.kernels_common` (the coordinate guard, finalize, coverage and the
 homography pixmap).
 """
 
@@ -47,10 +48,8 @@ from .kernels_centred import (
     GAUSS_FWHM,
     GAUSS_MIN_REACH,
     GAUSS_NSIG,
-    LANCZOS_LUT_DENSITY,
     gaussian_kernel,
     lanczos_kernel,
-    lanczos_lut,
     point_kernel,
     turbo_kernel,
 )
@@ -61,7 +60,6 @@ __all__ = [
     "GAUSS_FWHM",
     "GAUSS_MIN_REACH",
     "GAUSS_NSIG",
-    "LANCZOS_LUT_DENSITY",
     "MAX_COORD",
     "SQUARE_BATCH",
     "SQUARE_MAX_WINDOW",
@@ -71,7 +69,6 @@ __all__ = [
     "gaussian_kernel",
     "homography_grid",
     "lanczos_kernel",
-    "lanczos_lut",
     "pixmap_row",
     "point_kernel",
     "square_kernel",

@@ -22,10 +22,6 @@ GAUSS_FWHM = 2.3548
 GAUSS_NSIG = 2.5
 GAUSS_MIN_REACH = 1.2
 
-#: Samples per input pixel of the Lanczos look-up table (linear interpolation
-#: between samples: error < 1e-8, unlike STScI's nearest sample at 0.003 px).
-LANCZOS_LUT_DENSITY = 4096
-
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched, chan, nplanes):
@@ -171,21 +167,6 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
     return ncontrib
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def lanczos_lut(order, density):
-    """Samples of ``L(x) = sinc(x) sinc(x / order)`` at ``x = k / density`` for
-    ``0 <= x <= order`` (plus one zero sample past the end)."""
-    n = order * density + 2
-    lut = np.zeros(n)
-    lut[0] = 1.0
-    for k in range(1, order * density + 1):
-        x = k / density
-        px = math.pi * x
-        lut[k] = math.sin(px) * math.sin(px / order) / (px * (px / order))
-    lut[order * density] = 0.0
-    return lut
-
-
 @njit(nogil=True, inline="always", error_model="numpy")
 def _lanczos_weight(lut, density, order, t):
     """``L(t)`` for ``t >= 0`` by linear interpolation in ``lut``."""
@@ -203,13 +184,18 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
     """Lanczos kernel of order 2 or 3 (separable, in input-pixel units: weight
     ``w * L(dx * psr) * L(dy * psr)`` over output pixels strictly within
     ``order / psr`` of the mapped centre). As in STScI drizzle, ``pixfrac`` plays
-    no part and the kernel does not conserve flux."""
+    no part and the kernel does not conserve flux.
+
+    ``lut`` is :func:`drizzlestack.lanczos.lanczos_table` of ``order``: samples of ``L``
+    at a spacing of ``1 / density`` with ``density = (len(lut) - 2) / order`` (read from
+    the table rather than frozen in, so that the compiled kernel in numba's cache cannot
+    disagree with the table)."""
     ny, nx = data.shape
     H = acc_w.shape[0] // nplanes
     W = acc_w.shape[1]
     psr = pixel_scale_ratio
     pfo = order / psr
-    density = LANCZOS_LUT_DENSITY
+    density = (lut.shape[0] - 2) // order
     nwin = int(2.0 * pfo) + 3
     wx = np.empty(nwin)
     wy = np.empty(nwin)
