@@ -13,7 +13,7 @@ from numba import njit
 from drizzlestack._warnings import DrizzlestackError
 
 from .methods import (_reject_averaged, _reject_esd, _reject_linear, _reject_minmax, _reject_percentile,
-                      _sigma_lanes, _winsorized_lanes)
+                      _sigma_lanes, _sigma_scratch, _winsor_scratch, _winsorized_lanes)
 from .parameters import RejectionParameters, resolve, saturation_levels
 from .sorting import (FLAG_HIGH, FLAG_LOW, FLAG_RANGE, _AVERAGED, _ESD, _INF, _LANES, _LINEAR, _MINMAX, _NONE,
                       _PERCENTILE, _SIGMA, _WINSORIZED, _network_sort)
@@ -126,19 +126,17 @@ def _flags_kernel_lockstep(stack, method, k_low, k_high, use_low, use_high, rang
     cnt = np.empty(L, np.int64)
     cut_lo = np.empty(L, np.float64)
     cut_hi = np.empty(L, np.float64)
-    P1 = np.empty((n + 1, L), np.float64)
-    P2 = np.empty((n + 1, L), np.float64)
-    lane_f = np.empty((8, L), np.float64)
-    lane_i = np.empty((10, L), np.int64)
-    buf = np.empty(n, np.float64)
+    # both methods' work arrays (a few kB): one variable cannot take either type
+    sigma_scratch = _sigma_scratch(n, L)
+    winsor_scratch = _winsor_scratch(n, L)
     for y in range(ny):
         for x0 in range(0, nx, L):
             w = min(L, nx - x0)
             _sorted_segment(stack, y, x0, w, saturation, range_low, range_high, network, U, V, tmp, Vd, cnt)
             if method == _SIGMA:
-                _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, lane_f, lane_i, buf)
+                _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, sigma_scratch)
             else:
-                _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i)
+                _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, winsor_scratch)
             _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out)
 
 
@@ -185,12 +183,14 @@ def _flags_kernel_columns(
     cut_hi = np.empty(L, np.float64)
     col = np.empty(n, np.float64)
     col_status = np.zeros(n, np.uint8)
-    buf = np.empty(n, np.float64)
-    buf2 = np.empty(n, np.float64)
-    pos = np.empty(n, np.int64)
-    side = np.zeros(n, np.uint8)
-    p1 = np.empty(n + 1, np.float64)
-    p2 = np.empty(n + 1, np.float64)
+    # work arrays of _reject_linear (survivors, their sorted positions, the LAD fit's
+    # buffer) and of _reject_esd (prefix sums, the side of each removal)
+    lin_values = np.empty(n, np.float64)
+    lin_pos = np.empty(n, np.int64)
+    lin_tmp = np.empty(n, np.float64)
+    esd_p1 = np.empty(n + 1, np.float64)
+    esd_p2 = np.empty(n + 1, np.float64)
+    esd_side = np.zeros(n, np.uint8)
     by_rank = method == _MINMAX or method == _LINEAR or method == _ESD
     for y in range(ny):
         for x0 in range(0, nx, L):
@@ -212,11 +212,12 @@ def _flags_kernel_columns(
                 elif method == _PERCENTILE:
                     _reject_percentile(col, m, col_status, k_low, k_high, use_low, use_high)
                 elif method == _MINMAX:
-                    _reject_minmax(col, m, col_status, n_low, n_high, use_low, use_high)
+                    _reject_minmax(m, col_status, n_low, n_high, use_low, use_high)
                 elif method == _LINEAR:
-                    _reject_linear(col, m, col_status, k_low, k_high, use_low, use_high, max_iterations, buf, pos, buf2)
+                    _reject_linear(col, m, col_status, k_low, k_high, use_low, use_high, max_iterations, lin_values, lin_pos, lin_tmp)
                 elif method == _ESD:
-                    _reject_esd(col, m, col_status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, p1, p2, side)
+                    _reject_esd(col, m, col_status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, esd_p1, esd_p2,
+                                esd_side)
                 if by_rank:
                     for k in range(m):
                         status[k, l] = col_status[k]
