@@ -11,8 +11,9 @@ of a table at 0.003 px).
 
 This module is plain NumPy (no numba): the tables are built once per process. Drizzle's
 kernel gets its table as an argument; the resampling freezes :func:`lanczos_taps` into
-its compiled function, and numba's cache of it is keyed by ``resample.py``'s own source:
-a change to the tables here must come with a touch of that file (or a cleared cache).
+its compiled function, and numba's cache of it is keyed by the content of
+``resample.py`` alone: after a change to the tables here, clear numba's cache (the
+``*.nbi``/``*.nbc`` files in ``integration/__pycache__``).
 """
 
 from __future__ import annotations

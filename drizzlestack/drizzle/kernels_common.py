@@ -3,9 +3,10 @@ the small passes around the kernels (finalize, coverage, the homography pixmap).
 
 The conventions these implement are written up in :mod:`drizzlestack.drizzle.kernels`.
 numba inlines :func:`_out_index` and freezes :data:`MAX_COORD` into the kernels that use
-them, and its cache is keyed by each kernel's own source file: a change here must be
-followed by touching (or clearing the ``__pycache__`` of) :mod:`.kernels_square` and
-:mod:`.kernels_centred`, or the cached kernels keep the old value.
+them, and its cache is keyed by the content of each kernel's own source file: after a
+change here, clear numba's cache (the ``*.nbi``/``*.nbc`` files in the ``__pycache__`` of
+``drizzle/``), or the cached kernels in :mod:`.kernels_square` and :mod:`.kernels_centred`
+keep the old code (touching their files does not help: numba hashes their content).
 """
 
 from __future__ import annotations
