@@ -23,6 +23,19 @@ GAUSS_NSIG = 2.5
 GAUSS_MIN_REACH = 1.2
 
 
+@njit(nogil=True, inline="always", error_model="numpy")
+def _centred_drop(data, pixmap, weights, use_weights, j, i):
+    """``(ok, value, weight, x, y)`` of input pixel ``(i, j)``: its value and weight, its
+    mapped centre, and whether it contributes at all (finite value, weight ``> 0``, a
+    centre within ``+-MAX_COORD``); shared by the turbo, gaussian and lanczos kernels."""
+    v = data[j, i]
+    wt = weights[j, i] if use_weights else 1.0
+    x = pixmap[j, i, 0]
+    y = pixmap[j, i, 1]
+    ok = math.isfinite(v) and wt > 0.0 and abs(x) < MAX_COORD and abs(y) < MAX_COORD
+    return ok, v, wt, x, y
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched, chan, nplanes):
     """Point kernel: the whole drop goes to the output pixel containing the
@@ -73,15 +86,8 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
     ncontrib = 0
     for j in range(ny):
         for i in range(nx):
-            v = data[j, i]
-            if not math.isfinite(v):
-                continue
-            wt = weights[j, i] if use_weights else 1.0
-            if not wt > 0.0:
-                continue
-            x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
-            if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
+            ok, v, wt, x, y = _centred_drop(data, pixmap, weights, use_weights, j, i)
+            if not ok:
                 continue
             roff = int(chan[j, i]) * H if nplanes > 1 else 0
             xxi = x - pfo
@@ -133,15 +139,8 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
     ncontrib = 0
     for j in range(ny):
         for i in range(nx):
-            v = data[j, i]
-            if not math.isfinite(v):
-                continue
-            wt = weights[j, i] if use_weights else 1.0
-            if not wt > 0.0:
-                continue
-            x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
-            if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
+            ok, v, wt, x, y = _centred_drop(data, pixmap, weights, use_weights, j, i)
+            if not ok:
                 continue
             roff = int(chan[j, i]) * H if nplanes > 1 else 0
             i0 = max(_out_index(x - pfo), 0)
@@ -202,15 +201,8 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
     ncontrib = 0
     for j in range(ny):
         for i in range(nx):
-            v = data[j, i]
-            if not math.isfinite(v):
-                continue
-            wt = weights[j, i] if use_weights else 1.0
-            if not wt > 0.0:
-                continue
-            x = pixmap[j, i, 0]
-            y = pixmap[j, i, 1]
-            if not (abs(x) < MAX_COORD and abs(y) < MAX_COORD):
+            ok, v, wt, x, y = _centred_drop(data, pixmap, weights, use_weights, j, i)
+            if not ok:
                 continue
             roff = int(chan[j, i]) * H if nplanes > 1 else 0
             i0 = max(int(math.floor(x - pfo)) + 1, 0)
