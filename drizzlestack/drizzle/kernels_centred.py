@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, uint64
 
-from .kernels_common import MAX_COORD, _out_index
+from .kernels_common import MAX_COORD, _deposit, _out_index
 
 #: Gaussian kernel constants of STScI drizzle (FWHM = 2.3548 sigma, 2.5 sigma reach,
 #: never narrower than 1.2 input pixels so that there are no holes); also read by
@@ -110,11 +110,8 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
                     if dx <= 0.0:
                         continue
                     a = dx * dy
-                    acc_w[jj + roff, ii] += fw * a
-                    acc_wv[jj + roff, ii] += fv * a
+                    _deposit(acc_wv, acc_w, touched, use_touched, jj + roff, ii, fw * a, fv * a)
                     hit = True
-                    if use_touched:
-                        touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib
@@ -156,11 +153,8 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
                     g = es * math.exp(-(ddx * ddx + ddy * ddy) * efac)
                     if g == 0.0:
                         continue
-                    acc_w[jj + roff, ii] += wt * g
-                    acc_wv[jj + roff, ii] += fv * g
+                    _deposit(acc_wv, acc_w, touched, use_touched, jj + roff, ii, wt * g, fv * g)
                     hit = True
-                    if use_touched:
-                        touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib
@@ -225,11 +219,8 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
                     g = wx[ii - i0] * gy
                     if g == 0.0:
                         continue
-                    acc_w[jj + roff, ii] += wt * g
-                    acc_wv[jj + roff, ii] += fv * g
+                    _deposit(acc_wv, acc_w, touched, use_touched, jj + roff, ii, wt * g, fv * g)
                     hit = True
-                    if use_touched:
-                        touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib

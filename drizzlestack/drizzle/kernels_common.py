@@ -1,9 +1,10 @@
-"""What every drizzle kernel shares: the coordinate guard, the output-pixel rule, and
-the small passes around the kernels (finalize, coverage, the homography pixmap).
+"""What every drizzle kernel shares: the coordinate guard, the output-pixel rule, the
+deposit into the accumulators, and the small passes around the kernels (finalize,
+coverage, the homography pixmap).
 
 The conventions these implement are written up in :mod:`drizzlestack.drizzle.kernels`.
-numba inlines :func:`_out_index` and freezes :data:`MAX_COORD` into the kernels that use
-them, and its cache is keyed by the content of each kernel's own source file: after a
+numba inlines :func:`_out_index` and :func:`_deposit` and freezes :data:`MAX_COORD` into
+the kernels that use them, and its cache is keyed by the content of each kernel's own source file: after a
 change here, clear numba's cache (the ``*.nbi``/``*.nbc`` files in the ``__pycache__`` of
 ``drizzle/``), or the cached kernels in :mod:`.kernels_square` and :mod:`.kernels_centred`
 keep the old code (touching their files does not help: numba hashes their content).
@@ -24,6 +25,16 @@ MAX_COORD = 1.0e9
 def _out_index(x):
     """Output pixel containing coordinate ``x`` (half-up, origin independent)."""
     return int(math.floor(x + 0.5))
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
+def _deposit(acc_wv, acc_w, touched, use_touched, row, col, w, wv):
+    """Add weight ``w`` and weight x value ``wv`` into output pixel ``(row, col)`` of the
+    accumulators, and mark it in ``touched`` when ``use_touched``."""
+    acc_w[row, col] += w
+    acc_wv[row, col] += wv
+    if use_touched:
+        touched[row, col] = 1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

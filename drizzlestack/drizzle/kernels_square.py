@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit, uint64
 
-from .kernels_common import MAX_COORD, _out_index
+from .kernels_common import MAX_COORD, _deposit, _out_index
 
 #: Largest fixed window (in output pixels a side) of the batched square kernel; a
 #: larger drop goes through the per-drop general path.
@@ -496,11 +496,8 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
                         continue
                     a = S[_S_R + (r * _WM + c) * _B + k]
                     if a != 0.0:
-                        acc_w[jj + roff, ii] += fw * a
-                        acc_wv[jj + roff, ii] += fv * a
+                        _deposit(acc_wv, acc_w, touched, use_touched, jj + roff, ii, fw * a, fv * a)
                         hit = True
-                        if use_touched:
-                            touched[jj + roff, ii] = 1
             if hit:
                 ncontrib += 1
     return ncontrib
@@ -574,11 +571,8 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched, H, r
             a = lev[m] - lev[m + 1]
             if abs(a) > tol:
                 jj = r0 + m + roff
-                acc_w[jj, c] += fw * a
-                acc_wv[jj, c] += fv * a
+                _deposit(acc_wv, acc_w, touched, use_touched, jj, c, fw * a, fv * a)
                 hit = True
-                if use_touched:
-                    touched[jj, c] = 1
     return 1 if hit else 0
 
 
