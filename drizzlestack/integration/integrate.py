@@ -112,7 +112,7 @@ class TilePlan:
     norm_scale: np.ndarray  # float32 (frame, channel): one column for grey frames
     norm_offset: np.ndarray
     weights: np.ndarray  # float64 (frame, channel)
-    rejection: dict  # keyword arguments of rejection_flags
+    rejection: _rej.RejectionParameters
     outputs: dict  # product -> store variable name
     flags_variable: str | None  # "rejection", or None (ROI trials and the model pass keep no flags)
     step: str = "integrate"  # whose tile ledger records finished tiles
@@ -166,7 +166,7 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
         values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
         values *= plan.norm_scale[:, col, None, None]
         values += plan.norm_offset[:, col, None, None]
-        flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan, col), **plan.rejection)
+        flags = _rej.rejection_flags(values, plan.rejection, saturation=_normalized_saturation(plan, col))
         # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
         flags[saturated] = 0
         if projected is not None:
@@ -637,14 +637,13 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     eff_tile = tile_size(tile, len(used) * n_ch, task_memory)  # colour: a tile holds every channel
     prefix = "" if roi is None else ROI_PREFIX
     n = len(used)
-    rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
-                      reject_high=bool(reject_high), range_low=range_low, range_high=range_high, **options)
-    _rej.rejection_flags(np.zeros((1, 1, 1), np.float32), **rej_kwargs)  # validate before the tasks run
+    rej_params = _rej.RejectionParameters(method=method, low=low, high=high, reject_low=reject_low,  # validated here
+                                          reject_high=reject_high, range_low=range_low, range_high=range_high, **options)
     base = TilePlan(
         store=store_path, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
-        weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs={v: prefix + v for v in IMAGE_VARIABLES},
+        weights=np.asarray(w[used], np.float64), rejection=rej_params, outputs={v: prefix + v for v in IMAGE_VARIABLES},
         flags_variable="rejection" if roi is None else None, step=step_name, cfa_pattern=pattern,
         sky=np.asarray(location[used], np.float64) if pattern else None,
         noise=np.asarray(noise[used], np.float64) if pattern else None,
@@ -682,7 +681,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                                              OUTLIER_RMS_TOLERANCE)
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
-        final_plan = replace(base, origin=origin, rejection={**rej_kwargs, "method": "none"},
+        final_plan = replace(base, origin=origin, rejection=rej_params.replace(method="none"),
                              outliers=prefix + _out.OUTLIERS_VARIABLE)
         per_tile = tiling.run(final_plan, "")
     t_tiles = time.perf_counter() - t0

@@ -36,6 +36,7 @@ from dask.base import tokenize
 
 from .. import cfa as _cfa
 from ..geometry import input_window, pixel_grid
+from ..lanczos import LUT_DENSITY, lanczos_taps
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import content_token
@@ -46,20 +47,12 @@ from ..tiled import require_registration, select_frames
 LANCZOS3_PAD = 4.0
 
 
-def _lanczos3_table(steps: int) -> np.ndarray:
-    """Lanczos-3 weights of the taps at offsets -2..3 from ``floor(x)``, tabulated for
-    ``steps + 1`` fractional parts ``f`` in [0, 1]: ``L(k - f)`` with
-    ``L(t) = sinc(t) sinc(t / 3)``."""
-    f = np.linspace(0.0, 1.0, steps + 1)[:, None]
-    t = np.arange(-2, 4)[None, :] - f
-    return np.ascontiguousarray(np.sinc(t) * np.sinc(t / 3.0))
-
-
 # Six trigonometric calls per sample cost more than the whole 6x6 sum, so the weights
-# are tabulated and linearly interpolated; with 4096 steps the interpolation error is
-# below 1e-7 (the curvature of L times (1/4096)^2 / 8), far under float32 resolution.
-_LANCZOS3_STEPS = 4096
-_LANCZOS3_TABLE = _lanczos3_table(_LANCZOS3_STEPS)
+# are tabulated (the one Lanczos table of the package, shared with drizzle) and
+# linearly interpolated between fractional parts q / steps; numba freezes the table
+# into the compiled function.
+_LANCZOS3_STEPS = LUT_DENSITY
+_LANCZOS3_TABLE = lanczos_taps(3)
 
 
 @numba.njit(nogil=True, cache=True)
