@@ -181,3 +181,23 @@ def test_a_colour_drizzle_of_the_integration_keeps_star_fluxes_and_drops_the_cos
         # ... and what the flags are for: the cosmic rays are gone from every colour.
         assert fidelity.background_excess(img[c], wht[c], sim, SCALE, reference=ref) < 8, name
         assert fidelity.background_excess(raw_img[c], raw_wht[c], sim, SCALE, reference=ref) > 8, name
+
+
+def test_the_registered_view_of_a_colour_store_shows_one_colour_and_refuses_none(cfa_field):
+    """Regression: the view resampled a colour mosaic as grey (a checkerboard of colours)."""
+    from drizzlestack.integration import registered_view
+
+    truth, store, stack, _ = cfa_field
+    with pytest.raises(ds.DrizzlestackError, match="channel="):
+        registered_view(store)
+    ref = int(stack.attrs["reference"])
+    frames = [i for i in range(truth.config.n_frames) if i != ref][:3]
+    for c, name in enumerate("RGB"):
+        view = registered_view(store, frames=frames, tile=64, channel=name,
+                               normalization=(stack["norm_scale"].values, stack["norm_offset"].values)).compute()
+        # each frame's view of that colour sits at the reference's sky of that colour, with no
+        # 2x2 pattern of other colours in it
+        for v in view:
+            sky = np.nanmedian(v)
+            assert sky == pytest.approx(truth.channel_sky[ref][c], rel=0.02), name
+            assert cfa.mosaic_score(v) < cfa.MOSAIC_THRESHOLD, name

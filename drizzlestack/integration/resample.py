@@ -35,6 +35,7 @@ import numpy as np
 from dask.base import tokenize
 
 from .. import cfa as _cfa
+from .._warnings import DrizzlestackError
 from ..geometry import input_window, pixel_grid
 from ..lanczos import LUT_DENSITY, lanczos_taps
 from ..mappings import frame_mapping
@@ -326,11 +327,14 @@ def _nearest_flags(flags, y0, x0, xf, yf, out) -> None:
     out[inside] = flags[iy[inside].astype(np.intp), ix[inside].astype(np.intp)]
 
 
-def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, offset, block_info=None):
+def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, offset, pattern="", channel=None,
+                block_info=None):
     info = block_info[None]
     (_, _), (y0, y1), (x0, x1) = info["array-location"]
     values, _ = resample_tile(_open_frames(store_path), indices, mappings, slice(y0, y1), slice(x0, x1),
-                              frame_shape, None, roi_origin)
+                              frame_shape, None, roi_origin, pattern=pattern)
+    if pattern:
+        values = values[channel]
     if factor is not None:
         values *= np.asarray(factor, np.float32)[:, None, None]
         values += np.asarray(offset, np.float32)[:, None, None]
@@ -346,7 +350,7 @@ def usable_frames(store) -> list[int]:
     return select_frames(st)[0]
 
 
-def registered_view(store, frames=None, tile: int = 512, roi=None, normalization=None) -> da.Array:
+def registered_view(store, frames=None, tile: int = 512, roi=None, normalization=None, channel=None) -> da.Array:
     """The stack resampled onto the reference grid, as a lazy Dask array.
 
     Parameters
@@ -361,7 +365,11 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
         Region of the reference grid (integers, reference pixels); default the whole frame.
     normalization : (factor, offset), optional
         Per-frame affine normalization ``v * factor + offset`` applied to the samples
-        (arrays over the store's frames or over ``frames``).
+        (arrays over the store's frames or over ``frames``; for a colour store also
+        ``(frame, channel)`` arrays, as ``integrate`` writes them).
+    channel : {0, 1, 2, "R", "G", "B"}
+        Colour (Bayer) stores: the colour to show (required: a mosaic resampled as grey
+        would mix colours); refused for grey stores.
 
     Returns
     -------
@@ -373,6 +381,16 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
 
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
     require_registration(st)
+    pattern = st.cfa_pattern
+    if pattern:
+        names = {name: k for k, name in enumerate(_cfa.CHANNELS)}
+        channel = names.get(str(channel).upper(), channel) if isinstance(channel, str) else channel
+        if channel not in (0, 1, 2):
+            raise DrizzlestackError(f"{st.path}: holds colour (Bayer {pattern}) frames; pass channel= 0/'R', 1/'G' "
+                                    f"or 2/'B' (got {channel!r}): the view shows one colour at a time")
+        channel = int(channel)
+    elif channel is not None:
+        raise DrizzlestackError(f"channel={channel!r}: {st.path} holds grey frames (no channels)")
     indices = usable_frames(st) if frames is None else [int(i) for i in frames]
     frame_shape = st.frame_shape
     (x0, y0, w, h) = (0, 0, frame_shape[1], frame_shape[0]) if roi is None else (int(v) for v in roi)
@@ -383,13 +401,15 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     if normalization is not None:
         factor, offset = (np.asarray(a, np.float64)[indices] if len(a) != n else np.asarray(a, np.float64)
                           for a in normalization)
+        if factor.ndim == 2:  # (frame, channel)
+            factor, offset = factor[:, channel], offset[:, channel]
     path = st.location
     # The store's content token covers the frames and the whole registration (spline
     # included), not only the matrices: two stores or two registrations never share keys.
     name = "registered-view-" + tokenize(content_token(st, "frames"), indices, [m.matrix for m in mappings],
-                                         roi, tile, factor, offset)
+                                         roi, tile, factor, offset, channel)
     return da.map_blocks(
-        _view_block, path, indices, mappings, frame_shape, (y0, x0), factor, offset,
+        _view_block, path, indices, mappings, frame_shape, (y0, x0), factor, offset, pattern, channel,
         chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), name=name,
     )
 
