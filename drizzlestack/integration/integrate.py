@@ -46,7 +46,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
-import dask
 import numpy as np
 import xarray as xr
 from astropy.io import fits
@@ -56,7 +55,6 @@ from .. import cfa as _cfa
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
-from ..parallel import compute
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import StackStore, open_stack, record_tile
@@ -65,8 +63,7 @@ from . import normalize as _norm
 from . import outliers as _out
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
-from .measure import MAX_PHOTOMETRY_STARS, MAX_STATISTICS_PIXELS, measure_frame, reference_stars  # noqa: F401
-from .stats import photometric_ratio
+from .measure import MAX_STATISTICS_PIXELS, measure_frames
 
 #: per-frame variables written by a full run (``info`` shows several of them)
 FRAME_VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale", "norm_scale", "norm_offset",
@@ -333,33 +330,6 @@ def _write_frame_variable(st: StackStore, name: str, values, dtype=np.float64) -
     st.write_variable(name, values, ("frame", "channel")[:values.ndim])
 
 
-def _frame_statistics(measured: dict, ref: int, n_all: int, n_ch: int, apertures):
-    """Per-frame statistics from the measurement tasks: location, scale, scale_mad and
-    noise, ``(n_all,)`` arrays or ``(n_all, 3)`` for a colour store (one column per
-    channel); the photometric scale and the number of stars behind it, ``(n_all,)``
-    (colour: measured on the whole mosaic, see :mod:`.measure`)."""
-    shape = (n_all, n_ch) if n_ch > 1 else (n_all,)
-    location, scale, scale_mad, noise = (np.full(shape, np.nan) for _ in range(4))
-    phot, n_phot = np.full(n_all, np.nan), np.zeros(n_all, int)
-    for i, m in measured.items():
-        stats = m["stats"] if n_ch > 1 else [m["stats"]]
-        for c, s in enumerate(stats):
-            at = (i, c) if n_ch > 1 else i
-            location[at], scale[at], scale_mad[at], noise[at] = s.location, s.scale, s.scale_mad, s.noise
-    if apertures is not None:
-        ref_m = measured[ref]
-        for i, m in measured.items():
-            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
-    return location, scale, scale_mad, noise, phot, n_phot
-
-
-def _usable(i: int, c: int, location, norm, w, pattern: str) -> bool:
-    """Frame ``i`` has statistics, a normalization and a positive weight in channel ``c``."""
-    loc = location[i, c] if pattern else location[i]
-    return bool(np.isfinite(loc) and np.isfinite(norm.scale[i, c]) and np.isfinite(norm.offset[i, c])
-                and np.isfinite(w[i, c]) and w[i, c] > 0)
-
-
 def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: float = 3.0,
               normalization: str = "additive+scaling", weights: str = "noise", roi=None, tile: int = 512,
               saturation: bool | float = True, *, scale_estimator: str = "auto", weight_keyword: str | None = None,
@@ -542,66 +512,22 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         st.begin_step(step_name, params, inputs)
 
     # ------------------------------------------------------------- pass 1: per frame
-    store_path = st.location
     raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
     raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
     mappings = {i: frame_mapping(st, i) for i in candidates}
-    star_x, star_y, apertures = reference_stars(st, ref, raw_sat[ref])
-    tasks = []
-    for i in candidates:
-        xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
-        tasks.append(dask.delayed(measure_frame, pure=True)(store_path, i, xf, yf, apertures, raw_sat[i],
-                                                            pattern=pattern))
-    t0 = time.perf_counter()
-    measured = dict(zip(candidates, compute(*tasks)))
-    t_stats = time.perf_counter() - t0
-    location, scale, scale_mad, noise, phot, n_phot = _frame_statistics(measured, ref, n_all, n_ch, apertures)
-    for name, values in (("location", location), ("scale", scale), ("scale_mad", scale_mad), ("noise", noise),
-                         ("photometric_scale", phot)):
-        _write_frame_variable(st, name, values)
+    measures = measure_frames(st, candidates, ref, raw_sat, mappings)
+    for name in measures.VARIABLES:
+        _write_frame_variable(st, name, getattr(measures, name))
+    location, noise = measures.location, measures.noise
 
     # ---------------------------------------------- normalization, weights, exclusion
-    headers = [str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None
     exptime = np.asarray(st.group["exptime"][:n_all], dtype=np.float64)
-    norm_a, norm_b, w = np.full((n_all, n_ch), np.nan), np.full((n_all, n_ch), np.nan), np.zeros((n_all, n_ch))
-    estimators = []
-    for c in range(n_ch):
-        # Each colour on its own, relative to the reference frame's same colour.
-        col = (lambda a: a[:, c] if pattern else a)  # noqa: E731 - grey arrays have no channel axis
-        dispersion = col(scale_mad if scale_estimator == "mad" else scale)
-        k, estimator = _norm.scale_factors(ref, dispersion, phot if apertures is not None else None, scale_estimator)
-        norm = _norm.normalization(normalization, ref, col(location), k, estimator)
-        norm_a[:, c], norm_b[:, c] = norm.scale, norm.offset
-        w[:, c] = _norm.frame_weights(weights, ref, noise=col(noise), norm_scale=norm.scale, exptime=exptime,
-                                      headers=headers, keyword=weight_keyword)
-        estimators.append(estimator)
-        if normalization.endswith("+scaling") and scale_estimator == "auto" and estimator != "photometry":
-            missing = [i for i in candidates if not np.isfinite(phot[i])]
-            why = (f"frames {missing} matched too few reference stars" if apertures is not None
-                   else "no reference stars were found")
-            what = f" of {_cfa.CHANNELS[c]}" if pattern else ""
-            warnings.warn(f"photometric scaling{what} unavailable ({why}); scaling every frame by its {estimator} "
-                          f"dispersion instead, which is wrong for frames whose transparency changed",
-                          DrizzlestackWarning, stacklevel=2)
-    norm = _norm.Normalization(norm_a, norm_b, normalization, "/".join(dict.fromkeys(estimators)))
-    used = []
-    for i in candidates:
-        bad = [c for c in range(n_ch) if not _usable(i, c, location, norm, w, pattern)]
-        if not bad:
-            used.append(i)
-            continue
-        c = bad[0]
-        what = f" ({_cfa.CHANNELS[c]})" if pattern else ""
-        loc = location[i, c] if pattern else location[i]
-        if not np.isfinite(loc):
-            excluded[i] = f"no valid pixels for statistics{what}"
-        elif not (np.isfinite(norm.scale[i, c]) and np.isfinite(norm.offset[i, c])):
-            excluded[i] = f"no {estimators[c]} scale factor{what} (photometry matched {n_phot[i]} stars)" \
-                if estimators[c] == "photometry" else f"no normalization{what} (scale statistics missing)"
-        elif not np.isfinite(w[i, c]):
-            excluded[i] = f"no weight{what} ({weights})"
-        else:
-            excluded[i] = f"zero weight{what}"
+    weighting = _norm.normalize_frames(
+        measures, candidates, ref, normalization, scale_estimator, weights, exptime=exptime,
+        headers=[str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None,
+        keyword=weight_keyword, channels=_cfa.CHANNELS if pattern else None)
+    norm, w, used = weighting.norm, weighting.weights, weighting.used
+    excluded.update(weighting.excluded)
     for i in sorted(excluded):
         warnings.warn(f"frame {i} excluded from the integration: {excluded[i]}", DrizzlestackWarning, stacklevel=2)
     if not used:
@@ -640,7 +566,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     rej_params = _rej.RejectionParameters(method=method, low=low, high=high, reject_low=reject_low,  # validated here
                                           reject_high=reject_high, range_low=range_low, range_high=range_high, **options)
     base = TilePlan(
-        store=store_path, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
+        store=st.location, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
         weights=np.asarray(w[used], np.float64), rejection=rej_params, outputs={v: prefix + v for v in IMAGE_VARIABLES},
@@ -708,7 +634,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "excluded": {str(i): r for i, r in sorted(excluded.items())},
         "rejection": method,
         "scale_estimator": norm.estimator,
-        "photometry_stars": {str(i): int(n_phot[i]) for i in used} if apertures is not None else {},
+        "photometry_stars": {str(i): int(measures.n_photometry[i]) for i in used} if measures.photometry else {},
         "tile": eff_tile,
         "shape": [int(v) for v in shape],
         "roi": list(roi) if roi else None,
@@ -717,7 +643,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "rejected_high_fraction": float(high_n.sum() / max(valid_n.sum(), 1)),
         "exptime": float(np.nansum(exptime[used])),
         "outliers": outlier_summary,
-        "seconds": {"statistics": round(t_stats, 3), "tiles": round(t_tiles, 3),
+        "seconds": {"statistics": round(measures.seconds, 3), "tiles": round(t_tiles, 3),
                     "total": round(time.perf_counter() - t_start, 3)},
     }
     st.end_step(step_name, **summary)
