@@ -201,3 +201,11 @@ def test_the_registered_view_of_a_colour_store_shows_one_colour_and_refuses_none
             sky = np.nanmedian(v)
             assert sky == pytest.approx(truth.channel_sky[ref][c], rel=0.02), name
             assert cfa.mosaic_score(v) < cfa.MOSAIC_THRESHOLD, name
+
+
+def test_a_colour_roi_trial_equals_the_window_of_the_full_integration(cfa_field):
+    truth, store, stack, _ = cfa_field
+    full = stack["integration"].values[:, 30:78, 40:104]
+    trial = ds.integrate(store, roi=(40, 30, 64, 48))
+    assert trial["roi_integration"].dims == ("channel", "roi_y", "roi_x")
+    np.testing.assert_array_equal(trial["roi_integration"].values, full)
