@@ -274,30 +274,35 @@ def _channel_planes(data, idx, sky, threshold, saturation, box, out):
     """Kernel of :func:`channel_planes`: ``out[c]`` is colour ``c`` at every pixel."""
     h, w = data.shape
     half = box // 2
-    mean = np.empty(3)
+    # Integral images of each colour's valid values and counts: the box means (the star
+    # test and the colour ratio) in constant time per pixel.
+    isum = np.zeros((3, h + 1, w + 1))
+    icnt = np.zeros((3, h + 1, w + 1))
     for y in range(h):
         for x in range(w):
-            # Local mean of each colour's valid pixels over the box (the star test and the
-            # colour ratio), and the bilinear estimate of each colour from its nearest own
-            # pixels (weights (2-|dy|)(2-|dx|) for red and blue, the cross for green).
-            s = np.zeros(3)
-            n = np.zeros(3)
-            for dy in range(-half, half + 1):
-                yy = y + dy
-                if yy < 0 or yy >= h:
-                    continue
-                for dx in range(-half, half + 1):
-                    xx = x + dx
-                    if xx < 0 or xx >= w:
-                        continue
-                    v = data[yy, xx]
-                    if np.isfinite(v):
-                        s[idx[yy, xx]] += v
-                        n[idx[yy, xx]] += 1.0
             for c in range(3):
-                mean[c] = s[c] / n[c] if n[c] > 0 else np.nan
-            b = np.zeros(3)
-            bw = np.zeros(3)
+                isum[c, y + 1, x + 1] = isum[c, y, x + 1] + isum[c, y + 1, x] - isum[c, y, x]
+                icnt[c, y + 1, x + 1] = icnt[c, y, x + 1] + icnt[c, y + 1, x] - icnt[c, y, x]
+            v = data[y, x]
+            if np.isfinite(v):
+                c = idx[y, x]
+                isum[c, y + 1, x + 1] += v
+                icnt[c, y + 1, x + 1] += 1.0
+    mean = np.empty(3)
+    b = np.empty(3)
+    bw = np.empty(3)
+    for y in range(h):
+        ya, yb = max(y - half, 0), min(y + half + 1, h)
+        for x in range(w):
+            xa, xb = max(x - half, 0), min(x + half + 1, w)
+            for c in range(3):
+                n = icnt[c, yb, xb] - icnt[c, ya, xb] - icnt[c, yb, xa] + icnt[c, ya, xa]
+                sm = isum[c, yb, xb] - isum[c, ya, xb] - isum[c, yb, xa] + isum[c, ya, xa]
+                mean[c] = sm / n if n > 0 else np.nan
+                b[c] = 0.0
+                bw[c] = 0.0
+            # The bilinear estimate of each colour from its nearest own pixels (weights
+            # (2-|dy|)(2-|dx|) for red and blue, the cross for green).
             near_saturated = False
             for dy in range(-1, 2):
                 yy = y + dy
@@ -321,14 +326,14 @@ def _channel_planes(data, idx, sky, threshold, saturation, box, out):
                         near_saturated = True
             own = idx[y, x]
             v = data[y, x]
+            o_above = mean[own] - sky[own]
             for t in range(3):
                 if t == own and np.isfinite(v):
                     out[t, y, x] = v
                     continue
                 est = b[t] / bw[t] if bw[t] > 0 else np.nan
                 t_above = mean[t] - sky[t]
-                o_above = mean[own] - sky[own]
-                if (np.isfinite(v) and t_above > threshold[t] and o_above > threshold[own]):
+                if np.isfinite(v) and t_above > threshold[t] and o_above > threshold[own]:
                     est = sky[t] + (v - sky[own]) * (t_above / o_above)  # on a star
                 if near_saturated and np.isfinite(est) and est < saturation:
                     est = saturation  # a lower bound, as the saturated sample it used
