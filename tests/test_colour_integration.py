@@ -13,7 +13,6 @@ from astropy.io import fits
 
 import drizzlestack as ds
 from drizzlestack import cfa
-from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
 from drizzlestack.store import StackStore
 
@@ -35,16 +34,6 @@ def cfa_field(tmp_path_factory):
         warnings.simplefilter("error", ds.DrizzlestackWarning)  # nothing to warn about on this field
         stack = ds.integrate(store, output=d / "integration.fits")
     return truth, store, stack, d
-
-
-def _inside_reference(st):
-    ny, nx = st.frame_shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    inside = np.zeros((st.n_frames, ny, nx), bool)
-    for i in range(st.n_frames):
-        xr, yr = frame_mapping(st, i).forward(xx, yy)
-        inside[i] = (xr >= 2) & (xr <= nx - 3) & (yr >= 2) & (yr <= ny - 3)
-    return inside
 
 
 def _in_reference(truth, ref):
@@ -109,7 +98,7 @@ def test_colour_outliers_are_found_in_each_frames_own_pixels_and_stars_left_alon
     mask, excess = truth.defects()
     noise = np.asarray(st.group["noise"][...])  # (frame, channel)
     chan = cfa.channel_index(st.cfa_pattern, st.frame_shape)
-    inside = _inside_reference(st)
+    inside = fidelity.inside_reference(st, margin=2.5)
     cr = ((mask & DEFECT_COSMIC_RAY) != 0) & (excess > 10 * noise[:, chan]) & inside
     assert cr.sum() > 200
     assert (flags & cr).sum() / cr.sum() >= 0.97
