@@ -13,7 +13,6 @@ from astropy.io import fits
 
 import drizzlestack as ds
 from drizzlestack import cfa
-from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
 from drizzlestack.store import StackStore
 
@@ -35,16 +34,6 @@ def cfa_field(tmp_path_factory):
         warnings.simplefilter("error", ds.DrizzlestackWarning)  # nothing to warn about on this field
         stack = ds.integrate(store, output=d / "integration.fits")
     return truth, store, stack, d
-
-
-def _inside_reference(st):
-    ny, nx = st.frame_shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    inside = np.zeros((st.n_frames, ny, nx), bool)
-    for i in range(st.n_frames):
-        xr, yr = frame_mapping(st, i).forward(xx, yy)
-        inside[i] = (xr >= 2) & (xr <= nx - 3) & (yr >= 2) & (yr <= ny - 3)
-    return inside
 
 
 def _in_reference(truth, ref):
@@ -109,7 +98,7 @@ def test_colour_outliers_are_found_in_each_frames_own_pixels_and_stars_left_alon
     mask, excess = truth.defects()
     noise = np.asarray(st.group["noise"][...])  # (frame, channel)
     chan = cfa.channel_index(st.cfa_pattern, st.frame_shape)
-    inside = _inside_reference(st)
+    inside = fidelity.inside_reference(st, margin=2.5)
     cr = ((mask & DEFECT_COSMIC_RAY) != 0) & (excess > 10 * noise[:, chan]) & inside
     assert cr.sum() > 200
     assert (flags & cr).sum() / cr.sum() >= 0.97
@@ -181,3 +170,31 @@ def test_a_colour_drizzle_of_the_integration_keeps_star_fluxes_and_drops_the_cos
         # ... and what the flags are for: the cosmic rays are gone from every colour.
         assert fidelity.background_excess(img[c], wht[c], sim, SCALE, reference=ref) < 8, name
         assert fidelity.background_excess(raw_img[c], raw_wht[c], sim, SCALE, reference=ref) > 8, name
+
+
+def test_the_registered_view_of_a_colour_store_shows_one_colour_and_refuses_none(cfa_field):
+    """Regression: the view resampled a colour mosaic as grey (a checkerboard of colours)."""
+    from drizzlestack.integration import registered_view
+
+    truth, store, stack, _ = cfa_field
+    with pytest.raises(ds.DrizzlestackError, match="channel="):
+        registered_view(store)
+    ref = int(stack.attrs["reference"])
+    frames = [i for i in range(truth.config.n_frames) if i != ref][:3]
+    for c, name in enumerate("RGB"):
+        view = registered_view(store, frames=frames, tile=64, channel=name,
+                               normalization=(stack["norm_scale"].values, stack["norm_offset"].values)).compute()
+        # each frame's view of that colour sits at the reference's sky of that colour, with no
+        # 2x2 pattern of other colours in it
+        for v in view:
+            sky = np.nanmedian(v)
+            assert sky == pytest.approx(truth.channel_sky[ref][c], rel=0.02), name
+            assert cfa.mosaic_score(v) < cfa.MOSAIC_THRESHOLD, name
+
+
+def test_a_colour_roi_trial_equals_the_window_of_the_full_integration(cfa_field):
+    truth, store, stack, _ = cfa_field
+    full = stack["integration"].values[:, 30:78, 40:104]
+    trial = ds.integrate(store, roi=(40, 30, 64, 48))
+    assert trial["roi_integration"].dims == ("channel", "roi_y", "roi_x")
+    np.testing.assert_array_equal(trial["roi_integration"].values, full)

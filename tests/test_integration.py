@@ -466,7 +466,7 @@ def test_rerun_with_the_same_parameters_is_skipped(field, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(integ, "measure_frame", fail)
+    monkeypatch.setattr(integ, "measure_frames", fail)
     monkeypatch.setattr(integ, "integrate_tile", fail)
     ds.integrate(field.store, tile=64)  # same parameters and registration: nothing to do
 

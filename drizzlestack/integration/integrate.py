@@ -28,8 +28,16 @@ full weight and left out of the rejection statistics; the outlier test never fla
 saturated pixel. Where every frame is saturated the integration keeps the saturated
 value.
 
+Colour (Bayer) stores are integrated per channel: statistics on each colour's own
+pixels, a normalization and weight per frame and colour (the photometric scale, grey,
+from the whole mosaic), the registered view of one colour at a time
+(:func:`drizzlestack.cfa.channel_plane`), each raw pixel tested against the model of its
+own colour; products get a leading ``channel`` axis (R, G, B), the outlier flags stay one
+per raw pixel. A tile task runs the channels one after the other through the same
+buffers, so its memory is that of a grey tile.
+
 The FITS product (image, ``REJLOW``, ``REJHIGH``, ``WEIGHTS``) is streamed from the
-store afterwards, a band of rows at a time.
+store afterwards, a band of rows at a time (colour: 3 x H x W cubes).
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
-import dask
 import numpy as np
 import xarray as xr
 from astropy.io import fits
@@ -48,7 +55,6 @@ from .. import cfa as _cfa
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
-from ..parallel import compute
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import StackStore, open_stack, record_tile
@@ -57,8 +63,7 @@ from . import normalize as _norm
 from . import outliers as _out
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
-from .measure import MAX_PHOTOMETRY_STARS, MAX_STATISTICS_PIXELS, measure_frame, reference_stars  # noqa: F401
-from .stats import photometric_ratio
+from .measure import MAX_STATISTICS_PIXELS, measure_frames
 
 #: per-frame variables written by a full run (``info`` shows several of them)
 FRAME_VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale", "norm_scale", "norm_offset",
@@ -104,13 +109,15 @@ class TilePlan:
     norm_scale: np.ndarray  # float32 (frame, channel): one column for grey frames
     norm_offset: np.ndarray
     weights: np.ndarray  # float64 (frame, channel)
-    rejection: dict  # keyword arguments of rejection_flags
+    rejection: _rej.RejectionParameters
     outputs: dict  # product -> store variable name
     flags_variable: str | None  # "rejection", or None (ROI trials and the model pass keep no flags)
     step: str = "integrate"  # whose tile ledger records finished tiles
     done: np.ndarray | None = None  # the ledger at the start: finite rows are finished tiles
     outliers: str | None = None  # own-pixel flags to mask before resampling (the final pass)
     cfa_pattern: str = ""  # colour store: products get a leading channel axis
+    sky: np.ndarray | None = None  # colour: (frame, channel) background, raw ADU (the colour estimate's star test)
+    noise: np.ndarray | None = None  # colour: (frame, channel) pixel noise, raw ADU
 
     @property
     def channels(self) -> tuple:
@@ -140,23 +147,23 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
     n = len(plan.indices)
     counts = np.zeros(3 * n + 1)
-    values = np.empty((n, sy.stop - sy.start, sx.stop - sx.start), np.float32)
-    saturated = np.zeros(values.shape, np.bool_)
+    shape = (n, sy.stop - sy.start, sx.stop - sx.start)
     projected = None
     if plan.outliers is not None:
-        projected = np.zeros(values.shape, np.uint8)
-    any_flags = np.zeros(values.shape, np.uint8) if plan.flags_variable is not None else None
+        projected = np.zeros(shape, np.uint8)
+    any_flags = np.zeros(shape, np.uint8) if plan.flags_variable is not None else None
+    # Colour: every colour of a frame window estimated and resampled at once (one read,
+    # one mapping), then each channel rejected and combined on its own.
+    all_values, all_saturated = resample_tile(
+        _open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape, plan.raw_saturation,
+        plan.origin, outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
+        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise)
     for c in plan.channels:
-        # Colour: one channel after the other through the same buffers (a task's memory
-        # is that of a grey tile); each sample compared only with its own colour.
         col = 0 if c is None else c
-        resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape,
-                      plan.raw_saturation, plan.origin, out=values, saturated=saturated,
-                      outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
-                      projected=projected, pattern=plan.cfa_pattern, channel=c)
+        values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
         values *= plan.norm_scale[:, col, None, None]
         values += plan.norm_offset[:, col, None, None]
-        flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan, col), **plan.rejection)
+        flags = _rej.rejection_flags(values, plan.rejection, saturation=_normalized_saturation(plan, col))
         # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
         flags[saturated] = 0
         if projected is not None:
@@ -323,33 +330,6 @@ def _write_frame_variable(st: StackStore, name: str, values, dtype=np.float64) -
     st.write_variable(name, values, ("frame", "channel")[:values.ndim])
 
 
-def _frame_statistics(measured: dict, ref: int, n_all: int, n_ch: int, apertures):
-    """Per-frame statistics from the measurement tasks: location, scale, scale_mad and
-    noise, ``(n_all,)`` arrays or ``(n_all, 3)`` for a colour store (one column per
-    channel); the photometric scale and the number of stars behind it, ``(n_all,)``
-    (colour: measured on the whole mosaic, see :mod:`.measure`)."""
-    shape = (n_all, n_ch) if n_ch > 1 else (n_all,)
-    location, scale, scale_mad, noise = (np.full(shape, np.nan) for _ in range(4))
-    phot, n_phot = np.full(n_all, np.nan), np.zeros(n_all, int)
-    for i, m in measured.items():
-        stats = m["stats"] if n_ch > 1 else [m["stats"]]
-        for c, s in enumerate(stats):
-            at = (i, c) if n_ch > 1 else i
-            location[at], scale[at], scale_mad[at], noise[at] = s.location, s.scale, s.scale_mad, s.noise
-    if apertures is not None:
-        ref_m = measured[ref]
-        for i, m in measured.items():
-            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
-    return location, scale, scale_mad, noise, phot, n_phot
-
-
-def _usable(i: int, c: int, location, norm, w, pattern: str) -> bool:
-    """Frame ``i`` has statistics, a normalization and a positive weight in channel ``c``."""
-    loc = location[i, c] if pattern else location[i]
-    return bool(np.isfinite(loc) and np.isfinite(norm.scale[i, c]) and np.isfinite(norm.offset[i, c])
-                and np.isfinite(w[i, c]) and w[i, c] > 0)
-
-
 def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: float = 3.0,
               normalization: str = "additive+scaling", weights: str = "noise", roi=None, tile: int = 512,
               saturation: bool | float = True, *, scale_estimator: str = "auto", weight_keyword: str | None = None,
@@ -440,7 +420,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
 
     Notes
     -----
-    Store variables written by a full run (``roi=None``):
+    Store variables written by a full run (``roi=None``); for a colour store the per-frame
+    ones but ``photometric_scale`` have dims (frame, channel) and the images (channel, y, x):
 
     ``location``, ``scale``, ``scale_mad``, ``noise`` (frame; float64, ADU)
         Median, sqrt of the biweight midvariance, normalized MAD, wavelet noise.
@@ -522,7 +503,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
                                 f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
 
-    _check_worker_memory(tile, len(candidates), task_memory, frame_shape)
+    _check_worker_memory(tile, len(candidates) * n_ch, task_memory, frame_shape)
 
     # An interrupted run with the same parameters and inputs keeps its finished tiles,
     # even when forced (tiles are deterministic); pass 1 is redone (cheap, deterministic).
@@ -531,66 +512,22 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         st.begin_step(step_name, params, inputs)
 
     # ------------------------------------------------------------- pass 1: per frame
-    store_path = st.location
     raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
     raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
     mappings = {i: frame_mapping(st, i) for i in candidates}
-    star_x, star_y, apertures = reference_stars(st, ref, raw_sat[ref])
-    tasks = []
-    for i in candidates:
-        xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
-        tasks.append(dask.delayed(measure_frame, pure=True)(store_path, i, xf, yf, apertures, raw_sat[i],
-                                                            pattern=pattern))
-    t0 = time.perf_counter()
-    measured = dict(zip(candidates, compute(*tasks)))
-    t_stats = time.perf_counter() - t0
-    location, scale, scale_mad, noise, phot, n_phot = _frame_statistics(measured, ref, n_all, n_ch, apertures)
-    for name, values in (("location", location), ("scale", scale), ("scale_mad", scale_mad), ("noise", noise),
-                         ("photometric_scale", phot)):
-        _write_frame_variable(st, name, values)
+    measures = measure_frames(st, candidates, ref, raw_sat, mappings)
+    for name in measures.VARIABLES:
+        _write_frame_variable(st, name, getattr(measures, name))
+    location, noise = measures.location, measures.noise
 
     # ---------------------------------------------- normalization, weights, exclusion
-    headers = [str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None
     exptime = np.asarray(st.group["exptime"][:n_all], dtype=np.float64)
-    norm_a, norm_b, w = np.full((n_all, n_ch), np.nan), np.full((n_all, n_ch), np.nan), np.zeros((n_all, n_ch))
-    estimators = []
-    for c in range(n_ch):
-        # Each colour on its own, relative to the reference frame's same colour.
-        col = (lambda a: a[:, c] if pattern else a)  # noqa: E731 - grey arrays have no channel axis
-        dispersion = col(scale_mad if scale_estimator == "mad" else scale)
-        k, estimator = _norm.scale_factors(ref, dispersion, phot if apertures is not None else None, scale_estimator)
-        norm = _norm.normalization(normalization, ref, col(location), k, estimator)
-        norm_a[:, c], norm_b[:, c] = norm.scale, norm.offset
-        w[:, c] = _norm.frame_weights(weights, ref, noise=col(noise), norm_scale=norm.scale, exptime=exptime,
-                                      headers=headers, keyword=weight_keyword)
-        estimators.append(estimator)
-        if normalization.endswith("+scaling") and scale_estimator == "auto" and estimator != "photometry":
-            missing = [i for i in candidates if not np.isfinite(phot[i])]
-            why = (f"frames {missing} matched too few reference stars" if apertures is not None
-                   else "no reference stars were found")
-            what = f" of {_cfa.CHANNELS[c]}" if pattern else ""
-            warnings.warn(f"photometric scaling{what} unavailable ({why}); scaling every frame by its {estimator} "
-                          f"dispersion instead, which is wrong for frames whose transparency changed",
-                          DrizzlestackWarning, stacklevel=2)
-    norm = _norm.Normalization(norm_a, norm_b, normalization, "/".join(dict.fromkeys(estimators)))
-    used = []
-    for i in candidates:
-        bad = [c for c in range(n_ch) if not _usable(i, c, location, norm, w, pattern)]
-        if not bad:
-            used.append(i)
-            continue
-        c = bad[0]
-        what = f" ({_cfa.CHANNELS[c]})" if pattern else ""
-        loc = location[i, c] if pattern else location[i]
-        if not np.isfinite(loc):
-            excluded[i] = f"no valid pixels for statistics{what}"
-        elif not (np.isfinite(norm.scale[i, c]) and np.isfinite(norm.offset[i, c])):
-            excluded[i] = f"no {estimators[c]} scale factor{what} (photometry matched {n_phot[i]} stars)" \
-                if estimators[c] == "photometry" else f"no normalization{what} (scale statistics missing)"
-        elif not np.isfinite(w[i, c]):
-            excluded[i] = f"no weight{what} ({weights})"
-        else:
-            excluded[i] = f"zero weight{what}"
+    weighting = _norm.normalize_frames(
+        measures, candidates, ref, normalization, scale_estimator, weights, exptime=exptime,
+        headers=[str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None,
+        keyword=weight_keyword, channels=_cfa.CHANNELS if pattern else None)
+    norm, w, used = weighting.norm, weighting.weights, weighting.used
+    excluded.update(weighting.excluded)
     for i in sorted(excluded):
         warnings.warn(f"frame {i} excluded from the integration: {excluded[i]}", DrizzlestackWarning, stacklevel=2)
     if not used:
@@ -623,18 +560,19 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         origin, shape = (0, 0), frame_shape
     else:
         origin, shape = (roi[1], roi[0]), (roi[3], roi[2])
-    eff_tile = tile_size(tile, len(used), task_memory)
+    eff_tile = tile_size(tile, len(used) * n_ch, task_memory)  # colour: a tile holds every channel
     prefix = "" if roi is None else ROI_PREFIX
     n = len(used)
-    rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
-                      reject_high=bool(reject_high), range_low=range_low, range_high=range_high, **options)
-    _rej.rejection_flags(np.zeros((1, 1, 1), np.float32), **rej_kwargs)  # validate before the tasks run
+    rej_params = _rej.RejectionParameters(method=method, low=low, high=high, reject_low=reject_low,  # validated here
+                                          reject_high=reject_high, range_low=range_low, range_high=range_high, **options)
     base = TilePlan(
-        store=store_path, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
+        store=st.location, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
-        weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs={v: prefix + v for v in IMAGE_VARIABLES},
+        weights=np.asarray(w[used], np.float64), rejection=rej_params, outputs={v: prefix + v for v in IMAGE_VARIABLES},
         flags_variable="rejection" if roi is None else None, step=step_name, cfa_pattern=pattern,
+        sky=np.asarray(location[used], np.float64) if pattern else None,
+        noise=np.asarray(noise[used], np.float64) if pattern else None,
     )
     tiling = _Tiling(st, step_name, params, inputs, resumable, shape, eff_tile, ("y", "x") if roi is None
                      else ("roi_y", "roi_x"), roi)
@@ -669,7 +607,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                                              OUTLIER_RMS_TOLERANCE)
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
-        final_plan = replace(base, origin=origin, rejection={**rej_kwargs, "method": "none"},
+        final_plan = replace(base, origin=origin, rejection=rej_params.replace(method="none"),
                              outliers=prefix + _out.OUTLIERS_VARIABLE)
         per_tile = tiling.run(final_plan, "")
     t_tiles = time.perf_counter() - t0
@@ -696,7 +634,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "excluded": {str(i): r for i, r in sorted(excluded.items())},
         "rejection": method,
         "scale_estimator": norm.estimator,
-        "photometry_stars": {str(i): int(n_phot[i]) for i in used} if apertures is not None else {},
+        "photometry_stars": {str(i): int(measures.n_photometry[i]) for i in used} if measures.photometry else {},
         "tile": eff_tile,
         "shape": [int(v) for v in shape],
         "roi": list(roi) if roi else None,
@@ -705,7 +643,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "rejected_high_fraction": float(high_n.sum() / max(valid_n.sum(), 1)),
         "exptime": float(np.nansum(exptime[used])),
         "outliers": outlier_summary,
-        "seconds": {"statistics": round(t_stats, 3), "tiles": round(t_tiles, 3),
+        "seconds": {"statistics": round(measures.seconds, 3), "tiles": round(t_tiles, 3),
                     "total": round(time.perf_counter() - t_start, 3)},
     }
     st.end_step(step_name, **summary)

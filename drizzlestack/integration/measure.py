@@ -14,6 +14,8 @@ photometric scale serves every channel."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .. import cfa as _cfa
@@ -188,3 +190,77 @@ def reference_stars(st: StackStore, ref: int, saturation: float):
     if order.size == 0:
         return np.empty(0), np.empty(0), None
     return x[order], y[order], apertures
+
+
+@dataclass
+class FrameMeasures:
+    """Pass 1's results over the store's frames (NaN: not measured).
+
+    ``location``, ``scale``, ``scale_mad``, ``noise`` are ``(n_frames,)``, or
+    ``(n_frames, 3)`` for a colour store (one column per channel); ``photometric_scale``
+    (the star flux ratio to the reference, on the whole mosaic) and ``n_photometry`` (the
+    stars behind it) are ``(n_frames,)``. ``photometry`` says whether reference stars were
+    available at all.
+    """
+
+    location: np.ndarray
+    scale: np.ndarray
+    scale_mad: np.ndarray
+    noise: np.ndarray
+    photometric_scale: np.ndarray
+    n_photometry: np.ndarray
+    photometry: bool
+    seconds: float
+
+    #: the store variables they become
+    VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale")
+
+
+def measure_frames(st: StackStore, frames, ref: int, saturation, mappings) -> FrameMeasures:
+    """Pass 1 of the integration: :func:`measure_frame` for every frame in ``frames``
+    (one Dask task each, on the active scheduler), the photometry at the reference stars
+    mapped into each frame through ``mappings`` (frame index -> FrameMapping).
+
+    Parameters
+    ----------
+    st : StackStore
+    frames : sequence of int
+        Frames to measure (the reference among them).
+    ref : int
+        The reference frame.
+    saturation : (n_frames,) array
+        Raw saturation level per frame (``inf``: none).
+    mappings : dict
+        Frame index -> its frame -> reference mapping.
+    """
+    import time
+
+    import dask
+
+    from ..parallel import compute
+    from .stats import photometric_ratio
+
+    pattern = st.cfa_pattern
+    n_all, n_ch = st.n_frames, (len(_cfa.CHANNELS) if pattern else 1)
+    star_x, star_y, apertures = reference_stars(st, ref, saturation[ref])
+    tasks = []
+    for i in frames:
+        xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
+        tasks.append(dask.delayed(measure_frame, pure=True)(st.location, i, xf, yf, apertures, saturation[i],
+                                                            pattern=pattern))
+    t0 = time.perf_counter()
+    measured = dict(zip(frames, compute(*tasks)))
+    seconds = time.perf_counter() - t0
+
+    shape = (n_all, n_ch) if pattern else (n_all,)
+    location, scale, scale_mad, noise = (np.full(shape, np.nan) for _ in range(4))
+    phot, n_phot = np.full(n_all, np.nan), np.zeros(n_all, int)
+    for i, m in measured.items():
+        for c, s in enumerate(m["stats"] if pattern else [m["stats"]]):
+            at = (i, c) if pattern else i
+            location[at], scale[at], scale_mad[at], noise[at] = s.location, s.scale, s.scale_mad, s.noise
+    if apertures is not None:
+        ref_m = measured[ref]
+        for i, m in measured.items():
+            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
+    return FrameMeasures(location, scale, scale_mad, noise, phot, n_phot, apertures is not None, seconds)

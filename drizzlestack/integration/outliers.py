@@ -58,7 +58,6 @@ from dataclasses import asdict, dataclass
 
 import math
 
-import dask.array as da
 import numba
 import numpy as np
 
@@ -66,8 +65,8 @@ from .. import cfa as _cfa
 from .._warnings import DrizzlestackError
 from ..chunkio import DirectArray
 from ..geometry import input_window, pixel_grid, translation
-from ..parallel import compute
 from ..store import record_tile
+from ..tiled import run_tiles, start_or_resume
 from .rejection import FLAG_HIGH, FLAG_LOW, FLAG_RANGE
 from .resample import LANCZOS3_PAD
 
@@ -442,13 +441,6 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
     return counts
 
 
-def outlier_block(plan: OutlierPlan, block_info=None):
-    iy, ix, _ = block_info[None]["chunk-location"]
-    if plan.done is not None and np.all(np.isfinite(plan.done[iy, ix])):
-        return plan.done[iy, ix][None, None, :]
-    return outlier_tile(plan, iy, ix)[None, None, :]
-
-
 # ----------------------------------------------------------------------- the pass
 def _parse_header(header_text: str):
     from astropy.io.fits import Header
@@ -539,16 +531,15 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
         extra = np.where(np.isfinite(fwhm[used]) & (fwhm[used] > 0), (f_model / fwhm[used]) ** 2 - 1.0, 0.0)
     extra = np.nan_to_num(np.clip(extra, 0.0, None), nan=0.0)
     ledger = tiling.ledger("outliers")
-    done = None
-    if tiling.resumable:
-        done = st.resume_tiles(tiling.step, tiling.params, tiling.inputs, tiles, 3 * n, cy, [variable], ledger=ledger)
-    if done is None:
-        st.delete_variables(variable, f"{ledger}_tiles")
-        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8",
-                           FLAG_RANGE)
+
+    def create():
+        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8", FLAG_RANGE)
         st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
                                          "parameters": asdict(params)})
-        done = st.start_tiles(ledger, tiles, 3 * n, cy)
+
+    done = start_or_resume(st, tiling.step, tiling.params, tiling.inputs, tiles=tiles, width=3 * n, tile=cy,
+                           products=[variable], create=create, ledger=ledger, resumable=tiling.resumable,
+                           what="integration", part=" of its outliers pass", stacklevel=3)
     plan = OutlierPlan(
         store=base.store, model=model, spread=spread, spread_k=tuple(float(k) for k in spread_k),
         ranges=(-np.inf if ranges[0] is None else float(ranges[0]), np.inf if ranges[1] is None else float(ranges[1])),
@@ -558,10 +549,7 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
         norm_offset=np.asarray(base.norm_offset, np.float64), noise=noise_models, params=params,
         derivative_scale=widen, signal_extra=extra, step=ledger, done=done, cfa_pattern=base.cfa_pattern,
     )
-    counts = da.map_blocks(outlier_block, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1], (3 * n,)),
-                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
-    (per_tile,) = compute(counts)
-    per_tile = np.asarray(per_tile).reshape(-1, 3 * n)
+    per_tile = run_tiles(outlier_tile, plan, tiles, 3 * n).reshape(-1, 3 * n)
     low, high, tested = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = np.where(tested > 0, (low + high) / tested, np.nan)
@@ -578,5 +566,5 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
 
 
 __all__ = ["FLAG_HOT", "FLAG_HIGH", "FLAG_LOW", "FLAG_RANGE", "OUTLIERS_VARIABLE", "OutlierParameters",
-           "FrameNoise", "flag_pixels", "blot_window", "model_window", "OutlierPlan", "outlier_tile", "outlier_block",
+           "FrameNoise", "flag_pixels", "blot_window", "model_window", "OutlierPlan", "outlier_tile",
            "flag_outliers"]
