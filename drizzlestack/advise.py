@@ -12,6 +12,8 @@ Everything is measured on the registered store, before any integration or drizzl
 - **dry pixels and weight uniformity**, from the actual geometry: the weights alone (all
   data 1, no rejection) are drizzled with the real kernels and the real mappings on a few
   small output tiles, for each setting; this costs a few percent of a full drizzle;
+  colour (Bayer) stores per channel, each colour's samples being their own lattice, the
+  recommendation judged on the worst channel's dry fraction;
 - **cost**: the noise-correlation ratio ``R`` of Fruchter & Hook (2002), the per-pixel
   noise against the integration's, and the expected FWHM of each product.
 """
@@ -209,7 +211,7 @@ def sample_boxes(frame_shape, n_boxes: int = 25, size: float = 5.0, seed: int = 
 
 
 def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs, kernel: str = "square",
-                    boxes=None) -> dict:
+                    boxes=None, cfa_pattern: str = "", channel_weights=None) -> dict:
     """Drizzle the weights alone (data 1, no rejection) on small sample boxes.
 
     For every box and frame this is what the drizzle driver does for a tile (the input
@@ -220,13 +222,25 @@ def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs
     pixel inside at least one frame: pixels outside every frame are outside the drizzle,
     not dry.
 
+    A colour store (``cfa_pattern``) is drizzled as the driver does it: every window
+    gets its channel index (:func:`drizzlestack.cfa.channel_index` at the window's
+    origin) and each sample drops only into its own channel, so each channel is its own
+    lattice (red and blue a quarter of the samples, green half); ``channel_weights``
+    ``(n_frames, 3)`` are a per-channel integration's weights.
+
     Returns
     -------
     dict
         ``{pixfrac: {"dry_fraction", "weight_rms", "pixels"}}``: the fraction of counted
         output pixels that received no weight, the rms / median of the weights of the
-        others, and how many were counted.
+        others, and how many were counted. Colour: ``dry_fraction`` is the worst
+        channel's and ``weight_rms`` that of all samples together (the luminance's: red
+        and blue each cover a quarter of the output per frame, so their own weight maps
+        have an rms of about ``sqrt(3 / n_frames)`` even at pixfrac 1 and could never pass
+        :data:`MAX_WEIGHT_RMS` below ~75 frames); ``dry_fraction_rgb`` and
+        ``weight_rms_rgb`` give each channel's ``{"R", "G", "B"}``.
     """
+    from . import cfa as _cfa
     from .drizzle import array as _array
     from .drizzle import kernels as _kernels
     from .drizzle.driver import _kernel_pad, _mapping_scale
@@ -258,13 +272,17 @@ def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs
     crx, cry = apply_homography(out_to_ref, cx, cy)
     erx, ery = apply_homography(out_to_ref, ex, ey)
     counted = np.zeros(cx.size, dtype=bool)
-    sums = {p: [np.zeros((oy1 - oy0, ox1 - ox0)) for ox0, oy0, ox1, oy1 in out_boxes] for p in pixfracs}
-    scratch = [np.zeros((oy1 - oy0, ox1 - ox0)) for ox0, oy0, ox1, oy1 in out_boxes]
+    lead = (len(_cfa.CHANNELS),) if cfa_pattern else ()
+    nplanes = lead[0] if lead else 1
+    sums = {p: [np.zeros(lead + (oy1 - oy0, ox1 - ox0)) for ox0, oy0, ox1, oy1 in out_boxes] for p in pixfracs}
+    scratch = [np.zeros(lead + (oy1 - oy0, ox1 - ox0)) for ox0, oy0, ox1, oy1 in out_boxes]
+    if channel_weights is None:
+        channel_weights = [None] * len(mappings)
     touched = np.zeros((1, 1), dtype=np.uint8)
     to_tiles = [translation(-ox0, -oy0) @ grid.ref_to_out for ox0, oy0, _, _ in out_boxes]
     arrays: dict[tuple, tuple] = {}  # (ones, weights) by window shape and weight, reused
     max_extent = max(64.0, 16.0 * scale)
-    for mapping, w, psr in zip(mappings, frame_weights, psrs):
+    for mapping, w, cw, psr in zip(mappings, frame_weights, channel_weights, psrs):
         xf, yf = mapping.inverse(crx, cry)
         counted |= (xf >= 0.5) & (xf <= nx_f - 1.5) & (yf >= 0.5) & (yf <= ny_f - 1.5)
         wx, wy = mapping.inverse(erx, ery)
@@ -285,27 +303,42 @@ def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs
                 gy, gx = np.mgrid[ya[b]:yb[b], xa[b]:xb[b]]
                 ref = mapping.forward(gx.astype(np.float64), gy.astype(np.float64))
                 pixmap = np.ascontiguousarray(np.stack(apply_homography(to_tiles[b], *ref), axis=-1))
-            key = wshape + (float(w),)
+            # colour: the window's channel index depends only on its origin's parities
+            key = wshape + ((int(ya[b]) % 2, int(xa[b]) % 2) if cfa_pattern else ()) \
+                + (float(w),) + (tuple(float(v) for v in cw) if cw is not None else ())
             if key not in arrays:
-                arrays[key] = (np.ones(wshape), np.full(wshape, float(w)))
-            ones, weights = arrays[key]
+                chan = _cfa.channel_index(cfa_pattern, wshape, int(ya[b]), int(xa[b])) if cfa_pattern else None
+                weights = (np.asarray(cw, np.float64)[chan] if cfa_pattern and cw is not None
+                           else np.full(wshape, float(w)))
+                arrays[key] = (np.ones(wshape), weights, chan)
+            ones, weights, chan = arrays[key]
             for p in pixfracs:
                 if kernel == "square":
                     # The kernel itself: accumulate()'s checks cost more than these tiny windows.
-                    _kernels.square_kernel(ones, pixmap, weights, True, float(p), max_extent,
-                                           scratch[b], sums[p][b], touched, False, _array._NO_CHANNEL, 1)
+                    flat = [a.reshape(-1, a.shape[-1]) for a in (scratch[b], sums[p][b])]
+                    _kernels.square_kernel(ones, pixmap, weights, True, float(p), max_extent, *flat, touched,
+                                           False, _array._NO_CHANNEL if chan is None else chan, nplanes)
                 else:
                     _array.accumulate(ones, pixmap, weights, scratch[b], sums[p][b], kernel=kernel, pixfrac=p,
-                                      pixel_scale_ratio=psr)
+                                      pixel_scale_ratio=psr, channel=chan)
     n_counted = int(counted.sum())
     out = {}
-    for p in pixfracs:
-        w = np.concatenate([a.ravel() for a in sums[p]])[counted] if out_boxes else np.empty(0)
+
+    def stats(plane):
+        w = np.concatenate([plane(a).ravel() for a in sums[p]])[counted] if out_boxes else np.empty(0)
         wet = w[w > 0]
         med = float(np.median(wet)) if wet.size else float("nan")
-        out[p] = {"dry_fraction": float((w <= 0).mean()) if w.size else float("nan"),
-                  "weight_rms": float(np.std(wet) / med) if wet.size and med > 0 else float("nan"),
-                  "pixels": n_counted}
+        return (float((w <= 0).mean()) if w.size else float("nan"),
+                float(np.std(wet) / med) if wet.size and med > 0 else float("nan"))
+
+    for p in pixfracs:
+        dry, rms = stats((lambda a: a.sum(axis=0)) if cfa_pattern else (lambda a: a))
+        out[p] = {"dry_fraction": dry, "weight_rms": rms, "pixels": n_counted}
+        if cfa_pattern:
+            per_channel = [stats(lambda a, c=c: a[c]) for c in range(nplanes)]
+            out[p]["dry_fraction"] = max(v[0] for v in per_channel)
+            out[p]["dry_fraction_rgb"] = dict(zip(_cfa.CHANNELS, (v[0] for v in per_channel)))
+            out[p]["weight_rms_rgb"] = dict(zip(_cfa.CHANNELS, (v[1] for v in per_channel)))
     return out
 
 
@@ -378,18 +411,32 @@ def _registration_dataset(st: StackStore):
 
 def _registered(store, frames, distortion):
     """(stack, frame indices, mappings, frame weights) of a registered store."""
-    from .drizzle.driver import _frame_values, _select_frames
+    from .drizzle.driver import _frame_values
     from .mappings import frame_mapping
+    from .tiled import require_registration, select_frames
 
     st = StackStore.open(store, mode="r")
-    if "transform" not in st.group or not (st.step("register") or {}).get("complete", False):
-        raise DrizzlestackError(f"{store}: frames are not registered; run 'drizzlestack register {store}' first")
+    require_registration(st)
     stack = _registration_dataset(st)
-    indices = _select_frames(stack, frames)
+    indices, _ = select_frames(st, frames, refuse_unregistered=True, step="drizzle", stacklevel=3)
     mappings = [frame_mapping(stack, i, distortion=distortion) for i in indices]
     weights = _frame_values(stack, "weight", indices, 1.0)
     weights = np.where(weights > 0, weights, 0.0)
     return stack, indices, mappings, weights
+
+
+def _colour(stack, indices) -> tuple[str, np.ndarray | None]:
+    """The store's Bayer pattern (``""``: grey) and the per-channel frame weights
+    ``(n, 3)`` of a per-channel integration (``None`` without one), as drizzle uses them."""
+    from .drizzle.driver import _channel_values
+
+    patterns = {str(p) for p in np.asarray(stack["cfa_pattern"].values).ravel()} - {""} \
+        if "cfa_pattern" in stack else set()
+    if not patterns:
+        return "", None
+    pattern = sorted(patterns)[0]  # one pattern per store (ingest refuses a change)
+    weights = _channel_values(stack, "weight", indices, 0.0)
+    return pattern, None if weights is None else np.where(weights > 0, weights, 0.0)
 
 
 def _passes(pred) -> bool:
@@ -406,7 +453,9 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     while the dither fills at least half of the ``s x s`` sub-pixel cells; at that scale
     the **smallest pixfrac** of 1.0, 0.9, ..., 0.3 whose predicted dry fraction is at
     most :data:`MAX_DRY_FRACTION` (1 %) and weight-map rms at most
-    :data:`MAX_WEIGHT_RMS` of its median. A scale where no pixfrac passes falls back to
+    :data:`MAX_WEIGHT_RMS` of its median (colour: the dry fraction of the worst channel,
+    the weight rms of all samples together, see :func:`predict_weights`). A scale where
+    no pixfrac passes falls back to
     the next smaller one; scale 2 with pixfrac 1 is the last resort, and the advice when
     drizzle cannot gain (a finer-grid copy of the integration). ``drizzle_helps`` is
     true when the frames are undersampled (median FWHM < :data:`UNDERSAMPLED_FWHM`
@@ -440,13 +489,18 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
         0.6-1.0), ``noise_correlation_R``, ``noise_per_pixel_ratio`` (rms of a drizzled
         pixel over the integration's, ``scale / R``), ``expected_fwhm_integration`` and
         ``expected_fwhm_drizzle`` (reference px, :func:`expected_fwhm`),
-        ``sample_pixels`` and ``reasons`` (plain-English strings).
+        ``sample_pixels`` and ``reasons`` (plain-English strings). Colour stores: the
+        dry fractions are the worst channel's (the weight rms all samples'), with each
+        channel's in
+        ``predicted_dry_fraction_rgb`` and ``predicted_weight_rms_rgb`` (and
+        ``dry_fraction_rgb``, ``weight_rms_rgb`` in each prediction), and ``cfa_pattern``.
     """
     from .drizzle.driver import _check_parameters
 
     if scale is not None or pixfrac is not None:
         _check_parameters(2.0 if scale is None else scale, 1.0 if pixfrac is None else pixfrac, kernel, 1024)
     stack, indices, mappings, weights = _registered(store, frames, distortion)
+    pattern, channel_weights = _colour(stack, indices)
     frame_shape = tuple(int(v) for v in stack.attrs["frame_shape"])
     n = len(indices)
     fwhm, per_frame = measured_fwhm(stack, indices, mappings) if "stars" in stack else (float("nan"), None)
@@ -457,8 +511,11 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     undersampled = bool(np.isfinite(fwhm) and fwhm < limit)
     if limit != UNDERSAMPLED_FWHM:
         reasons.append(f"Colour (Bayer) frames: each colour is sampled every 2 pixels, so stars under ~{limit:g} px "
-                       "are undersampled in every channel. The dry-pixel predictions below count all samples "
-                       "together: red and blue have a quarter of them and run drier.")
+                       "are undersampled in every channel. The dry-pixel predictions are per channel (each "
+                       "colour's samples are their own lattice: red and blue a quarter of the pixels, green half) "
+                       "and the recommendation is judged on the worst channel; the weight-map rms on all samples "
+                       "together (red's and blue's own maps stay uneven, about sqrt(3 / frames), whatever the "
+                       "pixfrac).")
     if np.isfinite(fwhm):
         # What most tools report: the fits exclude the pixel, a plain Gaussian fit includes it.
         with_pixel = _SIGMA_TO_FWHM * math.sqrt((fwhm / _SIGMA_TO_FWHM) ** 2 + 1.0 / 12.0)
@@ -521,7 +578,8 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     def predict(s, pfs):
         todo = [p for p in pfs if (s, p) not in preds]
         if todo:
-            for p, v in predict_weights(mappings, weights, frame_shape, s, todo, kernel).items():
+            for p, v in predict_weights(mappings, weights, frame_shape, s, todo, kernel, cfa_pattern=pattern,
+                                        channel_weights=channel_weights).items():
                 preds[(s, p)] = v
 
     for s in table_scales:
@@ -556,11 +614,14 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
     pred = preds[(s, p)]
     R = noise_correlation_ratio(s, p)
     fwhm_int, fwhm_drz = expected_fwhm(fwhm, s, p) if np.isfinite(fwhm) else (float("nan"), float("nan"))
+    worst = " in the worst channel" if pattern else ""
     reasons.append(f"Recommended: scale {s:g}, pixfrac {p:g} ({kernel} kernel): predicted {pred['dry_fraction']:.2%} "
-                   f"dry pixels and a weight map with rms {pred['weight_rms']:.0%} of its median (from drizzling "
-                   f"the weights of the {n} frames on {pred['pixels']} sample output pixels).")
+                   f"dry pixels{worst} and a weight map with rms {pred['weight_rms']:.0%} of its median (from "
+                   f"drizzling the weights of the {n} frames on {pred['pixels']} sample output pixels)."
+                   + (f" Per channel: dry {_per_channel(pred['dry_fraction_rgb'], '.2%')}, weight rms "
+                      f"{_per_channel(pred['weight_rms_rgb'], '.0%')}." if pattern else ""))
     if pred["dry_fraction"] > MAX_DRY_FRACTION:
-        reasons.append(f"Scale {s:g} with pixfrac {p:g} leaves {pred['dry_fraction']:.1%} of the output dry "
+        reasons.append(f"Scale {s:g} with pixfrac {p:g} leaves {pred['dry_fraction']:.1%} of the output dry{worst} "
                        "(no data): use a larger pixfrac, a smaller scale or more frames.")
     reasons.append(f"Cost: each drizzled pixel's noise is {s / R:.2f}x the integration's per pixel (flux is "
                    f"conserved: binned back to the reference pixels the noise is the integration's), and the noise "
@@ -583,9 +644,13 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
             predictions.append({"scale": ps, "pixfrac": pp, "dry_fraction": v["dry_fraction"],
                                 "weight_rms": v["weight_rms"], "noise_correlation_R": r,
                                 "noise_per_pixel_ratio": ps / r})
+            if pattern:
+                predictions[-1].update(dry_fraction_rgb=v["dry_fraction_rgb"], weight_rms_rgb=v["weight_rms_rgb"])
     return {
         "drizzle_helps": helps, "scale": s, "pixfrac": p, "kernel": kernel,
         "predicted_dry_fraction": pred["dry_fraction"], "predicted_weight_rms": pred["weight_rms"],
+        **({"cfa_pattern": pattern, "predicted_dry_fraction_rgb": pred["dry_fraction_rgb"],
+            "predicted_weight_rms_rgb": pred["weight_rms_rgb"]} if pattern else {}),
         "fwhm": fwhm, "fwhm_per_frame": [float(v) for v in per_frame] if per_frame is not None else [],
         "undersampled": undersampled, "n_frames": n, "frames": [int(i) for i in indices],
         "dither": _jsonable(dither), "distortion_model": spline,
@@ -593,6 +658,10 @@ def advise(store, scale: float | None = None, pixfrac: float | None = None, kern
         "expected_fwhm_integration": fwhm_int, "expected_fwhm_drizzle": fwhm_drz,
         "predictions": predictions, "sample_pixels": pred["pixels"], "reasons": reasons,
     }
+
+
+def _per_channel(values: dict, fmt: str) -> str:
+    return ", ".join(f"{c} {v:{fmt}}" for c, v in values.items())
 
 
 def _jsonable(d: dict) -> dict:
@@ -618,12 +687,18 @@ def drizzle_warnings(store, scale: float, pixfrac: float, kernel: str = "square"
     if kernel.startswith("lanczos"):
         pixfrac = 1.0
     stack, indices, mappings, weights = _registered(store, frames, distortion)
+    pattern, channel_weights = _colour(stack, indices)
     frame_shape = tuple(int(v) for v in stack.attrs["frame_shape"])
     out = []
-    pred = predict_weights(mappings, weights, frame_shape, float(scale), [float(pixfrac)], kernel)[float(pixfrac)]
+    pred = predict_weights(mappings, weights, frame_shape, float(scale), [float(pixfrac)], kernel,
+                           cfa_pattern=pattern, channel_weights=channel_weights)[float(pixfrac)]
     if pred["dry_fraction"] > MAX_DRY_FRACTION:
+        # (worded as the drizzle's own per-channel warning: "dry fraction")
+        where = (f" in the worst colour channel (predicted dry fraction per channel: "
+                 f"{_per_channel(pred['dry_fraction_rgb'], '.1%')}; each colour has only its own samples)"
+                 if pattern else "")
         out.append(f"{store}: scale {scale:g} with pixfrac {pixfrac:g} is predicted to leave "
-                   f"{pred['dry_fraction']:.1%} of the output pixels dry (no data); use a larger pixfrac, a "
+                   f"{pred['dry_fraction']:.1%} of the output pixels dry (no data){where}; use a larger pixfrac, a "
                    f"smaller scale or more frames ('drizzlestack advise {store}')")
     fwhm = measured_fwhm(stack, indices, mappings)[0] if "stars" in stack else float("nan")
     if np.isfinite(fwhm) and fwhm >= _undersampled_limit(stack):
@@ -675,8 +750,14 @@ def format_advice(advice: dict) -> str:
              f"{advice['predicted_weight_rms']:.0%}",
              f"median FWHM:   {advice['fwhm']:.2f} reference px ({advice['n_frames']} frames)", ""]
     lines += [f"- {r}" for r in advice["reasons"]]
-    lines += ["", "scale  pixfrac  dry[%]  weight rms[%]  R     noise/pixel"]
+    colour = "predicted_dry_fraction_rgb" in advice
+    lines += ["", "scale  pixfrac  dry[%]  weight rms[%]  R     noise/pixel"
+              + ("  dry R/G/B[%]        weight rms R/G/B[%]" if colour else "")]
     for p in advice["predictions"]:
-        lines.append(f"{p['scale']:<5g}  {p['pixfrac']:<7g}  {100 * p['dry_fraction']:6.2f}  "
-                     f"{100 * p['weight_rms']:13.1f}  {p['noise_correlation_R']:4.2f}  {p['noise_per_pixel_ratio']:.2f}")
+        line = (f"{p['scale']:<5g}  {p['pixfrac']:<7g}  {100 * p['dry_fraction']:6.2f}  "
+                f"{100 * p['weight_rms']:13.1f}  {p['noise_correlation_R']:4.2f}  {p['noise_per_pixel_ratio']:<11.2f}")
+        if colour:
+            line += ("  " + "/".join(f"{100 * v:.2f}" for v in p["dry_fraction_rgb"].values()).ljust(18)
+                     + "  " + "/".join(f"{100 * v:.1f}" for v in p["weight_rms_rgb"].values()))
+        lines.append(line.rstrip())
     return "\n".join(lines)

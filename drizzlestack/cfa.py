@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 
+import numba
 import numpy as np
 
 from ._warnings import DrizzlestackError, DrizzlestackWarning
@@ -266,6 +267,138 @@ def luminance(data, pattern: str, y0: int = 0, x0: int = 0, box: int = 5) -> np.
                    & (smooth[c] > 0) & (smooth[1] > 0))
             out[use] = data[use] * (smooth[1][use] / smooth[c][use])
     return out.astype(np.float32)
+
+
+@numba.njit(nogil=True, cache=True)
+def _channel_planes(data, idx, sky, threshold, saturation, box, out):
+    """Kernel of :func:`channel_planes`: ``out[c]`` is colour ``c`` at every pixel."""
+    h, w = data.shape
+    half = box // 2
+    # Integral images of each colour's valid values and counts: the box means (the star
+    # test and the colour ratio) in constant time per pixel.
+    isum = np.zeros((3, h + 1, w + 1))
+    icnt = np.zeros((3, h + 1, w + 1))
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                isum[c, y + 1, x + 1] = isum[c, y, x + 1] + isum[c, y + 1, x] - isum[c, y, x]
+                icnt[c, y + 1, x + 1] = icnt[c, y, x + 1] + icnt[c, y + 1, x] - icnt[c, y, x]
+            v = data[y, x]
+            if np.isfinite(v):
+                c = idx[y, x]
+                isum[c, y + 1, x + 1] += v
+                icnt[c, y + 1, x + 1] += 1.0
+    mean = np.empty(3)
+    b = np.empty(3)
+    bw = np.empty(3)
+    for y in range(h):
+        ya, yb = max(y - half, 0), min(y + half + 1, h)
+        for x in range(w):
+            xa, xb = max(x - half, 0), min(x + half + 1, w)
+            for c in range(3):
+                n = icnt[c, yb, xb] - icnt[c, ya, xb] - icnt[c, yb, xa] + icnt[c, ya, xa]
+                sm = isum[c, yb, xb] - isum[c, ya, xb] - isum[c, yb, xa] + isum[c, ya, xa]
+                mean[c] = sm / n if n > 0 else np.nan
+                b[c] = 0.0
+                bw[c] = 0.0
+            # The bilinear estimate of each colour from its nearest own pixels (weights
+            # (2-|dy|)(2-|dx|) for red and blue, the cross for green).
+            near_saturated = False
+            for dy in range(-1, 2):
+                yy = y + dy
+                if yy < 0 or yy >= h:
+                    continue
+                for dx in range(-1, 2):
+                    xx = x + dx
+                    if xx < 0 or xx >= w:
+                        continue
+                    v = data[yy, xx]
+                    if not np.isfinite(v):
+                        continue
+                    c = idx[yy, xx]
+                    if c == 1:
+                        wt = 4.0 if (dy == 0 and dx == 0) else (1.0 if dy == 0 or dx == 0 else 0.0)
+                    else:
+                        wt = (2.0 - abs(dy)) * (2.0 - abs(dx))
+                    b[c] += wt * v
+                    bw[c] += wt
+                    if v >= saturation:
+                        near_saturated = True
+            own = idx[y, x]
+            v = data[y, x]
+            o_above = mean[own] - sky[own]
+            for t in range(3):
+                if t == own and np.isfinite(v):
+                    out[t, y, x] = v
+                    continue
+                est = b[t] / bw[t] if bw[t] > 0 else np.nan
+                t_above = mean[t] - sky[t]
+                if np.isfinite(v) and t_above > threshold[t] and o_above > threshold[own]:
+                    est = sky[t] + (v - sky[own]) * (t_above / o_above)  # on a star
+                if near_saturated and np.isfinite(est) and est < saturation:
+                    est = saturation  # a lower bound, as the saturated sample it used
+                out[t, y, x] = est
+
+
+def channel_planes(data, pattern: str, y0: int = 0, x0: int = 0, sky=None, noise=None,
+                   saturation: float = np.inf, box: int = 5) -> np.ndarray:
+    """Each colour at every pixel of a mosaic, sharp on stars: the registered view of a
+    colour store is made of these, and the outlier test compares every raw sample with a
+    model made of them.
+
+    A colour's own pixels keep their values. On the sky, every other pixel gets the
+    bilinear mean of the nearest samples of that colour (as :func:`channel_estimate`). On
+    a star (where both colours stand out of their sky by 3 sigma, averaged over a
+    ``box`` x ``box`` neighbourhood), a pixel of another colour ``c'`` keeps its own
+    sample, scaled into ``c`` by the local colour ratio above the sky::
+
+        est = sky_c + (v - sky_c') * (mean_c - sky_c) / (mean_c' - sky_c')
+
+    A star's light has the same profile in every colour, so its samples of any colour
+    carry its shape: the bilinear mean of samples 2 px apart flattens an undersampled
+    core to a fraction of its peak, and a rejection against such a model flags star
+    cores (4x more of them on simulated FWHM 1.3 px fields, and 40x more clean sky).
+
+    Parameters
+    ----------
+    data : (h, w) array_like
+        A window of a mosaic; NaN pixels are no data.
+    pattern : str
+        The mosaic's pattern.
+    y0, x0 : int
+        Where the window starts in the array.
+    sky, noise : (3,) array_like, optional
+        Each colour's background level and pixel noise (default: the window's median
+        and normalized MAD of that colour's pixels).
+    saturation : float
+        An estimate that used a sample at or above this level is raised to it: a star
+        core is a lower bound wherever it is seen from.
+    box : int
+        Side of the neighbourhood of the star test and the colour ratio.
+
+    Returns
+    -------
+    (3, h, w) float32
+    """
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    idx = channel_index(pattern, data.shape, y0, x0)
+    if sky is None or noise is None:
+        sky, noise = np.full(3, np.inf), np.full(3, np.inf)  # no star test in a window too small to tell
+        for c in range(3):
+            own = data[(idx == c) & np.isfinite(data)]
+            if own.size >= 16:
+                sky[c] = float(np.median(own))
+                noise[c] = 1.4826 * float(np.median(np.abs(own - sky[c])))
+    sky = np.asarray(sky, np.float64)
+    threshold = 3.0 * np.asarray(noise, np.float64) / box
+    out = np.empty((3,) + data.shape, np.float32)
+    _channel_planes(data, idx, sky, threshold, float(saturation), int(box), out)
+    return out
+
+
+def channel_plane(data, pattern: str, channel: int, y0: int = 0, x0: int = 0, box: int = 5) -> np.ndarray:
+    """One colour of :func:`channel_planes` (the window's own sky and noise)."""
+    return channel_planes(data, pattern, y0, x0, box=box)[int(channel)]
 
 
 def phase_medians(data) -> np.ndarray:

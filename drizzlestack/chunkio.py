@@ -19,6 +19,44 @@ from zarr.codecs import BloscCodec
 from . import location as _location
 
 
+#: zarr arrays opened recently, by location, name, mode and their metadata file's identity
+_OPENED: dict = {}
+_OPENED_LOCK = threading.Lock()
+_OPENED_MAX = 256
+
+
+def open_array(location: str, name: str, mode: str = "r") -> zarr.Array:
+    """``zarr.open_array`` of a store variable, remembered while its metadata is unchanged.
+
+    Tile tasks open the same few arrays again and again (frames, flags, products, the
+    ledger); each open reads and parses ``zarr.json`` on zarr's one event-loop thread,
+    ~3 ms that tasks on other threads wait for. For a local store the opened array is
+    kept, keyed by the metadata file's inode, size and modification time: a rewritten
+    or resized array (an append, a step creating it afresh) has a new ``zarr.json`` and
+    is opened again. Remote stores are opened every time (a stat is a request there).
+    """
+    loc = str(location)
+    key = None
+    if not _location.is_url(loc):
+        try:
+            meta = os.stat(os.path.join(loc, name, "zarr.json"))
+            key = (os.path.abspath(loc), name, mode, meta.st_ino, meta.st_size, meta.st_mtime_ns)
+        except OSError:
+            key = None  # zarr says what is missing
+    if key is not None:
+        with _OPENED_LOCK:
+            arr = _OPENED.get(key)
+        if arr is not None:
+            return arr
+    arr = zarr.open_array(_location.zarr_store(loc, name, read_only=mode == "r"), mode=mode)
+    if key is not None:
+        with _OPENED_LOCK:
+            if len(_OPENED) >= _OPENED_MAX:
+                _OPENED.pop(next(iter(_OPENED)))
+            _OPENED[key] = arr
+    return arr
+
+
 class DirectArray:
     """One store array whose chunks are read and written in the calling thread.
 
@@ -46,7 +84,7 @@ class DirectArray:
 
     def __init__(self, location, name: str, mode: str = "r"):
         loc = str(location)
-        self.array = zarr.open_array(_location.zarr_store(loc, name, read_only=mode == "r"), mode=mode)
+        self.array = open_array(loc, name, mode)
         self.shape = self.array.shape
         self.chunks = self.array.chunks
         self.dtype = self.array.dtype

@@ -164,7 +164,7 @@ def cmd_drizzle(args) -> int:
                          output=args.output, tile=args.tile, frames=args.frames, rejection=not args.no_rejection,
                          weights=not args.no_weights, normalization=not args.no_normalization,
                          distortion=not args.no_distortion, coverage=not args.no_coverage,
-                         overwrite=args.overwrite, force=args.force)
+                         overwrite=args.overwrite, force=args.force, white_balance=args.white_balance)
     ny, nx = result["drizzle"].shape[-2:]
     colour = " x 3 colour channels (R, G, B)" if result["drizzle"].ndim == 3 else ""
     print(f"drizzled {ny} x {nx} px{colour} (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
@@ -196,6 +196,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .whitebalance import WHITE_BALANCES
+
     parser = argparse.ArgumentParser(
         prog="drizzlestack",
         description="Out-of-core drizzle integration of dithered, undersampled frames.",
@@ -307,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalization", action="store_true", help="ignore the integration's normalization")
     p.add_argument("--no-distortion", action="store_true", help="ignore the distortion (spline) model")
     p.add_argument("--no-coverage", action="store_true", help="no COVERAGE extension")
+    p.add_argument("--white-balance", choices=WHITE_BALANCES, default="none",
+                   help="colour frames: none (default, raw colours), camera (the raw files' as-shot multipliers) "
+                        "or neutral (each channel's sky brought to green's)")
     p.add_argument("--force", action="store_true", help="redrizzle even if the store holds this drizzle")
     _add_scheduler_options(p)
     p.set_defaults(func=cmd_drizzle)

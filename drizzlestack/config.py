@@ -89,6 +89,7 @@ class DrizzleConfig:
     normalization: bool = True  # use the integration's normalization
     distortion: bool = True  # use the registration's distortion model, if any
     coverage: bool = True  # write the COVERAGE extension
+    white_balance: str = "none"  # colour frames: none | camera | neutral
     output: str | None = "drizzle.fits"  # FITS file (null: store only)
 
 

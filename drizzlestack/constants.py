@@ -1,6 +1,6 @@
 """Numbers the steps share, defined once.
 
-The drizzle kernels keep STScI drizzle's own rounded ``2.3548`` (``drizzle/kernels.py``)
+The drizzle kernels keep STScI drizzle's own rounded ``2.3548`` (``drizzle/kernels_centred.py``)
 on purpose: their Gaussian kernel must give STScI's numbers, not the exact constant.
 """
 

@@ -109,15 +109,7 @@ def run(cfg: RunConfig, force=(), base_dir=None, log=print) -> dict:
         forced = forced or "integrate" in force
         icfg = dataclasses.asdict(cfg.integrate)
         icfg["output"] = resolve_path(icfg["output"], base)
-        from .store import StackStore
-
-        colour = StackStore.open(store, mode="r").cfa_pattern
-        if colour:
-            # integrate refuses colour stores until it works per channel (issue 11)
-            log(f"[integrate] skipped: colour (Bayer {colour}) store; per-channel integration is not "
-                "implemented yet, drizzle runs without normalization and rejection")
-        else:
-            integrate(store, force=forced, overwrite=True, **icfg)
+        integrate(store, force=forced, overwrite=True, **icfg)  # colour stores: per channel
         timings["integrate"] = time.perf_counter() - t0
         log(f"[integrate] {timings['integrate']:.1f} s")
 

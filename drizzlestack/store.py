@@ -372,7 +372,9 @@ class StackStore:
 def record_tile(location, step: str, iy: int, ix: int, values) -> None:
     """Record tile ``(iy, ix)`` of ``step`` as finished, with its summary ``values``
     (called by the tile task itself, after it wrote the tile's products)."""
-    ledger = zarr.open_array(_location.zarr_store(str(location), f"{step}_tiles"), mode="r+")
+    from .chunkio import open_array
+
+    ledger = open_array(str(location), f"{step}_tiles", "r+")
     ledger[iy, ix, :] = np.asarray(values, dtype=np.float64)
 
 

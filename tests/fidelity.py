@@ -222,3 +222,18 @@ def nyquist_ratio(image, scale: float = 2.0) -> float:
         near |= np.hypot(np.abs(fx) - ax, np.abs(fy) - ay) < 0.012
     band = (np.hypot(np.abs(fx), np.abs(fy)) > 0.8 * f0) & (np.maximum(np.abs(fx), np.abs(fy)) < 1.6 * f0)
     return float(power[near].mean() / power[band & ~near].mean())
+
+
+def inside_reference(st, margin: float = 0.0):
+    """Which pixels of each frame land inside the reference field, ``margin`` reference
+    pixels in from its edges (only those can be tested against the model)."""
+    from drizzlestack.registration import frame_mapping
+
+    ny, nx = st.frame_shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    inside = np.zeros((st.n_frames, ny, nx), bool)
+    lo = margin - 0.5
+    for i in range(st.n_frames):
+        xr, yr = frame_mapping(st, i).forward(xx, yy)
+        inside[i] = (xr >= lo) & (xr <= nx - 1 - lo) & (yr >= lo) & (yr <= ny - 1 - lo)
+    return inside

@@ -199,9 +199,11 @@ def test_cli_declares_the_pattern_and_refuses_a_bad_one(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ camera raw
-def write_dng(path, data, pattern, black=(64, 64, 64, 64), white=4095, exptime=30.0, iso=800):
+def write_dng(path, data, pattern, black=(64, 64, 64, 64), white=4095, exptime=30.0, iso=800,
+              as_shot_neutral=None):
     """A minimal DNG (TIFF/EP CFA) as a camera writes it: CFA repeat pattern and pattern
-    tags, black and white levels, exposure and ISO."""
+    tags, black and white levels, exposure and ISO; with ``as_shot_neutral`` (R, G, B)
+    also the AsShotNeutral tag, from which LibRaw's as-shot multipliers are ``1 / value``."""
     import tifffile
 
     codes = {"R": 0, "G": 1, "B": 2}
@@ -213,6 +215,9 @@ def write_dng(path, data, pattern, black=(64, 64, 64, 64), white=4095, exptime=3
             (50721, "2i", 9, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1), True),
             (50778, "H", 1, 21, True),
             (33434, "2I", 1, (int(exptime * 1000), 1000), True), (34855, "H", 1, iso, True)]
+    if as_shot_neutral is not None:
+        rationals = tuple(v for n in as_shot_neutral for v in (int(round(n * 10000)), 10000))
+        tags.append((50728, "2I", 3, rationals, True))
     tifffile.imwrite(path, np.asarray(data, dtype=np.uint16), photometric=32803, extratags=tags, metadata=None)
     return path
 

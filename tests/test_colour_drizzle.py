@@ -314,7 +314,7 @@ def test_colour_frames_register_on_the_luminance_proxy(star_fields):
     assert np.sqrt(np.mean(colour**2)) < 1.7 * np.sqrt(np.mean(grey**2))
 
 
-def test_run_on_colour_frames_skips_integration_and_drizzles_in_colour(tmp_path):
+def test_run_on_colour_frames_integrates_per_channel_and_drizzles_in_colour(tmp_path):
     from drizzlestack.config import RunConfig
     from drizzlestack.pipeline import quality_summary, run
 
@@ -329,11 +329,12 @@ def test_run_on_colour_frames_skips_integration_and_drizzles_in_colour(tmp_path)
     lines = []
     with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
         run(cfg, log=lines.append)
-    assert any("[integrate] skipped: colour (Bayer BGGR) store" in str(line) for line in lines)
     summary = " ".join(quality_summary(cfg.store))
     assert "x 3 colour channels (R, G, B)" in summary
-    with pytest.raises(ds.DrizzlestackError, match="colour .* not implemented yet"):
-        ds.integrate(cfg.store)
+    stack = ds.open_stack(cfg.store)
+    assert stack["integration"].dims == ("channel", "y", "x")
+    assert stack["norm_scale"].dims == ("frame", "channel")
+    assert StackStore.open(cfg.store).step("integrate")["complete"]
 
 
 def test_per_channel_normalization_applies_to_each_colour_only(tmp_path):

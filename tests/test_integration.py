@@ -424,8 +424,16 @@ def test_roi_equals_the_window_of_the_full_integration_and_keeps_the_full_produc
     np.testing.assert_allclose(out.roi_integration.values, full[20:70, 30:100], rtol=1e-6)
     np.testing.assert_array_equal(st.group["weight"][:], before[0])
     np.testing.assert_array_equal(st.group["rejection"][:], before[1])
-    with pytest.raises(DrizzlestackError, match="roi="):
-        ds.integrate(st.path, roi=(150, 0, 20, 20))
+    # Partly outside the 160 x 128 px frame: clipped to what lies inside, with a warning
+    # naming both, and equal to that window of the full integration (once refused).
+    with pytest.warns(DrizzlestackWarning, match=r"roi=\(150, 0, 20, 20\) extends beyond the reference frame "
+                                                 r"\(160 x 128 px\); clipped to \(150, 0, 10, 20\)"):
+        edge = ds.integrate(st.path, tile=64, roi=(150, 0, 20, 20))
+    np.testing.assert_allclose(edge.roi_integration.values, full[0:20, 150:160], rtol=1e-6)
+    assert StackStore.open(st.path).step("integrate_roi")["params"]["roi"] == [150, 0, 10, 20]
+    np.testing.assert_array_equal(st.group["weight"][:], before[0])
+    with pytest.raises(DrizzlestackError, match=r"roi=\(160, 0, 20, 20\): wholly outside the reference frame"):
+        ds.integrate(st.path, roi=(160, 0, 20, 20))
     # The FITS file of a trial carries the reference frame's WCS, shifted to the ROI.
     header = fits.Header.fromstring(str(st.group["header"][0]), sep="\n")
     header.update({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 80.0, "CRPIX2": 64.0,
@@ -458,7 +466,7 @@ def test_rerun_with_the_same_parameters_is_skipped(field, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(integ, "measure_frame", fail)
+    monkeypatch.setattr(integ, "measure_frames", fail)
     monkeypatch.setattr(integ, "integrate_tile", fail)
     ds.integrate(field.store, tile=64)  # same parameters and registration: nothing to do
 

@@ -45,17 +45,6 @@ def seeing_field(tmp_path_factory):
     return _field(tmp_path_factory, "seeing", seeing=(1.2, 2.4), seed=5)
 
 
-def _inside_reference(st):
-    """Which pixels of each frame land inside the reference field (only those can be tested)."""
-    ny, nx = st.frame_shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    inside = np.zeros((st.n_frames, ny, nx), bool)
-    for i in range(st.n_frames):
-        xr, yr = frame_mapping(st, i).forward(xx, yy)
-        inside[i] = (xr >= -0.5) & (xr <= nx - 0.5) & (yr >= -0.5) & (yr <= ny - 0.5)
-    return inside
-
-
 def _near_saturated(truth, st, radius=6.0):
     """Pixels of each frame within ``radius`` of a saturated star (cosmic rays there are
     kept by design: nothing can tell them from the star's own light)."""
@@ -76,7 +65,7 @@ def test_cosmic_rays_are_found_and_clean_sky_is_left_alone(field):
     flags = np.asarray(st.group["outliers"][...]) != 0
     mask, excess = truth.defects()
     noise = np.asarray(st.group["noise"][...])
-    inside = _inside_reference(st)
+    inside = fidelity.inside_reference(st)
     cr = ((mask & DEFECT_COSMIC_RAY) != 0) & (excess > 10 * noise[:, None, None]) & inside
     on_sky = cr & ~_near_saturated(truth, st)
     assert on_sky.sum() > 200
@@ -151,7 +140,9 @@ def test_flag_kernel_tolerances():
 
     def run(data, model, saturation=np.inf, tol=(4.0, 1.2, 0.6, 3.0, 0.7, 0.4), k=(3.0, 3.0), spread=spread,
             norm=unit):
-        flag_pixels(data, model, spread, saturation, 100.0, 100.0, 0.0, 1.0, *tol, *k, *norm, out)
+        scale, offset, lo, hi = norm
+        flag_pixels(data, np.zeros(data.shape, np.uint8), model, spread, saturation, np.array([100.0]),
+                    np.array([100.0]), 0.0, 1.0, *tol, *k, np.array([scale]), np.array([offset]), lo, hi, out)
         return out
 
     assert run(data, model)[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH

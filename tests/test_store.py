@@ -141,6 +141,23 @@ def test_a_rewritten_store_gets_new_dask_keys(tmp_path):
     assert before.frames.data.name != after.frames.data.name
 
 
+def test_a_remembered_array_handle_follows_a_rewritten_or_resized_array(tmp_path):
+    """chunkio.open_array keeps opened arrays while their metadata is unchanged: a variable
+    created afresh (another shape, other values) or resized must never be read stale."""
+    from drizzlestack.chunkio import DirectArray, open_array
+
+    st = StackStore.create(tmp_path / "s.zarr", (8, 8))
+    st.create_variable("v", (4, 4), ("y", "x"), (4, 4), "float32", 1.0)
+    assert DirectArray(st.location, "v")[...].tolist() == np.ones((4, 4)).tolist()
+    assert open_array(st.location, "v") is open_array(st.location, "v")  # remembered
+    st.delete_variables("v")
+    st.create_variable("v", (6, 5), ("y", "x"), (3, 5), "float32", 2.0)
+    again = DirectArray(st.location, "v")
+    assert again.shape == (6, 5) and np.all(again[...] == 2.0)
+    st.group["v"].resize((8, 5))
+    assert DirectArray(st.location, "v").shape == (8, 5)
+
+
 def test_frame_rows_read_any_band_of_a_frame(tmp_path):
     """Registration reads its frame a band at a time (issue 12): any row range, across
     chunk rows and partial edge chunks, in any order and into a given buffer, is the

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from .._warnings import DrizzlestackWarning
+from ..lanczos import lanczos_table
 from . import kernels as _k
 
 __all__ = [
@@ -36,17 +37,8 @@ _SCALED_KERNELS = ("turbo", "gaussian", "lanczos2", "lanczos3")
 #: loop over a huge part of the output.
 MAX_KERNEL_RADIUS = 1024.0
 
-_LUTS: dict[int, np.ndarray] = {}
-
 # The channel index of grey data: never read by the kernels (nplanes = 1).
 _NO_CHANNEL = np.zeros((1, 1), dtype=np.uint8)
-
-
-def _lanczos_lut(order: int) -> np.ndarray:
-    lut = _LUTS.get(order)
-    if lut is None:
-        lut = _LUTS[order] = _k.lanczos_lut(order, _k.LANCZOS_LUT_DENSITY)
-    return lut
 
 
 def _check_kernel(kernel: str) -> str:
@@ -202,7 +194,7 @@ def kernel_radius(kernel: str, pixfrac: float = 1.0, pixel_scale_ratio: float = 
     if kernel == "point":
         return 0.0
     if kernel == "gaussian":
-        return max(_k._GAUSS_NSIG * pixfrac / _k._GAUSS_FWHM, _k._GAUSS_MIN_REACH) / psr
+        return max(_k.GAUSS_NSIG * pixfrac / _k.GAUSS_FWHM, _k.GAUSS_MIN_REACH) / psr
     return (2.0 if kernel == "lanczos2" else 3.0) / psr
 
 
@@ -307,7 +299,7 @@ class _Plan:
         if k == "gaussian":
             return _k.gaussian_kernel(*args, self.pixfrac, self.psr, *tail)
         order = 2 if k == "lanczos2" else 3
-        return _k.lanczos_kernel(*args, order, self.psr, _lanczos_lut(order), *tail)
+        return _k.lanczos_kernel(*args, order, self.psr, lanczos_table(order), *tail)
 
 
 def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",

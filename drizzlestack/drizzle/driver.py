@@ -28,20 +28,20 @@ import datetime as _dt
 import warnings
 from dataclasses import dataclass
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
 
 from .. import cfa as _cfa
+from .. import whitebalance as _wb
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..geometry import OutputGrid, apply_homography, input_window, translation
 from ..io.fits import check_output_path, output_exists, write_streamed
-from ..parallel import compute
 from ..chunkio import DirectArray
 from ..integration.outliers import OUTLIERS_VARIABLE
-from ..store import STATUS_OK, StackStore, open_stack, record_tile
+from ..store import StackStore, open_stack, record_tile
+from ..tiled import celestial_wcs, clip_roi, require_registration, run_tiles, select_frames, start_or_resume
 from . import array as _array
 from . import kernels as _kernels
 
@@ -62,6 +62,7 @@ class FramePlan:
     saturation: float
     pixel_scale_ratio: float
     channel_norm: tuple | None = None  # colour: ((scale R, G, B), (offset R, G, B)), else None
+    channel_weight: tuple | None = None  # colour: (weight R, G, B) from a per-channel integration
 
 
 @dataclass
@@ -128,10 +129,13 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         # pixels' drops land outside the tile and add nothing to it.
         sy, sx = (_at_least_two(s, n) for s, n in zip(window, plan.frame_shape))
         data = frames[fp.index, sy, sx]  # float32, used as is by the kernels
-        weights = np.full(data.shape, fp.weight)
-        # Colour: the channel of every pixel of this window (kept apart from the weights
-        # and the outlier flags, which know nothing of colour).
+        # Colour: the channel of every pixel of this window (kept apart from the outlier
+        # flags, which know nothing of colour); each colour its own weight.
         chan = _cfa.channel_index(plan.cfa_pattern, data.shape, sy.start, sx.start) if colour else None
+        if colour and fp.channel_weight is not None:
+            weights = np.asarray(fp.channel_weight, np.float64)[chan]
+        else:
+            weights = np.full(data.shape, fp.weight)
         if fp.mapping.is_homography:
             # The common case, one fused pass: frame -> reference -> tile coordinates.
             pixmap = np.empty(data.shape + (2,))
@@ -181,53 +185,6 @@ def _check_parameters(scale, pixfrac, kernel, tile):
         raise DrizzlestackError(f"tile={tile!r}: must be an integer of at least 16 (output pixels)")
 
 
-def _check_roi(roi, ref_shape):
-    """Clip an ROI to the reference frame (warning) or refuse one wholly outside."""
-    ny, nx = ref_shape
-    if roi is None:
-        return (0, 0, nx, ny)
-    try:
-        x0, y0, w, h = (float(v) for v in roi)
-    except (TypeError, ValueError):
-        raise DrizzlestackError(f"roi={roi!r}: expected (x0, y0, width, height) in reference pixels") from None
-    if w <= 0 or h <= 0:
-        raise DrizzlestackError(f"roi={roi!r}: width and height must be positive")
-    cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
-    cx1, cy1 = min(x0 + w, float(nx)), min(y0 + h, float(ny))
-    if cx0 >= cx1 or cy0 >= cy1:
-        raise DrizzlestackError(f"roi={roi!r}: wholly outside the reference frame ({nx} x {ny} px)")
-    clipped = (cx0, cy0, cx1 - cx0, cy1 - cy0)
-    if clipped != (x0, y0, w, h):
-        warnings.warn(f"roi={tuple(roi)} extends beyond the reference frame ({nx} x {ny} px); clipped to "
-                      f"{tuple(float(v) for v in clipped)}", DrizzlestackWarning, stacklevel=3)
-    return clipped
-
-
-def _select_frames(stack: xr.Dataset, frames):
-    status = [str(s) for s in stack["status"].values]
-    transform = stack["transform"].values
-    n = len(status)
-    if frames is None:
-        chosen = [i for i in range(n) if status[i] == STATUS_OK and np.all(np.isfinite(transform[i]))]
-    else:
-        chosen = []
-        for i in frames:
-            if not (0 <= int(i) < n):
-                raise DrizzlestackError(f"frames: index {i} out of range (store has {n} frames)")
-            if not np.all(np.isfinite(transform[int(i)])):
-                raise DrizzlestackError(f"frames: frame {i} has no registration ({status[int(i)]})")
-            if status[int(i)] != STATUS_OK:
-                # As integrate does: a frame that a step excluded is left out, with a warning.
-                warnings.warn(f"frame {i} excluded from the drizzle: {status[int(i)] or 'no status'}",
-                              DrizzlestackWarning, stacklevel=3)
-                continue
-            chosen.append(int(i))
-    if not chosen:
-        why = "; ".join(f"{i}: {s}" for i, s in enumerate(status)) or "the store has no frames"
-        raise DrizzlestackError(f"every frame is excluded, nothing to drizzle ({why})")
-    return chosen
-
-
 def _frame_values(stack, name, indices, default):
     if name in stack and stack[name].dims == ("frame",):
         values = np.asarray(stack[name].values, dtype=np.float64)[indices]
@@ -253,16 +210,8 @@ def _kernel_pad(kernel: str, pixfrac: float, psr: float) -> float:
 def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | None:
     """WCS of the output grid derived from the reference frame's (scaled and shifted), or
     ``None`` when the reference has no celestial WCS."""
-    from astropy.wcs import WCS, FITSFixedWarning
-
-    try:
-        header = fits.Header.fromstring(reference_header, sep="\n")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header, naxis=2)
-    except Exception:
-        return None
-    if not wcs.has_celestial:
+    wcs = celestial_wcs(reference_header)
+    if wcs is None:
         return None
     s = grid.scale
     out = wcs.deepcopy()
@@ -280,7 +229,7 @@ def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | 
 def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
             output="drizzle.fits", tile: int = 1024, frames=None, rejection: bool = True,
             weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
-            overwrite: bool = False, force: bool = False) -> xr.Dataset:
+            overwrite: bool = False, force: bool = False, white_balance: str = "none") -> xr.Dataset:
     """Drizzle the registered frames of a store onto a finer output grid.
 
     Every input pixel of every selected frame is mapped through its registration onto
@@ -301,7 +250,8 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         ``square``, ``point``, ``turbo``, ``gaussian``, ``lanczos2`` or ``lanczos3``.
     roi : (x0, y0, width, height), optional
         Region of the reference frame to drizzle (reference pixels); default all of it.
-        Its cost is proportional to its area.
+        Its cost is proportional to its area. An ROI reaching beyond the reference
+        frame is clipped to it, with a warning (:func:`drizzlestack.tiled.clip_roi`).
     output : path-like or None
         FITS file to write (image, ``WEIGHTS``, ``COVERAGE``); ``None`` for the store only.
     tile : int
@@ -322,27 +272,44 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         parameters from the same registration and integration (and ``output`` exists).
         By default (as for :func:`register` and :func:`integrate`) such a drizzle is
         returned as it is, and an interrupted one resumes.
+    white_balance : str
+        Colour stores: ``none`` (default: the sensor's raw colours, as Siril and
+        PixInsight), ``camera`` (the as-shot multipliers of raw files, recorded at
+        ingest) or ``neutral`` (each channel's sky brought to green's, from the
+        integration's per-channel sky of the reference frame). Multiplicative about the
+        black levels and folded into the per-channel normalization, so it costs nothing
+        (:mod:`drizzlestack.whitebalance`); recorded in the FITS header (``WBALANCE``,
+        ``WBR``, ``WBG``, ``WBB``). Refused for grey stores.
 
     Returns
     -------
     xarray.Dataset
         ``drizzle`` (image, NaN where nothing landed), ``drizzle_weights`` (raw sums)
         and ``drizzle_coverage``, lazily from the store.
+
+    Raises
+    ------
+    StoreError
+        The store is not registered.
+    DrizzlestackError
+        A bad parameter, or no frame left to drizzle.
     """
     _check_parameters(scale, pixfrac, kernel, tile)
+    white_balance = _wb.check_white_balance(white_balance)
     if kernel.startswith("lanczos") and pixfrac != 1.0:
         # Warned once here rather than by the kernel in every tile.
         warnings.warn(f"kernel={kernel!r} ignores pixfrac={pixfrac:g} (as STScI drizzle does); using 1",
                       DrizzlestackWarning, stacklevel=2)
         pixfrac = 1.0
     st = StackStore.open(store)
+    require_registration(st)
     stack = open_stack(st)
-    if "transform" not in stack or not (st.step("register") or {}).get("complete", False):
-        raise DrizzlestackError(f"{store}: frames are not registered; run 'drizzlestack register {store}' first")
     ref_shape = st.frame_shape
-    roi = _check_roi(roi, ref_shape)
+    roi = clip_roi(roi, ref_shape)
+    if roi is None:
+        roi = (0, 0, ref_shape[1], ref_shape[0])
     out_path = check_output_path(output, overwrite)
-    indices = _select_frames(stack, frames)
+    indices, _ = select_frames(st, frames, refuse_unregistered=True, step="drizzle")
     grid = OutputGrid.from_reference(ref_shape, scale, roi)
     if min(grid.shape) < 1:
         raise DrizzlestackError(f"roi={roi} at scale={scale}: the output would be empty")
@@ -359,6 +326,11 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     pattern = st.cfa_pattern
     channel_scale = _channel_values(stack, "norm_scale", indices, 1.0) if (normalization and pattern) else None
     channel_offset = _channel_values(stack, "norm_offset", indices, 0.0) if (normalization and pattern) else None
+    channel_weight = _channel_values(stack, "weight", indices, 0.0) if (weights and pattern) else None
+    wb = _wb.balance(white_balance, stack, indices, int(st.attrs.get("reference") or 0), store=str(store))
+    if wb is not None:
+        channel_scale, channel_offset = _balanced_norm(wb, stack, indices, n_scale, n_offset, channel_scale,
+                                                       channel_offset)
     use_rejection = bool(rejection and OUTLIERS_VARIABLE in stack)
     if rejection and not use_rejection and "rejection" in stack:
         # A store integrated before the flags moved into the frames' own pixels (or with
@@ -380,7 +352,8 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         if channel_scale is not None and channel_offset is not None:
             channel_norm = (tuple(channel_scale[k]), tuple(channel_offset[k]))
         plans.append(FramePlan(i, mapping, grid.ref_to_out, float(frame_w[k]), float(n_scale[k]),
-                               float(n_offset[k]), float(saturation[k]), float(psr), channel_norm))
+                               float(n_offset[k]), float(saturation[k]), float(psr), channel_norm,
+                               None if channel_weight is None else tuple(channel_weight[k])))
     pad = max(_kernel_pad(kernel, pixfrac, fp.pixel_scale_ratio) for fp in plans)
     plan = DrizzlePlan(st.location, ref_shape, grid, kernel, float(pixfrac), plans, use_rejection, pad, coverage,
                        cfa_pattern=pattern)
@@ -390,6 +363,8 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
               "distortion": distortion, "coverage": coverage}
     if pattern:  # (grey runs keep their digest)
         params["cfa_pattern"] = pattern
+    if wb is not None:  # (unbalanced runs keep their digest)
+        params["white_balance"] = white_balance
     # The upstream steps' completion stamps: a rerun of either makes this drizzle stale.
     inputs = {step: [(st.step(step) or {}).get("digest"), (st.step(step) or {}).get("finished")]
               for step in ("ingest", "register", "integrate")}
@@ -404,41 +379,32 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     # pixels this channel missed while another covered them, and that any covered.
     width = 2 + 2 * plan.n_channels if pattern else 1
     _check_worker_memory(tile, chunks, scale, pad)
-    # An interrupted run with the same parameters and inputs keeps its finished tiles
-    # (even when forced: tiles are deterministic, a redone tile would be identical).
-    done = st.resume_tiles("drizzle", params, inputs, tiles, width, tile, OUTPUT_VARIABLES)
-    if done is None:
-        # The ledger is created last: a ledger present for this step's record always
-        # belongs to the output arrays next to it.
-        st.delete_variables(*OUTPUT_VARIABLES, "drizzle_tiles")
+    lead, dims = ((plan.n_channels,), ("channel",)) if pattern else ((), ())
+
+    def create():
         st.begin_step("drizzle", params, inputs)
-        lead, dims = ((plan.n_channels,), ("channel",)) if pattern else ((), ())
         for name, dtype, fill in (("drizzle", "float32", np.nan), ("drizzle_weights", "float32", 0.0),
                                   ("drizzle_coverage", "uint16", 0)):
             # one channel per chunk: chunks the size of the grey ones (a 3-plane chunk encoded
             # and wrote at half the speed per byte)
             st.create_variable(name, lead + (ny, nx), dims + ("drizzle_y", "drizzle_x"), (1,) * len(lead) + chunks,
                                dtype, fill)
-        done = st.start_tiles("drizzle", tiles, width, tile)
-    else:
-        n_done = int(np.isfinite(done[..., 0]).sum())
-        warnings.warn(f"{store}: resuming an interrupted drizzle ({n_done} of {tiles[0] * tiles[1]} tiles "
-                      f"already done)", DrizzlestackWarning, stacklevel=2)
+
+    # An interrupted run with the same parameters and inputs keeps its finished tiles
+    # (even when forced: tiles are deterministic, a redone tile would be identical).
+    done = start_or_resume(st, "drizzle", params, inputs, tiles=tiles, width=width, tile=tile,
+                           products=OUTPUT_VARIABLES, create=create, what="drizzle")
     plan.tile, plan.done = (int(chunks[0]), int(chunks[1])), done
     # One task per tile: it drizzles the tile, writes it into the store and records it
-    # in the ledger, and returns only the tile's maximum weight (for the WEIGHTS
-    # normalization). Nothing large passes between tasks or workers.
-    # The plan rides inside every task (a keyword argument), not as a task of its own:
-    # a distributed scheduler would run every tile on the worker that holds that task.
-    max_weights = da.map_blocks(_tile_task, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1]),
-                                dtype=np.float64, meta=np.empty((0, 0), np.float64))
-    (per_tile,) = compute(max_weights)
+    # in the ledger, and returns only the tile's ledger row (its maximum weight first,
+    # for the WEIGHTS normalization). Nothing large passes between tasks or workers.
+    ledger = run_tiles(_tile_task, plan, tiles, width).reshape(-1, width)
+    per_tile = ledger[:, 0]
     max_weight = float(np.max(per_tile))
     total_exptime = float(np.nansum(_frame_values(stack, "exptime", indices, np.nan)))
     summary = {}
     max_weights_rgb = None
     if pattern:
-        ledger = np.asarray(st.group["drizzle_tiles"][...], dtype=np.float64).reshape(-1, width)
         n = plan.n_channels
         max_weights_rgb = [float(v) for v in np.max(ledger[:, 1:1 + n], axis=0)]
         missed = ledger[:, 1 + n:1 + 2 * n].sum(axis=0)
@@ -450,8 +416,24 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
                 output=str(out_path) if out_path else None, **summary)
     if out_path is not None:
         _write_fits(out_path, st, stack, plan, params, indices, max_weights_rgb or max_weight, total_exptime,
-                    coverage)
+                    coverage, wb)
     return open_stack(st)[list(OUTPUT_VARIABLES)]
+
+
+def _balanced_norm(wb, stack, indices, n_scale, n_offset, channel_scale, channel_offset):
+    """Per-channel ``(scale, offset)`` ``(n, 3)`` of the normalization followed by the
+    white balance ``wb``: the balance is folded into the affine map each sample gets
+    anyway. Normalized data are in the reference frame's units (its black levels);
+    without a per-channel normalization each frame keeps its own units and black."""
+    n = len(indices)
+    if channel_scale is not None and channel_offset is not None:
+        ref = int(stack.attrs.get("reference") or 0)
+        black = np.tile(_wb.reference_black(stack, ref), (n, 1))
+    else:
+        channel_scale = np.repeat(np.asarray(n_scale, np.float64)[:, None], len(_cfa.CHANNELS), axis=1)
+        channel_offset = np.repeat(np.asarray(n_offset, np.float64)[:, None], len(_cfa.CHANNELS), axis=1)
+        black = _wb.black_levels(stack, indices)
+    return wb.fold(np.asarray(channel_scale, np.float64), np.asarray(channel_offset, np.float64), black)
 
 
 #: A colour channel missing from more than this fraction of the covered output pixels warns.
@@ -497,12 +479,9 @@ def _check_worker_memory(tile: int, chunks, scale: float, pad: float) -> None:
     check_task_memory("drizzle", tile_memory(chunks, scale, pad), f"tiles of {chunks[0]} x {chunks[1]} px", advice)
 
 
-def _tile_task(plan: DrizzlePlan, block_info=None) -> np.ndarray:
-    """Drizzle output tile ``block_info``'s chunk location, write it into the store,
-    record it in the ledger; returns its maximum weight as a (1, 1) block."""
-    iy, ix = block_info[None]["chunk-location"]
-    if plan.done is not None and np.isfinite(plan.done[iy, ix, 0]):
-        return plan.done[iy, ix, :1].reshape(1, 1)  # finished before an interruption
+def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
+    """Drizzle output tile ``(iy, ix)``, write it into the store, record it in the
+    ledger; returns its ledger row (maximum weight first)."""
     ny, nx = plan.grid.shape
     y0, x0 = iy * plan.tile[0], ix * plan.tile[1]
     y1, x1 = min(y0 + plan.tile[0], ny), min(x0 + plan.tile[1], nx)
@@ -522,10 +501,10 @@ def _tile_task(plan: DrizzlePlan, block_info=None) -> np.ndarray:
         values += [float(np.count_nonzero(any_wet & ~w)) for w in wet]
         values += [float(np.count_nonzero(any_wet))]
     record_tile(plan.store, "drizzle", iy, ix, values)
-    return np.full((1, 1), max_weight)
+    return np.asarray(values, np.float64)
 
 
-def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage):
+def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage, wb=None):
     """The FITS product: image, ``WEIGHTS`` (normalized to a maximum of 1, per channel for
     colour) and ``COVERAGE``; colour products are 3 x H x W cubes in R, G, B order (no
     ``BAYERPAT``: they are not mosaics any more)."""
@@ -551,6 +530,10 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
     if plan.cfa_pattern:
         header["CHANNELS"] = ("R G B", "planes of the cube (NAXIS3)")
         header["DRIZCFA"] = (plan.cfa_pattern, "Bayer pattern of the drizzled mosaics")
+        header["WBALANCE"] = (wb.method if wb is not None else "none", "white balance (none, camera, neutral)")
+        if wb is not None:
+            for c, g in zip(_cfa.CHANNELS, wb.gains):
+                header[f"WB{c}"] = (float(g), f"{c} gain about its black level (G = 1)")
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
     hdus = [(header, DirectArray(st.location, "drizzle"), None)]

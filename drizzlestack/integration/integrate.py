@@ -28,8 +28,16 @@ full weight and left out of the rejection statistics; the outlier test never fla
 saturated pixel. Where every frame is saturated the integration keeps the saturated
 value.
 
+Colour (Bayer) stores are integrated per channel: statistics on each colour's own
+pixels, a normalization and weight per frame and colour (the photometric scale, grey,
+from the whole mosaic), the registered view of one colour at a time
+(:func:`drizzlestack.cfa.channel_plane`), each raw pixel tested against the model of its
+own colour; products get a leading ``channel`` axis (R, G, B), the outlier flags stay one
+per raw pixel. A tile task runs the channels one after the other through the same
+buffers, so its memory is that of a grey tile.
+
 The FITS product (image, ``REJLOW``, ``REJHIGH``, ``WEIGHTS``) is streamed from the
-store afterwards, a band of rows at a time.
+store afterwards, a band of rows at a time (colour: 3 x H x W cubes).
 """
 
 from __future__ import annotations
@@ -38,26 +46,24 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
-import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
 from dask.utils import parse_bytes
 
+from .. import cfa as _cfa
 from .._version import __version__
-from .._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
+from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
-from ..parallel import compute
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
-from ..store import STATUS_OK, StackStore, open_stack, record_tile
+from ..store import StackStore, open_stack, record_tile
+from ..tiled import clip_roi, reference_wcs, require_registration, run_tiles, select_frames, start_or_resume
 from . import normalize as _norm
 from . import outliers as _out
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
-from .measure import MAX_PHOTOMETRY_STARS, MAX_STATISTICS_PIXELS, measure_frame, reference_stars  # noqa: F401
-from .stats import photometric_ratio
+from .measure import MAX_STATISTICS_PIXELS, measure_frames
 
 #: per-frame variables written by a full run (``info`` shows several of them)
 FRAME_VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale", "norm_scale", "norm_offset",
@@ -100,22 +106,30 @@ class TilePlan:
     shape: tuple  # output shape (ny, nx)
     tile: int
     raw_saturation: np.ndarray  # per frame, ADU (inf: no protection)
-    norm_scale: np.ndarray  # float32 per frame
+    norm_scale: np.ndarray  # float32 (frame, channel): one column for grey frames
     norm_offset: np.ndarray
-    weights: np.ndarray  # float64 per frame
-    rejection: dict  # keyword arguments of rejection_flags
+    weights: np.ndarray  # float64 (frame, channel)
+    rejection: _rej.RejectionParameters
     outputs: dict  # product -> store variable name
     flags_variable: str | None  # "rejection", or None (ROI trials and the model pass keep no flags)
     step: str = "integrate"  # whose tile ledger records finished tiles
     done: np.ndarray | None = None  # the ledger at the start: finite rows are finished tiles
     outliers: str | None = None  # own-pixel flags to mask before resampling (the final pass)
+    cfa_pattern: str = ""  # colour store: products get a leading channel axis
+    sky: np.ndarray | None = None  # colour: (frame, channel) background, raw ADU (the colour estimate's star test)
+    noise: np.ndarray | None = None  # colour: (frame, channel) pixel noise, raw ADU
+
+    @property
+    def channels(self) -> tuple:
+        """Channel indices to integrate: ``(None,)`` for grey frames, ``(0, 1, 2)`` for colour."""
+        return tuple(range(len(_cfa.CHANNELS))) if self.cfa_pattern else (None,)
 
 
-def _normalized_saturation(plan: TilePlan) -> np.ndarray:
+def _normalized_saturation(plan: TilePlan, c: int = 0) -> np.ndarray:
     # Computed with the same float32 operations as the samples, then lowered by a
     # relative 1e-6, so that a sample equal to the raw level always compares >=.
     raw = plan.raw_saturation.astype(np.float32)
-    level = (raw * plan.norm_scale + plan.norm_offset).astype(np.float64)
+    level = (raw * plan.norm_scale[:, c] + plan.norm_offset[:, c]).astype(np.float64)
     return np.where(np.isfinite(level), level - 1e-6 * np.abs(level), np.inf)
 
 
@@ -132,70 +146,77 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
     n = len(plan.indices)
+    counts = np.zeros(3 * n + 1)
+    shape = (n, sy.stop - sy.start, sx.stop - sx.start)
     projected = None
     if plan.outliers is not None:
-        projected = np.zeros((n, sy.stop - sy.start, sx.stop - sx.start), np.uint8)
-    values, saturated = resample_tile(_open_frames(plan.store), plan.indices, plan.mappings, sy, sx,
-                                      plan.frame_shape, plan.raw_saturation, plan.origin,
-                                      outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
-                                      projected=projected)
-    values *= plan.norm_scale[:, None, None]
-    values += plan.norm_offset[:, None, None]
-    flags = _rej.rejection_flags(values, saturation=_normalized_saturation(plan), **plan.rejection)
-    # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
-    flags[saturated] = 0
-    if projected is not None:
-        # The own-pixel flags, seen on the reference grid (a sample takes its nearest
-        # input pixel's flag): what the rejection maps count.
-        flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
-        flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
-    image, n_low, n_high = _rej.combine_stack(values, flags, plan.weights)
-    finite = np.isfinite(values)
-    wsum = np.zeros(values.shape[1:], np.float32)
-    for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
-        wsum += np.float32(plan.weights[k]) * ((flags[k] == 0) & finite[k])
-    spread = None
-    if "spread" in plan.outputs:
-        # How much the kept samples disagree among themselves (seeing, pixel phase, or an
-        # outlier the chosen rejection let through): the outlier test allows for it.
-        s1 = np.zeros(values.shape[1:])
-        s2 = np.zeros(values.shape[1:])
-        cnt = np.zeros(values.shape[1:])
-        for k in range(n):
-            keep = (flags[k] == 0) & finite[k]
-            v = np.where(keep, values[k], 0.0).astype(np.float64)
-            s1 += v
-            s2 += v * v
-            cnt += keep
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s1 / cnt
-            spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
-        spread = np.where(cnt >= 2, spread, np.nan).astype(np.float32)
-
-    # Tiles are the products' chunks: written whole, encoded in this task's thread.
-    for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
-                       ("integration_weight", wsum), ("spread", spread)):
-        if key in plan.outputs:
-            DirectArray(plan.store, plan.outputs[key], "r+")[sy, sx] = value
-    if plan.flags_variable is not None:
+        projected = np.zeros(shape, np.uint8)
+    any_flags = np.zeros(shape, np.uint8) if plan.flags_variable is not None else None
+    # Colour: every colour of a frame window estimated and resampled at once (one read,
+    # one mapping), then each channel rejected and combined on its own.
+    all_values, all_saturated = resample_tile(
+        _open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape, plan.raw_saturation,
+        plan.origin, outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
+        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise)
+    for c in plan.channels:
+        col = 0 if c is None else c
+        values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
+        values *= plan.norm_scale[:, col, None, None]
+        values += plan.norm_offset[:, col, None, None]
+        flags = _rej.rejection_flags(values, plan.rejection, saturation=_normalized_saturation(plan, col))
+        # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
+        flags[saturated] = 0
+        if projected is not None:
+            # The own-pixel flags, seen on the reference grid (a sample takes its nearest
+            # input pixel's flag): what the rejection maps count.
+            flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
+            flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
+        weights = plan.weights[:, col]
+        image, n_low, n_high = _rej.combine_stack(values, flags, weights)
+        finite = np.isfinite(values)
+        wsum = np.zeros(values.shape[1:], np.float32)
+        for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
+            wsum += np.float32(weights[k]) * ((flags[k] == 0) & finite[k])
+        spread = _kept_spread(values, flags, finite) if "spread" in plan.outputs else None
+        # Tiles are the products' chunks: written whole, encoded in this task's thread.
+        at = (sy, sx) if c is None else (c, sy, sx)
+        for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
+                           ("integration_weight", wsum), ("spread", spread)):
+            if key in plan.outputs:
+                DirectArray(plan.store, plan.outputs[key], "r+")[at] = value
+        if any_flags is not None:
+            any_flags |= flags
+        counts[0:n] += ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
+        counts[n:2 * n] += ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
+        counts[2 * n:3 * n] += finite.sum(axis=(1, 2))
+        counts[3 * n] = max(counts[3 * n], float(wsum.max()) if wsum.size else 0.0)
+    if any_flags is not None:
+        # One flag map per frame on the reference grid (colour: the worst of the channels).
         y0, x0 = plan.origin
         target = DirectArray(plan.store, plan.flags_variable, "r+")
         for k, i in enumerate(plan.indices):
-            target[int(i), y0 + sy.start:y0 + sy.stop, x0 + sx.start:x0 + sx.stop] = flags[k]
-    counts = np.empty(3 * n + 1)
-    counts[0:n] = ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
-    counts[n:2 * n] = ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
-    counts[2 * n:3 * n] = finite.sum(axis=(1, 2))
-    counts[3 * n] = float(wsum.max()) if wsum.size else 0.0
+            target[int(i), y0 + sy.start:y0 + sy.stop, x0 + sx.start:x0 + sx.stop] = any_flags[k]
     record_tile(plan.store, plan.step, iy, ix, counts)
     return counts
 
 
-def _tile_block(plan, block_info=None):
-    iy, ix, _ = block_info[None]["chunk-location"]
-    if plan.done is not None and np.all(np.isfinite(plan.done[iy, ix])):
-        return plan.done[iy, ix][None, None, :]  # finished before an interruption
-    return integrate_tile(plan, iy, ix)[None, None, :]
+def _kept_spread(values, flags, finite) -> np.ndarray:
+    """Standard deviation of the kept samples per pixel (NaN with fewer than 2): how much
+    the frames disagree among themselves (seeing, pixel phase, or an outlier the chosen
+    rejection let through); the outlier test allows for it."""
+    s1 = np.zeros(values.shape[1:])
+    s2 = np.zeros(values.shape[1:])
+    cnt = np.zeros(values.shape[1:])
+    for k in range(values.shape[0]):
+        keep = (flags[k] == 0) & finite[k]
+        v = np.where(keep, values[k], 0.0).astype(np.float64)
+        s1 += v
+        s2 += v * v
+        cnt += keep
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / cnt
+        spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
+    return np.where(cnt >= 2, spread, np.nan).astype(np.float32)
 
 
 def tile_size(tile: int, n_frames: int, task_memory) -> int:
@@ -224,46 +245,31 @@ class _Tiling:
     def ledger(self, name: str) -> str:
         return f"{self.step}_{name}" if name else self.step
 
-    def resume(self, name, width, products, chunk):
-        """The finished-tile ledger of pass ``name`` (``None``: start it afresh)."""
-        if not self.resumable:
-            return None
-        return self.st.resume_tiles(self.step, self.params, self.inputs, self.tiles, width, chunk, products,
-                                    ledger=self.ledger(name))
-
     def run(self, plan: TilePlan, name: str) -> np.ndarray:
         st, n = self.st, len(plan.indices)
         width = 3 * n + 1
         products = list(plan.outputs.values()) + ([plan.flags_variable] if plan.flags_variable else [])
-        ledger = self.ledger(name)
-        done = self.resume(name, width, products, self.tile)
-        if done is None:
-            # The ledger is created last: a ledger present for this step's record always
-            # belongs to the products next to it.
-            st.delete_variables(*products, f"{ledger}_tiles")
+
+        def create():
             chunks = (min(self.tile, self.shape[0]), min(self.tile, self.shape[1]))
+            # colour: one channel per chunk, as the drizzle's products
+            lead, lead_dims = ((len(plan.channels),), ("channel",)) if plan.cfa_pattern else ((), ())
             for key, var in plan.outputs.items():
                 dtype, fill = _PRODUCTS[key]
-                st.create_variable(var, self.shape, self.dims, chunks, dtype, fill)
+                st.create_variable(var, lead + self.shape, lead_dims + tuple(self.dims), (1,) * len(lead) + chunks,
+                                   dtype, fill)
                 st.group[var].attrs.update({"roi": list(self.roi) if self.roi else None})
             if plan.flags_variable:
                 # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
                 st.create_variable(plan.flags_variable, (st.n_frames,) + tuple(plan.frame_shape),
                                    ("frame", "y", "x"), (1,) + chunks, "uint8", _rej.FLAG_RANGE)
-            done = st.start_tiles(ledger, self.tiles, width, self.tile)
-        else:
-            n_done = int(np.all(np.isfinite(done), axis=2).sum())
-            if n_done < done.shape[0] * done.shape[1]:
-                warnings.warn(f"{st.path}: resuming an interrupted integration ({n_done} of "
-                              f"{done.shape[0] * done.shape[1]} tiles of its {name or 'final'} pass already done)",
-                              DrizzlestackWarning, stacklevel=3)
-        plan = replace(plan, step=ledger, done=done)
-        # The plan rides inside every task (a keyword argument), not as a task of its own:
-        # a distributed scheduler would run every tile on the worker that holds that task.
-        counts = da.map_blocks(_tile_block, plan=plan, chunks=((1,) * self.tiles[0], (1,) * self.tiles[1], (width,)),
-                               dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
-        (per_tile,) = compute(counts)
-        return per_tile
+
+        ledger = self.ledger(name)
+        done = start_or_resume(st, self.step, self.params, self.inputs, tiles=self.tiles, width=width,
+                               tile=self.tile, products=products, create=create, ledger=ledger,
+                               resumable=self.resumable, what="integration",
+                               part=f" of its {name or 'final'} pass", stacklevel=3)
+        return run_tiles(integrate_tile, replace(plan, step=ledger, done=done), self.tiles, width)
 
 
 def _model_region(roi, frame_shape, mappings, margin: int = 8):
@@ -305,23 +311,6 @@ def _check_worker_memory(tile, n_frames, task_memory, frame_shape) -> None:
 
 
 # ------------------------------------------------------------------------------ driver
-def _check_roi(roi, frame_shape):
-    ny, nx = frame_shape
-    if roi is None:
-        return None
-    try:
-        x0, y0, w, h = (float(v) for v in roi)
-    except (TypeError, ValueError):
-        raise DrizzlestackError(f"roi={roi!r}: expected (x0, y0, width, height) in reference pixels") from None
-    if not all(float(v).is_integer() for v in (x0, y0, w, h)):
-        raise DrizzlestackError(f"roi={roi!r}: the integration grid is the reference grid; use whole pixels")
-    x0, y0, w, h = int(x0), int(y0), int(w), int(h)
-    if w < 1 or h < 1 or x0 < 0 or y0 < 0 or x0 + w > nx or y0 + h > ny:
-        raise DrizzlestackError(f"roi={roi!r}: must lie inside the reference frame ({nx} x {ny} px) "
-                                f"with a positive width and height")
-    return x0, y0, w, h
-
-
 def _registration_inputs(st: StackStore) -> dict:
     """What the integration depends on besides its parameters (for re-run decisions)."""
     import hashlib
@@ -336,18 +325,9 @@ def _registration_inputs(st: StackStore) -> dict:
     return {"n_frames": n, "reference": st.attrs.get("reference"), "registration": h.hexdigest()[:16]}
 
 
-def _require_registration(st: StackStore) -> int:
-    hint = f"run 'drizzlestack register {st.path}' first"
-    rec = st.step("register")
-    if "transform" not in st.group or st.attrs.get("reference") is None:
-        raise StoreError(f"{st.path}: the frames are not registered; {hint}")
-    if rec is not None and not rec.get("complete", False):
-        raise StoreError(f"{st.path}: the registration did not complete; {hint}")
-    return int(st.attrs["reference"])
-
-
 def _write_frame_variable(st: StackStore, name: str, values, dtype=np.float64) -> None:
-    st.write_variable(name, np.asarray(values, dtype=dtype), ("frame",))
+    values = np.asarray(values, dtype=dtype)
+    st.write_variable(name, values, ("frame", "channel")[:values.ndim])
 
 
 def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: float = 3.0,
@@ -381,7 +361,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         Region of the reference grid (whole pixels) for quick parameter trials: the
         products go to ``roi_integration``, ``roi_rejected_low``, ``roi_rejected_high``
         and ``roi_integration_weight`` and nothing the drizzle step uses (flags,
-        weights, normalization) is touched. Default: the whole field.
+        weights, normalization) is touched. Default: the whole field. An ROI reaching
+        beyond the reference frame is clipped to it, with a warning
+        (:func:`drizzlestack.tiled.clip_roi`).
     tile : int
         Largest tile side (reference pixels); smaller when ``task_memory`` requires.
     saturation : bool or float
@@ -425,8 +407,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     Warns
     -----
     DrizzlestackWarning
-        For every excluded frame (unregistered, no statistics, zero weight) and when
-        fewer than 3 frames remain (they are averaged without rejection).
+        For every excluded frame (unregistered, no statistics, zero weight), when
+        fewer than 3 frames remain (they are averaged without rejection), and for an ROI
+        clipped to the reference frame.
 
     Raises
     ------
@@ -437,7 +420,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
 
     Notes
     -----
-    Store variables written by a full run (``roi=None``):
+    Store variables written by a full run (``roi=None``); for a colour store the per-frame
+    ones but ``photometric_scale`` have dims (frame, channel) and the images (channel, y, x):
 
     ``location``, ``scale``, ``scale_mad``, ``noise`` (frame; float64, ADU)
         Median, sqrt of the biweight midvariance, normalized MAD, wavelet noise.
@@ -475,16 +459,11 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     """
     t_start = time.perf_counter()
     st = StackStore.open(store)
-    if st.cfa_pattern:
-        # Integrating a mosaic as grey would compare red samples with green ones in the
-        # registered view and reject the colour itself: refused until integration runs
-        # per channel (issue 11). Drizzle works on colour stores without integration.
-        raise DrizzlestackError(
-            f"{st.path}: holds colour (Bayer {st.cfa_pattern}) frames; integration per colour channel "
-            f"(statistics, normalization, rejection) is not implemented yet. Drizzle the store directly "
-            f"('drizzlestack drizzle {st.path}': every sample into its own channel, frame weights 1, no "
-            "normalization and no rejection), or ingest the frames with --grey for a grey integration")
-    ref = _require_registration(st)
+    # Colour (Bayer) stores are integrated per channel: every statistic, factor and weight
+    # has a channel axis, and each sample is compared only with samples of its own colour.
+    pattern = st.cfa_pattern
+    n_ch = len(_cfa.CHANNELS) if pattern else 1
+    ref = require_registration(st)
     n_all = st.n_frames
     frame_shape = st.frame_shape
     if rejection not in _rej.METHODS:
@@ -501,10 +480,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                                 f"(known: {', '.join(_REJECTION_OPTIONS)})")
     outlier_params = outliers if isinstance(outliers, _out.OutlierParameters) else \
         _out.OutlierParameters.from_dict(outliers)
-    roi = _check_roi(roi, frame_shape)
+    roi = clip_roi(roi, frame_shape, whole_pixels=True)
     check_output_path(output, overwrite)
-    if not 0 <= ref < n_all:
-        raise StoreError(f"{st.path}: reference frame {ref} is not in the store ({n_all} frames)")
 
     params = {"rejection": rejection, "low": low, "high": high, "normalization": normalization,
               "weights": weights, "roi": list(roi) if roi else None, "saturation": saturation,
@@ -521,25 +498,12 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         return open_stack(st)
 
     # ------------------------------------------------------------- which frames
-    status = [str(s) for s in st.group["status"][:n_all]]
-    transform = np.asarray(st.group["transform"][:n_all], dtype=np.float64)
-    chosen = range(n_all) if frames is None else [int(i) for i in frames]
-    excluded: dict[int, str] = {}
-    candidates = []
-    for i in chosen:
-        if not 0 <= i < n_all:
-            raise DrizzlestackError(f"frames: {i} is not a frame of the store (0..{n_all - 1})")
-        if status[i] != STATUS_OK:
-            excluded[i] = status[i] or "no status"
-        elif not np.all(np.isfinite(transform[i])):
-            excluded[i] = "unregistered: no transform"
-        else:
-            candidates.append(i)
+    candidates, excluded = select_frames(st, frames)
     if ref not in candidates:
         raise DrizzlestackError(f"{st.path}: the reference frame {ref} cannot be integrated "
                                 f"({excluded.get(ref, 'not among frames')}); re-register with another reference")
 
-    _check_worker_memory(tile, len(candidates), task_memory, frame_shape)
+    _check_worker_memory(tile, len(candidates) * n_ch, task_memory, frame_shape)
 
     # An interrupted run with the same parameters and inputs keeps its finished tiles,
     # even when forced (tiles are deterministic); pass 1 is redone (cheap, deterministic).
@@ -548,61 +512,22 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         st.begin_step(step_name, params, inputs)
 
     # ------------------------------------------------------------- pass 1: per frame
-    store_path = st.location
     raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
     raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
     mappings = {i: frame_mapping(st, i) for i in candidates}
-    star_x, star_y, apertures = reference_stars(st, ref, raw_sat[ref])
-    tasks = []
-    for i in candidates:
-        xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
-        tasks.append(dask.delayed(measure_frame, pure=True)(store_path, i, xf, yf, apertures, raw_sat[i]))
-    t0 = time.perf_counter()
-    measured = dict(zip(candidates, compute(*tasks)))
-    t_stats = time.perf_counter() - t0
-
-    nan = np.full(n_all, np.nan)
-    location, scale, scale_mad, noise, phot = nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy()
-    n_phot = np.zeros(n_all, int)
-    for i, m in measured.items():
-        s = m["stats"]
-        location[i], scale[i], scale_mad[i], noise[i] = s.location, s.scale, s.scale_mad, s.noise
-    if apertures is not None:
-        ref_m = measured[ref]
-        for i, m in measured.items():
-            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
-    for name, values in (("location", location), ("scale", scale), ("scale_mad", scale_mad), ("noise", noise),
-                         ("photometric_scale", phot)):
-        _write_frame_variable(st, name, values)
+    measures = measure_frames(st, candidates, ref, raw_sat, mappings)
+    for name in measures.VARIABLES:
+        _write_frame_variable(st, name, getattr(measures, name))
+    location, noise = measures.location, measures.noise
 
     # ---------------------------------------------- normalization, weights, exclusion
-    dispersion = scale_mad if scale_estimator == "mad" else scale
-    k, estimator = _norm.scale_factors(ref, dispersion, phot if apertures is not None else None, scale_estimator)
-    norm = _norm.normalization(normalization, ref, location, k, estimator)
-    if normalization.endswith("+scaling") and scale_estimator == "auto" and estimator != "photometry":
-        missing = [i for i in candidates if not np.isfinite(phot[i])]
-        why = (f"frames {missing} matched too few reference stars" if apertures is not None
-               else "no reference stars were found")
-        warnings.warn(f"photometric scaling unavailable ({why}); scaling every frame by its {estimator} "
-                      f"dispersion instead, which is wrong for frames whose transparency changed",
-                      DrizzlestackWarning, stacklevel=2)
-    headers = [str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None
     exptime = np.asarray(st.group["exptime"][:n_all], dtype=np.float64)
-    w = _norm.frame_weights(weights, ref, noise=noise, norm_scale=norm.scale, exptime=exptime,
-                            headers=headers, keyword=weight_keyword)
-    used = []
-    for i in candidates:
-        if not np.isfinite(location[i]):
-            excluded[i] = "no valid pixels for statistics"
-        elif not (np.isfinite(norm.scale[i]) and np.isfinite(norm.offset[i])):
-            excluded[i] = f"no {estimator} scale factor (photometry matched {n_phot[i]} stars)" \
-                if estimator == "photometry" else "no normalization (scale statistics missing)"
-        elif not np.isfinite(w[i]):
-            excluded[i] = f"no weight ({weights})"
-        elif w[i] == 0:
-            excluded[i] = "zero weight"
-        else:
-            used.append(i)
+    weighting = _norm.normalize_frames(
+        measures, candidates, ref, normalization, scale_estimator, weights, exptime=exptime,
+        headers=[str(h) for h in st.group["header"][:n_all]] if weights == "keyword" else None,
+        keyword=weight_keyword, channels=_cfa.CHANNELS if pattern else None)
+    norm, w, used = weighting.norm, weighting.weights, weighting.used
+    excluded.update(weighting.excluded)
     for i in sorted(excluded):
         warnings.warn(f"frame {i} excluded from the integration: {excluded[i]}", DrizzlestackWarning, stacklevel=2)
     if not used:
@@ -615,15 +540,14 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                       DrizzlestackWarning, stacklevel=2)
         method = "none"
 
-    weight_all = np.zeros(n_all)
+    weight_all = np.zeros((n_all, n_ch))
     weight_all[used] = w[used]
     if roi is None:
-        norm_scale = np.full(n_all, np.nan)
-        norm_offset = np.full(n_all, np.nan)
+        norm_scale = np.full((n_all, n_ch), np.nan)
+        norm_offset = np.full((n_all, n_ch), np.nan)
         norm_scale[used], norm_offset[used] = norm.scale[used], norm.offset[used]
-        _write_frame_variable(st, "norm_scale", norm_scale)
-        _write_frame_variable(st, "norm_offset", norm_offset)
-        _write_frame_variable(st, "weight", weight_all)
+        for name, values in (("norm_scale", norm_scale), ("norm_offset", norm_offset), ("weight", weight_all)):
+            _write_frame_variable(st, name, values if pattern else values[:, 0])
 
     # ------------------------------------------------------------- pass 2: per tile
     if saturation is True:
@@ -636,18 +560,19 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         origin, shape = (0, 0), frame_shape
     else:
         origin, shape = (roi[1], roi[0]), (roi[3], roi[2])
-    eff_tile = tile_size(tile, len(used), task_memory)
+    eff_tile = tile_size(tile, len(used) * n_ch, task_memory)  # colour: a tile holds every channel
     prefix = "" if roi is None else ROI_PREFIX
     n = len(used)
-    rej_kwargs = dict(method=method, low=float(low), high=float(high), reject_low=bool(reject_low),
-                      reject_high=bool(reject_high), range_low=range_low, range_high=range_high, **options)
-    _rej.rejection_flags(np.zeros((1, 1, 1), np.float32), **rej_kwargs)  # validate before the tasks run
+    rej_params = _rej.RejectionParameters(method=method, low=low, high=high, reject_low=reject_low,  # validated here
+                                          reject_high=reject_high, range_low=range_low, range_high=range_high, **options)
     base = TilePlan(
-        store=store_path, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
+        store=st.location, indices=list(used), mappings=[mappings[i] for i in used], frame_shape=tuple(frame_shape),
         origin=origin, shape=tuple(shape), tile=eff_tile, raw_saturation=np.asarray(sat_levels, np.float64),
         norm_scale=np.asarray(norm.scale[used], np.float32), norm_offset=np.asarray(norm.offset[used], np.float32),
-        weights=np.asarray(w[used], np.float64), rejection=rej_kwargs, outputs={v: prefix + v for v in IMAGE_VARIABLES},
-        flags_variable="rejection" if roi is None else None, step=step_name,
+        weights=np.asarray(w[used], np.float64), rejection=rej_params, outputs={v: prefix + v for v in IMAGE_VARIABLES},
+        flags_variable="rejection" if roi is None else None, step=step_name, cfa_pattern=pattern,
+        sky=np.asarray(location[used], np.float64) if pattern else None,
+        noise=np.asarray(noise[used], np.float64) if pattern else None,
     )
     tiling = _Tiling(st, step_name, params, inputs, resumable, shape, eff_tile, ("y", "x") if roi is None
                      else ("roi_y", "roi_x"), roi)
@@ -682,7 +607,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                                              OUTLIER_RMS_TOLERANCE)
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
-        final_plan = replace(base, origin=origin, rejection={**rej_kwargs, "method": "none"},
+        final_plan = replace(base, origin=origin, rejection=rej_params.replace(method="none"),
                              outliers=prefix + _out.OUTLIERS_VARIABLE)
         per_tile = tiling.run(final_plan, "")
     t_tiles = time.perf_counter() - t0
@@ -709,7 +634,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "excluded": {str(i): r for i, r in sorted(excluded.items())},
         "rejection": method,
         "scale_estimator": norm.estimator,
-        "photometry_stars": {str(i): int(n_phot[i]) for i in used} if apertures is not None else {},
+        "photometry_stars": {str(i): int(measures.n_photometry[i]) for i in used} if measures.photometry else {},
         "tile": eff_tile,
         "shape": [int(v) for v in shape],
         "roi": list(roi) if roi else None,
@@ -718,7 +643,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "rejected_high_fraction": float(high_n.sum() / max(valid_n.sum(), 1)),
         "exptime": float(np.nansum(exptime[used])),
         "outliers": outlier_summary,
-        "seconds": {"statistics": round(t_stats, 3), "tiles": round(t_tiles, 3),
+        "seconds": {"statistics": round(measures.seconds, 3), "tiles": round(t_tiles, 3),
                     "total": round(time.perf_counter() - t_start, 3)},
     }
     st.end_step(step_name, **summary)
@@ -732,19 +657,12 @@ def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
     """The reference frame's celestial WCS, shifted to the ROI; ``None`` if the header has
     none. The integration *is* the reference grid, so the WCS carries over whole,
     distortion (SIP) terms included -- unlike drizzle's rescaled grid."""
-    ref = st.attrs.get("reference")
-    if ref is None:
+    wcs = reference_wcs(st)
+    if wcs is None:
         return None
     try:
-        from astropy.wcs import WCS
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = fits.Header.fromstring(str(st.group["header"][int(ref)]), sep="\n")
-            wcs = WCS(header)
-            if not wcs.has_celestial:
-                return None
-            wcs = wcs.celestial
             if roi is not None:
                 wcs = wcs.slice((slice(roi[1], roi[1] + roi[3]), slice(roi[0], roi[0] + roi[2])))
             return wcs.to_header()
@@ -771,6 +689,9 @@ def _write_fits(path, st: StackStore, roi, record: dict) -> None:
     header["EXPTIME"] = (summary.get("exptime"), "total exposure of the integrated frames [s]")
     if roi is not None:
         header["ROIX0"], header["ROIY0"], header["ROIW"], header["ROIH"] = roi
+    if st.cfa_pattern:  # a 3 x H x W cube, no longer a mosaic (no BAYERPAT)
+        header["CHANNELS"] = ("R G B", "planes of the cube (NAXIS3)")
+        header["INTEGCFA"] = (st.cfa_pattern, "Bayer pattern of the integrated mosaics")
     header["CREATOR"] = (f"drizzlestack {__version__}", "software")
     wcs = _reference_wcs(st, roi)
     if wcs is not None:

@@ -1,11 +1,24 @@
 """Pass 1 of the integration, per frame: robust statistics of the unresampled frame and
 forced aperture photometry at the reference stars mapped into it (one Dask task per
-frame). From these the integrate step derives the normalization and the weights."""
+frame). From these the integrate step derives the normalization and the weights.
+
+Colour (Bayer) frames are measured per channel, each on the dense sub-images of its own
+colour (``data[py::2, px::2]`` for every phase ``(py, px)`` of that colour: one for red
+and blue, two for green): a location, dispersion or noise of a mosaic mixes colours, and
+a sub-image is an ordinary image with pixels twice as far apart. Photometry, though,
+runs on the whole mosaic, as for grey frames: one colour's samples, 2 px apart, sum an
+undersampled star to within a few per cent only, depending on where the star falls
+between them (±4 % per frame on simulated FWHM 2 px stars, against ±0.3 % for the
+whole mosaic), and a change of transparency is grey to first order; the one
+photometric scale serves every channel."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from .. import cfa as _cfa
 from ..chunkio import DirectArray
 from ..store import StackStore
 from .resample import _open_frames
@@ -53,8 +66,15 @@ def _photometry_bands(frames: DirectArray, i: int, x, y, apertures: Apertures, s
     return flux, err
 
 
+def channel_phases(pattern: str, channel: int, y0: int = 0, x0: int = 0) -> list[tuple[int, int]]:
+    """The 2x2 phases ``(py, px)`` of a block starting at ``(y0, x0)`` whose pixels saw
+    ``channel``: ``block[py::2, px::2]`` are that colour's pixels."""
+    cell = _cfa.channel_index(pattern, (2, 2), y0, x0)
+    return [(py, px) for py in (0, 1) for px in (0, 1) if cell[py, px] == channel]
+
+
 def measure_frame(store_path: str, i: int, star_x, star_y, apertures: Apertures | None, saturation: float,
-                  max_pixels: int = MAX_STATISTICS_PIXELS) -> dict:
+                  max_pixels: int = MAX_STATISTICS_PIXELS, pattern: str = "") -> dict:
     """Statistics and star photometry of frame ``i`` (one Dask task).
 
     Parameters
@@ -70,23 +90,30 @@ def measure_frame(store_path: str, i: int, star_x, star_y, apertures: Apertures 
     max_pixels : int
         Statistics are measured on at most this many pixels (whole chunks spread over
         the frame), which bounds the task's memory for any frame size.
+    pattern : str
+        The store's Bayer pattern ("" for grey frames): measure each colour on its own.
 
     Returns
     -------
     dict
-        ``stats`` (:class:`~.stats.FrameStatistics`), ``flux`` and ``error`` (per star).
+        ``stats`` (:class:`~.stats.FrameStatistics`; colour: a list over R, G, B),
+        ``flux`` and ``error`` (per star, on the whole frame).
     """
     frames = _open_frames(store_path)
     sat = saturation if np.isfinite(saturation) else np.inf
-    blocks = [b for b, _ in _sample_blocks(frames, i, max_pixels)]
-    st = frame_statistics(blocks, saturation=sat)
+    blocks = list(_sample_blocks(frames, i, max_pixels))
+    if pattern:
+        st = [frame_statistics([b[py::2, px::2] for b, o in blocks for py, px in channel_phases(pattern, c, *o)],
+                               saturation=sat) for c in range(len(_cfa.CHANNELS))]
+    else:
+        st = frame_statistics([b for b, _ in blocks], saturation=sat)
     n = len(star_x)
     flux, err = np.full(n, np.nan), np.full(n, np.nan)
     if apertures is not None and n:
         # Close to saturation a sensor is no longer linear: leave those stars out.
         x, y = np.asarray(star_x), np.asarray(star_y)
-        if len(blocks) == 1 and blocks[0].shape == frames.shape[1:]:
-            flux, err = aperture_photometry(blocks[0], x, y, apertures, 0.9 * sat)  # the frame is read already
+        if len(blocks) == 1 and blocks[0][0].shape == frames.shape[1:]:
+            flux, err = aperture_photometry(blocks[0][0], x, y, apertures, 0.9 * sat)  # the frame is read already
         else:
             flux, err = _photometry_bands(frames, i, x, y, apertures, 0.9 * sat)
     return {"stats": st, "flux": flux, "error": err}
@@ -163,3 +190,77 @@ def reference_stars(st: StackStore, ref: int, saturation: float):
     if order.size == 0:
         return np.empty(0), np.empty(0), None
     return x[order], y[order], apertures
+
+
+@dataclass
+class FrameMeasures:
+    """Pass 1's results over the store's frames (NaN: not measured).
+
+    ``location``, ``scale``, ``scale_mad``, ``noise`` are ``(n_frames,)``, or
+    ``(n_frames, 3)`` for a colour store (one column per channel); ``photometric_scale``
+    (the star flux ratio to the reference, on the whole mosaic) and ``n_photometry`` (the
+    stars behind it) are ``(n_frames,)``. ``photometry`` says whether reference stars were
+    available at all.
+    """
+
+    location: np.ndarray
+    scale: np.ndarray
+    scale_mad: np.ndarray
+    noise: np.ndarray
+    photometric_scale: np.ndarray
+    n_photometry: np.ndarray
+    photometry: bool
+    seconds: float
+
+    #: the store variables they become
+    VARIABLES = ("location", "scale", "scale_mad", "noise", "photometric_scale")
+
+
+def measure_frames(st: StackStore, frames, ref: int, saturation, mappings) -> FrameMeasures:
+    """Pass 1 of the integration: :func:`measure_frame` for every frame in ``frames``
+    (one Dask task each, on the active scheduler), the photometry at the reference stars
+    mapped into each frame through ``mappings`` (frame index -> FrameMapping).
+
+    Parameters
+    ----------
+    st : StackStore
+    frames : sequence of int
+        Frames to measure (the reference among them).
+    ref : int
+        The reference frame.
+    saturation : (n_frames,) array
+        Raw saturation level per frame (``inf``: none).
+    mappings : dict
+        Frame index -> its frame -> reference mapping.
+    """
+    import time
+
+    import dask
+
+    from ..parallel import compute
+    from .stats import photometric_ratio
+
+    pattern = st.cfa_pattern
+    n_all, n_ch = st.n_frames, (len(_cfa.CHANNELS) if pattern else 1)
+    star_x, star_y, apertures = reference_stars(st, ref, saturation[ref])
+    tasks = []
+    for i in frames:
+        xf, yf = mappings[i].inverse(star_x, star_y) if star_x.size else (star_x, star_y)
+        tasks.append(dask.delayed(measure_frame, pure=True)(st.location, i, xf, yf, apertures, saturation[i],
+                                                            pattern=pattern))
+    t0 = time.perf_counter()
+    measured = dict(zip(frames, compute(*tasks)))
+    seconds = time.perf_counter() - t0
+
+    shape = (n_all, n_ch) if pattern else (n_all,)
+    location, scale, scale_mad, noise = (np.full(shape, np.nan) for _ in range(4))
+    phot, n_phot = np.full(n_all, np.nan), np.zeros(n_all, int)
+    for i, m in measured.items():
+        for c, s in enumerate(m["stats"] if pattern else [m["stats"]]):
+            at = (i, c) if pattern else i
+            location[at], scale[at], scale_mad[at], noise[at] = s.location, s.scale, s.scale_mad, s.noise
+    if apertures is not None:
+        ref_m = measured[ref]
+        for i, m in measured.items():
+            phot[i], n_phot[i] = photometric_ratio(m["flux"], ref_m["flux"], m["error"], ref_m["error"])
+    return FrameMeasures(location, scale, scale_mad, noise, phot, n_phot, apertures is not None, seconds)

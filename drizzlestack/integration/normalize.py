@@ -222,3 +222,103 @@ def frame_weights(method: str, reference: int, *, noise=None, norm_scale=None, e
         raise DrizzlestackError(f"weights={method!r}: the reference frame {reference} has no usable {what} "
                                 f"(got {ref}); choose another weighting or reference")
     return w / ref
+
+
+@dataclass
+class FrameWeighting:
+    """Normalization and weights of every frame and channel, and which frames remain.
+
+    ``norm.scale``, ``norm.offset`` and ``weights`` are ``(n_frames, n_channels)`` (one
+    column for grey frames); ``used`` lists the frames to integrate, ``excluded`` the
+    others with the reason.
+    """
+
+    norm: Normalization
+    weights: np.ndarray
+    used: list
+    excluded: dict
+
+
+def normalize_frames(measures, candidates, reference: int, method: str, estimator: str, weighting: str, *,
+                     exptime, headers=None, keyword: str | None = None, channels=None) -> FrameWeighting:
+    """Normalization, weights and exclusion of the integration's frames, per channel.
+
+    Parameters
+    ----------
+    measures : FrameMeasures
+        The statistics pass (:func:`drizzlestack.integration.measure.measure_frames`).
+    candidates : sequence of int
+        Frames that may be integrated (registered, status ok).
+    reference : int
+    method, estimator, weighting : str
+        ``normalization``, ``scale_estimator`` and ``weights`` of :func:`drizzlestack.integrate`.
+    exptime : (n_frames,) array
+    headers, keyword
+        For ``weighting="keyword"``.
+    channels : sequence of str, optional
+        Colour stores: the channel names (each colour normalized and weighted on its own,
+        relative to the reference frame's same colour; the photometric scale is shared).
+
+    Returns
+    -------
+    FrameWeighting
+
+    Warns
+    -----
+    DrizzlestackWarning
+        When ``+scaling`` wanted photometry (``auto``) but fell back to the dispersion.
+    """
+    import warnings
+
+    from .._warnings import DrizzlestackWarning
+
+    colour = channels is not None
+    n_all = len(measures.photometric_scale)
+    n_ch = len(channels) if colour else 1
+    a, b = np.full((n_all, n_ch), np.nan), np.full((n_all, n_ch), np.nan)
+    w = np.zeros((n_all, n_ch))
+    phot = measures.photometric_scale if measures.photometry else None
+    estimators = []
+    for c in range(n_ch):
+        def col(values):
+            return values[:, c] if colour else values
+
+        dispersion = col(measures.scale_mad if estimator == "mad" else measures.scale)
+        k, used_estimator = scale_factors(reference, dispersion, phot, estimator)
+        norm = normalization(method, reference, col(measures.location), k, used_estimator)
+        a[:, c], b[:, c] = norm.scale, norm.offset
+        w[:, c] = frame_weights(weighting, reference, noise=col(measures.noise), norm_scale=norm.scale,
+                                exptime=exptime, headers=headers, keyword=keyword)
+        estimators.append(used_estimator)
+        if method.endswith("+scaling") and estimator == "auto" and used_estimator != "photometry":
+            missing = [i for i in candidates if not np.isfinite(measures.photometric_scale[i])]
+            why = (f"frames {missing} matched too few reference stars" if measures.photometry
+                   else "no reference stars were found")
+            what = f" of {channels[c]}" if colour else ""
+            warnings.warn(f"photometric scaling{what} unavailable ({why}); scaling every frame by its "
+                          f"{used_estimator} dispersion instead, which is wrong for frames whose transparency "
+                          f"changed", DrizzlestackWarning, stacklevel=3)
+    norm = Normalization(a, b, method, "/".join(dict.fromkeys(estimators)))
+    used, excluded = [], {}
+    for i in candidates:
+        reason = None
+        for c in range(n_ch):
+            what = f" ({channels[c]})" if colour else ""
+            loc = measures.location[i, c] if colour else measures.location[i]
+            if not np.isfinite(loc):
+                reason = f"no valid pixels for statistics{what}"
+            elif not (np.isfinite(a[i, c]) and np.isfinite(b[i, c])):
+                reason = (f"no {estimators[c]} scale factor{what} (photometry matched "
+                          f"{measures.n_photometry[i]} stars)" if estimators[c] == "photometry"
+                          else f"no normalization{what} (scale statistics missing)")
+            elif not np.isfinite(w[i, c]):
+                reason = f"no weight{what} ({weighting})"
+            elif w[i, c] == 0:
+                reason = f"zero weight{what}"
+            if reason:
+                break
+        if reason:
+            excluded[i] = reason
+        else:
+            used.append(i)
+    return FrameWeighting(norm, w, used, excluded)

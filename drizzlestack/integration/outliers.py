@@ -58,15 +58,15 @@ from dataclasses import asdict, dataclass
 
 import math
 
-import dask.array as da
 import numba
 import numpy as np
 
+from .. import cfa as _cfa
 from .._warnings import DrizzlestackError
 from ..chunkio import DirectArray
 from ..geometry import input_window, pixel_grid, translation
-from ..parallel import compute
 from ..store import record_tile
+from ..tiled import run_tiles, start_or_resume
 from .rejection import FLAG_HIGH, FLAG_LOW, FLAG_RANGE
 from .resample import LANCZOS3_PAD
 
@@ -128,15 +128,15 @@ class OutlierParameters:
 class FrameNoise:
     """The noise model of one frame, in its own ADU."""
 
-    sky: float  # background level
-    noise: float  # background noise (measured)
+    sky: np.ndarray  # background level per channel (one entry for grey frames)
+    noise: np.ndarray  # background noise (measured) per channel
     gain: float  # e-/ADU; NaN when unknown (no Poisson term)
     quantum: float  # quantization step (0 for float data)
     model_frames: int  # frames averaged into the model
 
 
 @numba.njit(nogil=True, cache=True)
-def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_var_factor,
+def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, model_var_factor,
                 snr, derivative, signal, snr_grow, derivative_grow, signal_grow, k_low, k_high,
                 norm_scale, norm_offset, range_low, range_high, out):
     """Own-pixel outlier flags of one frame window (both passes).
@@ -145,6 +145,9 @@ def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_va
     ----------
     data : (h, w) float32
         Raw pixels of the frame.
+    chan : (h, w) uint8
+        Channel of every pixel (colour frames; zeros for grey): it picks the pixel's
+        entries of ``sky``, ``noise2``, ``norm_scale`` and ``norm_offset``.
     model : (h, w) float32
         The blotted model in the frame's units (NaN: no model).
     spread : (h, w) float32
@@ -152,17 +155,20 @@ def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_va
         unknown, taken as 0).
     saturation : float
         The frame's saturation level (pixels at or above are never flagged).
-    sky, noise2, inv_gain, model_var_factor : float
-        Background level, background variance (including quantization), 1/gain (0 when
-        unknown), and ``1 + 1/n`` for the model's own noise.
+    sky, noise2 : (n_channels,) float64
+        Background level and background variance (including quantization) per channel.
+    inv_gain, model_var_factor : float
+        1/gain (0 when unknown), and ``1 + 1/n`` for the model's own noise.
     snr, derivative, signal, snr_grow, derivative_grow, signal_grow : float
         Tolerances of the first and second pass.
     k_low, k_high : float
         Multiples of the spread tolerated below / above the model (``inf``: that side
         is never flagged).
-    norm_scale, norm_offset, range_low, range_high : float
-        The frame's normalization and the range limits in normalized units: samples at
-        or below / at or above are flagged :data:`FLAG_RANGE` (saturated ones excepted).
+    norm_scale, norm_offset : (n_channels,) float64
+        The frame's normalization per channel.
+    range_low, range_high : float
+        The range limits in normalized units: samples at or below / at or above are
+        flagged :data:`FLAG_RANGE` (saturated ones excepted).
     out : (h, w) uint8
         Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` / :data:`FLAG_RANGE` (0 elsewhere).
     """
@@ -176,7 +182,8 @@ def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_va
             tol[y, x] = np.inf
             if not np.isfinite(v) or v >= saturation:
                 continue
-            vn = v * norm_scale + norm_offset
+            c = chan[y, x]
+            vn = v * norm_scale[c] + norm_offset[c]
             if vn <= range_low or vn >= range_high:
                 out[y, x] = FLAG_RANGE
                 continue
@@ -191,10 +198,10 @@ def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_va
                 d = max(d, abs(b - model[y, x - 1]))
             if x < w - 1 and np.isfinite(model[y, x + 1]):
                 d = max(d, abs(b - model[y, x + 1]))
-            above = b - sky
+            above = b - sky[c]
             if above < 0.0:
                 above = 0.0
-            sigma = np.sqrt((noise2 + above * inv_gain) * model_var_factor)
+            sigma = np.sqrt((noise2[c] + above * inv_gain) * model_var_factor)
             sp = spread[y, x]
             if not np.isfinite(sp):
                 sp = 0.0
@@ -224,7 +231,7 @@ def flag_pixels(data, model, spread, saturation, sky, noise2, inv_gain, model_va
 
 
 @numba.njit(nogil=True, cache=True)
-def blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach,
+def blot_window(model, spread, chan, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach,
                 norm_scale, norm_offset, out_model, out_spread):
     """The model and its spread at the centres of one window of frame pixels.
 
@@ -234,9 +241,12 @@ def blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_m
 
     Parameters
     ----------
-    model, spread : (h, w) float32
+    model, spread : (n_channels, h, w) float32
         Windows of the reference-grid model and spread arrays, starting at their pixel
-        ``(wy0, wx0)``; the arrays are ``(mny, mnx)``.
+        ``(wy0, wx0)``; the arrays are ``(mny, mnx)`` per channel.
+    chan : (ty, tx) uint8
+        Channel of every frame pixel (zeros for grey frames): each pixel gets the model of
+        its own colour.
     matrix : (3, 3) float64
         Frame pixel -> model-array pixel homography (with ``use_matrix``); otherwise
         ``xs``, ``ys`` hold the mapped positions (the distortion spline).
@@ -244,15 +254,16 @@ def blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_m
         Frame pixel of the window's first pixel.
     reach : float
         Positions up to this far beyond the model's edge take the edge's values.
-    norm_scale, norm_offset : float
-        The frame's normalization (normalized = raw * scale + offset).
+    norm_scale, norm_offset : (n_channels,) float64
+        The frame's normalization per channel (normalized = raw * scale + offset).
     out_model, out_spread : (ty, tx) float32
         NaN where the model has no data.
     """
     ty, tx = out_model.shape
-    h, w = model.shape
+    h, w = model.shape[1], model.shape[2]
     for j in range(ty):
         for i in range(tx):
+            c = chan[j, i]
             if use_matrix:
                 fx = x0 + i
                 fy = y0 + j
@@ -279,16 +290,16 @@ def blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_m
                 wv = fv if dv == 1 else 1.0 - fv
                 for du in range(2):
                     ru = min(max(iu + du, 0), w - 1)
-                    val = model[rv, ru]
+                    val = model[c, rv, ru]
                     if np.isfinite(val):
                         wgt = wv * (fu if du == 1 else 1.0 - fu)
                         acc += wgt * val
                         wsum += wgt
             nu = min(max(int(math.floor(x + 0.5)), 0), w - 1)
             nv = min(max(int(math.floor(y + 0.5)), 0), h - 1)
-            if wsum > 0.0 and np.isfinite(model[nv, nu]):
-                out_model[j, i] = (acc / wsum - norm_offset) / norm_scale
-                out_spread[j, i] = spread[nv, nu] / norm_scale
+            if wsum > 0.0 and np.isfinite(model[c, nv, nu]):
+                out_model[j, i] = (acc / wsum - norm_offset[c]) / norm_scale[c]
+                out_spread[j, i] = spread[c, nv, nu] / norm_scale[c]
             else:
                 out_model[j, i] = np.nan
                 out_spread[j, i] = np.nan
@@ -334,6 +345,7 @@ class OutlierPlan:
     signal_extra: np.ndarray  # per frame: added to the signal terms (frames sharper than the model)
     step: str = "outliers"
     done: np.ndarray | None = None
+    cfa_pattern: str = ""  # colour: each pixel tested against the model of its own colour
 
 
 def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
@@ -353,7 +365,7 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
     model = DirectArray(plan.store, plan.model)
     spreads = DirectArray(plan.store, plan.spread)
     my0, mx0 = plan.model_origin
-    mshape = model.shape
+    mshape = model.shape[-2:]  # (colour models have a leading channel axis)
     p = plan.params
     flags = np.zeros((n, sy.stop - sy.start, sx.stop - sx.start), np.uint8)
     tested = np.zeros(n)
@@ -371,7 +383,12 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
     if reached:
         uy = slice(min(w[0].start for w in reached), max(w[0].stop for w in reached))
         ux = slice(min(w[1].start for w in reached), max(w[1].stop for w in reached))
-        model_all, spread_all = model[uy, ux], spreads[uy, ux]
+        if plan.cfa_pattern:  # (channel, y, x)
+            model_all, spread_all = model[:, uy, ux], spreads[:, uy, ux]
+        else:
+            model_all, spread_all = model[uy, ux][None], spreads[uy, ux][None]
+    chan = (_cfa.channel_index(plan.cfa_pattern, flags.shape[1:], sy.start, sx.start) if plan.cfa_pattern
+            else np.zeros(flags.shape[1:], np.uint8))
     # Where a hot pixel may be flagged: data, not saturated (no second read of the frames).
     hot_ok = np.zeros(flags.shape, bool)
     for k, (i, mapping) in enumerate(zip(plan.indices, plan.mappings)):
@@ -390,19 +407,21 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
             xf, yf = pixel_grid(data.shape, sy.start, sx.start)
             xr, yr = mapping.forward(xf.astype(np.float64), yf.astype(np.float64))
             xr, yr = xr - mx0, yr - my0
-        cut = (slice(wy.start - uy.start, wy.stop - uy.start), slice(wx.start - ux.start, wx.stop - ux.start))
-        blot_window(model_all[cut], spread_all[cut], wy.start, wx.start, mshape[0], mshape[1], to_model, sy.start,
-                    sx.start, xr, yr, mapping.is_homography, EDGE_REACH, float(plan.norm_scale[k]),
-                    float(plan.norm_offset[k]), blotted, spread)
+        cut = (slice(None), slice(wy.start - uy.start, wy.stop - uy.start),
+               slice(wx.start - ux.start, wx.stop - ux.start))
+        scale_k, offset_k = plan.norm_scale[k], plan.norm_offset[k]  # per channel
+        blot_window(model_all[cut], spread_all[cut], chan, wy.start,
+                    wx.start, mshape[0], mshape[1], to_model, sy.start, sx.start, xr, yr, mapping.is_homography,
+                    EDGE_REACH, scale_k, offset_k, blotted, spread)
         fn = plan.noise[k]
         noise2 = fn.noise ** 2 + fn.quantum ** 2 / 12.0
         inv_gain = 1.0 / fn.gain if np.isfinite(fn.gain) and fn.gain > 0 else 0.0
         factor = 1.0 + 1.0 / max(fn.model_frames, 1)
         widen, extra = float(plan.derivative_scale[k]), float(plan.signal_extra[k])
-        flag_pixels(data, blotted, spread, float(plan.saturation[k]), fn.sky,
+        flag_pixels(data, chan, blotted, spread, float(plan.saturation[k]), fn.sky,
                     noise2, inv_gain, factor, p.snr, p.derivative * widen, p.signal + extra, min(p.snr_grow, p.snr),
                     p.derivative_grow * widen, p.signal_grow + extra, plan.spread_k[0], plan.spread_k[1],
-                    float(plan.norm_scale[k]), float(plan.norm_offset[k]), plan.ranges[0], plan.ranges[1], flags[k])
+                    scale_k, offset_k, plan.ranges[0], plan.ranges[1], flags[k])
         tested[k] = np.count_nonzero(np.isfinite(blotted) & np.isfinite(data))
     # Hot pixels: a sensor pixel high in many frames is a defect in all of them. With the
     # field drifting, the sky behind it changes, so it only crosses the threshold in some.
@@ -420,13 +439,6 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
     counts[2 * n:] = tested
     record_tile(plan.store, plan.step, iy, ix, counts)
     return counts
-
-
-def outlier_block(plan: OutlierPlan, block_info=None):
-    iy, ix, _ = block_info[None]["chunk-location"]
-    if plan.done is not None and np.all(np.isfinite(plan.done[iy, ix])):
-        return plan.done[iy, ix][None, None, :]
-    return outlier_tile(plan, iy, ix)[None, None, :]
 
 
 # ----------------------------------------------------------------------- the pass
@@ -461,7 +473,8 @@ def _frame_noise_models(st, used, location, noise, model_frames: int):
         bitpix = _header_number(hdr, ("BITPIX",))  # NaN for float data (BITPIX < 0)
         quantum = _header_number(hdr, ("BSCALE",)) if np.isfinite(bitpix) else 0.0
         quantum = 1.0 if not np.isfinite(quantum) else quantum
-        models.append(FrameNoise(float(location[i]), float(noise[i]), gain, quantum, model_frames))
+        models.append(FrameNoise(np.atleast_1d(np.asarray(location[i], np.float64)),
+                                 np.atleast_1d(np.asarray(noise[i], np.float64)), gain, quantum, model_frames))
         sources[str(i)] = ("measured background noise, gain from the header" if np.isfinite(gain)
                            else "measured background noise, no gain keyword (signal term only)")
     return models, sources
@@ -518,16 +531,15 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
         extra = np.where(np.isfinite(fwhm[used]) & (fwhm[used] > 0), (f_model / fwhm[used]) ** 2 - 1.0, 0.0)
     extra = np.nan_to_num(np.clip(extra, 0.0, None), nan=0.0)
     ledger = tiling.ledger("outliers")
-    done = None
-    if tiling.resumable:
-        done = st.resume_tiles(tiling.step, tiling.params, tiling.inputs, tiles, 3 * n, cy, [variable], ledger=ledger)
-    if done is None:
-        st.delete_variables(variable, f"{ledger}_tiles")
-        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8",
-                           FLAG_RANGE)
+
+    def create():
+        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8", FLAG_RANGE)
         st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
                                          "parameters": asdict(params)})
-        done = st.start_tiles(ledger, tiles, 3 * n, cy)
+
+    done = start_or_resume(st, tiling.step, tiling.params, tiling.inputs, tiles=tiles, width=3 * n, tile=cy,
+                           products=[variable], create=create, ledger=ledger, resumable=tiling.resumable,
+                           what="integration", part=" of its outliers pass", stacklevel=3)
     plan = OutlierPlan(
         store=base.store, model=model, spread=spread, spread_k=tuple(float(k) for k in spread_k),
         ranges=(-np.inf if ranges[0] is None else float(ranges[0]), np.inf if ranges[1] is None else float(ranges[1])),
@@ -535,12 +547,9 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
         mappings=list(base.mappings), frame_shape=tuple(base.frame_shape), tile=(cy, cx),
         saturation=np.asarray(base.raw_saturation, np.float64), norm_scale=np.asarray(base.norm_scale, np.float64),
         norm_offset=np.asarray(base.norm_offset, np.float64), noise=noise_models, params=params,
-        derivative_scale=widen, signal_extra=extra, step=ledger, done=done,
+        derivative_scale=widen, signal_extra=extra, step=ledger, done=done, cfa_pattern=base.cfa_pattern,
     )
-    counts = da.map_blocks(outlier_block, plan=plan, chunks=((1,) * tiles[0], (1,) * tiles[1], (3 * n,)),
-                           dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
-    (per_tile,) = compute(counts)
-    per_tile = np.asarray(per_tile).reshape(-1, 3 * n)
+    per_tile = run_tiles(outlier_tile, plan, tiles, 3 * n).reshape(-1, 3 * n)
     low, high, tested = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = np.where(tested > 0, (low + high) / tested, np.nan)
@@ -557,5 +566,5 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
 
 
 __all__ = ["FLAG_HOT", "FLAG_HIGH", "FLAG_LOW", "FLAG_RANGE", "OUTLIERS_VARIABLE", "OutlierParameters",
-           "FrameNoise", "flag_pixels", "blot_window", "model_window", "OutlierPlan", "outlier_tile", "outlier_block",
+           "FrameNoise", "flag_pixels", "blot_window", "model_window", "OutlierPlan", "outlier_tile",
            "flag_outliers"]

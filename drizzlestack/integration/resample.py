@@ -34,30 +34,26 @@ import numpy as np
 
 from dask.base import tokenize
 
+from .. import cfa as _cfa
+from .._warnings import DrizzlestackError
 from ..geometry import input_window, pixel_grid
+from ..lanczos import LUT_DENSITY, lanczos_taps
 from ..mappings import frame_mapping
 from ..chunkio import DirectArray
 from ..store import content_token
+from ..tiled import require_registration, select_frames
 
 #: input pixels beyond a sample's position that Lanczos-3 reads (taps -2..+3, plus one
 #: pixel of slack for the window planner's rounding)
 LANCZOS3_PAD = 4.0
 
 
-def _lanczos3_table(steps: int) -> np.ndarray:
-    """Lanczos-3 weights of the taps at offsets -2..3 from ``floor(x)``, tabulated for
-    ``steps + 1`` fractional parts ``f`` in [0, 1]: ``L(k - f)`` with
-    ``L(t) = sinc(t) sinc(t / 3)``."""
-    f = np.linspace(0.0, 1.0, steps + 1)[:, None]
-    t = np.arange(-2, 4)[None, :] - f
-    return np.ascontiguousarray(np.sinc(t) * np.sinc(t / 3.0))
-
-
 # Six trigonometric calls per sample cost more than the whole 6x6 sum, so the weights
-# are tabulated and linearly interpolated; with 4096 steps the interpolation error is
-# below 1e-7 (the curvature of L times (1/4096)^2 / 8), far under float32 resolution.
-_LANCZOS3_STEPS = 4096
-_LANCZOS3_TABLE = _lanczos3_table(_LANCZOS3_STEPS)
+# are tabulated (the one Lanczos table of the package, shared with drizzle) and
+# linearly interpolated between fractional parts q / steps; numba freezes the table
+# into the compiled function.
+_LANCZOS3_STEPS = LUT_DENSITY
+_LANCZOS3_TABLE = lanczos_taps(3)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -239,7 +235,8 @@ def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tupl
 
 
 def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, saturation=None,
-                  roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None):
+                  roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None,
+                  pattern: str = "", sky=None, noise=None):
     """One spatial tile of the registered view, for the frames ``indices``.
 
     Parameters
@@ -259,7 +256,8 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
     roi_origin : (y0, x0)
         Reference pixel of the output array's first pixel.
     out, saturated : ndarray, optional
-        ``(len(indices), ty, tx)`` float32 and bool outputs.
+        ``(len(indices), ty, tx)`` float32 and bool outputs (colour: ``(3, len(indices),
+        ty, tx)``).
     outliers : array_like (frame, y, x) uint8, optional
         Own-pixel outlier flags (:mod:`.outliers`): flagged pixels are no data for the
         interpolation, so a sample whose nearest pixel is flagged is NaN and one with a
@@ -267,26 +265,36 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         the valid 2x2 pixels -- an outlier never leaks into its neighbours.
     projected : (n, ty, tx) uint8, optional
         With ``outliers``: receives the flag of each sample's nearest input pixel.
+    pattern : str, optional
+        Colour (Bayer) frames: each colour (0 = R, 1 = G, 2 = B) is first estimated at
+        every pixel of the frame's own grid (:func:`drizzlestack.cfa.channel_planes`),
+        then resampled like a grey frame; the outputs get a leading channel axis.
+    sky, noise : (n, 3) array_like, optional
+        Colour: each frame's background level and noise per colour (raw units), for the
+        star test of the colour estimate (default: measured in each window).
 
     Returns
     -------
-    values : (n, ty, tx) float32
+    values : (n, ty, tx) float32, colour (3, n, ty, tx)
         NaN where a frame has no data.
-    saturated : (n, ty, tx) bool
+    saturated : bool, the shape of ``values``
     """
     n = len(indices)
     shape = (sy.stop - sy.start, sx.stop - sx.start)
+    colour = bool(pattern)
+    lead = (len(_cfa.CHANNELS), n) if colour else (n,)
     if out is None:
-        out = np.empty((n,) + shape, np.float32)
+        out = np.empty(lead + shape, np.float32)
     if saturated is None:
-        saturated = np.zeros((n,) + shape, np.bool_)
+        saturated = np.zeros(lead + shape, np.bool_)
     xr, yr = pixel_grid(shape, roi_origin[0] + sy.start, roi_origin[1] + sx.start)
     box = tile_box(sy, sx, roi_origin)
     for k, (i, mapping) in enumerate(zip(indices, mappings)):
-        window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD)
+        # colour: one more pixel for the 3x3 support of the channel estimate
+        window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD + (1 if colour else 0))
         if window is None:
-            out[k] = np.nan
-            saturated[k] = False
+            out[..., k, :, :] = np.nan
+            saturated[..., k, :, :] = False
             continue
         wy, wx = window
         data = np.asarray(frames[int(i), wy, wx], dtype=np.float32)
@@ -300,7 +308,13 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
             if bad.any():
                 data = data.copy()
                 data[bad] = np.nan
-        resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
+        if colour:
+            planes = _cfa.channel_planes(data, pattern, wy.start, wx.start, None if sky is None else sky[k],
+                                         None if noise is None else noise[k], sat)
+            for c in range(len(planes)):
+                resample_window(planes[c], (wy.start, wx.start), frame_shape, xf, yf, sat, out[c, k], saturated[c, k])
+        else:
+            resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
     return out, saturated
 
 
@@ -313,11 +327,14 @@ def _nearest_flags(flags, y0, x0, xf, yf, out) -> None:
     out[inside] = flags[iy[inside].astype(np.intp), ix[inside].astype(np.intp)]
 
 
-def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, offset, block_info=None):
+def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, offset, pattern="", channel=None,
+                block_info=None):
     info = block_info[None]
     (_, _), (y0, y1), (x0, x1) = info["array-location"]
     values, _ = resample_tile(_open_frames(store_path), indices, mappings, slice(y0, y1), slice(x0, x1),
-                              frame_shape, None, roi_origin)
+                              frame_shape, None, roi_origin, pattern=pattern)
+    if pattern:
+        values = values[channel]
     if factor is not None:
         values *= np.asarray(factor, np.float32)[:, None, None]
         values += np.asarray(offset, np.float32)[:, None, None]
@@ -325,19 +342,15 @@ def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, 
 
 
 def usable_frames(store) -> list[int]:
-    """Frames with status ``ok`` and a finite transform: the ones the view shows."""
-    from ..store import STATUS_OK, StackStore
+    """Frames with status ``ok`` and a finite transform: the ones the view shows
+    (:func:`drizzlestack.tiled.select_frames`)."""
+    from ..store import StackStore
 
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
-    n = st.n_frames
-    status = [str(s) for s in st.group["status"][:n]]
-    if "transform" not in st.group:
-        return []
-    transform = np.asarray(st.group["transform"][:n], dtype=np.float64)
-    return [i for i in range(n) if status[i] == STATUS_OK and np.all(np.isfinite(transform[i]))]
+    return select_frames(st)[0]
 
 
-def registered_view(store, frames=None, tile: int = 512, roi=None, normalization=None) -> da.Array:
+def registered_view(store, frames=None, tile: int = 512, roi=None, normalization=None, channel=None) -> da.Array:
     """The stack resampled onto the reference grid, as a lazy Dask array.
 
     Parameters
@@ -352,7 +365,11 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
         Region of the reference grid (integers, reference pixels); default the whole frame.
     normalization : (factor, offset), optional
         Per-frame affine normalization ``v * factor + offset`` applied to the samples
-        (arrays over the store's frames or over ``frames``).
+        (arrays over the store's frames or over ``frames``; for a colour store also
+        ``(frame, channel)`` arrays, as ``integrate`` writes them).
+    channel : {0, 1, 2, "R", "G", "B"}
+        Colour (Bayer) stores: the colour to show (required: a mosaic resampled as grey
+        would mix colours); refused for grey stores.
 
     Returns
     -------
@@ -363,10 +380,17 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     from ..store import StackStore
 
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
-    if "transform" not in st.group:
-        from .._warnings import StoreError
-
-        raise StoreError(f"{st.path}: not registered (run 'drizzlestack register {st.path}' first)")
+    require_registration(st)
+    pattern = st.cfa_pattern
+    if pattern:
+        names = {name: k for k, name in enumerate(_cfa.CHANNELS)}
+        channel = names.get(str(channel).upper(), channel) if isinstance(channel, str) else channel
+        if channel not in (0, 1, 2):
+            raise DrizzlestackError(f"{st.path}: holds colour (Bayer {pattern}) frames; pass channel= 0/'R', 1/'G' "
+                                    f"or 2/'B' (got {channel!r}): the view shows one colour at a time")
+        channel = int(channel)
+    elif channel is not None:
+        raise DrizzlestackError(f"channel={channel!r}: {st.path} holds grey frames (no channels)")
     indices = usable_frames(st) if frames is None else [int(i) for i in frames]
     frame_shape = st.frame_shape
     (x0, y0, w, h) = (0, 0, frame_shape[1], frame_shape[0]) if roi is None else (int(v) for v in roi)
@@ -377,13 +401,15 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     if normalization is not None:
         factor, offset = (np.asarray(a, np.float64)[indices] if len(a) != n else np.asarray(a, np.float64)
                           for a in normalization)
+        if factor.ndim == 2:  # (frame, channel)
+            factor, offset = factor[:, channel], offset[:, channel]
     path = st.location
     # The store's content token covers the frames and the whole registration (spline
     # included), not only the matrices: two stores or two registrations never share keys.
     name = "registered-view-" + tokenize(content_token(st, "frames"), indices, [m.matrix for m in mappings],
-                                         roi, tile, factor, offset)
+                                         roi, tile, factor, offset, channel)
     return da.map_blocks(
-        _view_block, path, indices, mappings, frame_shape, (y0, x0), factor, offset,
+        _view_block, path, indices, mappings, frame_shape, (y0, x0), factor, offset, pattern, channel,
         chunks=chunks, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), name=name,
     )
 

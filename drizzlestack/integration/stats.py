@@ -42,6 +42,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from .rejection.sorting import _median_sorted
+
 #: normalized MAD: ``MAD * 1.4826`` estimates the standard deviation of Gaussian data
 MAD_TO_SIGMA = 1.482602218505602
 
@@ -241,19 +243,6 @@ def _gather_samples(img, idx, saturation, with_noise, values, layer):
             layer[nw] = v - smooth
             nw += 1
     return nv, nw
-
-
-@numba.njit(nogil=True, cache=True)
-def _median_sorted(s, lo, hi):
-    """Median of the sorted slice ``s[lo:hi]`` (the mean of the two middle values for an
-    even count, as :func:`numpy.median`)."""
-    n = hi - lo
-    if n <= 0:
-        return np.nan
-    h = lo + n // 2
-    if n % 2:
-        return float(s[h])
-    return (float(s[h - 1]) + float(s[h])) / 2.0
 
 
 @numba.njit(nogil=True, cache=True)

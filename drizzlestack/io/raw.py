@@ -4,7 +4,9 @@ rawpy is an optional extra (``pip install drizzlestack[raw]``). What is kept is 
 visible raw mosaic, never a demosaiced image: its values as the camera wrote them
 (black levels are recorded, not subtracted: the normalization removes offsets), the
 per-channel black levels, the white level as the saturation level and the Bayer
-pattern, from LibRaw's colour index of each pixel with the second green mapped to G.
+pattern, from LibRaw's colour index of each pixel with the second green mapped to G,
+and the camera's as-shot white-balance multipliers (recorded, not applied:
+:mod:`drizzlestack.whitebalance`).
 Exposure and ISO come from LibRaw or, for TIFF-based raws (DNG, CR2, NEF, ARW), from
 the file's EXIF tags.
 """
@@ -88,7 +90,9 @@ def read_raw(path, saturation: float | None = None) -> Frame:
     -------
     Frame
         ``data`` the raw values as float32; ``header`` a FITS header carrying
-        ``BAYERPAT``, ``EXPTIME``, ``ISOSPEED``, ``BLKLEV0..2`` (R, G, B) and ``SATURATE``;
+        ``BAYERPAT``, ``EXPTIME``, ``ISOSPEED``, ``BLKLEV0..2`` (R, G, B), ``SATURATE`` and,
+        when the camera recorded them, its as-shot white-balance multipliers ``CAMWBR``,
+        ``CAMWBG``, ``CAMWBB`` (used by ``drizzle(white_balance="camera")``);
         ``cfa_pattern``, ``black`` (per channel R, G, B) and ``saturation``.
 
     Raises
@@ -113,6 +117,9 @@ def read_raw(path, saturation: float | None = None) -> Frame:
             # LibRaw indexes black levels by colour index (R, G, B, second G).
             black4 = [float(v) for v in raw.black_level_per_channel]
             white = float(raw.white_level)
+            # As-shot white balance, by colour index like the black levels; LibRaw gives
+            # zeros (or a lone G) when the camera recorded none.
+            wb4 = [float(v) for v in (getattr(raw, "camera_whitebalance", None) or ())]
             other = getattr(raw, "other", None)
             lib_exp = float(getattr(other, "shutter", 0.0) or 0.0) if other is not None else 0.0
             lib_iso = float(getattr(other, "iso_speed", 0.0) or 0.0) if other is not None else 0.0
@@ -138,6 +145,15 @@ def read_raw(path, saturation: float | None = None) -> Frame:
         header["ISOSPEED"] = (iso, "ISO")
     for k, b in enumerate(black):
         header[f"BLKLEV{k}"] = (b, f"black level of channel {'RGB'[k]} [ADU]")
+    mults = []
+    for colour in "RGB":
+        idx = [k for k, c in enumerate(d[:len(wb4)]) if c == colour and wb4[k] > 0]
+        mults.append(float(np.mean([wb4[k] for k in idx])) if idx else 0.0)
+    if all(m > 0 for m in mults):
+        from ..whitebalance import CAMERA_KEYWORDS
+
+        for key, colour, m in zip(CAMERA_KEYWORDS, "RGB", mults):
+            header[key] = (m, f"camera as-shot white balance multiplier, {colour}")
     sat = float(saturation) if saturation is not None else white
     header["SATURATE"] = (sat, "white level [ADU]")
     header["RAWFILE"] = name[:68]

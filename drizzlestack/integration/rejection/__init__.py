@@ -116,13 +116,16 @@ buffer order, same selection algorithm, same operations, which gives astropy's b
 bit for bit. Either way the decisions are the same as astropy's.
 
 Modules: :mod:`.sorting` (constants, sorted-sample kernels, the astropy replica),
-:mod:`.methods` (one kernel per method), :mod:`.flags` (block kernels,
+:mod:`.methods` (one kernel per method), :mod:`.parameters` (the method and its
+thresholds, validated once: :class:`RejectionParameters`), :mod:`.flags` (block kernels,
 :func:`rejection_flags`, :func:`reject_stack`) and :mod:`.combine` (the weighted mean of
 what survives, :func:`combine_stack`).
 """
 
 from .combine import combine_stack
 from .flags import reject_stack, rejection_flags
+from .parameters import RejectionParameters
 from .sorting import FLAG_HIGH, FLAG_LOW, FLAG_RANGE, METHODS
 
-__all__ = ["FLAG_LOW", "FLAG_HIGH", "FLAG_RANGE", "METHODS", "reject_stack", "rejection_flags", "combine_stack"]
+__all__ = ["FLAG_LOW", "FLAG_HIGH", "FLAG_RANGE", "METHODS", "RejectionParameters", "reject_stack", "rejection_flags",
+           "combine_stack"]

@@ -1,5 +1,6 @@
 """Block kernels (gather a tile's samples, run a method, write flags) and the public
-flagging functions :func:`rejection_flags` and :func:`reject_stack`."""
+flagging functions :func:`rejection_flags` and :func:`reject_stack` (their parameters:
+:class:`.parameters.RejectionParameters`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from numba import njit
 from drizzlestack._warnings import DrizzlestackError
 
 from .methods import (_reject_averaged, _reject_esd, _reject_linear, _reject_minmax, _reject_percentile,
-                      _sigma_lanes, _winsorized_lanes)
-from .sorting import (FLAG_HIGH, FLAG_LOW, FLAG_RANGE, METHODS, _AVERAGED, _ESD, _INF, _LANES, _LINEAR, _METHOD_CODE,
-                      _MINMAX, _NONE, _PERCENTILE, _SIGMA, _WINSORIZED, _network_sort)
+                      _sigma_lanes, _sigma_scratch, _winsor_scratch, _winsorized_lanes)
+from .parameters import RejectionParameters, resolve, saturation_levels
+from .sorting import (FLAG_HIGH, FLAG_LOW, FLAG_RANGE, _AVERAGED, _ESD, _INF, _LANES, _LINEAR, _MINMAX, _NONE,
+                      _PERCENTILE, _SIGMA, _WINSORIZED, _network_sort)
 
 # ----------------------------------------------------------------------------------------
 # Block kernels
@@ -65,7 +67,7 @@ def _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, c
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _write_by_rank(stack, y, x0, w, U, status, saturation, range_low, range_high, mask_only, rank, out):
+def _write_by_rank(stack, y, x0, w, U, status, saturation, mask_only, rank, out):
     """Flags of the pixels ``x0 .. x0 + w`` of row ``y`` from a status per *sorted
     position* (``status[k, l]``): a frame's position is its rank among the column's
     used values, ties broken by frame order, so equal values are told apart exactly."""
@@ -124,19 +126,17 @@ def _flags_kernel_lockstep(stack, method, k_low, k_high, use_low, use_high, rang
     cnt = np.empty(L, np.int64)
     cut_lo = np.empty(L, np.float64)
     cut_hi = np.empty(L, np.float64)
-    P1 = np.empty((n + 1, L), np.float64)
-    P2 = np.empty((n + 1, L), np.float64)
-    lane_f = np.empty((8, L), np.float64)
-    lane_i = np.empty((10, L), np.int64)
-    buf = np.empty(n, np.float64)
+    # both methods' work arrays (a few kB): one variable cannot take either type
+    sigma_scratch = _sigma_scratch(n, L)
+    winsor_scratch = _winsor_scratch(n, L)
     for y in range(ny):
         for x0 in range(0, nx, L):
             w = min(L, nx - x0)
             _sorted_segment(stack, y, x0, w, saturation, range_low, range_high, network, U, V, tmp, Vd, cnt)
             if method == _SIGMA:
-                _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, lane_f, lane_i, buf)
+                _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, sigma_scratch)
             else:
-                _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i)
+                _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, winsor_scratch)
             _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out)
 
 
@@ -183,12 +183,14 @@ def _flags_kernel_columns(
     cut_hi = np.empty(L, np.float64)
     col = np.empty(n, np.float64)
     col_status = np.zeros(n, np.uint8)
-    buf = np.empty(n, np.float64)
-    buf2 = np.empty(n, np.float64)
-    pos = np.empty(n, np.int64)
-    side = np.zeros(n, np.uint8)
-    p1 = np.empty(n + 1, np.float64)
-    p2 = np.empty(n + 1, np.float64)
+    # work arrays of _reject_linear (survivors, their sorted positions, the LAD fit's
+    # buffer) and of _reject_esd (prefix sums, the side of each removal)
+    lin_values = np.empty(n, np.float64)
+    lin_pos = np.empty(n, np.int64)
+    lin_tmp = np.empty(n, np.float64)
+    esd_p1 = np.empty(n + 1, np.float64)
+    esd_p2 = np.empty(n + 1, np.float64)
+    esd_side = np.zeros(n, np.uint8)
     by_rank = method == _MINMAX or method == _LINEAR or method == _ESD
     for y in range(ny):
         for x0 in range(0, nx, L):
@@ -210,11 +212,12 @@ def _flags_kernel_columns(
                 elif method == _PERCENTILE:
                     _reject_percentile(col, m, col_status, k_low, k_high, use_low, use_high)
                 elif method == _MINMAX:
-                    _reject_minmax(col, m, col_status, n_low, n_high, use_low, use_high)
+                    _reject_minmax(m, col_status, n_low, n_high, use_low, use_high)
                 elif method == _LINEAR:
-                    _reject_linear(col, m, col_status, k_low, k_high, use_low, use_high, max_iterations, buf, pos, buf2)
+                    _reject_linear(col, m, col_status, k_low, k_high, use_low, use_high, max_iterations, lin_values, lin_pos, lin_tmp)
                 elif method == _ESD:
-                    _reject_esd(col, m, col_status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, p1, p2, side)
+                    _reject_esd(col, m, col_status, use_low, use_high, esd_lambda, esd_fraction, esd_low_relaxation, esd_p1, esd_p2,
+                                esd_side)
                 if by_rank:
                     for k in range(m):
                         status[k, l] = col_status[k]
@@ -230,7 +233,7 @@ def _flags_kernel_columns(
                     cut_lo[l] = col[a] if a < m else _INF
                     cut_hi[l] = col[b - 1] if b > 0 else -_INF
             if by_rank:
-                _write_by_rank(stack, y, x0, w, U, status, saturation, range_low, range_high, mask_only, rank, out)
+                _write_by_rank(stack, y, x0, w, U, status, saturation, mask_only, rank, out)
             else:
                 _write_by_cuts(stack, y, x0, w, saturation, range_low, range_high, cut_lo, cut_hi, mask_only, out)
 
@@ -242,94 +245,6 @@ def _flags_kernel_columns(
 
 def _is_dask(array: Any) -> bool:
     return type(array).__module__.split(".")[0] == "dask"
-
-
-def _esd_critical_values(n_frames: int, significance: float, fraction: float) -> np.ndarray:
-    """Rosner's two-sided critical values ``lam[n, i]`` for samples of ``n <= n_frames``
-    values and the ``i``-th removal (0-based); ``inf`` where undefined."""
-    from scipy.stats import t as student_t
-
-    lam = np.full((n_frames + 1, max(n_frames, 1)), np.inf)
-    for n in range(3, n_frames + 1):
-        k = min(max(int(fraction * n), 1), n - 2)
-        i = np.arange(k)
-        dof = n - i - 2
-        p = 1.0 - significance / (2.0 * (n - i))
-        t = student_t.ppf(p, dof)
-        lam[n, :k] = (n - i - 1) * t / np.sqrt((dof + t * t) * (n - i))
-    return lam
-
-
-def _kernel_arguments(
-    n_frames: int,
-    method: str,
-    low: float,
-    high: float,
-    reject_low: bool,
-    reject_high: bool,
-    range_low: float | None,
-    range_high: float | None,
-    saturation,
-    n_low: int,
-    n_high: int,
-    max_iterations: int | None,
-    esd_significance: float,
-    esd_outliers: float,
-    esd_low_relaxation: float,
-) -> tuple:
-    """Validate the parameters and turn them into the kernel's positional arguments."""
-    if method not in _METHOD_CODE:
-        raise DrizzlestackError(f"method={method!r}: unknown rejection method; choose one of {', '.join(METHODS)}")
-    for name, value in (("low", low), ("high", high)):
-        if not (np.isfinite(value) and value >= 0):
-            raise DrizzlestackError(f"{name}={value!r}: the threshold must be a finite number >= 0")
-    for name, value in (("n_low", n_low), ("n_high", n_high)):
-        if int(value) != value or value < 0:
-            raise DrizzlestackError(f"{name}={value!r}: must be an integer >= 0")
-    if max_iterations is not None and (int(max_iterations) != max_iterations or max_iterations < 1):
-        raise DrizzlestackError(f"max_iterations={max_iterations!r}: must be None or an integer >= 1")
-    if not 0.0 < esd_significance < 1.0:
-        raise DrizzlestackError(f"esd_significance={esd_significance!r}: must be in (0, 1)")
-    if not 0.0 < esd_outliers < 1.0:
-        raise DrizzlestackError(f"esd_outliers={esd_outliers!r}: must be in (0, 1)")
-    if not esd_low_relaxation > 0.0:
-        raise DrizzlestackError(f"esd_low_relaxation={esd_low_relaxation!r}: must be > 0")
-    r_low = -np.inf if range_low is None else float(range_low)
-    r_high = np.inf if range_high is None else float(range_high)
-    if np.isnan(r_low) or np.isnan(r_high):
-        raise DrizzlestackError("range_low/range_high: NaN is not a range limit (use None for no limit)")
-    if saturation is None:
-        sat = np.full(n_frames, np.inf)
-    else:
-        sat = np.asarray(saturation, dtype=np.float64)
-        if sat.ndim == 0:
-            sat = np.full(n_frames, float(sat))
-        elif sat.shape != (n_frames,):
-            raise DrizzlestackError(
-                f"saturation: expected a scalar or one level per frame ({n_frames}), got shape {sat.shape}"
-            )
-        # A NaN level means "unknown": such a frame has no saturation protection.
-        sat = np.where(np.isnan(sat), np.inf, sat)
-    if method == "esd":
-        lam = _esd_critical_values(n_frames, esd_significance, esd_outliers)
-    else:
-        lam = np.full((1, 1), np.inf)
-    return (
-        _METHOD_CODE[method],
-        float(low),
-        float(high),
-        bool(reject_low),
-        bool(reject_high),
-        r_low,
-        r_high,
-        sat,
-        int(n_low),
-        int(n_high),
-        0 if max_iterations is None else int(max_iterations),
-        lam,
-        float(esd_outliers),
-        float(esd_low_relaxation),
-    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -370,21 +285,28 @@ def _as_float(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(block)
 
 
-def _flags_block(block: np.ndarray, args: tuple, mask_only: bool) -> np.ndarray:
-    """Kernel call on one in-memory ``(frame, y, x)`` block."""
+def _flags_block(block: np.ndarray, params: RejectionParameters, saturation: np.ndarray, esd_lambda: np.ndarray,
+                 mask_only: bool) -> np.ndarray:
+    """Kernel call on one in-memory ``(frame, y, x)`` block (``saturation`` and
+    ``esd_lambda`` from :func:`.parameters.saturation_levels` and
+    :meth:`RejectionParameters.esd_critical_values`)."""
     block = _as_float(np.asarray(block))
     out = np.empty(block.shape, dtype=np.uint8)
     if block.size:
         network = _sorting_network(block.shape[0])
-        method = args[0]
-        if method == _SIGMA or method == _WINSORIZED:
-            (method, k_low, k_high, use_low, use_high, range_low, range_high, saturation, _, _, max_iterations) = args[:11]
+        code = params.method_code
+        range_low, range_high = params.range_limits
+        if code == _SIGMA or code == _WINSORIZED:
             _flags_kernel_lockstep(
-                block, method, k_low, k_high, use_low, use_high, range_low, range_high, saturation,
-                max_iterations, mask_only, network, out,
+                block, code, params.low, params.high, params.reject_low, params.reject_high, range_low, range_high,
+                saturation, params.iteration_cap, mask_only, network, out,
             )  # fmt: skip
         else:
-            _flags_kernel_columns(block, *args, mask_only, network, out)
+            _flags_kernel_columns(
+                block, code, params.low, params.high, params.reject_low, params.reject_high, range_low, range_high,
+                saturation, params.n_low, params.n_high, params.iteration_cap, esd_lambda, params.esd_outliers,
+                params.esd_low_relaxation, mask_only, network, out,
+            )  # fmt: skip
     return out.view(np.bool_) if mask_only else out
 
 
@@ -401,38 +323,25 @@ def _check_stack(stack: Any) -> Any:
     return stack
 
 
-def _flags_or_mask(stack, mask_only: bool, params: dict):
+def _flags_or_mask(stack, mask_only: bool, params: RejectionParameters, saturation):
     stack = _check_stack(stack)
-    args = _kernel_arguments(stack.shape[0], **params)
+    n_frames = stack.shape[0]
+    sat = saturation_levels(saturation, n_frames)
+    lam = params.esd_critical_values(n_frames)
     if _is_dask(stack):
         return stack.map_blocks(
             _flags_block,
-            args=args,
+            params=params,
+            saturation=sat,
+            esd_lambda=lam,
             mask_only=mask_only,
             dtype=np.bool_ if mask_only else np.uint8,
             meta=np.empty((0, 0, 0), dtype=np.bool_ if mask_only else np.uint8),
         )
-    return _flags_block(stack, args, mask_only)
+    return _flags_block(stack, params, sat, lam, mask_only)
 
 
-def rejection_flags(
-    stack,
-    method: str = "winsorized",
-    low: float = 3.0,
-    high: float = 3.0,
-    reject_low: bool = True,
-    reject_high: bool = True,
-    range_low: float | None = None,
-    range_high: float | None = None,
-    saturation: float | np.ndarray | None = None,
-    *,
-    n_low: int = 1,
-    n_high: int = 1,
-    max_iterations: int | None = None,
-    esd_significance: float = 0.05,
-    esd_outliers: float = 0.3,
-    esd_low_relaxation: float = 1.0,
-):
+def rejection_flags(stack, parameters: RejectionParameters | None = None, *, saturation=None, **keywords):
     """Per-frame, per-pixel rejection flags of a stack (the store's ``rejection`` cube).
 
     Parameters
@@ -441,39 +350,18 @@ def rejection_flags(
         Registered, normalized frames. NaN and ±inf mean "no data". A Dask array should
         be chunked ``(frame=all, y=tile, x=tile)``; a frame axis in several chunks is
         rechunked into one.
-    method : {"none", "minmax", "percentile", "sigma", "winsorized", "averaged", "linear", "esd"}
-        Rejection algorithm (see the module documentation). Default ``"winsorized"``, the
-        pipeline's default.
-    low, high : float
-        Rejection thresholds below and above the centre, in the method's units (sigma,
-        except ``"percentile"``: fractions of the median; unused by ``"minmax"`` and
-        ``"esd"``).
-    reject_low, reject_high : bool
-        Switch the rejection of low / high values on or off. A side switched off keeps
-        its outliers in the statistics too (its bound is infinite).
-    range_low, range_high : float, optional
-        Range rejection: values ``<= range_low`` or ``>= range_high`` are flagged
-        :data:`FLAG_RANGE` and left out of everything. Saturated values (see
-        ``saturation``) are never range-rejected.
+    parameters : RejectionParameters, optional
+        The method and its thresholds. Default: ``RejectionParameters()`` (winsorized
+        sigma clipping at 3 sigma, the pipeline's default).
     saturation : float or array_like of shape (frame,), optional
         Saturation level, one for all frames or one per frame (in the stack's units,
         i.e. after normalization); NaN means unknown. Values ``>=`` their frame's level
         are kept and excluded from the statistics (see the module documentation).
-    n_low, n_high : int
-        Number of lowest / highest values rejected by ``"minmax"``.
-    max_iterations : int, optional
-        Cap on the clipping iterations of ``"sigma"`` (astropy's ``maxiters``),
-        ``"winsorized"``, ``"averaged"`` and ``"linear"``. Default: until nothing changes.
-    esd_significance : float
-        Significance level (type I error) of the ESD test.
-    esd_outliers : float
-        Largest fraction of a sample that the ESD test may reject.
-    esd_low_relaxation : float
-        Low deviations are divided by this in the ESD test, to reject dark values less
-        readily than bright ones. Default 1: Rosner's test as published. (PixInsight
-        uses 1.5, but with a trimmed-mean centre; about the plain mean, 1.5 leaves a
-        single dead pixel among 20 frames undetectable: its own weight in the standard
-        deviation caps its statistic near ``(n - 1) / sqrt(n) / 1.5``.)
+    **keywords
+        Fields of :class:`RejectionParameters` (``method``, ``low``, ``high``,
+        ``reject_low``, ``reject_high``, ``range_low``, ``range_high``, ``n_low``,
+        ``n_high``, ``max_iterations``, ``esd_significance``, ``esd_outliers``,
+        ``esd_low_relaxation``), instead of ``parameters`` or replacing its fields.
 
     Returns
     -------
@@ -481,42 +369,25 @@ def rejection_flags(
         :data:`FLAG_LOW`, :data:`FLAG_HIGH`, :data:`FLAG_RANGE` or 0 (kept); lazy for a
         Dask input.
 
+    Raises
+    ------
+    DrizzlestackError
+        A bad stack, saturation or parameter, named.
+
     See Also
     --------
     reject_stack : the same decision as a boolean mask.
     combine_stack : the weighted mean of the kept values and the rejection counts.
     """
-    params = dict(
-        method=method, low=low, high=high, reject_low=reject_low, reject_high=reject_high,
-        range_low=range_low, range_high=range_high, saturation=saturation, n_low=n_low,
-        n_high=n_high, max_iterations=max_iterations, esd_significance=esd_significance,
-        esd_outliers=esd_outliers, esd_low_relaxation=esd_low_relaxation,
-    )  # fmt: skip
-    return _flags_or_mask(stack, False, params)
+    return _flags_or_mask(stack, False, resolve(parameters, keywords, "winsorized"), saturation)
 
 
-def reject_stack(
-    stack,
-    method: str = "sigma",
-    low: float = 3.0,
-    high: float = 3.0,
-    reject_low: bool = True,
-    reject_high: bool = True,
-    range_low: float | None = None,
-    range_high: float | None = None,
-    saturation: float | np.ndarray | None = None,
-    *,
-    n_low: int = 1,
-    n_high: int = 1,
-    max_iterations: int | None = None,
-    esd_significance: float = 0.05,
-    esd_outliers: float = 0.3,
-    esd_low_relaxation: float = 1.0,
-):
+def reject_stack(stack, parameters: RejectionParameters | None = None, *, saturation=None, **keywords):
     """Boolean rejection mask of a stack: True where a value is not used.
 
-    Same parameters as :func:`rejection_flags` (but ``method`` defaults to ``"sigma"``).
-    The mask is ``flags != 0``: rejected low or high, out of range, or invalid (NaN/inf).
+    Same parameters as :func:`rejection_flags`, but without ``parameters`` the method
+    defaults to ``"sigma"``. The mask is ``flags != 0``: rejected low or high, out of
+    range, or invalid (NaN/inf).
 
     Returns
     -------
@@ -538,11 +409,4 @@ def reject_stack(
     >>> reject_stack(stack, method="sigma", low=2, high=2)[:, 0, 0]
     array([False, False,  True, False, False])
     """
-    params = dict(
-        method=method, low=low, high=high, reject_low=reject_low, reject_high=reject_high,
-        range_low=range_low, range_high=range_high, saturation=saturation, n_low=n_low,
-        n_high=n_high, max_iterations=max_iterations, esd_significance=esd_significance,
-        esd_outliers=esd_outliers, esd_low_relaxation=esd_low_relaxation,
-    )  # fmt: skip
-    return _flags_or_mask(stack, True, params)
-
+    return _flags_or_mask(stack, True, resolve(parameters, keywords, "sigma"), saturation)

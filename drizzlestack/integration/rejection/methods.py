@@ -5,6 +5,7 @@ each method does."""
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 from numba import njit
@@ -14,13 +15,57 @@ from .sorting import (FLAG_HIGH, FLAG_LOW, _EPS, _INF, _IQR_TO_SIGMA, _WINSOR_CL
                       _WINSOR_SOLVES, _WINSOR_TOL, _astropy_sigma_bounds, _median_sorted, _negligible, _wirth_median)
 
 # ----------------------------------------------------------------------------------------
-# Methods. Each receives the sorted sample v[:m] and writes status[:m]
-# (0 kept, FLAG_LOW, FLAG_HIGH) by sorted position; status arrives zeroed.
+# Work arrays of the lockstep methods, named: one value per lane (pixel column) unless
+# noted. The block kernel allocates them once per block, so that the methods allocate
+# nothing per segment, and each method has its own, so that no slot means one thing in
+# one method and another in the next.
+# ----------------------------------------------------------------------------------------
+
+#: :func:`_sigma_lanes`: ``s``, ``ss`` the masked sum and sum of squared deviations,
+#: ``mean``, ``lo``/``hi`` the bounds, ``tol`` the rounding tolerance that sends a lane
+#: to the astropy replica; ``a``/``b`` the kept range in sorted order, ``it`` its
+#: iterations, ``nlo``/``nhi`` the counts of values ``< lo`` / ``<= hi``, ``near`` of values
+#: within ``tol`` of a bound, ``active`` and ``fallback`` flags; ``buf`` (one value per
+#: frame) one lane's values in frame order for the replica.
+SigmaScratch = namedtuple("SigmaScratch", "s ss mean lo hi tol a b it nlo nhi near active fallback buf")
+
+#: :func:`_winsorized_lanes`: ``P1``/``P2`` (``frames + 1`` rows) the prefix sums of
+#: ``v - median`` and its square, ``shift`` the median, ``sigma0`` the starting sigma;
+#: ``lane`` the column of the block each packed column came from, ``a``/``b`` its kept
+#: range, ``it`` its rounds, ``done`` whether it stopped.
+WinsorScratch = namedtuple("WinsorScratch", "P1 P2 shift sigma0 lane a b it done")
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _sigma_scratch(n, lanes):
+    """A :data:`SigmaScratch` for ``n`` frames and ``lanes`` columns."""
+    f = np.float64
+    i = np.int64
+    return SigmaScratch(np.empty(lanes, f), np.empty(lanes, f), np.empty(lanes, f), np.empty(lanes, f),
+                        np.empty(lanes, f), np.empty(lanes, f), np.empty(lanes, i), np.empty(lanes, i),
+                        np.empty(lanes, i), np.empty(lanes, i), np.empty(lanes, i), np.empty(lanes, i),
+                        np.empty(lanes, i), np.empty(lanes, i), np.empty(n, f))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _winsor_scratch(n, lanes):
+    """A :data:`WinsorScratch` for ``n`` frames and ``lanes`` columns."""
+    f = np.float64
+    i = np.int64
+    return WinsorScratch(np.empty((n + 1, lanes), f), np.empty((n + 1, lanes), f), np.empty(lanes, f),
+                         np.empty(lanes, f), np.empty(lanes, i), np.empty(lanes, i), np.empty(lanes, i),
+                         np.empty(lanes, i), np.empty(lanes, i))
+
+
+# ----------------------------------------------------------------------------------------
+# Methods. Each receives the sorted sample v[:m] (but minmax, which needs only ranks)
+# and writes status[:m] (0 kept, FLAG_LOW, FLAG_HIGH) by sorted position; status
+# arrives zeroed.
 # ----------------------------------------------------------------------------------------
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _reject_minmax(v, m, status, n_low, n_high, use_low, use_high):
+def _reject_minmax(m, status, n_low, n_high, use_low, use_high):
     nl = min(n_low, m) if use_low else 0
     nh = min(n_high, m) if use_high else 0
     # Keep at least one value: give up high rejections last (bright outliers are the
@@ -57,7 +102,7 @@ def _reject_percentile(v, m, status, low, high, use_low, use_high):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, lane_f, lane_i, buf):
+def _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, scratch):
     """astropy-exact iterative sigma clipping of the sorted columns ``Vd[:cnt[l], l]``.
 
     Writes the final bounds of each column to ``cut_lo``/``cut_hi``: a value is clipped
@@ -65,23 +110,12 @@ def _sigma_lanes(Vd, U, cnt, w, k_low, k_high, use_low, use_high, max_iterations
     (masked sums vectorize across them); a column stops changing once it has converged.
     Only the sums' order differs from astropy's; where that could flip a decision, the
     column is recomputed by :func:`_astropy_sigma_bounds` from its frame-order values
-    ``U[:, l]``.
+    ``U[:, l]``. Work arrays: ``scratch``, a :data:`SigmaScratch`.
     """
     n = Vd.shape[0]
-    s = lane_f[0]
-    ss = lane_f[1]
-    mean = lane_f[2]
-    lo = lane_f[3]
-    hi = lane_f[4]
-    tol = lane_f[5]
-    a = lane_i[0]
-    b = lane_i[1]
-    it = lane_i[2]
-    nlo = lane_i[3]
-    nhi = lane_i[4]
-    near = lane_i[5]
-    active = lane_i[6]
-    fallback = lane_i[7]
+    s, ss, mean, lo, hi, tol = scratch.s, scratch.ss, scratch.mean, scratch.lo, scratch.hi, scratch.tol
+    a, b, it, nlo, nhi, near = scratch.a, scratch.b, scratch.it, scratch.nlo, scratch.nhi, scratch.near
+    active, fallback, buf = scratch.active, scratch.fallback, scratch.buf
     k_max = max(k_low if use_low else 0.0, k_high if use_high else 0.0)
     rows = 0
     for l in range(w):
@@ -214,7 +248,7 @@ def _walk_upper(V, l, a, b, i, x):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
+def _winsorize(V, l, a, b, shift, P1, P2, sigma):
     """Winsorized centre and sigma of the sorted column ``V[a:b, l]``.
 
     PixInsight's ImageIntegration loop, centred on the median: clamp the sample at
@@ -230,7 +264,8 @@ def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
     step). While the same values are clamped, the clamped variance is a quadratic in
     sigma: with ``n0`` values clamped low and ``n1`` high, ``D = n1 - n0``,
     ``N = n0 + n1``, and ``S1``, ``S2`` the sums of ``v - median`` and its square over
-    the unclamped values (prefix sums ``P1``, ``P2``; ``shift`` must be the median),
+    the unclamped values (prefix sums ``P1``, ``P2``; ``shift`` must be the median, and
+    ``sigma`` is the starting one),
     ``sigma² (c - 1) / 1.134² = S2 + 2.25 N sigma² - (S1 + 1.5 D sigma)² / c``. Its
     positive root gives the next sigma; once that root clamps the same values, it is
     the fixed point. That takes 1-3 solves; should the clamped set ever cycle, the
@@ -287,19 +322,17 @@ def _winsorize(V, l, a, b, shift, P1, P2, centre, sigma):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, lane_i, done):
+def _winsor_round(V, k, k_low, k_high, use_low, use_high, scratch):
     """One clipping round of winsorized sigma clipping on the sorted columns
-    ``V[a[j]:b[j], j]``, ``j < k``: updates ``a``/``b`` past the values rejected, and
-    sets ``done[j]`` where the column stops (nothing rejected, no spread, no
-    convergence).
+    ``V[a[j]:b[j], j]``, ``j < k`` (``a``, ``b``, ``done`` and the work arrays are those
+    of ``scratch``, a :data:`WinsorScratch`): updates ``a``/``b`` past the values
+    rejected, and sets ``done[j]`` where the column stops (nothing rejected, no spread,
+    no convergence).
 
     The centre is the median and the sigma the winsorized one of :func:`_winsorize`,
     iterated from the interquartile-range sigma.
     """
-    shift = lane_f[0]
-    centre = lane_f[1]
-    sigma = lane_f[2]
-    sigma0 = lane_f[5]
+    a, b, done, shift, sigma0, P1, P2 = scratch.a, scratch.b, scratch.done, scratch.shift, scratch.sigma0, scratch.P1, scratch.P2
     for j in range(k):
         done[j] = 0
         lo = a[j]
@@ -339,23 +372,21 @@ def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, 
             acc2 += d * d
             P1[r + 1, j] = acc1
             P2[r + 1, j] = acc2
-        ctr, sg, ok = _winsorize(V, j, lo, hi, med, P1, P2, med, sigma0[j])
+        ctr, sg, ok = _winsorize(V, j, lo, hi, med, P1, P2, sigma0[j])
         if not ok:
             # No convergence (a heavily quantized sample whose winsorized sigma
             # collapses): reject nothing rather than on a bad sigma.
             done[j] = 1
             continue
-        centre[j] = ctr
-        sigma[j] = sg
-        if _negligible(sigma[j], centre[j]):
+        if _negligible(sg, ctr):
             done[j] = 1
             continue
         if use_low:
-            bound = centre[j] - k_low * sigma[j]
+            bound = ctr - k_low * sg
             while lo < hi and V[lo, j] < bound:
                 lo += 1
         if use_high:
-            bound = centre[j] + k_high * sigma[j]
+            bound = ctr + k_high * sg
             while hi > lo and V[hi - 1, j] > bound:
                 hi -= 1
         if lo == a[j] and hi == b[j]:
@@ -365,7 +396,7 @@ def _winsor_round(V, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, 
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, P1, P2, lane_f, lane_i):
+def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iterations, cut_lo, cut_hi, scratch):
     """Winsorized sigma clipping of the sorted columns ``Vd[:cnt[l], l]`` (``Vd`` is
     used as work space).
 
@@ -373,12 +404,9 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
     Rounds of :func:`_winsor_round` repeat on the survivors while at least 3 remain.
     Between rounds the columns still clipping are packed to the left of the block, so
     that the lockstep passes of later rounds (a few columns, typically) stay dense.
+    Work arrays: ``scratch``, a :data:`WinsorScratch`.
     """
-    lane = lane_i[5]  # column of Vd (and of cut_lo, cut_hi) each packed column came from
-    a = lane_i[6]
-    b = lane_i[7]
-    it = lane_i[8]
-    done = lane_i[9]
+    lane, a, b, it, done = scratch.lane, scratch.a, scratch.b, scratch.it, scratch.done
     k = 0
     for l in range(w):
         m = cnt[l]
@@ -395,7 +423,7 @@ def _winsorized_lanes(Vd, cnt, w, k_low, k_high, use_low, use_high, max_iteratio
             cut_lo[l] = Vd[0, l] if m > 0 else _INF
             cut_hi[l] = Vd[m - 1, l] if m > 0 else -_INF
     while k > 0:
-        _winsor_round(Vd, k, a, b, k_low, k_high, use_low, use_high, P1, P2, lane_f, lane_i, done)
+        _winsor_round(Vd, k, k_low, k_high, use_low, use_high, scratch)
         kept = 0
         for j in range(k):
             lo = a[j]

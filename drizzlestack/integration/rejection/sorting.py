@@ -1,6 +1,12 @@
 """Constants and small kernels on a sorted sample: sorting network, medians, quantiles,
 selection, and the replica of astropy's sigma-clipping bounds (see the package
-docstring for why it exists)."""
+docstring for why it exists).
+
+These are called from :mod:`.methods`, :mod:`.flags`, :mod:`.combine` and
+:mod:`drizzlestack.integration.stats`, whose numba caches are keyed by the content of
+their own files only: after changing a kernel here, clear numba's cache (the
+``*.nbi``/``*.nbc`` files in those ``__pycache__`` folders), or the callers keep the
+old code."""
 
 from __future__ import annotations
 
@@ -69,8 +75,13 @@ def _network_sort(V, tmp, w, network):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _median_sorted(v, a, b):
-    """Median of sorted ``v[a:b]``; mean of the two middle values for even counts."""
+    """Median of sorted ``v[a:b]`` as a float64; NaN for an empty slice. For an even
+    count, the two middle values are added in the dtype of ``v`` and halved, as
+    :func:`numpy.median` does (on float32 samples the sum is rounded to float32: the
+    frame statistics of :mod:`drizzlestack.integration.stats` rely on that)."""
     c = b - a
+    if c <= 0:
+        return np.nan
     h = a + c // 2
     if c % 2 == 1:
         return v[h]
