@@ -25,8 +25,8 @@ OPTIONAL_COLUMNS = [
 ]
 
 
-#: the integration's default registration-residual tolerance of the outlier test (px),
-#: for summaries that do not record theirs (``integration.integrate.OUTLIER_RMS_TOLERANCE``)
+#: the registration-residual tolerance of the outlier test (px) for stores integrated
+#: before the step summary recorded it (``outliers.rms_tolerance``): the value then
 _DEFAULT_RMS_TOLERANCE = 0.5
 
 

@@ -560,6 +560,7 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
         "parameters": asdict(params),
         "noise_model": sources,
         "widened": {str(i): round(float(f), 3) for i, f in zip(used, widen) if f > 1},
+        "rms_tolerance": float(rms_tolerance),
         "sharper_than_model": {str(i): round(float(e), 3) for i, e in zip(used, extra) if e > 0},
         "seconds": round(time.perf_counter() - t0, 3),
     }
