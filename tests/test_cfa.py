@@ -343,3 +343,57 @@ def test_truncated_xisf_is_skipped_with_the_reason(tmp_path):
     with pytest.warns(ds.DrizzlestackWarning, match="a.xisf: truncated XISF data block"):
         with pytest.raises(ds.DrizzlestackError):
             ds.ingest([path], tmp_path / "s.zarr")
+
+
+# ------------------------------------------------------- the colour planes of the integration
+def _star_planes(shape=(41, 43), x0=20.3, y0=19.6, sigma=0.6, fluxes=(3e4, 5e4, 2e4), sky=(100.0, 150.0, 80.0)):
+    y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    psf = np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    return np.stack([s + f * psf for f, s in zip(fluxes, sky)])
+
+
+@pytest.mark.parametrize("pattern", cfa.PATTERNS)
+def test_channel_planes_are_the_bilinear_estimate_off_stars(pattern):
+    # A sky with gentle gradients (under the star test's 3 sigma / box) and no star: every
+    # colour is the bilinear estimate, exactly.
+    y, x = np.mgrid[0:30, 0:32].astype(float)
+    planes = np.stack([100 + 0.04 * x, 150 - 0.04 * y, 80 + 0.02 * x + 0.02 * y])
+    mosaic = _mosaic(pattern, planes).astype(np.float32)
+    mosaic[7, 9] = np.nan
+    est = cfa.channel_planes(mosaic, pattern, sky=[100, 150, 80], noise=[3, 3, 3])
+    for c in range(3):
+        np.testing.assert_allclose(est[c], cfa.channel_estimate(mosaic, pattern, c), rtol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", cfa.PATTERNS)
+def test_channel_planes_on_a_star_use_the_other_colours_samples(pattern):
+    """On a star, a pixel of another colour keeps its own sample scaled by the local colour
+    ratio: where that colour is bright the estimate is bright too, unlike the bilinear
+    mean of the colour's samples 2 px away."""
+    planes = _star_planes(x0=20.0, y0=20.0, sigma=0.6)
+    mosaic = _mosaic(pattern, planes).astype(np.float32)
+    est = cfa.channel_planes(mosaic, pattern, sky=[100, 150, 80], noise=[3, 3, 3])
+    idx = cfa.channel_index(pattern, mosaic.shape)
+    for c in range(3):
+        own = idx[20, 20]
+        if own == c:
+            continue
+        # at the core pixel (another colour): the scaled own sample, far above the bilinear mean
+        assert est[c][20, 20] > 2 * cfa.channel_estimate(mosaic, pattern, c)[20, 20], c
+        # and the colour's own pixels are kept as they are
+        assert np.array_equal(est[c][idx == c], mosaic[idx == c]), c
+
+
+def test_channel_planes_raise_estimates_next_to_a_saturated_sample():
+    planes = _star_planes(fluxes=(3e5, 5e5, 2e5))
+    mosaic = np.minimum(_mosaic("RGGB", planes), 60000.0).astype(np.float32)
+    est = cfa.channel_planes(mosaic, "RGGB", sky=[100, 150, 80], noise=[3, 3, 3], saturation=60000.0)
+    saturated = mosaic >= 60000.0
+    from scipy.ndimage import binary_dilation
+
+    near = binary_dilation(saturated, np.ones((3, 3), bool))
+    idx = cfa.channel_index("RGGB", mosaic.shape)
+    assert saturated.any()
+    for c in range(3):
+        # an estimate of colour c that used a saturated sample is a lower bound: raised to it
+        assert np.all(est[c][near & (idx != c)] >= 60000.0), c

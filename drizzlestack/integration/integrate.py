@@ -31,7 +31,7 @@ value.
 Colour (Bayer) stores are integrated per channel: statistics on each colour's own
 pixels, a normalization and weight per frame and colour (the photometric scale, grey,
 from the whole mosaic), the registered view of one colour at a time
-(:func:`drizzlestack.cfa.channel_plane`), each raw pixel tested against the model of its
+(:func:`drizzlestack.cfa.channel_planes`), each raw pixel tested against the model of its
 own colour; products get a leading ``channel`` axis (R, G, B), the outlier flags stay one
 per raw pixel. A tile task runs the channels one after the other through the same
 buffers, so its memory is that of a grey tile.
