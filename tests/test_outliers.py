@@ -141,7 +141,7 @@ def test_flag_kernel_tolerances():
     def run(data, model, saturation=np.inf, tol=(4.0, 1.2, 0.6, 3.0, 0.7, 0.4), k=(3.0, 3.0), spread=spread,
             norm=unit):
         scale, offset, lo, hi = norm
-        flag_pixels(data, np.zeros(data.shape, np.uint8), model, spread, saturation, np.array([100.0]),
+        flag_pixels(data, np.zeros(data.shape, np.uint8), model[None], spread[None], saturation, np.array([100.0]),
                     np.array([100.0]), 0.0, 1.0, *tol, *k, np.array([scale]), np.array([offset]), lo, hi, out)
         return out
 
@@ -264,3 +264,18 @@ def test_report_shows_the_most_flagged_frames_outliers(field, tmp_path):
     # y up, so the PNG's first row is the frame's last), nothing else is.
     assert hit.sum() > 100
     np.testing.assert_array_equal(red[::-1], hit)
+
+
+def test_colour_derivative_term_compares_a_pixel_with_its_own_colour_only():
+    """Regression (colour integration): the derivative term compared a pixel's model with
+    its neighbours' models of *their* colours, so the sky's colour (here 100 ADU between
+    the channels) counted as a gradient and hid a 6-sigma cosmic ray."""
+    chan = (np.indices((5, 5)).sum(axis=0) % 2).astype(np.uint8)  # a two-colour checkerboard
+    model = np.stack([np.full((5, 5), 100.0, np.float32), np.full((5, 5), 200.0, np.float32)])
+    data = np.take_along_axis(model, chan[None].astype(np.intp), 0)[0].copy()
+    data[2, 2] += 60.0  # 6 sigma with noise 10
+    out = np.zeros((5, 5), np.uint8)
+    tested = flag_pixels(data, chan, model, np.zeros_like(model), np.inf, np.array([100.0, 200.0]),
+                         np.array([100.0, 100.0]), 0.0, 1.0, 4.0, 1.2, 0.6, 3.0, 0.7, 0.4, 3.0, 3.0,
+                         np.ones(2), np.zeros(2), -np.inf, np.inf, out)
+    assert out[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH and tested == 25

@@ -147,10 +147,13 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
         Raw pixels of the frame.
     chan : (h, w) uint8
         Channel of every pixel (colour frames; zeros for grey): it picks the pixel's
-        entries of ``sky``, ``noise2``, ``norm_scale`` and ``norm_offset``.
-    model : (h, w) float32
-        The blotted model in the frame's units (NaN: no model).
-    spread : (h, w) float32
+        model plane and its entries of ``sky``, ``noise2``, ``norm_scale`` and
+        ``norm_offset``.
+    model : (n_channels, h, w) float32
+        The blotted model of every channel at every pixel, in the frame's units (NaN: no
+        model). The derivative term compares a pixel's model with its own colour's model
+        at the neighbouring pixels (another colour's would count colour as gradient).
+    spread : (n_channels, h, w) float32
         The blotted spread of the samples the model kept, in the frame's units (NaN:
         unknown, taken as 0).
     saturation : float
@@ -171,18 +174,26 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
         flagged :data:`FLAG_RANGE` (saturated ones excepted).
     out : (h, w) uint8
         Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` / :data:`FLAG_RANGE` (0 elsewhere).
+
+    Returns
+    -------
+    int
+        Pixels tested: with data and a model.
     """
     h, w = data.shape
+    tested = 0
     tol = np.empty((h, w), np.float32)  # second-pass tolerance, kept from the first loop
     for y in range(h):
         for x in range(w):
             out[y, x] = 0
-            b = model[y, x]
+            c = chan[y, x]
+            b = model[c, y, x]
             v = data[y, x]
             tol[y, x] = np.inf
+            if np.isfinite(v) and np.isfinite(b):
+                tested += 1
             if not np.isfinite(v) or v >= saturation:
                 continue
-            c = chan[y, x]
             vn = v * norm_scale[c] + norm_offset[c]
             if vn <= range_low or vn >= range_high:
                 out[y, x] = FLAG_RANGE
@@ -190,19 +201,19 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
             if not np.isfinite(b):
                 continue
             d = 0.0
-            if y > 0 and np.isfinite(model[y - 1, x]):
-                d = max(d, abs(b - model[y - 1, x]))
-            if y < h - 1 and np.isfinite(model[y + 1, x]):
-                d = max(d, abs(b - model[y + 1, x]))
-            if x > 0 and np.isfinite(model[y, x - 1]):
-                d = max(d, abs(b - model[y, x - 1]))
-            if x < w - 1 and np.isfinite(model[y, x + 1]):
-                d = max(d, abs(b - model[y, x + 1]))
+            if y > 0 and np.isfinite(model[c, y - 1, x]):
+                d = max(d, abs(b - model[c, y - 1, x]))
+            if y < h - 1 and np.isfinite(model[c, y + 1, x]):
+                d = max(d, abs(b - model[c, y + 1, x]))
+            if x > 0 and np.isfinite(model[c, y, x - 1]):
+                d = max(d, abs(b - model[c, y, x - 1]))
+            if x < w - 1 and np.isfinite(model[c, y, x + 1]):
+                d = max(d, abs(b - model[c, y, x + 1]))
             above = b - sky[c]
             if above < 0.0:
                 above = 0.0
             sigma = np.sqrt((noise2[c] + above * inv_gain) * model_var_factor)
-            sp = spread[y, x]
+            sp = spread[c, y, x]
             if not np.isfinite(sp):
                 sp = 0.0
             diff = v - b
@@ -223,15 +234,16 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                     xx = x + dx
                     if 0 <= yy < h and 0 <= xx < w and (out[yy, xx] & 3) != 0 and (out[yy, xx] & 16) == 0:
                         near = True
-            if near and k_high < np.inf and data[y, x] - model[y, x] > tol[y, x]:
+            if near and k_high < np.inf and data[y, x] - model[chan[y, x], y, x] > tol[y, x]:
                 out[y, x] = FLAG_HIGH | 16  # 16: grown in this pass, not a seed for further growth
     for y in range(h):
         for x in range(w):
             out[y, x] &= 15
+    return tested
 
 
 @numba.njit(nogil=True, cache=True)
-def blot_window(model, spread, chan, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach,
+def blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach,
                 norm_scale, norm_offset, out_model, out_spread):
     """The model and its spread at the centres of one window of frame pixels.
 
@@ -244,9 +256,6 @@ def blot_window(model, spread, chan, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys,
     model, spread : (n_channels, h, w) float32
         Windows of the reference-grid model and spread arrays, starting at their pixel
         ``(wy0, wx0)``; the arrays are ``(mny, mnx)`` per channel.
-    chan : (ty, tx) uint8
-        Channel of every frame pixel (zeros for grey frames): each pixel gets the model of
-        its own colour.
     matrix : (3, 3) float64
         Frame pixel -> model-array pixel homography (with ``use_matrix``); otherwise
         ``xs``, ``ys`` hold the mapped positions (the distortion spline).
@@ -256,14 +265,14 @@ def blot_window(model, spread, chan, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys,
         Positions up to this far beyond the model's edge take the edge's values.
     norm_scale, norm_offset : (n_channels,) float64
         The frame's normalization per channel (normalized = raw * scale + offset).
-    out_model, out_spread : (ty, tx) float32
-        NaN where the model has no data.
+    out_model, out_spread : (n_channels, ty, tx) float32
+        Every channel at every pixel (the outlier test compares a pixel with its own
+        colour's model at its neighbours); NaN where the model has no data.
     """
-    ty, tx = out_model.shape
+    n_ch, ty, tx = out_model.shape
     h, w = model.shape[1], model.shape[2]
     for j in range(ty):
         for i in range(tx):
-            c = chan[j, i]
             if use_matrix:
                 fx = x0 + i
                 fy = y0 + j
@@ -274,8 +283,9 @@ def blot_window(model, spread, chan, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys,
                 x = xs[j, i]
                 y = ys[j, i]
             if not (x >= -0.5 - reach and x <= mnx - 0.5 + reach and y >= -0.5 - reach and y <= mny - 0.5 + reach):
-                out_model[j, i] = np.nan  # NaN positions too
-                out_spread[j, i] = np.nan
+                for c in range(n_ch):
+                    out_model[c, j, i] = np.nan  # NaN positions too
+                    out_spread[c, j, i] = np.nan
                 continue
             x = min(max(x, 0.0), mnx - 1.0) - wx0
             y = min(max(y, 0.0), mny - 1.0) - wy0
@@ -283,26 +293,27 @@ def blot_window(model, spread, chan, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys,
             iv = int(math.floor(y))
             fu = x - iu
             fv = y - iv
-            acc = 0.0
-            wsum = 0.0
-            for dv in range(2):
-                rv = min(max(iv + dv, 0), h - 1)
-                wv = fv if dv == 1 else 1.0 - fv
-                for du in range(2):
-                    ru = min(max(iu + du, 0), w - 1)
-                    val = model[c, rv, ru]
-                    if np.isfinite(val):
-                        wgt = wv * (fu if du == 1 else 1.0 - fu)
-                        acc += wgt * val
-                        wsum += wgt
             nu = min(max(int(math.floor(x + 0.5)), 0), w - 1)
             nv = min(max(int(math.floor(y + 0.5)), 0), h - 1)
-            if wsum > 0.0 and np.isfinite(model[c, nv, nu]):
-                out_model[j, i] = (acc / wsum - norm_offset[c]) / norm_scale[c]
-                out_spread[j, i] = spread[c, nv, nu] / norm_scale[c]
-            else:
-                out_model[j, i] = np.nan
-                out_spread[j, i] = np.nan
+            for c in range(n_ch):
+                acc = 0.0
+                wsum = 0.0
+                for dv in range(2):
+                    rv = min(max(iv + dv, 0), h - 1)
+                    wv = fv if dv == 1 else 1.0 - fv
+                    for du in range(2):
+                        ru = min(max(iu + du, 0), w - 1)
+                        val = model[c, rv, ru]
+                        if np.isfinite(val):
+                            wgt = wv * (fu if du == 1 else 1.0 - fu)
+                            acc += wgt * val
+                            wsum += wgt
+                if wsum > 0.0 and np.isfinite(model[c, nv, nu]):
+                    out_model[c, j, i] = (acc / wsum - norm_offset[c]) / norm_scale[c]
+                    out_spread[c, j, i] = spread[c, nv, nu] / norm_scale[c]
+                else:
+                    out_model[c, j, i] = np.nan
+                    out_spread[c, j, i] = np.nan
 
 
 class _Swapped:
@@ -397,8 +408,8 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         wy, wx = windows[k]
         data = frames[int(i), sy, sx]
         hot_ok[k] = data < plan.saturation[k]  # False for NaN too
-        blotted = np.empty(data.shape, np.float32)
-        spread = np.empty(data.shape, np.float32)
+        blotted = np.empty((len(model_all),) + data.shape, np.float32)  # every channel at every pixel
+        spread = np.empty(blotted.shape, np.float32)
         if mapping.is_homography:
             to_model = translation(-mx0, -my0) @ mapping.matrix
             xr = yr = _NO_POSITIONS
@@ -410,19 +421,17 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         cut = (slice(None), slice(wy.start - uy.start, wy.stop - uy.start),
                slice(wx.start - ux.start, wx.stop - ux.start))
         scale_k, offset_k = plan.norm_scale[k], plan.norm_offset[k]  # per channel
-        blot_window(model_all[cut], spread_all[cut], chan, wy.start,
-                    wx.start, mshape[0], mshape[1], to_model, sy.start, sx.start, xr, yr, mapping.is_homography,
-                    EDGE_REACH, scale_k, offset_k, blotted, spread)
+        blot_window(model_all[cut], spread_all[cut], wy.start, wx.start, mshape[0], mshape[1], to_model, sy.start,
+                    sx.start, xr, yr, mapping.is_homography, EDGE_REACH, scale_k, offset_k, blotted, spread)
         fn = plan.noise[k]
         noise2 = fn.noise ** 2 + fn.quantum ** 2 / 12.0
         inv_gain = 1.0 / fn.gain if np.isfinite(fn.gain) and fn.gain > 0 else 0.0
         factor = 1.0 + 1.0 / max(fn.model_frames, 1)
         widen, extra = float(plan.derivative_scale[k]), float(plan.signal_extra[k])
-        flag_pixels(data, chan, blotted, spread, float(plan.saturation[k]), fn.sky,
+        tested[k] = flag_pixels(data, chan, blotted, spread, float(plan.saturation[k]), fn.sky,
                     noise2, inv_gain, factor, p.snr, p.derivative * widen, p.signal + extra, min(p.snr_grow, p.snr),
                     p.derivative_grow * widen, p.signal_grow + extra, plan.spread_k[0], plan.spread_k[1],
                     scale_k, offset_k, plan.ranges[0], plan.ranges[1], flags[k])
-        tested[k] = np.count_nonzero(np.isfinite(blotted) & np.isfinite(data))
     # Hot pixels: a sensor pixel high in many frames is a defect in all of them. With the
     # field drifting, the sky behind it changes, so it only crosses the threshold in some.
     if n >= 3:
