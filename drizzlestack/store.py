@@ -93,6 +93,7 @@ class StackStore:
 
     def __init__(self, group: zarr.Group, path):
         self.group = group
+        self._appending: dict = {}  # the per-frame arrays append_frame writes, opened once
         self.path = _location.display(path)
         self.location = _location.normalize(path)
 
@@ -206,32 +207,42 @@ class StackStore:
         if unknown:
             raise ValueError(f"unknown frame metadata: {sorted(unknown)}")
         i = self.n_frames
-        frames = self.group["frames"]
+        frames = self._appending_array("frames")
         # A previous crash may have left the arrays longer than n_frames: reuse the slot.
         if frames.shape[0] < i + 1:
             frames.resize((i + 1,) + frames.shape[1:])
         frames[i] = np.asarray(data, dtype=np.float32)
         for name, (fill, dtype) in FRAME_METADATA.items():
-            if name not in self.group:  # a store written before this variable existed
-                self.group.create_array(name, shape=(i,), chunks=(1024,), dtype=dtype, fill_value=fill,
-                                        dimension_names=("frame",))
-            arr = self.group[name]
+            arr = self._appending_array(name)
+            if arr is None:  # a store written before this variable existed
+                arr = self._appending[name] = self.group.create_array(
+                    name, shape=(i,), chunks=(1024,), dtype=dtype, fill_value=fill, dimension_names=("frame",))
             if arr.shape[0] < i + 1:
                 arr.resize((i + 1,))
             arr[i] = metadata.get(name, fill)
         for name, (fill, dtype) in FRAME_CHANNEL_METADATA.items():
-            if name not in self.group and metadata.get(name) is None:
+            arr = self._appending_array(name)
+            if arr is None and metadata.get(name) is None:
                 continue  # created with the first frame that has it (grey stores keep their dims)
-            if name not in self.group:
-                self.group.create_array(name, shape=(i, 3), chunks=(1024, 3), dtype=dtype, fill_value=fill,
-                                        dimension_names=("frame", "channel"))
-            arr = self.group[name]
+            if arr is None:
+                arr = self._appending[name] = self.group.create_array(
+                    name, shape=(i, 3), chunks=(1024, 3), dtype=dtype, fill_value=fill,
+                    dimension_names=("frame", "channel"))
             if arr.shape[0] < i + 1:
                 arr.resize((i + 1, 3))
             value = metadata.get(name)
             arr[i] = np.full(3, fill) if value is None or len(value) != 3 else np.asarray(value, dtype=np.float64)
         self.group.attrs["n_frames"] = i + 1
         return i
+
+    def _appending_array(self, name: str):
+        """The array ``name`` as :meth:`append_frame` writes it (``None`` if absent), opened
+        once per store object: each lookup reads metadata (~45 ms a frame before)."""
+        if name not in self._appending:
+            if name not in self.group:
+                return None
+            self._appending[name] = self.group[name]
+        return self._appending[name]
 
     def frame(self, i: int) -> np.ndarray:
         """Pixels of frame ``i`` (float32)."""
@@ -378,7 +389,7 @@ def record_tile(location, step: str, iy: int, ix: int, values) -> None:
     ledger[iy, ix, :] = np.asarray(values, dtype=np.float64)
 
 
-def content_token(st: "StackStore", name: str | None = None) -> str:
+def content_token(st: "StackStore", name: str | None = None, array=None, _store_part=None) -> str:
     """A dask token for the store's content (or one array's): its resolved location,
     committed frame count, step records and the array's metadata.
 
@@ -392,14 +403,19 @@ def content_token(st: "StackStore", name: str | None = None) -> str:
     """
     from dask.base import tokenize
 
-    parts: list = [st.location, st.n_frames,
-                   json.dumps(st.group.attrs.get("steps", {}), sort_keys=True, default=str)]
+    # ``array`` (the opened ``name``) and ``_store_part`` spare re-reading metadata when
+    # :func:`open_stack` tokenizes every array of a store (0.3 s per open before).
+    parts: list = list(_store_part) if _store_part is not None else _store_token_part(st)
     if name is not None:
-        arr = st.group[name]
+        arr = st.group[name] if array is None else array
         if not st.is_remote:
             parts.append(_location.modified(st.location, name))
         parts += [name, arr.shape, arr.chunks, str(arr.dtype)]
     return tokenize(*parts)
+
+
+def _store_token_part(st: "StackStore") -> list:
+    return [st.location, st.n_frames, json.dumps(st.group.attrs.get("steps", {}), sort_keys=True, default=str)]
 
 
 def open_stack(store) -> xr.Dataset:
@@ -421,13 +437,14 @@ def open_stack(store) -> xr.Dataset:
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
     n = st.n_frames
     variables = {}
+    store_part = _store_token_part(st)
     for name, arr in st.group.arrays():
         dims = tuple(arr.metadata.dimension_names or (f"{name}_dim{i}" for i in range(arr.ndim)))
         if arr.dtype.kind in "UOT" or str(arr.dtype).startswith("StringDType"):
             # Small per-frame text (paths, headers, statuses): load now, as Python strings.
             data = np.asarray(arr[...]).astype(object)
         else:
-            data = da.from_zarr(arr, chunks=arr.chunks, name=f"{name}-{content_token(st, name)}")
+            data = da.from_zarr(arr, chunks=arr.chunks, name=f"{name}-{content_token(st, name, arr, store_part)}")
         if dims and dims[0] == "frame" and data.shape[0] != n:
             # Rows past n_frames belong to an append that never committed.
             data = data[:n]

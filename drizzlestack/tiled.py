@@ -313,6 +313,8 @@ def celestial_wcs(header_text: str):
     -------
     astropy.wcs.WCS or None
     """
+    if "CTYPE" not in str(header_text):
+        return None  # no celestial axes (most camera frames): spares importing astropy.wcs (0.4 s)
     from astropy.io import fits
     from astropy.wcs import WCS
 

@@ -21,9 +21,26 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_local_schedulers_set_dask_config(name):
     with scheduler(SchedulerOptions(scheduler=name, workers=2)) as client:
         assert client is None
-        assert dask.config.get("scheduler") == name
+        from dask.base import get_scheduler, named_schedulers
+
+        assert get_scheduler() is named_schedulers[name]
         (total,) = compute(da.ones((10, 10), chunks=5).sum())
     assert total == 100
+
+
+def test_the_threaded_scheduler_does_not_import_distributed():
+    # dask resolves a scheduler *name* by importing distributed to look for a client:
+    # 0.4 s at the start of every local run. The context sets the function itself.
+    import subprocess
+    import sys
+
+    code = ("import sys, dask.array as da\n"
+            "from drizzlestack.parallel import scheduler\n"
+            "with scheduler(scheduler='threads', workers=2, progress=False):\n"
+            "    assert da.ones((8, 8), chunks=4).sum().compute() == 64\n"
+            "print('distributed' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def _blas_threads():
