@@ -202,8 +202,9 @@ def test_a_colour_roi_trial_equals_the_window_of_the_full_integration(cfa_field)
 
 def test_colour_integration_keeps_star_fluxes(cfa_field):
     """Regression: the colour integration's stars came out 20-29 % too bright (the colour
-    estimate's ratio was biased at undersampled cores); now within 5 % (green is the worst,
-    ~+4 %)."""
+    estimate's ratio was biased at undersampled cores), then green still +4 % (the colour
+    ratio between planes of different interpolation kernels); the image now comes from
+    the flux-conserving estimate: measured R +1.1 %, G +0.3 %, B +1.6 %."""
     truth, store, stack, _ = cfa_field
     ref = int(stack.attrs["reference"])
     t = _in_reference(truth, ref)
@@ -218,4 +219,4 @@ def test_colour_integration_keeps_star_fluxes(cfa_field):
             ratios.append((img[c][inside] - truth.channel_sky[ref][c]).sum()
                           / (t.stars[f"flux_{name}"][k] * truth.transmission[ref]))
         assert len(ratios) >= 15, name
-        assert abs(np.median(ratios) - 1) < 0.05, (name, np.median(ratios))
+        assert abs(np.median(ratios) - 1) < 0.025, (name, np.median(ratios))

@@ -31,8 +31,8 @@ value.
 Colour (Bayer) stores are integrated per channel: statistics on each colour's own
 pixels, a normalization and weight per frame and colour (the photometric scale, grey,
 from the whole mosaic), the registered view of one colour at a time
-(:func:`drizzlestack.cfa.channel_planes`), each raw pixel tested against the model of its
-own colour; products get a leading ``channel`` axis (R, G, B), the outlier flags stay one
+(:func:`drizzlestack.cfa.channel_planes`: star-sharp for the model, flux-conserving for
+the image), each raw pixel tested against the model of its own colour; products get a leading ``channel`` axis (R, G, B), the outlier flags stay one
 per raw pixel. A tile task runs the channels one after the other through the same
 buffers, so its memory is that of a grey tile.
 
@@ -118,6 +118,7 @@ class TilePlan:
     cfa_pattern: str = ""  # colour store: products get a leading channel axis
     sky: np.ndarray | None = None  # colour: (frame, channel) background, raw ADU (the colour estimate's star test)
     noise: np.ndarray | None = None  # colour: (frame, channel) pixel noise, raw ADU
+    sharp: bool = False  # colour: the star-sharp channel estimate (the model pass) or the flux-true one
 
     @property
     def channels(self) -> tuple:
@@ -157,7 +158,7 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     all_values, all_saturated = resample_tile(
         _open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape, plan.raw_saturation,
         plan.origin, outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
-        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise)
+        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise, sharp=plan.sharp)
     for c in plan.channels:
         col = 0 if c is None else c
         values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
@@ -586,8 +587,10 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         # (a) The robust model: the chosen rejection on the registered view. An ROI trial
         # models a margin around its region too, so that every input pixel that can
         # reach the region is tested exactly as in a full run.
+        # Colour: the model keeps the stars' sharp shape (every raw sample is tested
+        # against it); the image below conserves each colour's flux.
         model_plan = replace(base, outputs={"integration": prefix + MODEL_VARIABLE, "spread": prefix + SPREAD_VARIABLE},
-                             flags_variable=None)
+                             flags_variable=None, sharp=True)
         model_tiling = tiling
         if roi is not None:
             m_origin, m_shape = _model_region(roi, frame_shape, [mappings[i] for i in used])

@@ -236,7 +236,7 @@ def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tupl
 
 def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, saturation=None,
                   roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None,
-                  pattern: str = "", sky=None, noise=None):
+                  pattern: str = "", sky=None, noise=None, sharp: bool = True):
     """One spatial tile of the registered view, for the frames ``indices``.
 
     Parameters
@@ -272,6 +272,10 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
     sky, noise : (n, 3) array_like, optional
         Colour: each frame's background level and noise per colour (raw units), for the
         star test of the colour estimate (default: measured in each window).
+    sharp : bool
+        Colour: the star-sharp estimate (``True``, for the outlier model) or the
+        flux-conserving bilinear one (``False``, for the integration image); see
+        :func:`drizzlestack.cfa.channel_planes`.
 
     Returns
     -------
@@ -310,7 +314,7 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
                 data[bad] = np.nan
         if colour:
             planes = _cfa.channel_planes(data, pattern, wy.start, wx.start, None if sky is None else sky[k],
-                                         None if noise is None else noise[k], sat)
+                                         None if noise is None else noise[k], sat, sharp=sharp)
             for c in range(len(planes)):
                 resample_window(planes[c], (wy.start, wx.start), frame_shape, xf, yf, sat, out[c, k], saturated[c, k])
         else:
