@@ -126,7 +126,8 @@ def cmd_integrate(args) -> int:
                            reject_low=not args.no_reject_low, reject_high=not args.no_reject_high,
                            range_low=args.range_low, range_high=args.range_high, rejection_options=options,
                            frames=args.frames, output=args.output, overwrite=args.overwrite,
-                           task_memory=args.task_memory, force=args.force, outliers=outliers)
+                           task_memory=args.task_memory, force=args.force, outliers=outliers,
+                           white_balance=args.white_balance)
     name = "integrate" if args.roi is None else "integrate_roi"
     summary = result.attrs["steps"][name].get("summary", {})
     used = summary.get("frames_used", [])
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--tile", type=int, default=512, help="largest tile size: one task per tile (default 512)")
     p.add_argument("--task-memory", default="256MiB", help="memory budget of one tile task (default 256MiB)")
+    p.add_argument("--white-balance", choices=WHITE_BALANCES, default="none",
+                   help="colour frames, the FITS image only: none (default, raw colours), camera (the raw "
+                        "files' as-shot multipliers) or neutral (each channel's sky brought to green's)")
     p.add_argument("--frames", type=int, nargs="+", default=None, help="frame indices (default: every ok frame)")
     p.add_argument("--force", action="store_true", help="recompute even if the store holds this integration")
     _add_scheduler_options(p)

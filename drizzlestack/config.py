@@ -74,6 +74,7 @@ class IntegrateConfig:
     tile: int = 512  # spatial tile of the registered view (pixels)
     task_memory: str = "256MiB"  # memory budget of one tile task: tiles shrink as frames are added
     output: str | None = "integration.fits"  # FITS file of the integration (null: store only)
+    white_balance: str = "none"  # colour frames, the FITS image only: none | camera | neutral
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
 
 

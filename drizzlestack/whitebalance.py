@@ -1,5 +1,7 @@
 """White balance of colour (CFA) products: one gain per channel, folded into the
-per-channel normalization the drizzle applies anyway (no extra pass over the frames).
+per-channel normalization the drizzle applies anyway (no extra pass over the frames),
+and applied to the integration's FITS image as it is streamed out (the store keeps the
+unbalanced integration).
 
 A raw mosaic's channels have the sensor's sensitivities through its filters: drizzled
 as they are (``white_balance="none"``, the default, as Siril and PixInsight do) a grey

@@ -210,3 +210,47 @@ def test_cli_and_config_take_the_white_balance(neutral_field, capsys):
     assert "invalid choice: 'auto'" in capsys.readouterr().err
     cfg = load_config(None, ["drizzle.white_balance=camera"])
     assert cfg.drizzle.white_balance == "camera"
+
+
+# --------------------------------------------------------------- the integration FITS
+def test_the_integration_fits_takes_the_white_balance_and_the_store_keeps_its_raw_colours(neutral_field, tmp_path):
+    truth, store, _, _, _, d = neutral_field
+    before = StackStore.open(store).step("integrate")
+    stack = ds.integrate(store, output=tmp_path / "neutral.fits", white_balance="neutral")
+    raw = stack["integration"].values
+    with fits.open(tmp_path / "neutral.fits") as h:
+        header, image = h[0].header, h[0].data.astype(np.float64)
+    with fits.open(d / "neutral.fits") as h:  # the neutral drizzle's gains
+        drizzle_gains = [h[0].header[f"WB{c}"] for c in "RGB"]
+    assert header["WBALANCE"] == "neutral"
+    gains = [header[f"WB{c}"] for c in "RGB"]
+    assert gains == drizzle_gains
+    sky = truth.channel_sky[0]
+    np.testing.assert_allclose(gains, sky[1] / sky, rtol=0.01)
+    # no black level in the simulation: balanced = gain x the store's integration; green as it is
+    np.testing.assert_array_equal(image[1], raw[1].astype(np.float32))
+    for c in (0, 2):
+        np.testing.assert_allclose(image[c], gains[c] * raw[c], rtol=2e-6, equal_nan=True)
+    # the FITS alone was rewritten: the store's integration is the same run, unbalanced
+    assert StackStore.open(store).step("integrate")["finished"] == before["finished"]
+    unbalanced = ds.integrate(store, output=tmp_path / "none.fits")
+    with fits.open(tmp_path / "none.fits") as h:
+        assert h[0].header["WBALANCE"] == "none"
+        np.testing.assert_array_equal(h[0].data, unbalanced["integration"].values.astype(np.float32))
+
+
+def test_integrate_refuses_an_impossible_white_balance_before_any_work(neutral_field, small_sim, tmp_path):
+    from conftest import register_with_truth
+
+    _, store, _, _, _, _ = neutral_field
+    before = StackStore.open(store).step("integrate")
+    with pytest.raises(ds.DrizzlestackError, match=r"white_balance='camera'.*frame\(s\) 0 \(.*\.fits\)"):
+        ds.integrate(store, output=tmp_path / "x.fits", white_balance="camera", force=True)
+    assert StackStore.open(store).step("integrate") == before
+    assert not (tmp_path / "x.fits").exists()
+    grey = tmp_path / "grey.zarr"
+    ds.ingest(small_sim.files[:3], grey)
+    register_with_truth(grey, small_sim)
+    with pytest.raises(ds.DrizzlestackError, match="white_balance='neutral'.*grey"):
+        ds.integrate(grey, white_balance="neutral")
+    assert "integrate" not in StackStore.open(grey).attrs.get("steps", {})

@@ -52,6 +52,7 @@ from astropy.io import fits
 from dask.utils import parse_bytes
 
 from .. import cfa as _cfa
+from .. import whitebalance as _wb
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
@@ -337,7 +338,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
               reject_low: bool = True, reject_high: bool = True, range_low: float | None = None,
               range_high: float | None = None, rejection_options: dict | None = None, frames=None,
               output=None, overwrite: bool = False, task_memory: int | str = "256MiB",
-              force: bool = False, outliers: dict | _out.OutlierParameters | None = None) -> xr.Dataset:
+              force: bool = False, outliers: dict | _out.OutlierParameters | None = None,
+              white_balance: str = "none") -> xr.Dataset:
     """Pre-integrate a registered stack: statistics, normalization, weights, pixel
     rejection on the registered view, and the integrated image.
 
@@ -395,6 +397,11 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         Memory budget of one tile task (e.g. ``"256MiB"``); sets the tile size.
     force : bool
         Recompute even when the store already holds this integration.
+    white_balance : str
+        Colour stores: ``"none"`` (default, the raw colours), ``"camera"`` or
+        ``"neutral"`` (:mod:`drizzlestack.whitebalance`), applied to the ``output`` FITS
+        image only (header ``WBALANCE``, gains ``WBR``/``WBG``/``WBB``, as the drizzle's); the
+        store keeps the unbalanced integration, which the drizzle balances on its own.
     outliers : dict or OutlierParameters, optional
         Tolerances of the outlier test in each frame's own pixels (``snr``,
         ``derivative``, ``signal``, ``snr_grow``, ``derivative_grow``, ``signal_grow``,
@@ -483,6 +490,11 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         _out.OutlierParameters.from_dict(outliers)
     roi = clip_roi(roi, frame_shape, whole_pixels=True)
     check_output_path(output, overwrite)
+    white_balance = _wb.check_white_balance(white_balance)
+    if white_balance == "camera" or (white_balance == "neutral" and not pattern):
+        # refused before any work: a grey store, or raws without multipliers (the
+        # neutral balance's sky is measured by this step)
+        _wb.balance(white_balance, open_stack(st), select_frames(st, frames)[0], ref, store=str(st.path))
 
     params = {"rejection": rejection, "low": low, "high": high, "normalization": normalization,
               "weights": weights, "roi": list(roi) if roi else None, "saturation": saturation,
@@ -495,7 +507,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     if not force and st.is_current(step_name, params, inputs) and all(
             (ROI_PREFIX + v if roi else v) in st.group for v in IMAGE_VARIABLES):
         if output is not None:
-            _write_fits(output, st, roi, st.step(step_name))
+            _write_fits(output, st, roi, st.step(step_name), white_balance)
         return open_stack(st)
 
     # ------------------------------------------------------------- which frames
@@ -651,7 +663,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     }
     st.end_step(step_name, **summary)
     if output is not None:
-        _write_fits(output, st, roi, st.step(step_name))
+        _write_fits(output, st, roi, st.step(step_name), white_balance)
     return open_stack(st)
 
 
@@ -673,14 +685,28 @@ def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
         return None
 
 
-def _write_fits(path, st: StackStore, roi, record: dict) -> None:
-    """Stream the integration products from the store into a multi-extension FITS file."""
+def _write_fits(path, st: StackStore, roi, record: dict, white_balance: str = "none") -> None:
+    """Stream the integration products from the store into a multi-extension FITS file
+    (colour: the image white-balanced on the way, the store's own left raw)."""
     from ..io.fits import write_streamed
 
     params = record.get("params", {})
     summary = record.get("summary", {})
     prefix = "" if roi is None else ROI_PREFIX
+    gain = offset = None
     header = fits.Header()
+    if st.cfa_pattern:
+        stack = open_stack(st)
+        ref = int(st.attrs.get("reference") or 0)
+        wb = _wb.balance(white_balance, stack, summary.get("frames_used", []), ref, store=str(st.path))
+        header["WBALANCE"] = (wb.method if wb is not None else "none", "white balance (none, camera, neutral)")
+        if wb is not None:
+            # the image is in the reference frame's units: balanced about its black levels
+            black = _wb.reference_black(stack, ref)
+            gain = [float(g) for g in wb.gains]
+            offset = [float(black[1] - b * g) for b, g in zip(black, wb.gains)]
+            for c, g in zip(_cfa.CHANNELS, gain):
+                header[f"WB{c}"] = (g, f"{c} gain about its black level (G = 1)")
     header["NCOMBINE"] = (len(summary.get("frames_used", [])), "number of frames integrated")
     header["REFFRAME"] = (st.attrs.get("reference"), "reference frame index in the stack store")
     header["REJECT"] = (summary.get("rejection", params.get("rejection")), "pixel rejection method")
@@ -710,7 +736,7 @@ def _write_fits(path, st: StackStore, roi, record: dict) -> None:
     max_w = float(summary.get("max_weight") or 0.0)
     w_h["WGTNORM"] = (max_w if max_w > 0 else 1.0, "raw weight sum = WGTNORM * WEIGHTS")
     write_streamed(path, [
-        (header, DirectArray(st.location, prefix + "integration"), None),
+        (header, DirectArray(st.location, prefix + "integration"), gain, offset),
         (low_h, DirectArray(st.location, prefix + "rejected_low"), None),
         (high_h, DirectArray(st.location, prefix + "rejected_high"), None),
         (w_h, DirectArray(st.location, prefix + "integration_weight"), 1.0 / max_w if max_w > 0 else None),

@@ -207,11 +207,12 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
     ----------
     path : path-like or str
         Output file, or an fsspec URL.
-    images : list of (astropy.io.fits.Header, array, factor)
+    images : list of (astropy.io.fits.Header, array, factor[, offset])
         One per HDU, the first becoming the primary HDU. An array is ``(ny, nx)`` or a
         cube ``(n, ny, nx)`` (``NAXIS3 = n``, written plane after plane, e.g. colour
         channels). ``factor`` multiplies the data as it is written (e.g. to normalize a
-        weights image): a number, one per plane of a cube, or ``None`` for none.
+        weights image): a number, one per plane of a cube, or ``None`` for none;
+        ``offset`` (the same forms) is added after it (e.g. a white balance).
     rows_per_read : int
         Rows read and written at a time.
     """
@@ -230,7 +231,8 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
     tmp = path.with_name(path.name + ".part")
     try:
         with open(tmp, "wb") as fh:
-            for k, (header, array, factor) in enumerate(images):
+            for k, (header, array, factor, *more) in enumerate(images):
+                offset = more[0] if more else None
                 planes = array.shape[0] if len(array.shape) == 3 else None
                 ny, nx = array.shape[-2:]
                 hdr = header.copy()
@@ -265,12 +267,14 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
                 step = int(row_chunk) if isinstance(row_chunk, (int, np.integer)) else rows_per_read
                 for p in range(planes or 1):
                     f = factor[p] if isinstance(factor, (list, tuple, np.ndarray)) else factor
+                    o = offset[p] if isinstance(offset, (list, tuple, np.ndarray)) else offset
                     for y0 in range(0, ny, step):
                         rows = slice(y0, min(y0 + step, ny))
                         block = np.asarray(array[rows] if planes is None else array[p, rows])
                         for r0 in range(0, block.shape[0], rows_per_read):
                             band = block[r0:r0 + rows_per_read]
                             band = band * np.float64(f) if f is not None else band
+                            band = band + np.float64(o) if o is not None else band
                             raw = band.astype(">f4").tobytes()
                             fh.write(raw)
                             written += len(raw)
