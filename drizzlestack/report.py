@@ -574,7 +574,12 @@ def write_report(store, directory=None) -> Path:
             h, w = stack[var].shape[1:]
             reduced = f"block mean of {k}x{k} pixels, " if k > 1 else ""
             _save_rgb(out / png, [p for p, _ in planes])
-            how = f"{reduced}R, G, B each asinh-stretched between its 0.5 and 99.8 percentiles, no white balance"
+            # Each channel's own stretch hides any white balance; say which the data carry
+            # (the drizzle's is folded into its values, the store's integration is raw).
+            wb = (stack.attrs.get("steps", {}).get("drizzle", {}).get("params", {}).get("white_balance", "none")
+                  if var == "drizzle" else "none")
+            how = (f"{reduced}R, G, B each asinh-stretched between its 0.5 and 99.8 percentiles, which hides "
+                   f"the data's white balance: {wb}")
             body.append(_figure(png, f"<b>{_esc(title)}</b> (colour): {w} x {h} px ({how}; y up, "
                                      "no data in dark red).", cls="preview", alt=title))
             continue
