@@ -79,6 +79,254 @@ def _clampi(i, n):
 
 
 @numba.njit(nogil=True, cache=True)
+def _sample(src, y0, x0, frame_ny, frame_nx, x, y, saturation, wx, wy):
+    """The clamped Lanczos-3 value of one sample and its saturation flag, every rule in
+    full (frame edge, window edge, NaN fallbacks): the reference that the fast path of
+    :func:`_resample_row` reproduces bit for bit on interior samples without NaN, and
+    what it falls back to for every other sample. ``wx``, ``wy``: scratch (6,)."""
+    h, w = src.shape
+    if not (x >= -0.5 and x <= frame_nx - 0.5 and y >= -0.5 and y <= frame_ny - 0.5):
+        return np.nan, False  # also catches NaN coordinates
+    u = x - x0
+    v = y - y0
+    iu = int(math.floor(u))
+    iv = int(math.floor(v))
+    fu = u - iu
+    fv = v - iv
+    nu = _clampi(int(math.floor(u + 0.5)), w)
+    nv = _clampi(int(math.floor(v + 0.5)), h)
+    if not np.isfinite(src[nv, nu]):
+        return np.nan, False
+    # 2x2 neighbourhood: clamp range, saturation, bilinear fallback.
+    lo = np.inf
+    hi = -np.inf
+    bsum = 0.0
+    bw = 0.0
+    sat = False
+    for dv in range(2):
+        rv = _clampi(iv + dv, h)
+        wgt_v = fv if dv == 1 else 1.0 - fv
+        for du in range(2):
+            ru = _clampi(iu + du, w)
+            val = src[rv, ru]
+            if np.isfinite(val):
+                if val < lo:
+                    lo = val
+                if val > hi:
+                    hi = val
+                if val >= saturation:
+                    sat = True
+                wgt = wgt_v * (fu if du == 1 else 1.0 - fu)
+                bsum += wgt * val
+                bw += wgt
+    sx = _lanczos3_weights(fu, wx)
+    sy = _lanczos3_weights(fv, wy)
+    acc = 0.0
+    complete = True
+    for a in range(6):
+        rv = _clampi(iv + a - 2, h)
+        row = 0.0
+        for b in range(6):
+            val = src[rv, _clampi(iu + b - 2, w)]
+            if not np.isfinite(val):
+                complete = False
+                break
+            row += wx[b] * val
+        if not complete:
+            break
+        acc += wy[a] * row
+    if complete:
+        value = acc / (sx * sy)
+        if value < lo:
+            value = lo
+        elif value > hi:
+            value = hi
+    else:
+        value = bsum / bw if bw > 0 else np.nan
+    return value, sat
+
+
+# The fast path works a row of samples at a time in stages whose loops LLVM vectorizes
+# (8 float64 lanes): positions, weights, then the 36 taps over *runs* of samples whose
+# support rows are the same and whose support columns step by one pixel -- nearly every
+# sample of a registration's near-identity mapping -- so that each tap is one contiguous
+# vector load across 8 samples instead of a gather. Each sample's arithmetic is the
+# reference's (same operations, same order), so the values are identical; samples off
+# the fast path (window edges, NaN in the support) take :func:`_sample`.
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _row_setup(xrow, yrow, x0, y0, frame_ny, frame_nx, h, w, fu, fv, iu, iv, fast):
+    """Per sample of a row: whether it can take the fast path (inside the frame, support
+    inside the window), and its support corner and fractional position."""
+    for i in range(xrow.shape[0]):
+        x = xrow[i]
+        y = yrow[i]
+        u = x - x0
+        v = y - y0
+        lu = math.floor(u)
+        lv = math.floor(v)
+        ok = ((x >= -0.5) & (x <= frame_nx - 0.5) & (y >= -0.5) & (y <= frame_ny - 0.5)
+              & (lu >= 2.0) & (lu + 3.0 < w) & (lv >= 2.0) & (lv + 3.0 < h))  # False for NaN
+        fast[i] = ok
+        lu = lu if ok else 2.0  # harmless values where the sample is not fast
+        lv = lv if ok else 2.0
+        fu[i] = u - lu if ok else 0.0
+        fv[i] = v - lv if ok else 0.0
+        iu[i] = int(lu)
+        iv[i] = int(lv)
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_weights(f, weights, total):
+    """:func:`_lanczos3_weights` for every fractional part ``f`` of a row: ``weights``
+    (6, n), ``total`` (n,)."""
+    for i in range(f.shape[0]):
+        p = f[i] * _LANCZOS3_STEPS
+        q = min(int(p), _LANCZOS3_STEPS - 1)
+        r = p - q
+        s = 0.0
+        for j in range(6):
+            val = _LANCZOS3_TABLE[q, j] + r * (_LANCZOS3_TABLE[q + 1, j] - _LANCZOS3_TABLE[q, j])
+            weights[j, i] = val
+            s += val
+        total[i] = s
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _run_taps(flat, corner, stride, wx, wy, sx, sy, i0, n, saturation, acc_out, value, sat):
+    """Samples ``i0 .. i0 + n`` of a row whose support starts at flat index ``corner +
+    k`` (support row stride ``stride``): the 6x6 sum, the 2x2 clamp and saturation.
+    Unsigned indices: no negative-index wraparound code in the vector loop."""
+    one = np.uint64(1)
+    for k in range(n):
+        i = i0 + np.uint64(k)
+        p = corner + np.uint64(k)
+        acc = 0.0
+        for a in range(6):
+            q = p + np.uint64(a) * stride
+            row = wx[0, i] * flat[q]
+            row += wx[1, i] * flat[q + one]
+            row += wx[2, i] * flat[q + np.uint64(2)]
+            row += wx[3, i] * flat[q + np.uint64(3)]
+            row += wx[4, i] * flat[q + np.uint64(4)]
+            row += wx[5, i] * flat[q + np.uint64(5)]
+            acc += wy[a, i] * row
+        c = p + np.uint64(2) * stride + np.uint64(2)  # the 2x2 neighbourhood's first pixel
+        p00 = flat[c]
+        p01 = flat[c + one]
+        p10 = flat[c + stride]
+        p11 = flat[c + stride + one]
+        lo = min(min(p00, p01), min(p10, p11))
+        hi = max(max(p00, p01), max(p10, p11))
+        v = acc / (sx[i] * sy[i])
+        v = lo if v < lo else (hi if v > hi else v)
+        acc_out[i] = acc
+        value[i] = v
+        sat[i] = hi >= saturation
+
+
+@numba.njit(nogil=True, cache=True)
+def _resample_row(src, flat, y0, x0, frame_ny, frame_nx, xrow, yrow, saturation, out, saturated, j, scratch,
+                  iscratch, fast, bscratch, wx, wy):
+    """Resample row ``j`` of the samples (positions ``xrow``, ``yrow``) in every plane of
+    ``src`` (p, h, w) into ``out[:, j]``, ``saturated[:, j]``."""
+    planes, h, w = src.shape
+    n = xrow.shape[0]
+    fu, fv, sx, sy, acc, value = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]
+    wxs, wys = scratch[6:12], scratch[12:18]
+    iu, iv = iscratch[0], iscratch[1]
+    _row_setup(xrow, yrow, x0, y0, frame_ny, frame_nx, h, w, fu, fv, iu, iv, fast)
+    _row_weights(fu, wxs, sx)
+    _row_weights(fv, wys, sy)
+    stride = np.uint64(w)
+    plane_size = np.uint64(h * w)
+    for c in range(planes):
+        plane0 = np.uint64(c) * plane_size
+        i = 0
+        while i < n:
+            if not fast[i]:
+                i += 1
+                continue
+            start = i
+            u0 = iu[i]
+            v0 = iv[i]
+            i += 1
+            while i < n and fast[i] and iv[i] == v0 and iu[i] == u0 + (i - start):
+                i += 1
+            corner = plane0 + np.uint64((v0 - 2) * w + u0 - 2)
+            _run_taps(flat, corner, stride, wxs, wys, sx, sy, np.uint64(start), np.uint64(i - start), saturation,
+                      acc, value, bscratch)
+        plane = src[c]
+        for i in range(n):
+            if fast[i] and np.isfinite(acc[i]):
+                out[c, j, i] = value[i]
+                saturated[c, j, i] = bscratch[i]
+            else:
+                v, s = _sample(plane, y0, x0, frame_ny, frame_nx, xrow[i], yrow[i], saturation, wx, wy)
+                out[c, j, i] = v
+                saturated[c, j, i] = s
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_nearest_flags(flags, y0, x0, xrow, yrow, out):
+    """Flag of the nearest window pixel of every sample of a row (0 outside the window);
+    NaN positions are outside."""
+    fh, fw = flags.shape
+    for i in range(xrow.shape[0]):
+        x = xrow[i] if np.isfinite(xrow[i]) else -1e9
+        y = yrow[i] if np.isfinite(yrow[i]) else -1e9
+        ix = math.floor(x + 0.5) - x0
+        iy = math.floor(y + 0.5) - y0
+        if ix >= 0 and ix < fw and iy >= 0 and iy < fh:
+            out[i] = flags[int(iy), int(ix)]
+        else:
+            out[i] = 0
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _resample(src, y0, x0, frame_ny, frame_nx, xs, ys, matrix, oy, ox, saturation, out, saturated, flags,
+              projected):
+    """Clamped Lanczos-3 resampling of the planes ``src`` (p, h, w) of one frame window at
+    the positions ``xs``, ``ys`` (ty, tx), or, when ``xs`` is empty, at the reference
+    pixels ``(ox + i, oy + j)`` mapped through the homography ``matrix`` (the operations
+    of :func:`drizzlestack.geometry.apply_homography`, so the same positions). With a
+    non-empty ``flags`` window, ``projected`` (ty, tx) receives each sample's nearest
+    flag."""
+    planes, h, w = src.shape
+    ty, tx = out.shape[1], out.shape[2]
+    flat = src.ravel()
+    scratch = np.empty((18, tx))
+    iscratch = np.empty((2, tx), np.int64)
+    fast = np.empty(tx, np.bool_)
+    bscratch = np.empty(tx, np.bool_)
+    wx = np.empty(6)
+    wy = np.empty(6)
+    mapped = xs.shape[0] == 0
+    xrow = np.empty(tx)
+    yrow = np.empty(tx)
+    for j in range(ty):
+        if mapped:
+            yr = float(oy + j)
+            for i in range(tx):
+                xr = float(ox + i)
+                wgt = matrix[2, 0] * xr + matrix[2, 1] * yr + matrix[2, 2]
+                bad = wgt == 0.0  # mapped to infinity: no position (NaN)
+                xrow[i] = np.nan if bad else (matrix[0, 0] * xr + matrix[0, 1] * yr + matrix[0, 2]) / wgt
+                yrow[i] = np.nan if bad else (matrix[1, 0] * xr + matrix[1, 1] * yr + matrix[1, 2]) / wgt
+        else:
+            xrow[:] = xs[j]
+            yrow[:] = ys[j]
+        if flags.shape[0] > 0:
+            _row_nearest_flags(flags, y0, x0, xrow, yrow, projected[j])
+        _resample_row(src, flat, y0, x0, frame_ny, frame_nx, xrow, yrow, saturation, out, saturated, j, scratch,
+                      iscratch, fast, bscratch, wx, wy)
+
+
+_NO_POSITIONS = np.empty((0, 0))
+_NO_FLAGS = np.empty((0, 0), np.uint8)
+_IDENTITY = np.eye(3)
+
+
+@numba.njit(nogil=True, cache=True)
 def resample_lanczos3_clamped(src, y0, x0, frame_ny, frame_nx, xs, ys, saturation, out, saturated):
     """Clamped Lanczos-3 resampling of one frame window at arbitrary positions.
 
@@ -98,86 +346,13 @@ def resample_lanczos3_clamped(src, y0, x0, frame_ny, frame_nx, xs, ys, saturatio
     saturated : (ty, tx) bool
         Receives True where a 2x2 neighbour is saturated.
     """
-    h, w = src.shape
     ty, tx = xs.shape
-    wx = np.empty(6)
-    wy = np.empty(6)
-    for j in range(ty):
-        for i in range(tx):
-            x = xs[j, i]
-            y = ys[j, i]
-            saturated[j, i] = False
-            if not (x >= -0.5 and x <= frame_nx - 0.5 and y >= -0.5 and y <= frame_ny - 0.5):
-                out[j, i] = np.nan  # also catches NaN coordinates
-                continue
-            u = x - x0
-            v = y - y0
-            iu = int(math.floor(u))
-            iv = int(math.floor(v))
-            fu = u - iu
-            fv = v - iv
-            nu = _clampi(int(math.floor(u + 0.5)), w)
-            nv = _clampi(int(math.floor(v + 0.5)), h)
-            if not np.isfinite(src[nv, nu]):
-                out[j, i] = np.nan
-                continue
-            # 2x2 neighbourhood: clamp range, saturation, bilinear fallback.
-            lo = np.inf
-            hi = -np.inf
-            bsum = 0.0
-            bw = 0.0
-            sat = False
-            for dv in range(2):
-                rv = _clampi(iv + dv, h)
-                wgt_v = fv if dv == 1 else 1.0 - fv
-                for du in range(2):
-                    ru = _clampi(iu + du, w)
-                    val = src[rv, ru]
-                    if np.isfinite(val):
-                        if val < lo:
-                            lo = val
-                        if val > hi:
-                            hi = val
-                        if val >= saturation:
-                            sat = True
-                        wgt = wgt_v * (fu if du == 1 else 1.0 - fu)
-                        bsum += wgt * val
-                        bw += wgt
-            saturated[j, i] = sat
-            sx = _lanczos3_weights(fu, wx)
-            sy = _lanczos3_weights(fv, wy)
-            acc = 0.0
-            complete = True
-            if iu >= 2 and iu + 3 < w and iv >= 2 and iv + 3 < h:
-                # Interior: no index clamping; a NaN anywhere makes acc NaN.
-                for a in range(6):
-                    row = 0.0
-                    for b in range(6):
-                        row += wx[b] * src[iv + a - 2, iu + b - 2]
-                    acc += wy[a] * row
-                complete = np.isfinite(acc)
-            else:
-                for a in range(6):
-                    rv = _clampi(iv + a - 2, h)
-                    row = 0.0
-                    for b in range(6):
-                        val = src[rv, _clampi(iu + b - 2, w)]
-                        if not np.isfinite(val):
-                            complete = False
-                            break
-                        row += wx[b] * val
-                    if not complete:
-                        break
-                    acc += wy[a] * row
-            if complete:
-                value = acc / (sx * sy)
-                if value < lo:
-                    value = lo
-                elif value > hi:
-                    value = hi
-            else:
-                value = bsum / bw if bw > 0 else np.nan
-            out[j, i] = value
+    if ty == 0 or tx == 0:
+        return
+    h, w = src.shape
+    _resample(src.reshape(1, h, w), y0, x0, frame_ny, frame_nx, xs, ys, np.eye(3), 0, 0, saturation,
+              out.reshape(1, ty, tx), saturated.reshape(1, ty, tx), np.empty((0, 0), np.uint8),
+              np.empty((0, 0), np.uint8))
 
 
 def resample_window(window: np.ndarray, origin: tuple[int, int], frame_shape: tuple[int, int], x, y,
@@ -291,7 +466,7 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         out = np.empty(lead + shape, np.float32)
     if saturated is None:
         saturated = np.zeros(lead + shape, np.bool_)
-    xr, yr = pixel_grid(shape, roi_origin[0] + sy.start, roi_origin[1] + sx.start)
+    xr = yr = None  # the reference pixels' positions, for a mapping the kernel cannot evaluate
     box = tile_box(sy, sx, roi_origin)
     for k, (i, mapping) in enumerate(zip(indices, mappings)):
         # colour: one more pixel for the 3x3 support of the channel estimate
@@ -302,33 +477,43 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
             continue
         wy, wx = window
         data = np.asarray(frames[int(i), wy, wx], dtype=np.float32)
-        xf, yf = mapping.inverse(xr, yr)
         sat = np.inf if saturation is None or saturation[k] is None else saturation[k]
+        sat = float(sat) if np.isfinite(sat) else np.inf
+        # A homography is evaluated inside the kernel, row by row (no position arrays);
+        # a spline's positions come from its own (lattice) evaluation.
+        homography = getattr(mapping, "is_homography", False)
+        if homography:
+            xf = yf = _NO_POSITIONS
+        else:
+            if xr is None:
+                xr, yr = pixel_grid(shape, roi_origin[0] + sy.start, roi_origin[1] + sx.start)
+            xf, yf = mapping.inverse(xr, yr)
+            xf = np.ascontiguousarray(xf, dtype=np.float64)
+            yf = np.ascontiguousarray(yf, dtype=np.float64)
+        flags = _NO_FLAGS
+        proj = _NO_FLAGS
         if outliers is not None:
-            flags = np.asarray(outliers[int(i), wy, wx])
+            flags = np.ascontiguousarray(outliers[int(i), wy, wx], dtype=np.uint8)
             if projected is not None:
-                _nearest_flags(flags, wy.start, wx.start, xf, yf, projected[k])
+                proj = projected[k]
             bad = flags != 0
             if bad.any():
                 data = data.copy()
                 data[bad] = np.nan
+            if projected is None:
+                flags = _NO_FLAGS
         if colour:
             planes = _cfa.channel_planes(data, pattern, wy.start, wx.start, None if sky is None else sky[k],
                                          None if noise is None else noise[k], sat, sharp=sharp)
-            for c in range(len(planes)):
-                resample_window(planes[c], (wy.start, wx.start), frame_shape, xf, yf, sat, out[c, k], saturated[c, k])
+            src = np.ascontiguousarray(np.stack([np.asarray(pl, np.float32) for pl in planes]))
+            values, sats = out[:, k], saturated[:, k]
         else:
-            resample_window(data, (wy.start, wx.start), frame_shape, xf, yf, sat, out[k], saturated[k])
+            src = np.ascontiguousarray(data)[None]
+            values, sats = out[k][None], saturated[k][None]
+        matrix = mapping.inverse_matrix if homography else _IDENTITY
+        _resample(src, int(wy.start), int(wx.start), int(frame_shape[0]), int(frame_shape[1]), xf, yf, matrix,
+                  int(roi_origin[0] + sy.start), int(roi_origin[1] + sx.start), sat, values, sats, flags, proj)
     return out, saturated
-
-
-def _nearest_flags(flags, y0, x0, xf, yf, out) -> None:
-    """Flag of the nearest window pixel of every sample (0 outside the window)."""
-    ix = np.floor(np.where(np.isfinite(xf), xf, -1e9) + 0.5) - x0
-    iy = np.floor(np.where(np.isfinite(yf), yf, -1e9) + 0.5) - y0
-    inside = (ix >= 0) & (ix < flags.shape[1]) & (iy >= 0) & (iy < flags.shape[0])
-    out[...] = 0
-    out[inside] = flags[iy[inside].astype(np.intp), ix[inside].astype(np.intp)]
 
 
 def _view_block(store_path, indices, mappings, frame_shape, roi_origin, factor, offset, pattern="", channel=None,
