@@ -183,6 +183,12 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
     tested = 0
     seeds = 0
     tol = np.empty((h, w), np.float32)  # second-pass tolerance, kept from the first loop
+    # Without a gain the noise is one number per channel (above * 0 adds nothing): no
+    # square root per pixel, the same bits.
+    sigma_flat = np.empty(len(noise2))
+    for c in range(len(noise2)):
+        sigma_flat[c] = np.sqrt((noise2[c] + 0.0) * model_var_factor)
+    flat = inv_gain == 0.0
     for y in range(h):
         for x in range(w):
             out[y, x] = 0
@@ -212,7 +218,10 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
             above = b - sky[c]
             if above < 0.0:
                 above = 0.0
-            sigma = np.sqrt((noise2[c] + above * inv_gain) * model_var_factor)
+            if flat:
+                sigma = sigma_flat[c]
+            else:
+                sigma = np.sqrt((noise2[c] + above * inv_gain) * model_var_factor)
             sp = spread[c, y, x]
             if not np.isfinite(sp):
                 sp = 0.0
