@@ -14,6 +14,12 @@ against the drizzle's own.
 
     python benchmarks/bench_fidelity.py --frames 16 --width 1024 --height 768
     python benchmarks/bench_fidelity.py --frames 16 --width 1024 --height 768 --seeing 1.2 2.4
+
+``--before FILE`` times the outlier pass of another version of
+``drizzlestack/integration/outliers.py`` (e.g. ``git show main:drizzlestack/integration/outliers.py``
+saved to a file) side by side with this tree's, alternating ``--repeat`` times on the
+same store (the fastest wall and CPU times of each are kept; the machine's load
+varies), and checks that both give the same flags.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ def main(argv=None) -> None:
     p.add_argument("--pixfrac", type=float, default=0.9)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--before", default=None, help="another outliers.py to time against this tree's")
+    p.add_argument("--repeat", type=int, default=5, help="alternations with --before")
     args = p.parse_args(argv)
 
     import drizzlestack as ds
@@ -115,8 +123,67 @@ def main(argv=None) -> None:
               "outlier_pass_over_drizzle": round(summary["outliers"]["seconds"] / t_drizzle, 3)}
     if not args.no_peer:
         timing["peer_s"] = round(t_peer, 2)
+    if args.before:
+        timing["side_by_side"] = side_by_side(store, args)
     print(json.dumps({"args": vars(args), "reference": ref, "results": results, "flags": flags_report,
                       "timing": timing}, indent=1))
+
+
+def side_by_side(store, args) -> dict:
+    """Outlier pass and drizzle times with ``args.before``'s outliers module and this
+    tree's, alternating; the fastest of each, and whether the flags are identical."""
+    import importlib.util
+
+    import drizzlestack as ds
+    from drizzlestack.integration import outliers
+    from drizzlestack.store import StackStore
+
+    name = "drizzlestack.integration._outliers_before"
+    spec = importlib.util.spec_from_file_location(name, args.before)
+    before = importlib.util.module_from_spec(spec)
+    sys.modules[name] = before
+    spec.loader.exec_module(before)
+    tasks = {"before": before.outlier_tile, "after": outliers.outlier_tile}
+    # Wall time (the fastest run) and CPU time of the process (all threads; less
+    # sensitive to other jobs on the machine) of the outlier pass and of the drizzle.
+    times = {side: {"outlier_pass_s": [], "outlier_pass_cpu_s": [], "drizzle_s": [], "drizzle_cpu_s": []}
+             for side in tasks}
+    flags = {}
+    flag_outliers = outliers.flag_outliers
+    cpu = {}
+
+    def timed_flag_outliers(*a, **k):
+        c = time.process_time()
+        result = flag_outliers(*a, **k)
+        cpu["outliers"] = time.process_time() - c
+        return result
+
+    outliers.flag_outliers = timed_flag_outliers
+    try:
+        for r in range(args.repeat + 1):  # the first round compiles the other module's kernels
+            for side, task in tasks.items():
+                outliers.outlier_tile = task
+                ds.integrate(store, force=True)
+                st = StackStore.open(store)
+                flags[side] = np.asarray(st.group["outliers"][...])
+                t, c = time.perf_counter(), time.process_time()
+                ds.drizzle(store, scale=args.scale, pixfrac=args.pixfrac, output=None, force=True)
+                if r:
+                    times[side]["drizzle_s"].append(time.perf_counter() - t)
+                    times[side]["drizzle_cpu_s"].append(time.process_time() - c)
+                    times[side]["outlier_pass_s"].append(st.step("integrate")["summary"]["outliers"]["seconds"])
+                    times[side]["outlier_pass_cpu_s"].append(cpu["outliers"])
+    finally:
+        outliers.outlier_tile = tasks["after"]
+        outliers.flag_outliers = flag_outliers
+    out = {"flags_identical": bool(np.array_equal(flags["before"], flags["after"]))}
+    for side, t in times.items():
+        best = {k: min(v) for k, v in t.items()}
+        out[side] = {k: round(v, 3) for k, v in best.items()}
+        out[side]["ratio"] = round(best["outlier_pass_s"] / best["drizzle_s"], 3)
+        out[side]["cpu_ratio"] = round(best["outlier_pass_cpu_s"] / best["drizzle_cpu_s"], 3)
+        out[side]["outlier_pass_all_s"] = [round(v, 3) for v in t["outlier_pass_s"]]
+    return out
 
 
 if __name__ == "__main__":

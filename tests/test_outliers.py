@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import drizzlestack as ds
-from drizzlestack.integration.outliers import FLAG_HIGH, FLAG_RANGE, OutlierParameters, flag_pixels
+from drizzlestack.integration.outliers import (EDGE_REACH, FLAG_HIGH, FLAG_LOW, FLAG_RANGE, OutlierParameters,
+                                              blot_window, flag_pixels)
 from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
 from drizzlestack.store import StackStore
@@ -279,3 +280,113 @@ def test_colour_derivative_term_compares_a_pixel_with_its_own_colour_only():
                          np.array([100.0, 100.0]), 0.0, 1.0, 4.0, 1.2, 0.6, 3.0, 0.7, 0.4, 3.0, 3.0,
                          np.ones(2), np.zeros(2), -np.inf, np.inf, out)
     assert out[2, 2] == FLAG_HIGH and out.sum() == FLAG_HIGH and tested == 25
+
+
+def test_second_pass_grows_only_around_first_pass_hits():
+    """The grow pass, against a direct reading of its rule on a random field (hits, tails,
+    chains of tails, saturated, out-of-range and NaN pixels, frame edges): a pixel is
+    flagged high in the second pass when it passed the first, exceeds the looser
+    tolerance, and touches (8-neighbourhood) a first-pass hit, high or low; pixels grown
+    in the second pass never grow it further."""
+    rng = np.random.default_rng(3)
+    h, w = 60, 70
+    model = np.full((h, w), 100.0, np.float32)
+    model[rng.random((h, w)) < 0.02] = np.nan  # no model: not tested (a flat model: no derivative term)
+    excess = rng.choice([0.0, 35.0, 45.0, -45.0], size=(h, w), p=[0.6, 0.3, 0.07, 0.03])
+    data = (100.0 + excess).astype(np.float32)  # sigma 10: hits beyond 40, tails beyond 30
+    special = rng.random((h, w))
+    data[special < 0.01] = np.nan
+    data[(special >= 0.01) & (special < 0.02)] = 250.0  # saturated: never flagged, not a hit
+    data[(special >= 0.02) & (special < 0.03)] = 10.0  # at or below range_low: FLAG_RANGE, not a hit
+    out = np.zeros((h, w), np.uint8)
+
+    def run(k_high):
+        return flag_pixels(data, np.zeros((h, w), np.uint8), model[None], np.zeros((1, h, w), np.float32), 200.0,
+                           np.array([100.0]), np.array([100.0]), 0.0, 1.0, 4.0, 1.2, 0.6, 3.0, 0.7, 0.4, 3.0,
+                           k_high, np.ones(1), np.zeros(1), 20.0, np.inf, out)
+
+    for k_high in (3.0, np.inf):
+        tested = run(k_high)
+        ok = np.isfinite(data) & (data < 200.0) & (data > 20.0) & np.isfinite(model)
+        diff = data.astype(np.float64) - 100.0
+        first = np.zeros((h, w), np.uint8)
+        first[ok & (diff > 40) & np.isfinite(k_high)] = FLAG_HIGH
+        first[ok & (diff < -40)] = FLAG_LOW
+        first[np.isfinite(data) & (data < 200.0) & (data <= 20.0)] = FLAG_RANGE
+        hits = np.pad((first & 3) != 0, 1)
+        near = np.zeros((h, w), bool)
+        for dy in range(3):
+            for dx in range(3):
+                near |= hits[dy:dy + h, dx:dx + w]
+        grown = ok & (first == 0) & near & (diff > 30) & np.isfinite(k_high)
+        expected = first.copy()
+        expected[grown] = FLAG_HIGH
+        np.testing.assert_array_equal(out, expected)
+        assert tested == int((np.isfinite(data) & np.isfinite(model)).sum())
+        if np.isfinite(k_high):  # the field exercises the rule: tails grown, and tails left alone
+            assert grown.sum() > 200 and (ok & (first == 0) & ~near & (diff > 30)).sum() > 200
+            assert (grown & ~np.pad(near, 1)[1:-1, 1:-1]).sum() == 0
+
+
+def _blot_reference(model, spread, wy0, wx0, mny, mnx, x, y, scale, offset):
+    """Bilinear blot written directly from blot_window's docstring, in numpy."""
+    inside = (x >= -0.5 - EDGE_REACH) & (x <= mnx - 0.5 + EDGE_REACH) & (y >= -0.5 - EDGE_REACH) & \
+             (y <= mny - 0.5 + EDGE_REACH)
+    h, w = model.shape
+    x = np.clip(x, 0.0, mnx - 1.0) - wx0
+    y = np.clip(y, 0.0, mny - 1.0) - wy0
+    iu, iv = np.floor(x).astype(int), np.floor(y).astype(int)
+    fu, fv = x - iu, y - iv
+    acc = np.zeros(x.shape)
+    wsum = np.zeros(x.shape)
+    for dv, wv in ((0, 1.0 - fv), (1, fv)):
+        for du, wu in ((0, 1.0 - fu), (1, fu)):
+            val = model[np.clip(iv + dv, 0, h - 1), np.clip(iu + du, 0, w - 1)].astype(np.float64)
+            good = np.isfinite(val)
+            acc += np.where(good, wv * wu * np.where(good, val, 0.0), 0.0)
+            wsum += np.where(good, wv * wu, 0.0)
+    nv = np.clip(np.floor(y + 0.5).astype(int), 0, h - 1)
+    nu = np.clip(np.floor(x + 0.5).astype(int), 0, w - 1)
+    valid = inside & (wsum > 0) & np.isfinite(model[nv, nu])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        b = np.where(valid, (acc / wsum - offset) / scale, np.nan)
+        s = np.where(valid, spread[nv, nu] / scale, np.nan)
+    return b, s
+
+
+def test_blot_window_matches_a_direct_bilinear_interpolation():
+    """The blot (clamp-free path inside the window, general path at its edges and next to
+    missing model pixels), against numpy; the position-array path gives the same bits as
+    the homography path."""
+    rng = np.random.default_rng(5)
+    mny, mnx = 90, 80  # the whole model array; the window starts at (wy0, wx0)
+    full = (100.0 + 50.0 * rng.random((mny, mnx))).astype(np.float32)
+    full[rng.random((mny, mnx)) < 0.05] = np.nan
+    full[:, 0] = np.nan  # a missing edge column
+    spread_full = (5.0 * rng.random((mny, mnx))).astype(np.float32)
+    wy0, wx0 = 10, 5
+    model, spread = full[wy0:, wx0:], spread_full[wy0:, wx0:]
+    angle = np.radians(0.7)
+    matrix = np.array([[np.cos(angle), -np.sin(angle), -3.3], [np.sin(angle), np.cos(angle), 8.6],
+                       [1e-5, -2e-5, 1.0]])
+    y0, x0, ty, tx = 12, 4, 80, 79  # frame pixels, some mapping beyond the model's edges
+    fx, fy = np.meshgrid(np.arange(x0, x0 + tx, dtype=np.float64), np.arange(y0, y0 + ty, dtype=np.float64))
+    wz = matrix[2, 0] * fx + matrix[2, 1] * fy + matrix[2, 2]
+    xr = (matrix[0, 0] * fx + matrix[0, 1] * fy + matrix[0, 2]) / wz
+    yr = (matrix[1, 0] * fx + matrix[1, 1] * fy + matrix[1, 2]) / wz
+    scale, offset = np.array([1.3]), np.array([-20.0])
+    outs = []
+    for use_matrix, xs, ys in ((True, np.empty((0, 0)), np.empty((0, 0))), (False, xr, yr)):
+        b = np.empty((1, ty, tx), np.float32)
+        s = np.empty((1, ty, tx), np.float32)
+        blot_window(model[None], spread[None], wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix,
+                    EDGE_REACH, scale, offset, b, s)
+        outs.append((b[0], s[0]))
+    rb, rs = _blot_reference(model, spread, wy0, wx0, mny, mnx, xr, yr, scale[0], offset[0])
+    b, s = outs[0]
+    np.testing.assert_array_equal(np.isnan(b), np.isnan(rb))
+    assert 0.1 < np.isnan(b).mean() < 0.5  # the test reaches beyond the model and around holes
+    np.testing.assert_allclose(b, rb, rtol=2e-7, equal_nan=True)
+    np.testing.assert_allclose(s, rs, rtol=2e-7, equal_nan=True)
+    for a, c in zip(outs[0], outs[1]):
+        np.testing.assert_array_equal(a.view(np.uint32), c.view(np.uint32))
