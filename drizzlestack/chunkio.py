@@ -211,8 +211,12 @@ class DirectArray:
         given = tuple(n for n, dropped in zip(full, squeeze) if not dropped)
         value = np.broadcast_to(np.asarray(value, dtype=self.dtype), given).reshape(full)
         for chunk, dst, src in self._pieces(bounds):
-            block = np.full(self._chunk_shape, self._fill, dtype=self._file_dtype)  # edge chunks: padded
-            block[src] = value[dst]
+            piece = value[dst]
+            if piece.shape == self._chunk_shape and piece.dtype == self._file_dtype:
+                block = piece  # a whole chunk: encoded from the value itself, no padded copy
+            else:
+                block = np.full(self._chunk_shape, self._fill, dtype=self._file_dtype)  # edge chunks: padded
+                block[src] = piece
             self._write_chunk(chunk, block)
 
     def _whole_chunks(self, bounds) -> bool:

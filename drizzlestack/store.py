@@ -283,12 +283,16 @@ class StackStore:
             arr.attrs.update(attrs)
         return arr
 
-    def create_variable(self, name: str, shape, dims, chunks, dtype, fill_value) -> zarr.Array:
-        """Create (replacing) an empty variable to be filled region by region (tiled writers)."""
+    def create_variable(self, name: str, shape, dims, chunks, dtype, fill_value, compressors=None) -> zarr.Array:
+        """Create (replacing) an empty variable to be filled region by region (tiled writers).
+
+        ``compressors``: a zarr codec (e.g. :data:`FRAME_CODEC`) or ``None`` for zarr's
+        default (zstd)."""
         if name in self.group:
             del self.group[name]
+        extra = {} if compressors is None else {"compressors": compressors}
         return self.group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
-                                       fill_value=fill_value, dimension_names=tuple(dims))
+                                       fill_value=fill_value, dimension_names=tuple(dims), **extra)
 
     def delete_variables(self, *names: str) -> None:
         for name in names:

@@ -416,6 +416,13 @@ def _sq_areas_weights3(S, nb):
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
+def _mark(flat_t, b, a):
+    """Mark cell ``b`` of the flat ``touched`` array when overlap ``a`` is not zero."""
+    if a != 0.0:
+        flat_t[b] = 1
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
     """Add the batch's cell overlaps times ``w / area`` and ``w * value / area`` into
     the accumulators (clipped to the output plane of ``H`` rows; drop ``k`` goes
@@ -424,6 +431,7 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
     # flat views and unsigned offsets: no negative-index fix-ups in the hot loop
     flat_w = acc_w.reshape(acc_w.shape[0] * W)
     flat_wv = acc_wv.reshape(acc_w.shape[0] * W)
+    flat_t = touched.reshape(touched.shape[0] * touched.shape[1])  # (1, 1) and unread without coverage
     uW = uint64(W)
     ncontrib = 0
     for k in range(nb):
@@ -434,7 +442,10 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
         ox = int(S[_S_OX + k])
         oy = int(S[_S_OY + k])
         roff = int(crow[uint64(k) * cstep]) * H
-        if ox >= 0 and oy >= 0 and ox + wn <= W and oy + wn <= H and not use_touched:
+        # Drops wholly inside the plane: no bounds checks; with coverage, the cells with a
+        # non-zero overlap are marked as the general path below marks them (adding a
+        # zero overlap changes no accumulator, so both paths give the same sums).
+        if ox >= 0 and oy >= 0 and ox + wn <= W and oy + wn <= H:
             base = uint64(oy + roff) * uW + uint64(ox)
             if wn == 3:
                 # the common case at scale ~2, unrolled; all loads from S first (LLVM
@@ -475,6 +486,16 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
                 flat_wv[b2] += fv * a6
                 flat_wv[b2 + u1] += fv * a7
                 flat_wv[b2 + u2] += fv * a8
+                if use_touched:
+                    _mark(flat_t, b0, a0)
+                    _mark(flat_t, b0 + u1, a1)
+                    _mark(flat_t, b0 + u2, a2)
+                    _mark(flat_t, b1, a3)
+                    _mark(flat_t, b1 + u1, a4)
+                    _mark(flat_t, b1 + u2, a5)
+                    _mark(flat_t, b2, a6)
+                    _mark(flat_t, b2 + u1, a7)
+                    _mark(flat_t, b2 + u2, a8)
             else:
                 for r in range(wn):
                     row = base + uint64(r) * uW
@@ -483,6 +504,8 @@ def _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep):
                         a = S[o + uint64(c * _B)]
                         flat_w[row + uint64(c)] += fw * a
                         flat_wv[row + uint64(c)] += fv * a
+                        if use_touched:
+                            _mark(flat_t, row + uint64(c), a)
             ncontrib += 1
         else:
             hit = False
