@@ -34,7 +34,9 @@ own fresh subprocess (wall time; CPU time from ``os.wait4``; the child's own pea
 (a) drizzlestack: ingest, register (reference frame 0, so both outputs share a grid),
     integrate (package defaults: winsorized rejection 4/3, normalization, noise
     weights; store only, no integration FITS since (b) writes none), drizzle at scale 2,
-    pixfrac 0.9, square kernel, FITS output; threaded scheduler with ``--workers``.
+    pixfrac 0.9, square kernel, FITS output; threaded scheduler with ``--workers``. The
+    child ends as the ``drizzlestack`` command does (``cli.before_exit``: the heap frozen,
+    so the interpreter's shutdown collections skip it).
 (b) today's tools, written the way their documentation shows, in one Python process:
     read every FITS frame into memory with astropy; ``astroalign.find_transform(frame,
     reference)`` for every frame against frame 0; ``astroalign.apply_transform`` (which
@@ -252,7 +254,11 @@ def child_main(spec: dict) -> None:
         return
     else:
         raise ValueError(task)
-    print(json.dumps({**base, **res, "peak_rss_mib": _rss_mib()}))
+    print(json.dumps({**base, **res, "peak_rss_mib": _rss_mib()}), flush=True)
+    if task in ("ds_step", "ds_pipeline"):
+        from drizzlestack.cli import before_exit
+
+        before_exit()  # the child ends as the `drizzlestack` command does (its exit is in the wall time)
 
 
 # ------------------------------------------------------------- today's tools (b)

@@ -393,5 +393,27 @@ def _run(args) -> int:
         return 2
 
 
+def before_exit() -> None:
+    """Let the interpreter's last garbage collections skip every object alive now.
+
+    Called by the console command once its work is done and written: with numpy, dask,
+    xarray, zarr, numba and astropy loaded, the collections of the interpreter's
+    shutdown took 0.6-0.9 s of every ``drizzlestack run`` (0.09 s frozen). Never called
+    by :func:`main` itself, which tests and notebooks call in a long-lived process
+    (frozen objects are never collected).
+    """
+    import gc
+
+    gc.freeze()
+
+
+def console(argv=None) -> int:
+    """The ``drizzlestack`` console command: :func:`main`, then :func:`before_exit`."""
+    try:
+        return main(argv)
+    finally:
+        before_exit()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
