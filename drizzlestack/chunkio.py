@@ -182,15 +182,27 @@ class DirectArray:
 
     # --------------------------------------------------------------------- reads
     def __getitem__(self, key) -> np.ndarray:
+        return self.read(key)
+
+    def read(self, key, out: np.ndarray | None = None) -> np.ndarray:
+        """``self[key]``, into ``out`` when given (the selection's shape, any strides;
+        values cast as numpy assigns them), a new array otherwise."""
         plan = self._bounds(key) if self._codec is not None else None
         if plan is None:
-            return np.asarray(self.array[key])
+            if out is None:
+                return np.asarray(self.array[key])
+            out[...] = self.array[key]
+            return out
         bounds, squeeze = plan
-        out = np.empty(tuple(b - a for a, b in bounds), dtype=self.dtype)
-        if out.size:
+        full = tuple(b - a for a, b in bounds)
+        if out is None:
+            region = np.empty(full, dtype=self.dtype)
+        else:
+            region = out.reshape(full)  # a view of out (only length-1 axes are added)
+        if region.size:
             for chunk, dst, src in self._pieces(bounds):
-                out[dst] = self._read_chunk(chunk)[src]
-        return out[tuple(0 if s else slice(None) for s in squeeze)]
+                region[dst] = self._read_chunk(chunk)[src]
+        return out if out is not None else region[tuple(0 if s else slice(None) for s in squeeze)]
 
     def _read_chunk(self, chunk: tuple[int, ...]) -> np.ndarray:
         try:

@@ -170,3 +170,24 @@ def test_frame_rows_read_any_band_of_a_frame(tmp_path):
     out = np.full((20, 37), np.nan, np.float32)
     assert rows.rows(20, 40, out) is out
     np.testing.assert_array_equal(out, frames[1][20:40])
+
+
+def test_direct_reads_into_a_given_buffer_are_the_arrays_values(tmp_path):
+    """``DirectArray.read(key, out=)`` (registration's band reader decodes into its own
+    buffers): any window, with an integer axis, across chunks and edge chunks, equals
+    zarr's own read and lands in ``out`` itself, strided or not."""
+    from drizzlestack.chunkio import DirectArray
+
+    st, frames = _store_with_frames(tmp_path / "s.zarr", n=3, shape=(45, 37), chunk=16)
+    arr = DirectArray(st.location, "frames")
+    assert arr.direct
+    for key in [(1, slice(0, 45), slice(None)), (2, slice(5, 33), slice(7, 30)), (0, slice(40, 45), slice(30, 37))]:
+        want = np.asarray(st.group["frames"][key])
+        out = np.full(want.shape, np.nan, np.float32)
+        assert arr.read(key, out=out) is out
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(arr[key], want)
+    wide = np.zeros((45, 40), np.float32)  # a strided buffer is filled in place too
+    arr.read((1, slice(0, 45), slice(None)), out=wide[:, :37])
+    np.testing.assert_array_equal(wide[:, :37], frames[1])
+    assert not wide[:, 37:].any()
