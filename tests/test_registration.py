@@ -746,6 +746,47 @@ def test_band_background_is_seps_to_the_last_bit(shape, box, holes):
                                   ref.rms())
 
 
+@pytest.mark.parametrize("kind", ["constant", "quantized", "two_levels", "hot_pixels", "tiny", "holes", "negative"])
+def test_box_statistics_are_a_one_box_sep_background_in_degenerate_boxes(kind):
+    """The numba port of sep's per-box statistics (backstat, backhisto, backguess; it
+    replaced a sep.Background call per box, issue 12) gives sep's own values for boxes
+    that stress its histogram: a constant box (zero sigma), integer data with a few
+    levels, two levels only, a box of hot pixels on a flat sky, a strip narrower than a
+    box, no-data holes, and a negative sky."""
+    import sep
+
+    from drizzlestack.registration.background import box_statistics
+
+    rng = np.random.default_rng(len(kind))
+    for trial in range(20):
+        shape = (1, 7) if kind == "tiny" else (int(rng.integers(8, 65)), int(rng.integers(8, 65)))
+        if kind == "constant":
+            img = np.full(shape, rng.uniform(0, 1e4), np.float32)
+        elif kind == "quantized":
+            img = np.round(rng.normal(100, rng.uniform(0.3, 3), shape)).astype(np.float32)
+        elif kind == "two_levels":
+            img = rng.choice([10.0, 11.0], shape).astype(np.float32)
+        elif kind == "hot_pixels":
+            img = np.full(shape, 500.0, np.float32) + rng.normal(0, 0.01, shape).astype(np.float32)
+            img.flat[rng.integers(0, img.size, 5)] = 6e4
+        elif kind == "negative":
+            img = rng.normal(-300, 8, shape).astype(np.float32)
+        else:
+            img = rng.normal(1000, 10, shape).astype(np.float32)
+        nodata = None
+        if kind == "holes":
+            nodata = rng.random(shape) < rng.uniform(0, 0.45)
+            img[nodata] = 0.0
+        back = np.empty((1, 1), np.float32)
+        sigma = np.empty_like(back)
+        box = max(shape)
+        box_statistics(img, nodata, box, back, sigma)
+        mask = None if nodata is None else nodata.view(np.uint8) * np.uint8(2)
+        ref = sep.Background(img, mask=mask, maskthresh=1.0, bw=box, bh=box, fw=1, fh=1)
+        rms = ref.globalrms if ref.globalrms != 1.0 else ref.rms()[0, 0]
+        assert (back[0, 0], sigma[0, 0]) == (ref.globalback, rms), (kind, trial, shape)
+
+
 def test_star_detection_holds_a_band_not_the_frame():
     """Issue 12 (registration memory on 4096^2 frames): detection allocates a few bands
     of 256 rows (with their halos) and the candidates' stamps, not frame-sized maps:
