@@ -2,13 +2,22 @@
 
     python benchmarks/bench_drizzle_driver.py scaling  [--frames 8 --size 1024]
     python benchmarks/bench_drizzle_driver.py memory   [--size 1024]
+    python benchmarks/bench_drizzle_driver.py step-vs-kernel --store STORE [--repeat 3]
 
 ``scaling`` times the same multi-frame drizzle on the threaded scheduler with 1 and 2
 workers, alternating, in one process (numba warmed up first). ``memory`` runs each
 configuration in a fresh subprocess and reports its peak RSS: scale 2 against scale 4
 (4x the output area) and a growing number of frames.
 
-The store is synthetic (noise frames with random sub-pixel shifts and small rotations,
+``step-vs-kernel`` (issue 12: "drizzle in the pipeline within 1.5x of the kernel's own
+throughput") runs the whole ``drizzle`` step on an integrated store (e.g. the one
+``bench_pipeline.py compare --workdir DIR`` leaves in ``DIR/stack.zarr``): own-pixel
+flags, weights, input windows, tile writes and the FITS file included, threaded
+scheduler with ``--workers``; every call of the kernel (``drizzle.array.accumulate``) is
+timed with the calling thread's CPU clock meanwhile. The kernel's own time per worker is
+that CPU time divided by the workers; the step's overhead is its wall time over that.
+
+For ``scaling`` and ``memory`` the store is synthetic (noise frames with random sub-pixel shifts and small rotations,
 registered with the known transforms): the driver's cost does not depend on the content.
 """
 
@@ -127,19 +136,70 @@ def memory(args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def step_vs_kernel(args):
+    import threading
+
+    import drizzlestack as ds
+    from drizzlestack.drizzle import array as _array
+    from drizzlestack.drizzle import driver as _driver
+    from drizzlestack.parallel import scheduler
+    from drizzlestack.store import StackStore
+
+    st = StackStore.open(args.store)
+    n_ok = sum(str(s) == "ok" for s in st.group["status"][:st.n_frames])
+    mpix = n_ok * st.frame_shape[0] * st.frame_shape[1] / 1e6
+    inner = _array.accumulate
+    lock, spent = threading.Lock(), [0.0]
+
+    def timed(*a, **k):
+        t0 = time.thread_time()
+        try:
+            return inner(*a, **k)
+        finally:
+            dt = time.thread_time() - t0
+            with lock:
+                spent[0] += dt
+
+    out = Path(tempfile.mkdtemp(prefix="bench-drz-step-")) / "drizzle.fits"
+    rows = []
+    try:
+        _driver._array.accumulate = timed
+        with scheduler(scheduler="threads", workers=args.workers, progress=False):
+            for k in range(args.repeat + 1):  # the first run loads numba's cache: not counted
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                ds.drizzle(args.store, scale=2.0, pixfrac=0.9, kernel="square", output=out, force=True,
+                           overwrite=True)
+                wall = time.perf_counter() - t0
+                if k:
+                    rows.append((wall, spent[0]))
+    finally:
+        _driver._array.accumulate = inner
+        shutil.rmtree(out.parent, ignore_errors=True)
+    print(f"{args.store}: {n_ok} frames of {st.frame_shape[1]}x{st.frame_shape[0]} ({mpix:.0f} input Mpx), scale 2, "
+          f"pixfrac 0.9, square, FITS written, {args.workers} workers")
+    print("| run | step wall s | kernel CPU s | kernel s per worker | step / kernel | step Mpx/s | kernel Mpx/s per thread |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k, (wall, cpu) in enumerate(rows, 1):
+        per = cpu / args.workers
+        print(f"| {k} | {wall:.2f} | {cpu:.2f} | {per:.2f} | **{wall / per:.2f}** | {mpix / wall:.1f} | {mpix / cpu:.1f} |")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         child(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["scaling", "memory"])
+    ap.add_argument("mode", choices=["scaling", "memory", "step-vs-kernel"])
+    ap.add_argument("--store", help="step-vs-kernel: an integrated store")
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--frame-counts", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    scaling(args) if args.mode == "scaling" else memory(args)
+    {"scaling": scaling, "memory": memory, "step-vs-kernel": step_vs_kernel}[args.mode](args)
 
 
 if __name__ == "__main__":
