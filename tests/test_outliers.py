@@ -390,3 +390,76 @@ def test_blot_window_matches_a_direct_bilinear_interpolation():
     np.testing.assert_allclose(s, rs, rtol=2e-7, equal_nan=True)
     for a, c in zip(outs[0], outs[1]):
         np.testing.assert_array_equal(a.view(np.uint32), c.view(np.uint32))
+
+
+def _flags_from_the_rule(data, chan, model, spread, saturation, sky, noise2, inv_gain, factor, tol, k,
+                         scale, offset, lo, hi):
+    """Both passes of :func:`flag_pixels` written from its documented rule, every term at every pixel."""
+    snr, der, sig, snr_g, der_g, sig_g = tol
+    h, w = data.shape
+    yy, xx = np.mgrid[:h, :w]
+    b = model[chan, yy, xx].astype(np.float64)
+    d = np.zeros((h, w))
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = np.clip(yy + dy, 0, h - 1), np.clip(xx + dx, 0, w - 1)
+        inside = (yy + dy >= 0) & (yy + dy < h) & (xx + dx >= 0) & (xx + dx < w)
+        nb = model[chan, ny, nx].astype(np.float64)
+        d = np.where(inside & np.isfinite(nb), np.maximum(d, np.abs(b - nb)), d)
+    above = np.maximum(b - sky[chan], 0.0)
+    sigma = np.sqrt((noise2[chan] + above * inv_gain) * factor)
+    sp = np.nan_to_num(spread[chan, yy, xx].astype(np.float64), nan=0.0)
+    v = data.astype(np.float64)
+    diff = (data - model[chan, yy, xx]).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(v) & (v < saturation)
+        vn = v * scale[chan] + offset[chan]
+        ranged = usable & ((vn <= lo) | (vn >= hi))
+        testable = usable & ~ranged & np.isfinite(b)
+        kk = np.where(diff > 0, k[1], k[0])
+        hit = testable & (np.abs(diff) > snr * sigma + der * d + sig * above + kk * sp)
+    out = np.zeros((h, w), np.uint8)
+    out[ranged] = FLAG_RANGE
+    out[hit & (diff > 0)] = FLAG_HIGH
+    out[hit & (diff < 0)] = FLAG_LOW
+    if hit.any() and k[1] < np.inf:
+        near = np.zeros((h + 2, w + 2), bool)
+        for dy in range(3):
+            for dx in range(3):
+                near[dy:dy + h, dx:dx + w] |= hit
+        grow_tol = (snr_g * sigma + der_g * d + sig_g * above).astype(np.float32)
+        grown = near[1:-1, 1:-1] & testable & ~hit & (diff > grow_tol)
+        out[grown] = FLAG_HIGH
+    return out
+
+
+@pytest.mark.parametrize("gain", [0.0, 0.5])
+def test_flag_kernel_shortcut_keeps_the_documented_flags(gain):
+    """flag_pixels skips most terms for pixels within snr * sigma of the model and computes the
+    second pass's tolerances only at the neighbours of hits: the flags stay those of the full rule."""
+    rng = np.random.default_rng(3)
+    h, w = 96, 80
+    chan = np.zeros((h, w), np.uint8)
+    chan[::2, 1::2] = 1
+    chan[1::2, ::2] = 1
+    chan[1::2, 1::2] = 2
+    model = (200 + 300 * rng.random((3, h, w)) ** 8).astype(np.float32)  # a few steep spots
+    model[1, 10:14, 20:30] = np.nan
+    spread = (rng.random((3, h, w)) * 4).astype(np.float32)
+    spread[2, 40:50, :] = np.nan
+    yy, xx = np.mgrid[:h, :w]
+    data = (model[chan, yy, xx] + rng.normal(0, 10, (h, w))).astype(np.float32)
+    hits = rng.random((h, w)) < 0.02
+    data[hits] += rng.choice([-1, 1], hits.sum()) * rng.uniform(20, 150, hits.sum()).astype(np.float32)
+    data[5, 5] = np.nan
+    data[60, 60] = 5000.0  # saturated
+    args = (data, chan, model, spread, 4000.0, np.array([200.0, 210.0, 190.0]), np.array([100.0, 90.0, 110.0]),
+            gain, 1.25)
+    norm = (np.array([1.0, 1.1, 0.9]), np.array([0.0, -5.0, 3.0]), 60.0, 3000.0)
+    for tol, k in [((4.0, 1.2, 0.6, 3.0, 0.7, 0.4), (3.0, 3.0)), ((3.0, 0.5, 0.1, 2.0, 0.3, 0.05), (np.inf, 1.0)),
+                   ((3.0, 0.5, 0.1, 2.0, 0.3, 0.05), (1.0, np.inf))]:
+        out = np.zeros((h, w), np.uint8)
+        flag_pixels(*args, *tol, *k, *norm, out)
+        expected = _flags_from_the_rule(*args, tol, k, *norm)
+        assert (expected == FLAG_HIGH).sum() > (4 if k[1] < np.inf else -1)
+        assert (expected == FLAG_LOW).sum() > (4 if k[0] < np.inf else -1)
+        np.testing.assert_array_equal(out, expected)

@@ -182,20 +182,22 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
     h, w = data.shape
     tested = 0
     seeds = 0
-    tol = np.empty((h, w), np.float32)  # second-pass tolerance, kept from the first loop
     # Without a gain the noise is one number per channel (above * 0 adds nothing): no
     # square root per pixel, the same bits.
     sigma_flat = np.empty(len(noise2))
     for c in range(len(noise2)):
         sigma_flat[c] = np.sqrt((noise2[c] + 0.0) * model_var_factor)
     flat = inv_gain == 0.0
+    # Every term of the tolerance is >= 0 and sigma >= sigma_flat (rounding is monotone),
+    # so |I - B| <= snr * sigma_flat is never a hit: most sky pixels skip the derivative,
+    # noise and spread terms, with the same flags.
+    quick = inv_gain >= 0.0 and derivative >= 0.0 and signal >= 0.0 and k_low >= 0.0 and k_high >= 0.0
     for y in range(h):
         for x in range(w):
             out[y, x] = 0
             c = chan[y, x]
             b = model[c, y, x]
             v = data[y, x]
-            tol[y, x] = np.inf
             if np.isfinite(v) and np.isfinite(b):
                 tested += 1
             if not np.isfinite(v) or v >= saturation:
@@ -206,35 +208,21 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                 continue
             if not np.isfinite(b):
                 continue
-            d = 0.0
-            if y > 0 and np.isfinite(model[c, y - 1, x]):
-                d = max(d, abs(b - model[c, y - 1, x]))
-            if y < h - 1 and np.isfinite(model[c, y + 1, x]):
-                d = max(d, abs(b - model[c, y + 1, x]))
-            if x > 0 and np.isfinite(model[c, y, x - 1]):
-                d = max(d, abs(b - model[c, y, x - 1]))
-            if x < w - 1 and np.isfinite(model[c, y, x + 1]):
-                d = max(d, abs(b - model[c, y, x + 1]))
-            above = b - sky[c]
-            if above < 0.0:
-                above = 0.0
-            if flat:
-                sigma = sigma_flat[c]
-            else:
-                sigma = np.sqrt((noise2[c] + above * inv_gain) * model_var_factor)
+            diff = v - b
+            if quick and abs(diff) <= snr * sigma_flat[c]:
+                continue
+            d, above, sigma = _terms(model, c, y, x, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat)
             sp = spread[c, y, x]
             if not np.isfinite(sp):
                 sp = 0.0
-            diff = v - b
             k = k_high if diff > 0 else k_low
             if abs(diff) > snr * sigma + derivative * d + signal * above + k * sp:
                 out[y, x] = FLAG_HIGH if diff > 0 else FLAG_LOW
                 seeds += 1
-            else:
-                tol[y, x] = snr_grow * sigma + derivative_grow * d + signal_grow * above
     # Second pass: the high neighbours of first-pass hits (cosmic-ray tails, trail edges).
     # Hits are rare (~0.05 % of the pixels): visiting the neighbours of each hit costs a
-    # fraction of testing every pixel's 8-neighbourhood for one, with the same flags.
+    # fraction of testing every pixel's 8-neighbourhood for one, with the same flags; their
+    # tolerances are computed there, for those few pixels only.
     if seeds == 0 or not k_high < np.inf:
         return tested
     grown = 0
@@ -245,8 +233,18 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                 continue
             for yy in range(max(y - 1, 0), min(y + 2, h)):
                 for xx in range(max(x - 1, 0), min(x + 2, w)):
-                    if out[yy, xx] == 0 and np.isfinite(tol[yy, xx]) and \
-                            data[yy, xx] - model[chan[yy, xx], yy, xx] > tol[yy, xx]:
+                    if out[yy, xx] != 0:
+                        continue
+                    v = data[yy, xx]
+                    c = chan[yy, xx]
+                    b = model[c, yy, xx]
+                    # The first pass tested this pixel (and it passed) exactly when:
+                    if not (np.isfinite(v) and v < saturation and np.isfinite(b)):
+                        continue
+                    d, above, sigma = _terms(model, c, yy, xx, b, sky, noise2, inv_gain, model_var_factor, flat,
+                                             sigma_flat)
+                    t = np.float32(snr_grow * sigma + derivative_grow * d + signal_grow * above)
+                    if np.isfinite(t) and v - b > t:
                         out[yy, xx] = FLAG_HIGH | 16
                         grown += 1
     if grown:
@@ -254,6 +252,29 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
             for x in range(w):
                 out[y, x] &= 15
     return tested
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _terms(model, c, y, x, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat):
+    """:func:`flag_pixels`' derivative ``d``, model above the sky and noise ``sigma`` at one pixel."""
+    h, w = model.shape[1], model.shape[2]
+    d = 0.0
+    if y > 0 and np.isfinite(model[c, y - 1, x]):
+        d = max(d, abs(b - model[c, y - 1, x]))
+    if y < h - 1 and np.isfinite(model[c, y + 1, x]):
+        d = max(d, abs(b - model[c, y + 1, x]))
+    if x > 0 and np.isfinite(model[c, y, x - 1]):
+        d = max(d, abs(b - model[c, y, x - 1]))
+    if x < w - 1 and np.isfinite(model[c, y, x + 1]):
+        d = max(d, abs(b - model[c, y, x + 1]))
+    above = b - sky[c]
+    if above < 0.0:
+        above = 0.0
+    if flat:
+        sigma = sigma_flat[c]
+    else:
+        sigma = np.sqrt((noise2[c] + above * inv_gain) * model_var_factor)
+    return d, above, sigma
 
 
 @numba.njit(nogil=True, cache=True)
