@@ -137,7 +137,7 @@ class FrameNoise:
 @numba.njit(nogil=True, cache=True)
 def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, model_var_factor,
                 snr, derivative, signal, snr_grow, derivative_grow, signal_grow, k_low, k_high,
-                norm_scale, norm_offset, range_low, range_high, out):
+                norm_scale, norm_offset, range_low, range_high, out, reach_rb=1):
     """Own-pixel outlier flags of one frame window (both passes).
 
     Parameters
@@ -173,6 +173,13 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
         flagged :data:`FLAG_RANGE` (saturated ones excepted).
     out : (h, w) uint8
         Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` / :data:`FLAG_RANGE` (0 elsewhere).
+    reach_rb : int
+        Distance (px) of the neighbours of the derivative term for red and blue
+        (channels 0 and 2 of a three-channel frame): 2, the same-colour sample spacing,
+        for colour frames; 1 (grey frames and green) elsewhere. Red and blue's
+        model was built from samples 2 px apart, so its error near an undersampled core
+        is that of a grid twice as coarse: the model's change over one pixel understates
+        it; green's samples are a quincunx, nearest ones one pixel apart in each axis).
 
     Returns
     -------
@@ -189,6 +196,7 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
     for c in range(len(noise2)):
         sigma_flat[c] = np.sqrt((noise2[c] + 0.0) * model_var_factor)
     flat = inv_gain == 0.0
+    n_chan = len(noise2)
     for y in range(h):
         for x in range(w):
             out[y, x] = 0
@@ -207,14 +215,15 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
             if not np.isfinite(b):
                 continue
             d = 0.0
-            if y > 0 and np.isfinite(model[c, y - 1, x]):
-                d = max(d, abs(b - model[c, y - 1, x]))
-            if y < h - 1 and np.isfinite(model[c, y + 1, x]):
-                d = max(d, abs(b - model[c, y + 1, x]))
-            if x > 0 and np.isfinite(model[c, y, x - 1]):
-                d = max(d, abs(b - model[c, y, x - 1]))
-            if x < w - 1 and np.isfinite(model[c, y, x + 1]):
-                d = max(d, abs(b - model[c, y, x + 1]))
+            r = reach_rb if n_chan == 3 and c != 1 else 1
+            if y >= r and np.isfinite(model[c, y - r, x]):
+                d = max(d, abs(b - model[c, y - r, x]))
+            if y < h - r and np.isfinite(model[c, y + r, x]):
+                d = max(d, abs(b - model[c, y + r, x]))
+            if x >= r and np.isfinite(model[c, y, x - r]):
+                d = max(d, abs(b - model[c, y, x - r]))
+            if x < w - r and np.isfinite(model[c, y, x + r]):
+                d = max(d, abs(b - model[c, y, x + r]))
             above = b - sky[c]
             if above < 0.0:
                 above = 0.0
@@ -495,7 +504,8 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         tested[k] = flag_pixels(data, chan, blotted, spread, float(plan.saturation[k]), fn.sky,
                     noise2, inv_gain, factor, p.snr, p.derivative * widen, p.signal + extra, min(p.snr_grow, p.snr),
                     p.derivative_grow * widen, p.signal_grow + extra, plan.spread_k[0], plan.spread_k[1],
-                    scale_k, offset_k, plan.ranges[0], plan.ranges[1], flags[k])
+                    scale_k, offset_k, plan.ranges[0], plan.ranges[1], flags[k],
+                    2 if plan.cfa_pattern else 1)
     # Hot pixels: a sensor pixel high in many frames is a defect in all of them. With the
     # field drifting, the sky behind it changes, so it only crosses the threshold in some.
     if n >= 3:
