@@ -23,7 +23,8 @@ the frame's units through its normalization), a pixel is an outlier when
   left to the ``signal`` term), ``q`` the quantization step of integer data);
 * ``D``: the largest absolute difference between the blotted model at the pixel and at
   its four neighbours (drizzlepac's derivative image): room for registration error and
-  for the pixel-phase dependence of undersampled profiles;
+  for the pixel-phase dependence of undersampled profiles. In colour frames red and
+  blue compare with their model 2 px away, their own sample spacing (first pass only);
 * ``signal``: a fraction of the model above the sky, for the PSF (seeing) and
   transparency differences between frames; it is what keeps the cores of stars in
   frames sharper than the model, where ``D`` alone is not enough. A frame whose stars
@@ -180,6 +181,8 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
         model was built from samples 2 px apart, so its error near an undersampled core
         is that of a grid twice as coarse: the model's change over one pixel understates
         it; green's samples are a quincunx, nearest ones one pixel apart in each axis).
+        The second pass keeps the one-pixel derivative: it tests only the neighbours
+        of a first-pass hit, where a cosmic ray's tail is the likely cause.
 
     Returns
     -------
@@ -224,6 +227,17 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                 d = max(d, abs(b - model[c, y, x - r]))
             if x < w - r and np.isfinite(model[c, y, x + r]):
                 d = max(d, abs(b - model[c, y, x + r]))
+            d1 = d
+            if r != 1:
+                d1 = 0.0
+                if y > 0 and np.isfinite(model[c, y - 1, x]):
+                    d1 = max(d1, abs(b - model[c, y - 1, x]))
+                if y < h - 1 and np.isfinite(model[c, y + 1, x]):
+                    d1 = max(d1, abs(b - model[c, y + 1, x]))
+                if x > 0 and np.isfinite(model[c, y, x - 1]):
+                    d1 = max(d1, abs(b - model[c, y, x - 1]))
+                if x < w - 1 and np.isfinite(model[c, y, x + 1]):
+                    d1 = max(d1, abs(b - model[c, y, x + 1]))
             above = b - sky[c]
             if above < 0.0:
                 above = 0.0
@@ -240,7 +254,7 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                 out[y, x] = FLAG_HIGH if diff > 0 else FLAG_LOW
                 seeds += 1
             else:
-                tol[y, x] = snr_grow * sigma + derivative_grow * d + signal_grow * above
+                tol[y, x] = snr_grow * sigma + derivative_grow * d1 + signal_grow * above
     # Second pass: the high neighbours of first-pass hits (cosmic-ray tails, trail edges).
     # Hits are rare (~0.05 % of the pixels): visiting the neighbours of each hit costs a
     # fraction of testing every pixel's 8-neighbourhood for one, with the same flags.
