@@ -175,9 +175,10 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
     out : (h, w) uint8
         Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` / :data:`FLAG_RANGE` (0 elsewhere).
     reach_rb : int
-        Distance (px) of the neighbours of the derivative term for red and blue
-        (channels 0 and 2 of a three-channel frame): 2, the same-colour sample spacing,
-        for colour frames; 1 (grey frames and green) elsewhere. Red and blue's
+        Largest distance (px) of the neighbours of the derivative term for red and
+        blue (channels 0 and 2 of a three-channel frame; the neighbours 1 px away count
+        too): 2, the same-colour sample spacing, for colour frames; 1 (grey frames and
+        green) elsewhere. Red and blue's
         model was built from samples 2 px apart, so its error near an undersampled core
         is that of a grid twice as coarse: the model's change over one pixel understates
         it; green's samples are a quincunx, nearest ones one pixel apart in each axis).
@@ -238,6 +239,7 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                     d1 = max(d1, abs(b - model[c, y, x - 1]))
                 if x < w - 1 and np.isfinite(model[c, y, x + 1]):
                     d1 = max(d1, abs(b - model[c, y, x + 1]))
+                d = max(d, d1)  # beside a peak the model 2 px away can be closer than 1 px away
             above = b - sky[c]
             if above < 0.0:
                 above = 0.0
