@@ -23,7 +23,8 @@ the frame's units through its normalization), a pixel is an outlier when
   left to the ``signal`` term), ``q`` the quantization step of integer data);
 * ``D``: the largest absolute difference between the blotted model at the pixel and at
   its four neighbours (drizzlepac's derivative image): room for registration error and
-  for the pixel-phase dependence of undersampled profiles;
+  for the pixel-phase dependence of undersampled profiles. In colour frames red and
+  blue compare with their model 2 px away, their own sample spacing (first pass only);
 * ``signal``: a fraction of the model above the sky, for the PSF (seeing) and
   transparency differences between frames; it is what keeps the cores of stars in
   frames sharper than the model, where ``D`` alone is not enough. A frame whose stars
@@ -137,7 +138,7 @@ class FrameNoise:
 @numba.njit(nogil=True, cache=True)
 def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, model_var_factor,
                 snr, derivative, signal, snr_grow, derivative_grow, signal_grow, k_low, k_high,
-                norm_scale, norm_offset, range_low, range_high, out):
+                norm_scale, norm_offset, range_low, range_high, out, reach_rb=1):
     """Own-pixel outlier flags of one frame window (both passes).
 
     Parameters
@@ -173,6 +174,16 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
         flagged :data:`FLAG_RANGE` (saturated ones excepted).
     out : (h, w) uint8
         Receives :data:`FLAG_LOW` / :data:`FLAG_HIGH` / :data:`FLAG_RANGE` (0 elsewhere).
+    reach_rb : int
+        Largest distance (px) of the neighbours of the derivative term for red and
+        blue (channels 0 and 2 of a three-channel frame; the neighbours 1 px away count
+        too): 2, the same-colour sample spacing, for colour frames; 1 (grey frames and
+        green) elsewhere. Red and blue's
+        model was built from samples 2 px apart, so its error near an undersampled core
+        is that of a grid twice as coarse: the model's change over one pixel understates
+        it; green's samples are a quincunx, nearest ones one pixel apart in each axis).
+        The second pass keeps the one-pixel derivative: it tests only the neighbours
+        of a first-pass hit, where a cosmic ray's tail is the likely cause.
 
     Returns
     -------
@@ -192,6 +203,7 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
     # so |I - B| <= snr * sigma_flat is never a hit: most sky pixels skip the derivative,
     # noise and spread terms, with the same flags.
     quick = inv_gain >= 0.0 and derivative >= 0.0 and signal >= 0.0 and k_low >= 0.0 and k_high >= 0.0
+    n_chan = len(noise2)
     for y in range(h):
         for x in range(w):
             out[y, x] = 0
@@ -211,7 +223,9 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
             diff = v - b
             if quick and abs(diff) <= snr * sigma_flat[c]:
                 continue
-            d, above, sigma = _terms(model, c, y, x, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat)
+            r = reach_rb if n_chan == 3 and c != 1 else 1
+            d, above, sigma = _terms(model, c, y, x, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat,
+                                     r)
             sp = spread[c, y, x]
             if not np.isfinite(sp):
                 sp = 0.0
@@ -242,7 +256,7 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
                     if not (np.isfinite(v) and v < saturation and np.isfinite(b)):
                         continue
                     d, above, sigma = _terms(model, c, yy, xx, b, sky, noise2, inv_gain, model_var_factor, flat,
-                                             sigma_flat)
+                                             sigma_flat, 1)
                     t = np.float32(snr_grow * sigma + derivative_grow * d + signal_grow * above)
                     if np.isfinite(t) and v - b > t:
                         out[yy, xx] = FLAG_HIGH | 16
@@ -255,18 +269,21 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _terms(model, c, y, x, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat):
-    """:func:`flag_pixels`' derivative ``d``, model above the sky and noise ``sigma`` at one pixel."""
+def _terms(model, c, y, x, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat, reach):
+    """:func:`flag_pixels`' derivative ``d`` (the model's largest change to its neighbours
+    1 to ``reach`` px away along each axis), model above the sky and noise ``sigma`` at
+    one pixel."""
     h, w = model.shape[1], model.shape[2]
     d = 0.0
-    if y > 0 and np.isfinite(model[c, y - 1, x]):
-        d = max(d, abs(b - model[c, y - 1, x]))
-    if y < h - 1 and np.isfinite(model[c, y + 1, x]):
-        d = max(d, abs(b - model[c, y + 1, x]))
-    if x > 0 and np.isfinite(model[c, y, x - 1]):
-        d = max(d, abs(b - model[c, y, x - 1]))
-    if x < w - 1 and np.isfinite(model[c, y, x + 1]):
-        d = max(d, abs(b - model[c, y, x + 1]))
+    for r in range(1, reach + 1):
+        if y >= r and np.isfinite(model[c, y - r, x]):
+            d = max(d, abs(b - model[c, y - r, x]))
+        if y < h - r and np.isfinite(model[c, y + r, x]):
+            d = max(d, abs(b - model[c, y + r, x]))
+        if x >= r and np.isfinite(model[c, y, x - r]):
+            d = max(d, abs(b - model[c, y, x - r]))
+        if x < w - r and np.isfinite(model[c, y, x + r]):
+            d = max(d, abs(b - model[c, y, x + r]))
     above = b - sky[c]
     if above < 0.0:
         above = 0.0
@@ -516,7 +533,8 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         tested[k] = flag_pixels(data, chan, blotted, spread, float(plan.saturation[k]), fn.sky,
                     noise2, inv_gain, factor, p.snr, p.derivative * widen, p.signal + extra, min(p.snr_grow, p.snr),
                     p.derivative_grow * widen, p.signal_grow + extra, plan.spread_k[0], plan.spread_k[1],
-                    scale_k, offset_k, plan.ranges[0], plan.ranges[1], flags[k])
+                    scale_k, offset_k, plan.ranges[0], plan.ranges[1], flags[k],
+                    2 if plan.cfa_pattern else 1)
     # Hot pixels: a sensor pixel high in many frames is a defect in all of them. With the
     # field drifting, the sky behind it changes, so it only crosses the threshold in some.
     if n >= 3:
