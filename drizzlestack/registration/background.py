@@ -69,8 +69,9 @@ _LEVEL_STEP = np.sqrt(2 / np.pi) * 5 / 4
 # sep's types (double sums, float cuts, histogram bins from float arithmetic): what a
 # one-box sep.Background reports as globalback / globalrms, without a Python call per
 # box (a 2048^2 frame has 1024 boxes) and without the GIL, so that two registration
-# tasks detect stars at once. error_model="numpy": sep's divisions by zero give IEEE
-# infinities/NaN, as in C.
+# tasks detect stars at once (it takes ~1.3x sep's CPU per box, mostly in the
+# histogram-mode iterations: benchmarks/README.md). error_model="numpy": sep's divisions
+# by zero give IEEE infinities/NaN, as in C.
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _one_box(band, holes, masked, r0, r1, c0, c1, histo):
     n_box = (r1 - r0) * (c1 - c0)
