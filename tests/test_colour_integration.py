@@ -94,6 +94,21 @@ def test_each_colour_is_measured_and_normalized_on_its_own(cfa_field):
 def test_colour_outliers_are_found_in_each_frames_own_pixels_and_stars_left_alone(cfa_field):
     truth, store, _, _ = cfa_field
     st = StackStore.open(store)
+    flags, mask, inside = _check_cosmic_rays_and_clean_sky(truth, st)
+    hot = ((mask & 2) != 0) & inside
+    assert (flags & hot).sum() / hot.sum() >= 0.98
+    trail = ((mask & 4) != 0) & inside
+    assert (flags & trail).sum() / trail.sum() >= 0.85  # its faintest edge pixels are within the noise
+    # No core of an unsaturated star is flagged in any frame (in every colour).
+    checked, hit = _flagged_star_cores(truth, st, flags, mask, inside)
+    assert checked > 600
+    assert not hit, f"star cores flagged (frame, x, y): {hit}"
+
+
+def _check_cosmic_rays_and_clean_sky(truth, st):
+    """Asserts the own-pixel flags against the simulator's truth: cosmic rays 10 sigma
+    above their colour's noise found (97 %), clean sky left (1e-4). Returns the flags,
+    the truth mask and the pixels inside the reference field."""
     flags = np.asarray(st.group["outliers"][...]) != 0
     mask, excess = truth.defects()
     noise = np.asarray(st.group["noise"][...])  # (frame, channel)
@@ -104,13 +119,14 @@ def test_colour_outliers_are_found_in_each_frames_own_pixels_and_stars_left_alon
     assert (flags & cr).sum() / cr.sum() >= 0.97
     clean = (mask == 0) & inside
     assert (flags & clean).sum() / clean.sum() <= 1e-4
-    hot = ((mask & 2) != 0) & inside
-    assert (flags & hot).sum() / hot.sum() >= 0.98
-    trail = ((mask & 4) != 0) & inside
-    assert (flags & trail).sum() / trail.sum() >= 0.85  # its faintest edge pixels are within the noise
-    # No core of an unsaturated star is flagged in any frame (in every colour).
+    return flags, mask, inside
+
+
+def _flagged_star_cores(truth, st, flags, mask, inside):
+    """Cores (3x3 around the true position in each frame) of unsaturated stars away from
+    any defect: how many were checked, and the flagged ones as (frame, x, y)."""
     ny, nx = st.frame_shape
-    checked = 0
+    checked, hit = 0, []
     for i in range(st.n_frames):
         fx, fy = truth.reference_to_frame(i, np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"]))
         ix, iy = np.round(fx).astype(int), np.round(fy).astype(int)
@@ -119,8 +135,9 @@ def test_colour_outliers_are_found_in_each_frames_own_pixels_and_stars_left_alon
             if not inside[i, y, x] or (mask[i, y - 2:y + 3, x - 2:x + 3] != 0).any():
                 continue
             checked += 1
-            assert not flags[i, y - 1:y + 2, x - 1:x + 2].any(), f"frame {i}: core of the star at {x}, {y}"
-    assert checked > 600
+            if flags[i, y - 1:y + 2, x - 1:x + 2].any():
+                hit.append((i, int(x), int(y)))
+    return checked, hit
 
 
 def test_a_colour_drizzle_of_the_integration_keeps_star_fluxes_and_drops_the_cosmic_rays(cfa_field):
@@ -234,27 +251,7 @@ def test_no_colour_star_core_is_flagged_at_fwhm_1_3(tmp_path):
         warnings.simplefilter("ignore", ds.DrizzlestackWarning)
         ds.integrate(store)
     st = StackStore.open(store)
-    flags = np.asarray(st.group["outliers"][...]) != 0
-    mask, excess = truth.defects()
-    noise = np.asarray(st.group["noise"][...])
-    chan = cfa.channel_index(st.cfa_pattern, st.frame_shape)
-    inside = fidelity.inside_reference(st, margin=2.5)
-    cr = ((mask & DEFECT_COSMIC_RAY) != 0) & (excess > 10 * noise[:, chan]) & inside
-    assert cr.sum() > 200
-    assert (flags & cr).sum() / cr.sum() >= 0.97
-    clean = (mask == 0) & inside
-    assert (flags & clean).sum() / clean.sum() <= 1e-4
-    ny, nx = st.frame_shape
-    checked, hit = 0, []
-    for i in range(st.n_frames):
-        fx, fy = truth.reference_to_frame(i, np.asarray(truth.stars["x"]), np.asarray(truth.stars["y"]))
-        ix, iy = np.round(fx).astype(int), np.round(fy).astype(int)
-        ok = (ix >= 3) & (ix < nx - 3) & (iy >= 3) & (iy < ny - 3) & ~np.asarray(truth.stars["saturated"], bool)
-        for x, y in zip(ix[ok], iy[ok]):
-            if not inside[i, y, x] or (mask[i, y - 2:y + 3, x - 2:x + 3] != 0).any():
-                continue
-            checked += 1
-            if flags[i, y - 1:y + 2, x - 1:x + 2].any():
-                hit.append((i, int(x), int(y)))
+    flags, mask, inside = _check_cosmic_rays_and_clean_sky(truth, st)
+    checked, hit = _flagged_star_cores(truth, st, flags, mask, inside)
     assert checked > 1000
     assert not hit, f"star cores flagged (frame, x, y): {hit}"

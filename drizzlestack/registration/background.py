@@ -75,17 +75,8 @@ _LEVEL_STEP = np.sqrt(2 / np.pi) * 5 / 4
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _one_box(band, holes, masked, r0, r1, c0, c1, histo):
     n_box = (r1 - r0) * (c1 - c0)
-    mean = 0.0
-    sig = 0.0
-    npix = 0
-    for y in range(r0, r1):
-        for x in range(c0, c1):
-            pix = np.float64(band[y, x])
-            if (not holes[y, x]) if masked else True:
-                if pix > -1e30:
-                    mean += pix
-                    sig += pix * pix
-                    npix += 1
+    # sep's first pass takes pix > -BIG: the next double above -1e30 as an inclusive bound
+    mean, sig, npix = _box_sums(band, holes, masked, r0, r1, c0, c1, _ABOVE_MINUS_BIG, np.inf)
     if np.float32(npix) < np.float32(n_box * 0.5):
         return -_BIG, -_BIG
     mean /= npix
@@ -93,17 +84,7 @@ def _one_box(band, holes, masked, r0, r1, c0, c1, histo):
     sigma = np.sqrt(var) if var > 0.0 else 0.0
     lcut = np.float32(mean - 2.0 * sigma)
     hcut = np.float32(mean + 2.0 * sigma)
-    mean = 0.0
-    sig = 0.0
-    npix = 0
-    for y in range(r0, r1):
-        for x in range(c0, c1):
-            pix = np.float64(band[y, x])
-            if (not holes[y, x]) if masked else True:
-                if pix <= hcut and pix >= lcut:
-                    mean += pix
-                    sig += pix * pix
-                    npix += 1
+    mean, sig, npix = _box_sums(band, holes, masked, r0, r1, c0, c1, np.float64(lcut), np.float64(hcut))
     mean /= npix
     var = sig / npix - mean * mean
     sigma = np.sqrt(var) if var > 0.0 else 0.0
@@ -185,6 +166,26 @@ def _one_box(band, holes, masked, r0, r1, c0, c1, histo):
     else:
         value = qz + mea * qs
     return np.float32(value), np.float32(sig * qs)
+
+
+_ABOVE_MINUS_BIG = float(np.nextafter(-1e30, 0.0))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _box_sums(band, holes, masked, r0, r1, c0, c1, lo, hi):
+    """Sum, sum of squares (double) and count of a box's valid pixels within [lo, hi]."""
+    total = 0.0
+    squares = 0.0
+    npix = 0
+    for y in range(r0, r1):
+        for x in range(c0, c1):
+            pix = np.float64(band[y, x])
+            if (not holes[y, x]) if masked else True:
+                if pix >= lo and pix <= hi:
+                    total += pix
+                    squares += pix * pix
+                    npix += 1
+    return total, squares, npix
 
 
 @numba.njit(nogil=True, cache=True)
