@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,16 @@ def _pattern_conflict(name: str, pattern: str, store_pattern: str) -> str | None
             f"{store_pattern}; the pattern may not change within a store")
 
 
+def _mosaic_warnings(frame, name: str, pattern: str, cfa, status: str) -> list[str]:
+    """The undeclared-mosaic warning of a grey frame, as text (reported with the others)."""
+    if pattern or cfa == "grey" or status != STATUS_OK:
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DrizzlestackWarning)
+        _cfa.warn_if_mosaic(frame.data, name)
+    return [str(w.message) for w in caught if issubclass(w.category, DrizzlestackWarning)]
+
+
 def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None,
                  progress=None, cfa: str | None = None) -> IngestReport:
     """Append light frames to a store (created if absent), one frame in memory at a time.
@@ -156,43 +167,52 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
     if StackStore.exists(store_path):
         st = StackStore.open(store_path)  # refuses anything that is not a store
     known = set(st.paths()) if st is not None else set()
-    for i, path in enumerate(paths):
-        if progress is not None:
-            progress(i, len(paths), path)
-        if path in known:
-            report.already.append(path)
-            continue
-        try:
-            frame = read_any(path, saturation=saturation)
-            pattern = frame_pattern(frame, cfa)
-        except (FrameReadError, _cfa.PatternError) as exc:
-            report.skipped.append((path, str(exc)))
-            continue
-        name = Path(path).name
-        if st is not None and st.n_frames:
-            conflict = _pattern_conflict(name, pattern, st.cfa_pattern)
-            if conflict:
-                report.skipped.append((path, conflict))
+    # A frame's pixels are encoded and written in a thread while the next file is read
+    # and checked here: ingest uses both cores (the store's state -- pattern, frame
+    # count -- is only read once the previous frame is committed).
+    with ThreadPoolExecutor(1, thread_name_prefix="drizzlestack-ingest") as pool:
+        finish = None
+        for i, path in enumerate(paths):
+            if progress is not None:
+                progress(i, len(paths), path)
+            if path in known:
+                report.already.append(path)
                 continue
-        if st is None:
-            st = StackStore.create(store_path, frame.data.shape, chunk=chunk)
-        if frame.data.shape != st.frame_shape:
-            report.skipped.append((path, f"{Path(path).name}: shape {frame.data.shape} differs from the "
-                                         f"store's {st.frame_shape} (all frames must have one shape)"))
-            continue
-        status = frame_status(frame.data)
-        if not pattern and cfa != "grey" and status == STATUS_OK:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", DrizzlestackWarning)
-                _cfa.warn_if_mosaic(frame.data, name)
-            report.warnings += [str(w.message) for w in caught if issubclass(w.category, DrizzlestackWarning)]
-        st.append_frame(frame.data, path=path, exptime=frame.exptime,
-                        header=frame.header.tostring(sep="\n"), status=status,
-                        saturation=frame.saturation, cfa_pattern=pattern, black_level=_black_levels(frame))
-        known.add(path)
-        report.added.append(path)
-        if status != STATUS_OK:
-            report.excluded.append((path, status))
+            try:
+                frame = read_any(path, saturation=saturation)
+                pattern = frame_pattern(frame, cfa)
+                status = frame_status(frame.data)
+                mosaic = _mosaic_warnings(frame, Path(path).name, pattern, cfa, status)
+            except (FrameReadError, _cfa.PatternError) as exc:
+                report.skipped.append((path, str(exc)))
+                continue
+            finally:
+                if finish is not None:
+                    finish()  # the previous frame, committed
+                    finish = None
+            name = Path(path).name
+            if st is not None and st.n_frames:
+                conflict = _pattern_conflict(name, pattern, st.cfa_pattern)
+                if conflict:
+                    report.skipped.append((path, conflict))
+                    continue
+            if st is None:
+                st = StackStore.create(store_path, frame.data.shape, chunk=chunk)
+            if frame.data.shape != st.frame_shape:
+                report.skipped.append((path, f"{Path(path).name}: shape {frame.data.shape} differs from the "
+                                             f"store's {st.frame_shape} (all frames must have one shape)"))
+                continue
+            report.warnings += mosaic
+            finish = st.append_frame_later(frame.data, pool, path=path, exptime=frame.exptime,
+                                           header=frame.header.tostring(sep="\n"), status=status,
+                                           saturation=frame.saturation, cfa_pattern=pattern,
+                                           black_level=_black_levels(frame))
+            known.add(path)
+            report.added.append(path)
+            if status != STATUS_OK:
+                report.excluded.append((path, status))
+        if finish is not None:
+            finish()
     if st is not None and report.added:
         from .info import mixed_setups
 

@@ -201,6 +201,15 @@ class StackStore:
 
         The frame is committed (visible to readers) only once everything is written.
         """
+        return self.append_frame_later(data, None, **metadata)()
+
+    def append_frame_later(self, data: np.ndarray, pool, **metadata: Any):
+        """Start appending one frame: its pixels are written in ``pool`` (a
+        ``concurrent.futures`` executor; ``None``: now, in this thread) while the caller
+        goes on (ingest reads the next file). Returns the function that finishes the
+        append -- waits for the pixels, writes the metadata, commits the frame -- and
+        returns its index; nothing else may be appended before it is called.
+        """
         if data.shape != self.frame_shape:
             raise StoreError(f"frame shape {data.shape} differs from the store's {self.frame_shape}")
         unknown = set(metadata) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
@@ -213,9 +222,29 @@ class StackStore:
             frames.resize((i + 1,) + frames.shape[1:])
         from .chunkio import DirectArray
 
-        # Encoded and written in this thread, whole chunks (opened after the resize, so it
-        # sees the new shape): through zarr's event loop a 2048^2 frame took ~3x longer.
-        DirectArray(self.location, "frames", "r+")[i] = np.asarray(data, dtype=np.float32)
+        # Encoded and written whole chunks at a time in one thread (opened after the
+        # resize, so it sees the new shape): through zarr's event loop a 2048^2 frame took
+        # ~3x longer. Pixels only: no zarr metadata and no warnings in the other thread.
+        target = DirectArray(self.location, "frames", "r+")
+        pixels = np.asarray(data, dtype=np.float32)
+
+        def write():
+            target[i] = pixels
+
+        written = pool.submit(write) if pool is not None else None
+        if written is None:
+            write()
+
+        def finish() -> int:
+            self._write_frame_metadata(i, metadata)
+            if written is not None:
+                written.result()
+            self.group.attrs["n_frames"] = i + 1  # the commit
+            return i
+
+        return finish
+
+    def _write_frame_metadata(self, i: int, metadata: dict) -> None:
         for name, (fill, dtype) in FRAME_METADATA.items():
             arr = self._appending_array(name)
             if arr is None:  # a store written before this variable existed
@@ -236,8 +265,6 @@ class StackStore:
                 arr.resize((i + 1, 3))
             value = metadata.get(name)
             arr[i] = np.full(3, fill) if value is None or len(value) != 3 else np.asarray(value, dtype=np.float64)
-        self.group.attrs["n_frames"] = i + 1
-        return i
 
     def _appending_array(self, name: str):
         """The array ``name`` as :meth:`append_frame` writes it (``None`` if absent), opened

@@ -191,3 +191,34 @@ def test_direct_reads_into_a_given_buffer_are_the_arrays_values(tmp_path):
     arr.read((1, slice(0, 45), slice(None)), out=wide[:, :37])
     np.testing.assert_array_equal(wide[:, :37], frames[1])
     assert not wide[:, 37:].any()
+
+
+def test_a_frame_whose_pixels_fail_to_write_in_the_background_is_never_committed(tmp_path, monkeypatch):
+    """Ingest writes a frame's pixels in a thread while it reads the next file: the frame
+    becomes visible only when its pixels are on disk, and a failed write commits nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from drizzlestack import chunkio
+
+    st, frames = _store_with_frames(tmp_path / "s.zarr", n=2)
+    new = np.full((40, 50), 7.0, np.float32)
+    with ThreadPoolExecutor(1) as pool:
+        finish = st.append_frame_later(new, pool, path="/data/late.fits", status="ok")
+        assert StackStore.open(st.path).n_frames == 2  # not committed before finish()
+        assert finish() == 2
+    stack = open_stack(st.path)
+    np.testing.assert_array_equal(stack.frames[2].values, new)
+    assert list(stack.path.values)[-1] == "/data/late.fits"
+
+    def disk_full(self, key, value):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(chunkio.DirectArray, "__setitem__", disk_full)
+    with ThreadPoolExecutor(1) as pool:
+        finish = st.append_frame_later(new + 1, pool, path="/data/lost.fits", status="ok")
+        with pytest.raises(OSError, match="No space"):
+            finish()
+    reopened = StackStore.open(st.path)
+    assert reopened.n_frames == 3
+    assert reopened.paths() == ["/data/f0.fits", "/data/f1.fits", "/data/late.fits"]
+    np.testing.assert_array_equal(open_stack(st.path).frames[0].values, frames[0])

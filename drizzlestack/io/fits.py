@@ -12,6 +12,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from .._warnings import DrizzlestackError
+from ..parallel import ordered_ahead
 from ..saturation import adc_ceiling
 
 
@@ -191,7 +192,36 @@ def _pad(n: int) -> int:
     return (-n) % BLOCK
 
 
-def write_streamed(path, images, rows_per_read: int = 256) -> None:
+def _band_jobs(array, planes, factor, offset, rows_per_read):
+    """One function per band of rows of an HDU's data, in file order: each reads its rows
+    and returns them as big-endian float32 (factor and offset applied in float64)."""
+    ny = array.shape[-2]
+    # Whole chunk rows (a band cut through a chunk would decompress it again for every
+    # band), converted and written rows_per_read at a time.
+    chunks = getattr(array, "chunks", None)
+    row_chunk = chunks[-2] if chunks else None
+    step = int(row_chunk) if isinstance(row_chunk, (int, np.integer)) else rows_per_read
+
+    def band(p, rows, f, o):
+        block = np.asarray(array[rows] if planes is None else array[p, rows])
+        out = np.empty(block.shape, ">f4")
+        for r0 in range(0, block.shape[0], rows_per_read):
+            part = block[r0:r0 + rows_per_read]
+            if f is not None:
+                part = part * np.float64(f)
+            if o is not None:
+                part = part + np.float64(o)
+            out[r0:r0 + rows_per_read] = part
+        return out
+
+    for p in range(planes or 1):
+        f = factor[p] if isinstance(factor, (list, tuple, np.ndarray)) else factor
+        o = offset[p] if isinstance(offset, (list, tuple, np.ndarray)) else offset
+        for y0 in range(0, ny, step):
+            yield lambda p=p, rows=slice(y0, min(y0 + step, ny)), f=f, o=o: band(p, rows, f, o)
+
+
+def write_streamed(path, images, rows_per_read: int = 256, workers: int = 2) -> None:
     """Write a multi-extension FITS file whose images are read a band of rows at a time.
 
     The whole image never sits in memory: each HDU's header is written, then its data
@@ -214,7 +244,10 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
         weights image): a number, one per plane of a cube, or ``None`` for none;
         ``offset`` (the same forms) is added after it (e.g. a white balance).
     rows_per_read : int
-        Rows read and written at a time.
+        Rows converted at a time.
+    workers : int
+        Threads reading and converting bands ahead of the writing (1: all in the
+        calling thread).
     """
     from ..location import filesystem, is_url
 
@@ -224,7 +257,7 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
         fs, key = filesystem(str(path))
         with tempfile.TemporaryDirectory(prefix="drizzlestack-") as tmpdir:
             local = Path(tmpdir) / key.rstrip("/").rsplit("/", 1)[-1]
-            write_streamed(local, images, rows_per_read)
+            write_streamed(local, images, rows_per_read, workers)
             fs.put_file(str(local), key)
         return
     path = Path(path)
@@ -260,24 +293,9 @@ def write_streamed(path, images, rows_per_read: int = 256) -> None:
                 text = full.tostring().encode("ascii")
                 fh.write(text)
                 written = 0
-                # Read whole chunk rows (a band cut through a chunk would decompress it
-                # again for every band), convert and write them rows_per_read at a time.
-                chunks = getattr(array, "chunks", None)
-                row_chunk = chunks[-2] if chunks else None
-                step = int(row_chunk) if isinstance(row_chunk, (int, np.integer)) else rows_per_read
-                for p in range(planes or 1):
-                    f = factor[p] if isinstance(factor, (list, tuple, np.ndarray)) else factor
-                    o = offset[p] if isinstance(offset, (list, tuple, np.ndarray)) else offset
-                    for y0 in range(0, ny, step):
-                        rows = slice(y0, min(y0 + step, ny))
-                        block = np.asarray(array[rows] if planes is None else array[p, rows])
-                        for r0 in range(0, block.shape[0], rows_per_read):
-                            band = block[r0:r0 + rows_per_read]
-                            band = band * np.float64(f) if f is not None else band
-                            band = band + np.float64(o) if o is not None else band
-                            raw = band.astype(">f4").tobytes()
-                            fh.write(raw)
-                            written += len(raw)
+                for raw in ordered_ahead(_band_jobs(array, planes, factor, offset, rows_per_read), workers):
+                    fh.write(raw)
+                    written += raw.nbytes
                 fh.write(b"\0" * _pad(written))
         os.replace(tmp, path)
     except BaseException:
