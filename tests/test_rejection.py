@@ -24,6 +24,7 @@ from drizzlestack.integration.rejection import (
     FLAG_LOW,
     FLAG_RANGE,
     METHODS,
+    combine_flagged,
     combine_stack,
     reject_stack,
     rejection_flags,
@@ -338,6 +339,54 @@ def test_combine_never_returns_zero_for_a_fully_rejected_pixel():
     image, n_low, n_high = combine_stack(stack, flags)
     assert image[0, 0] == 4.0  # the median of the in-range values
     assert (n_low[0, 0], n_high[0, 0]) == (1, 2)
+
+
+def test_the_final_pass_kernel_is_flags_overrides_and_combine_to_the_bit():
+    """The integration's final pass normalizes, flags (method none), applies the
+    saturated and own-pixel overrides and combines in one kernel: the same bits as the
+    composition of the public steps, on samples with NaN, saturation, ranges, every
+    own-pixel flag, a zero weight and pixels with every sample rejected."""
+    rng = np.random.default_rng(11)
+    n, ny, nx = 7, 23, 37
+    raw = rng.normal(100, 10, (n, ny, nx)).astype(np.float32)
+    raw[rng.random(raw.shape) < 0.05] = np.nan
+    raw[:, 3, 4] = 900.0  # saturated in every frame
+    raw[rng.random(raw.shape) < 0.02] = 2000.0
+    saturated = rng.random(raw.shape) < 0.03
+    projected = rng.choice(np.array([0, 1, 2, 4, 8, 9, 10], np.uint8), raw.shape, p=[.7, .05, .05, .05, .05, .05, .05])
+    projected[:, 5, 6] = 2  # every sample of a pixel rejected: the median fallback
+    scale = rng.uniform(0.9, 1.1, n).astype(np.float32)
+    offset = rng.uniform(-5, 5, n).astype(np.float32)
+    weights = rng.uniform(0.5, 2.0, n)
+    weights[2] = 0.0
+    saturation = np.full(n, 850.0)
+    for range_low, range_high in ((-np.inf, np.inf), (80.0, 1500.0)):
+        values = raw.copy()
+        image, n_low, n_high, wsum, flags, counts = combine_flagged(
+            values, scale, offset, saturated, projected, weights, saturation, range_low, range_high)
+        ref = raw * scale[:, None, None]
+        ref += offset[:, None, None]
+        np.testing.assert_array_equal(values, ref)  # normalized in place
+        ref_flags = rejection_flags(ref, method="none", saturation=saturation, range_low=range_low,
+                                    range_high=range_high)
+        ref_flags[saturated] = 0
+        ref_flags[(projected & 1) != 0] = FLAG_LOW
+        ref_flags[(projected & 10) != 0] = FLAG_HIGH
+        ref_image, ref_low, ref_high = combine_stack(ref, ref_flags, weights)
+        finite = np.isfinite(ref)
+        ref_wsum = np.zeros((ny, nx), np.float32)
+        for k in range(n):
+            ref_wsum += np.float32(weights[k]) * ((ref_flags[k] == 0) & finite[k])
+        np.testing.assert_array_equal(flags, ref_flags)
+        np.testing.assert_array_equal(image.astype(np.float32), ref_image)
+        np.testing.assert_array_equal(n_low, ref_low)
+        np.testing.assert_array_equal(n_high, ref_high)
+        np.testing.assert_array_equal(wsum, ref_wsum)
+        np.testing.assert_array_equal(counts, [((ref_flags & FLAG_LOW) != 0).sum(axis=(1, 2)),
+                                               ((ref_flags & FLAG_HIGH) != 0).sum(axis=(1, 2)),
+                                               finite.sum(axis=(1, 2))])
+        assert np.isfinite(image[5, 6]) and n_high[5, 6] == n
+        assert (flags == FLAG_RANGE).any() and (flags == FLAG_LOW).any()
 
 
 # --------------------------------------------------------------------------------------

@@ -163,23 +163,33 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     for c in plan.channels:
         col = 0 if c is None else c
         values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
-        values *= plan.norm_scale[:, col, None, None]
-        values += plan.norm_offset[:, col, None, None]
-        flags = _rej.rejection_flags(values, plan.rejection, saturation=_normalized_saturation(plan, col))
-        # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
-        flags[saturated] = 0
-        if projected is not None:
-            # The own-pixel flags, seen on the reference grid (a sample takes its nearest
-            # input pixel's flag): what the rejection maps count.
-            flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
-            flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
         weights = plan.weights[:, col]
-        image, n_low, n_high = _rej.combine_stack(values, flags, weights)
-        finite = np.isfinite(values)
-        wsum = np.zeros(values.shape[1:], np.float32)
-        for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
-            wsum += np.float32(weights[k]) * ((flags[k] == 0) & finite[k])
-        spread = _kept_spread(values, flags, finite) if "spread" in plan.outputs else None
+        saturation = _normalized_saturation(plan, col)
+        if plan.rejection.method == "none" and "spread" not in plan.outputs:
+            # The final pass (and no rejection): one kernel pass over the samples.
+            image, n_low, n_high, wsum, flags, frame_counts = _rej.combine_flagged(
+                values, plan.norm_scale[:, col], plan.norm_offset[:, col], saturated, projected, weights, saturation,
+                *plan.rejection.range_limits)
+            spread = None
+        else:
+            values *= plan.norm_scale[:, col, None, None]
+            values += plan.norm_offset[:, col, None, None]
+            flags = _rej.rejection_flags(values, plan.rejection, saturation=saturation)
+            # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
+            flags[saturated] = 0
+            if projected is not None:
+                # The own-pixel flags, seen on the reference grid (a sample takes its nearest
+                # input pixel's flag): what the rejection maps count.
+                flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
+                flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
+            image, n_low, n_high = _rej.combine_stack(values, flags, weights)
+            finite = np.isfinite(values)
+            wsum = np.zeros(values.shape[1:], np.float32)
+            for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
+                wsum += np.float32(weights[k]) * ((flags[k] == 0) & finite[k])
+            spread = _kept_spread(values, flags, finite) if "spread" in plan.outputs else None
+            frame_counts = (((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2)),
+                            ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2)), finite.sum(axis=(1, 2)))
         # Tiles are the products' chunks: written whole, encoded in this task's thread.
         at = (sy, sx) if c is None else (c, sy, sx)
         for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
@@ -188,9 +198,9 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
                 DirectArray(plan.store, plan.outputs[key], "r+")[at] = value
         if any_flags is not None:
             any_flags |= flags
-        counts[0:n] += ((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2))
-        counts[n:2 * n] += ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2))
-        counts[2 * n:3 * n] += finite.sum(axis=(1, 2))
+        counts[0:n] += frame_counts[0]
+        counts[n:2 * n] += frame_counts[1]
+        counts[2 * n:3 * n] += frame_counts[2]
         counts[3 * n] = max(counts[3 * n], float(wsum.max()) if wsum.size else 0.0)
     if any_flags is not None:
         # One flag map per frame on the reference grid (colour: the worst of the channels).

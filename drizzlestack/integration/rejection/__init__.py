@@ -122,10 +122,10 @@ thresholds, validated once: :class:`RejectionParameters`), :mod:`.flags` (block 
 what survives, :func:`combine_stack`).
 """
 
-from .combine import combine_stack
+from .combine import combine_flagged, combine_stack
 from .flags import reject_stack, rejection_flags
 from .parameters import RejectionParameters
 from .sorting import FLAG_HIGH, FLAG_LOW, FLAG_RANGE, METHODS
 
 __all__ = ["FLAG_LOW", "FLAG_HIGH", "FLAG_RANGE", "METHODS", "RejectionParameters", "reject_stack", "rejection_flags",
-           "combine_stack"]
+           "combine_stack", "combine_flagged"]

@@ -10,6 +10,7 @@ from numba import njit
 from drizzlestack._warnings import DrizzlestackError
 
 from .flags import _as_float, _check_stack, _is_dask
+from .parameters import saturation_levels
 from .sorting import FLAG_HIGH, FLAG_LOW, FLAG_RANGE, _wirth_median
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -54,6 +55,133 @@ def _combine_kernel(stack, flags, weights, image, n_low, n_high):
                 image[y, x] = np.nan
             else:
                 image[y, x] = _wirth_median(buf, m)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _combine_flagged_kernel(values, scale, offset, saturated, projected, weights, raw_weights, saturation, range_low,
+                            range_high, flags, image, n_low, n_high, wsum, counts):
+    """:func:`combine_flagged` in one pass over the samples (see there); the operations
+    and their order are those of normalizing in float32, :func:`rejection_flags` with
+    method ``"none"``, the saturated and projected overrides, :func:`_combine_kernel`
+    and the float32 weight sum, so the results are the same to the bit."""
+    nf, ny, nx = values.shape
+    has_projected = projected.shape[0] > 0
+    buf = np.empty(nf, np.float64)
+    for y in range(ny):
+        for x in range(nx):
+            sw = 0.0
+            swx = 0.0
+            cl = 0
+            ch = 0
+            ws = np.float32(0.0)
+            for f in range(nf):
+                v32 = values[f, y, x] * scale[f]
+                v32 = v32 + offset[f]
+                values[f, y, x] = v32
+                v = np.float64(v32)
+                finite = v - v == 0
+                if finite:
+                    code = 0 if (v > range_low) & (v < range_high) else FLAG_RANGE
+                    if v >= saturation[f]:
+                        code = 0
+                else:
+                    code = FLAG_RANGE
+                if saturated[f, y, x]:
+                    code = 0
+                if has_projected:
+                    p = projected[f, y, x]
+                    if p & _OWN_LOW:
+                        code = FLAG_LOW
+                    if p & _OWN_HIGH:
+                        code = FLAG_HIGH
+                flags[f, y, x] = code
+                if code & FLAG_LOW:
+                    cl += 1
+                    counts[0, f] += 1
+                elif code & FLAG_HIGH:
+                    ch += 1
+                    counts[1, f] += 1
+                elif code == 0:
+                    w = weights[f]
+                    if w > 0.0 and finite:
+                        sw += w
+                        swx += w * v
+                if finite:
+                    counts[2, f] += 1
+                    if code == 0:
+                        ws = ws + raw_weights[f]
+            n_low[y, x] = cl
+            n_high[y, x] = ch
+            wsum[y, x] = ws
+            if sw > 0.0:
+                image[y, x] = swx / sw
+                continue
+            m = 0
+            for f in range(nf):
+                v = np.float64(values[f, y, x])
+                if (flags[f, y, x] & FLAG_RANGE) == 0 and weights[f] > 0.0 and v - v == 0:
+                    buf[m] = v
+                    m += 1
+            image[y, x] = np.nan if m == 0 else _wirth_median(buf, m)
+
+
+#: own-pixel outlier bits (:mod:`drizzlestack.integration.outliers`) that reject a sample
+#: low, and high (high or hot pixel)
+_OWN_LOW = 1
+_OWN_HIGH = 2 | 8
+
+
+def combine_flagged(values, scale, offset, saturated, projected, weights, saturation, range_low=-np.inf,
+                    range_high=np.inf):
+    """Normalize, flag and combine one tile whose only rejection is given per sample:
+    the integration's final pass, and method ``"none"``.
+
+    Parameters
+    ----------
+    values : (frame, y, x) float32
+        Resampled samples, normalized in place (``values * scale + offset`` in float32).
+    scale, offset : (frame,) float32
+    saturated : (frame, y, x) bool
+        Samples interpolated next to a saturated pixel: never flagged.
+    projected : (frame, y, x) uint8 or None
+        Each sample's nearest input pixel's own-pixel outlier flag: low (1) rejects it
+        low, high or hot (2, 8) high.
+    weights : (frame,) float64
+        Combination weights.
+    saturation : (frame,) float64
+        Normalized saturation levels (values at or above are never flagged).
+    range_low, range_high : float
+        Values outside ``(range_low, range_high)`` are :data:`FLAG_RANGE`.
+
+    Returns
+    -------
+    image : (y, x) float64
+        As :func:`combine_stack`.
+    n_low, n_high : (y, x) int64
+        Frames rejected low / high per pixel.
+    wsum : (y, x) float32
+        Sum of the weights of the kept finite samples (float32, frame by frame).
+    flags : (frame, y, x) uint8
+        As :func:`rejection_flags`, with the overrides.
+    counts : (3, frame) int64
+        Per frame: samples flagged low, high, and finite samples.
+    """
+    nf, ny, nx = values.shape
+    raw = np.asarray(weights, np.float64)
+    w = np.where(np.isfinite(raw) & (raw > 0), raw, 0.0)
+    flags = np.empty(values.shape, np.uint8)
+    image = np.empty((ny, nx), np.float64)
+    n_low = np.empty((ny, nx), np.int64)
+    n_high = np.empty((ny, nx), np.int64)
+    wsum = np.empty((ny, nx), np.float32)
+    counts = np.zeros((3, nf), np.int64)
+    proj = np.empty((0, 0, 0), np.uint8) if projected is None else np.ascontiguousarray(projected, np.uint8)
+    if values.size:
+        _combine_flagged_kernel(values, np.asarray(scale, np.float32), np.asarray(offset, np.float32),
+                                np.ascontiguousarray(saturated, np.bool_), proj, w, raw.astype(np.float32),
+                                saturation_levels(saturation, nf), float(range_low), float(range_high), flags,
+                                image, n_low, n_high, wsum, counts)
+    return image, n_low, n_high, wsum, flags, counts
 
 
 def _combine_block(block: np.ndarray, flags: np.ndarray, weights: np.ndarray) -> np.ndarray:
