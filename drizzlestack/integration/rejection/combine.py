@@ -67,54 +67,65 @@ def _combine_flagged_kernel(values, scale, offset, saturated, projected, weights
     nf, ny, nx = values.shape
     has_projected = projected.shape[0] > 0
     buf = np.empty(nf, np.float64)
+    # A row at a time, frame by frame along it (every array read in order, the loop
+    # vectorizable), each pixel's sums still taken in frame order.
+    sw = np.empty(nx, np.float64)
+    swx = np.empty(nx, np.float64)
+    ws = np.empty(nx, np.float32)
+    cl = np.empty(nx, np.int64)
+    ch = np.empty(nx, np.int64)
     for y in range(ny):
-        for x in range(nx):
-            sw = 0.0
-            swx = 0.0
-            cl = 0
-            ch = 0
-            ws = np.float32(0.0)
-            for f in range(nf):
-                v32 = values[f, y, x] * scale[f]
-                v32 = v32 + offset[f]
+        sw[:] = 0.0
+        swx[:] = 0.0
+        ws[:] = 0.0
+        cl[:] = 0
+        ch[:] = 0
+        for f in range(nf):
+            sc = scale[f]
+            of = offset[f]
+            sat = saturation[f]
+            w = weights[f]
+            rw = raw_weights[f]
+            low = 0
+            high = 0
+            good = 0
+            for x in range(nx):
+                v32 = values[f, y, x] * sc
+                v32 = v32 + of
                 values[f, y, x] = v32
                 v = np.float64(v32)
                 finite = v - v == 0
-                if finite:
-                    code = 0 if (v > range_low) & (v < range_high) else FLAG_RANGE
-                    if v >= saturation[f]:
-                        code = 0
-                else:
-                    code = FLAG_RANGE
-                if saturated[f, y, x]:
-                    code = 0
+                code = 0 if (v > range_low) & (v < range_high) else FLAG_RANGE
+                code = 0 if v >= sat else code
+                code = code if finite else FLAG_RANGE
+                code = 0 if saturated[f, y, x] else code
                 if has_projected:
                     p = projected[f, y, x]
-                    if p & _OWN_LOW:
-                        code = FLAG_LOW
-                    if p & _OWN_HIGH:
-                        code = FLAG_HIGH
+                    code = FLAG_LOW if p & _OWN_LOW else code
+                    code = FLAG_HIGH if p & _OWN_HIGH else code
                 flags[f, y, x] = code
-                if code & FLAG_LOW:
-                    cl += 1
-                    counts[0, f] += 1
-                elif code & FLAG_HIGH:
-                    ch += 1
-                    counts[1, f] += 1
-                elif code == 0:
-                    w = weights[f]
-                    if w > 0.0 and finite:
-                        sw += w
-                        swx += w * v
-                if finite:
-                    counts[2, f] += 1
-                    if code == 0:
-                        ws = ws + raw_weights[f]
-            n_low[y, x] = cl
-            n_high[y, x] = ch
-            wsum[y, x] = ws
-            if sw > 0.0:
-                image[y, x] = swx / sw
+                is_low = code == FLAG_LOW
+                is_high = code == FLAG_HIGH
+                kept = (code == 0) & finite
+                cl[x] += is_low
+                ch[x] += is_high
+                low += is_low
+                high += is_high
+                good += finite
+                if kept & (w > 0.0):
+                    sw[x] += w
+                    swx[x] += w * v
+                if kept:
+                    ws[x] = ws[x] + rw
+            counts[0, f] += low
+            counts[1, f] += high
+            counts[2, f] += good
+        for x in range(nx):
+            n_low[y, x] = cl[x]
+            n_high[y, x] = ch[x]
+            wsum[y, x] = ws[x]
+            if sw[x] > 0.0:
+                image[y, x] = swx[x] / sw[x]
                 continue
             m = 0
             for f in range(nf):
