@@ -362,8 +362,9 @@ def test_the_final_pass_kernel_is_flags_overrides_and_combine_to_the_bit():
     saturation = np.full(n, 850.0)
     for range_low, range_high in ((-np.inf, np.inf), (80.0, 1500.0)):
         values = raw.copy()
-        image, n_low, n_high, wsum, flags, counts = combine_flagged(
-            values, scale, offset, saturated, projected, weights, saturation, range_low, range_high)
+        image, n_low, n_high, wsum, flags, counts, spread = combine_flagged(
+            values, saturated, projected, weights, saturation, range_low, range_high, scale=scale, offset=offset)
+        assert spread is None
         ref = raw * scale[:, None, None]
         ref += offset[:, None, None]
         np.testing.assert_array_equal(values, ref)  # normalized in place
@@ -387,6 +388,46 @@ def test_the_final_pass_kernel_is_flags_overrides_and_combine_to_the_bit():
                                                finite.sum(axis=(1, 2))])
         assert np.isfinite(image[5, 6]) and n_high[5, 6] == n
         assert (flags == FLAG_RANGE).any() and (flags == FLAG_LOW).any()
+
+
+def test_the_model_pass_kernel_combines_the_rejections_flags_and_their_spread_to_the_bit():
+    """With the rejection's own flags (the integration's model pass): the saturated
+    override, the combine, the weight sum and the kept samples' spread are those of
+    the public steps and of the spread's definition, to the bit."""
+    rng = np.random.default_rng(12)
+    n, ny, nx = 9, 19, 41
+    values = rng.normal(100, 10, (n, ny, nx)).astype(np.float32)
+    values[rng.random(values.shape) < 0.05] = np.nan
+    values[rng.random(values.shape) < 0.03] = 400.0
+    values[:4, 2, 3] = 1000.0  # saturated
+    values[:, 7, 8] = np.nan  # no data
+    values[1:, 9, 10] = np.nan  # one sample: no spread
+    saturated = rng.random(values.shape) < 0.02
+    weights = rng.uniform(0.5, 2.0, n)
+    saturation = np.full(n, 950.0)
+    given = rejection_flags(values, method="winsorized", low=3, high=3, saturation=saturation)
+    image, n_low, n_high, wsum, flags, counts, spread = combine_flagged(
+        values.copy(), saturated, None, weights, saturation, flags=given.copy(), spread=True)
+    ref = given.copy()
+    ref[saturated] = 0
+    ref_image, ref_low, ref_high = combine_stack(values, ref, weights)
+    np.testing.assert_array_equal(flags, ref)
+    np.testing.assert_array_equal(image.astype(np.float32), ref_image)
+    np.testing.assert_array_equal(n_low, ref_low)
+    np.testing.assert_array_equal(n_high, ref_high)
+    keep = (ref == 0) & np.isfinite(values)
+    ref_wsum = np.zeros((ny, nx), np.float32)
+    for k in range(n):
+        ref_wsum += np.float32(weights[k]) * keep[k]
+    np.testing.assert_array_equal(wsum, ref_wsum)
+    kept = np.where(keep, values, np.nan).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref_spread = np.nanstd(kept, axis=0, ddof=1)
+    ref_spread[keep.sum(axis=0) < 2] = np.nan
+    np.testing.assert_allclose(spread, ref_spread, rtol=1e-5)  # the definition (sums in another order)
+    assert np.isnan(spread[9, 10]) and np.isnan(image[7, 8]) and (flags[:4, 2, 3] == 0).all()
+    assert (n_high > 0).any() and counts[1].sum() == (ref == FLAG_HIGH).sum()
 
 
 # --------------------------------------------------------------------------------------

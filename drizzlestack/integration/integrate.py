@@ -165,31 +165,21 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
         values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
         weights = plan.weights[:, col]
         saturation = _normalized_saturation(plan, col)
-        if plan.rejection.method == "none" and "spread" not in plan.outputs:
-            # The final pass (and no rejection): one kernel pass over the samples.
-            image, n_low, n_high, wsum, flags, frame_counts = _rej.combine_flagged(
-                values, plan.norm_scale[:, col], plan.norm_offset[:, col], saturated, projected, weights, saturation,
-                *plan.rejection.range_limits)
-            spread = None
+        scale, offset = plan.norm_scale[:, col], plan.norm_offset[:, col]
+        if plan.rejection.method == "none":
+            # The final pass (and no rejection): the flags are the ranges' and the outliers'.
+            flags = None
         else:
-            values *= plan.norm_scale[:, col, None, None]
-            values += plan.norm_offset[:, col, None, None]
+            values *= scale[:, None, None]
+            values += offset[:, None, None]
             flags = _rej.rejection_flags(values, plan.rejection, saturation=saturation)
-            # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
-            flags[saturated] = 0
-            if projected is not None:
-                # The own-pixel flags, seen on the reference grid (a sample takes its nearest
-                # input pixel's flag): what the rejection maps count.
-                flags[(projected & _out.FLAG_LOW) != 0] = _rej.FLAG_LOW
-                flags[(projected & (_out.FLAG_HIGH | _out.FLAG_HOT)) != 0] = _rej.FLAG_HIGH
-            image, n_low, n_high = _rej.combine_stack(values, flags, weights)
-            finite = np.isfinite(values)
-            wsum = np.zeros(values.shape[1:], np.float32)
-            for k in range(n):  # frame by frame: a tensordot would make a float64 copy of the cube
-                wsum += np.float32(weights[k]) * ((flags[k] == 0) & finite[k])
-            spread = _kept_spread(values, flags, finite) if "spread" in plan.outputs else None
-            frame_counts = (((flags & _rej.FLAG_LOW) != 0).sum(axis=(1, 2)),
-                            ((flags & _rej.FLAG_HIGH) != 0).sum(axis=(1, 2)), finite.sum(axis=(1, 2)))
+            scale = offset = None  # normalized already
+        # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
+        # The own-pixel flags are seen on the reference grid (a sample takes its nearest
+        # input pixel's flag): what the rejection maps count.
+        image, n_low, n_high, wsum, flags, frame_counts, spread = _rej.combine_flagged(
+            values, saturated, projected, weights, saturation, *plan.rejection.range_limits, flags=flags,
+            scale=scale, offset=offset, spread="spread" in plan.outputs)
         # Tiles are the products' chunks: written whole, encoded in this task's thread.
         at = (sy, sx) if c is None else (c, sy, sx)
         for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
@@ -210,25 +200,6 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
             target[int(i), y0 + sy.start:y0 + sy.stop, x0 + sx.start:x0 + sx.stop] = any_flags[k]
     record_tile(plan.store, plan.step, iy, ix, counts)
     return counts
-
-
-def _kept_spread(values, flags, finite) -> np.ndarray:
-    """Standard deviation of the kept samples per pixel (NaN with fewer than 2): how much
-    the frames disagree among themselves (seeing, pixel phase, or an outlier the chosen
-    rejection let through); the outlier test allows for it."""
-    s1 = np.zeros(values.shape[1:])
-    s2 = np.zeros(values.shape[1:])
-    cnt = np.zeros(values.shape[1:])
-    for k in range(values.shape[0]):
-        keep = (flags[k] == 0) & finite[k]
-        v = np.where(keep, values[k], 0.0).astype(np.float64)
-        s1 += v
-        s2 += v * v
-        cnt += keep
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = s1 / cnt
-        spread = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0) * cnt / np.maximum(cnt - 1, 1))
-    return np.where(cnt >= 2, spread, np.nan).astype(np.float32)
 
 
 def tile_size(tile: int, n_frames: int, task_memory) -> int:

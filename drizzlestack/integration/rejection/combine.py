@@ -58,25 +58,33 @@ def _combine_kernel(stack, flags, weights, image, n_low, n_high):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _combine_flagged_kernel(values, scale, offset, saturated, projected, weights, raw_weights, saturation, range_low,
-                            range_high, flags, image, n_low, n_high, wsum, counts):
+def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, projected, weights, raw_weights,
+                            saturation, range_low, range_high, flags, image, n_low, n_high, wsum, spread, counts):
     """:func:`combine_flagged` in one pass over the samples (see there); the operations
     and their order are those of normalizing in float32, :func:`rejection_flags` with
-    method ``"none"``, the saturated and projected overrides, :func:`_combine_kernel`
-    and the float32 weight sum, so the results are the same to the bit."""
+    method ``"none"`` (unless ``given``), the saturated and projected overrides,
+    :func:`_combine_kernel`, the float32 weight sum and the kept samples' spread, so
+    the results are the same to the bit."""
     nf, ny, nx = values.shape
     has_projected = projected.shape[0] > 0
+    want_spread = spread.shape[0] > 0
     buf = np.empty(nf, np.float64)
     # A row at a time, frame by frame along it (every array read in order, the loop
     # vectorizable), each pixel's sums still taken in frame order.
     sw = np.empty(nx, np.float64)
     swx = np.empty(nx, np.float64)
+    s1 = np.empty(nx, np.float64)
+    s2 = np.empty(nx, np.float64)
+    cnt = np.empty(nx, np.float64)
     ws = np.empty(nx, np.float32)
     cl = np.empty(nx, np.int64)
     ch = np.empty(nx, np.int64)
     for y in range(ny):
         sw[:] = 0.0
         swx[:] = 0.0
+        s1[:] = 0.0
+        s2[:] = 0.0
+        cnt[:] = 0.0
         ws[:] = 0.0
         cl[:] = 0
         ch[:] = 0
@@ -90,33 +98,42 @@ def _combine_flagged_kernel(values, scale, offset, saturated, projected, weights
             high = 0
             good = 0
             for x in range(nx):
-                v32 = values[f, y, x] * sc
-                v32 = v32 + of
-                values[f, y, x] = v32
+                v32 = values[f, y, x]
+                if normalize:
+                    v32 = v32 * sc
+                    v32 = v32 + of
+                    values[f, y, x] = v32
                 v = np.float64(v32)
                 finite = v - v == 0
-                code = 0 if (v > range_low) & (v < range_high) else FLAG_RANGE
-                code = 0 if v >= sat else code
-                code = code if finite else FLAG_RANGE
+                if given:
+                    code = flags[f, y, x]
+                else:
+                    code = 0 if (v > range_low) & (v < range_high) else FLAG_RANGE
+                    code = 0 if v >= sat else code
+                    code = code if finite else FLAG_RANGE
                 code = 0 if saturated[f, y, x] else code
                 if has_projected:
                     p = projected[f, y, x]
                     code = FLAG_LOW if p & _OWN_LOW else code
                     code = FLAG_HIGH if p & _OWN_HIGH else code
                 flags[f, y, x] = code
-                is_low = code == FLAG_LOW
-                is_high = code == FLAG_HIGH
+                is_low = (code & FLAG_LOW) != 0
+                is_high = ((code & FLAG_HIGH) != 0) & ~is_low
                 kept = (code == 0) & finite
                 cl[x] += is_low
                 ch[x] += is_high
                 low += is_low
-                high += is_high
+                high += (code & FLAG_HIGH) != 0
                 good += finite
                 if kept & (w > 0.0):
                     sw[x] += w
                     swx[x] += w * v
                 if kept:
                     ws[x] = ws[x] + rw
+                    if want_spread:
+                        s1[x] += v
+                        s2[x] += v * v
+                        cnt[x] += 1.0
             counts[0, f] += low
             counts[1, f] += high
             counts[2, f] += good
@@ -124,6 +141,13 @@ def _combine_flagged_kernel(values, scale, offset, saturated, projected, weights
             n_low[y, x] = cl[x]
             n_high[y, x] = ch[x]
             wsum[y, x] = ws[x]
+            if want_spread:
+                c = cnt[x]
+                if c >= 2.0:
+                    mean = s1[x] / c
+                    spread[y, x] = np.float32(np.sqrt(max(s2[x] / c - mean * mean, 0.0) * c / max(c - 1.0, 1.0)))
+                else:
+                    spread[y, x] = np.nan
             if sw[x] > 0.0:
                 image[y, x] = swx[x] / sw[x]
                 continue
@@ -142,16 +166,17 @@ _OWN_LOW = 1
 _OWN_HIGH = 2 | 8
 
 
-def combine_flagged(values, scale, offset, saturated, projected, weights, saturation, range_low=-np.inf,
-                    range_high=np.inf):
-    """Normalize, flag and combine one tile whose only rejection is given per sample:
-    the integration's final pass, and method ``"none"``.
+def combine_flagged(values, saturated, projected, weights, saturation=None, range_low=-np.inf, range_high=np.inf, *,
+                    flags=None, scale=None, offset=None, spread: bool = False):
+    """Flag and combine one tile of an integration in one pass over its samples: the
+    saturated and own-pixel overrides, the weighted mean, the counts, the weight sum and
+    (optionally) the kept samples' spread.
 
     Parameters
     ----------
     values : (frame, y, x) float32
-        Resampled samples, normalized in place (``values * scale + offset`` in float32).
-    scale, offset : (frame,) float32
+        Resampled samples; normalized in place first when ``scale`` is given
+        (``values * scale + offset`` in float32).
     saturated : (frame, y, x) bool
         Samples interpolated next to a saturated pixel: never flagged.
     projected : (frame, y, x) uint8 or None
@@ -159,10 +184,20 @@ def combine_flagged(values, scale, offset, saturated, projected, weights, satura
         low, high or hot (2, 8) high.
     weights : (frame,) float64
         Combination weights.
-    saturation : (frame,) float64
-        Normalized saturation levels (values at or above are never flagged).
+    saturation : (frame,) float64, optional
+        Normalized saturation levels (values at or above are never flagged); with
+        ``flags=None`` only.
     range_low, range_high : float
-        Values outside ``(range_low, range_high)`` are :data:`FLAG_RANGE`.
+        With ``flags=None``: values outside ``(range_low, range_high)`` are
+        :data:`FLAG_RANGE`.
+    flags : (frame, y, x) uint8, optional
+        The rejection's flags (:func:`rejection_flags`, overridden in place); ``None``:
+        those of method ``"none"``.
+    scale, offset : (frame,) float32, optional
+        The normalization to apply first.
+    spread : bool
+        Also the standard deviation of the kept samples per pixel (NaN with fewer
+        than 2): how much the frames disagree among themselves.
 
     Returns
     -------
@@ -173,26 +208,31 @@ def combine_flagged(values, scale, offset, saturated, projected, weights, satura
     wsum : (y, x) float32
         Sum of the weights of the kept finite samples (float32, frame by frame).
     flags : (frame, y, x) uint8
-        As :func:`rejection_flags`, with the overrides.
+        With the overrides.
     counts : (3, frame) int64
         Per frame: samples flagged low, high, and finite samples.
+    spread : (y, x) float32 or None
     """
     nf, ny, nx = values.shape
     raw = np.asarray(weights, np.float64)
     w = np.where(np.isfinite(raw) & (raw > 0), raw, 0.0)
-    flags = np.empty(values.shape, np.uint8)
+    given = flags is not None
+    flags = np.ascontiguousarray(flags, np.uint8) if given else np.empty(values.shape, np.uint8)
     image = np.empty((ny, nx), np.float64)
     n_low = np.empty((ny, nx), np.int64)
     n_high = np.empty((ny, nx), np.int64)
     wsum = np.empty((ny, nx), np.float32)
+    spread_out = np.empty((ny, nx) if spread else (0, 0), np.float32)
     counts = np.zeros((3, nf), np.int64)
     proj = np.empty((0, 0, 0), np.uint8) if projected is None else np.ascontiguousarray(projected, np.uint8)
+    normalize = scale is not None
+    sc = np.asarray(scale if normalize else np.ones(nf), np.float32)
+    of = np.asarray(offset if normalize else np.zeros(nf), np.float32)
     if values.size:
-        _combine_flagged_kernel(values, np.asarray(scale, np.float32), np.asarray(offset, np.float32),
-                                np.ascontiguousarray(saturated, np.bool_), proj, w, raw.astype(np.float32),
-                                saturation_levels(saturation, nf), float(range_low), float(range_high), flags,
-                                image, n_low, n_high, wsum, counts)
-    return image, n_low, n_high, wsum, flags, counts
+        _combine_flagged_kernel(values, normalize, sc, of, given, np.ascontiguousarray(saturated, np.bool_), proj, w,
+                                raw.astype(np.float32), saturation_levels(saturation, nf), float(range_low),
+                                float(range_high), flags, image, n_low, n_high, wsum, spread_out, counts)
+    return image, n_low, n_high, wsum, flags, counts, (spread_out if spread else None)
 
 
 def _combine_block(block: np.ndarray, flags: np.ndarray, weights: np.ndarray) -> np.ndarray:
