@@ -476,6 +476,67 @@ def test_fits_streamed_with_bands_converted_ahead_is_the_same_file(field, tmp_pa
         np.testing.assert_array_equal(hdul["WEIGHTS"].data, w.astype(np.float32))
 
 
+def _integrate_both_ways(store, tmp_path, monkeypatch, **kwargs):
+    """Integrate copies of ``store`` with the final pass patched (the default) and
+    resampled again; returns both stores' groups and how many tiles were patched."""
+    import importlib
+
+    import zarr
+
+    integ = importlib.import_module("drizzlestack.integration.integrate")
+    patch = importlib.import_module("drizzlestack.integration.patch")
+    calls = []
+    real = patch.patch_tile
+    monkeypatch.setattr(patch, "patch_tile", lambda *a: calls.append(real(*a)) or calls[-1])
+    out = {}
+    for name, patched in (("patched", True), ("resampled", False)):
+        dst = tmp_path / f"{name}.zarr"
+        shutil.copytree(store, dst)
+        monkeypatch.setattr(integ, "PATCH_FINAL_PASS", patched)
+        ds.integrate(dst, force=True, **kwargs)
+        out[name] = zarr.open_group(dst, mode="r")
+    return out["patched"], out["resampled"], sum(c is not None for c in calls)
+
+
+def _assert_same_integration(a, b):
+    for name in ("rejection", "rejected_low", "rejected_high", "outliers"):
+        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+    for name in ("integration", "integration_weight", "integrate_tiles", "rejected_low_fraction",
+                 "rejected_high_fraction"):
+        x, y = a[name][...], b[name][...]
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=name)
+        np.testing.assert_allclose(x, y, rtol=1e-6, err_msg=name)  # sums taken in another order
+    assert not any(k.startswith("integration_base") for k in a.array_keys())  # scratch removed
+
+
+def test_the_patched_final_pass_equals_resampling_every_frame_again(field, tmp_path, monkeypatch):
+    """The final pass patches the model pass's sums at the samples whose Lanczos support
+    holds a flagged pixel (cosmic rays, hot pixels, the trail): the same flags, maps and
+    counts as resampling every frame again with its outliers as no data, and the same
+    image and weights up to float rounding."""
+    a, b, patched = _integrate_both_ways(field.store, tmp_path, monkeypatch, tile=64)
+    assert patched == 6  # every tile of the 2 x 3 tiling
+    flagged = (a["rejection"][...] & 3) != 0
+    assert flagged.sum() > 500  # the flags the patch had to follow
+    _assert_same_integration(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:photometric scaling unavailable")
+def test_the_patched_final_pass_follows_a_distortion_spline(tmp_path, monkeypatch):
+    truth = simulate(tmp_path / "frames", n_frames=4, shape=(96, 96), fwhm=1.6, n_stars=150, n_galaxies=0,
+                     max_shift=6.0, max_rotation=1.0, distortion=10.0, cosmic_rays=40, hot_pixels=10, trail=False,
+                     seed=8)
+    store = tmp_path / "spline.zarr"
+    ds.ingest(truth.files, store)
+    ds.register(store, reference=0, distortion=True)
+    from drizzlestack.registration import frame_mapping
+
+    assert not frame_mapping(store, 1).is_homography
+    a, b, patched = _integrate_both_ways(store, tmp_path, monkeypatch, tile=48)
+    assert patched == 4 and ((a["rejection"][...] & 3) != 0).sum() > 50
+    _assert_same_integration(a, b)
+
+
 def test_rerun_with_the_same_parameters_is_skipped(field, monkeypatch):
     import importlib
 

@@ -62,6 +62,7 @@ from ..store import StackStore, open_stack, record_tile
 from ..tiled import clip_roi, reference_wcs, require_registration, run_tiles, select_frames, start_or_resume
 from . import normalize as _norm
 from . import outliers as _out
+from . import patch as _patch
 from . import rejection as _rej
 from .resample import _open_frames, resample_tile
 from .measure import MAX_STATISTICS_PIXELS, measure_frames
@@ -79,12 +80,18 @@ MODEL_VARIABLE = "integration_model"
 #: the spread (standard deviation) of the samples the model kept, per reference pixel
 SPREAD_VARIABLE = "integration_spread"
 _PRODUCTS = {"integration": ("float32", np.nan), "spread": ("float32", np.nan),
-             "rejected_low": ("uint16", 0), "rejected_high": ("uint16", 0), "integration_weight": ("float32", 0.0)}
+             "rejected_low": ("uint16", 0), "rejected_high": ("uint16", 0), "integration_weight": ("float32", 0.0),
+             "base_sum": ("float64", 0.0), "base_weight": ("float64", 0.0), "base_kept": ("uint16", 0),
+             "base_wsum": ("float32", 0.0)}
 #: rejection methods whose ``low``/``high`` are in units of a dispersion (sigma)
 SIGMA_METHODS = ("sigma", "winsorized", "averaged", "linear")
 #: a frame whose registration residual exceeds this (px) gets a proportionally wider
 #: derivative tolerance in the outlier test
 OUTLIER_RMS_TOLERANCE = 0.5
+
+#: the final pass of a grey full run patches the model pass's sums (:mod:`.patch`);
+#: False: it resamples every frame again (the reference the tests compare with)
+PATCH_FINAL_PASS = True
 
 #: rejection needs at least this many frames; fewer are averaged without rejection
 MIN_FRAMES_FOR_REJECTION = 3
@@ -120,6 +127,8 @@ class TilePlan:
     sky: np.ndarray | None = None  # colour: (frame, channel) background, raw ADU (the colour estimate's star test)
     noise: np.ndarray | None = None  # colour: (frame, channel) pixel noise, raw ADU
     sharp: bool = False  # colour: the star-sharp channel estimate (the model pass) or the flux-true one
+    base: bool = False  # the model pass also keeps the plain combine's sums (:mod:`.patch`)
+    patch: bool = False  # the final pass patches those sums instead of resampling again
 
     @property
     def channels(self) -> tuple:
@@ -144,6 +153,10 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
         Per frame: samples flagged low, flagged high, valid samples; then the largest
         per-pixel weight sum of the tile (for the FITS ``WEIGHTS`` normalization).
     """
+    if plan.patch:
+        row = _patch.patch_tile(plan, iy, ix, _normalized_saturation(plan))
+        if row is not None:
+            return row
     t = plan.tile
     sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
@@ -165,6 +178,7 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
         values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
         weights = plan.weights[:, col]
         saturation = _normalized_saturation(plan, col)
+        products = {}
         scale, offset = plan.norm_scale[:, col], plan.norm_offset[:, col]
         if plan.rejection.method == "none":
             # The final pass (and no rejection): the flags are the ranges' and the outliers'.
@@ -172,8 +186,15 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
         else:
             values *= scale[:, None, None]
             values += offset[:, None, None]
-            flags = _rej.rejection_flags(values, plan.rejection, saturation=saturation)
             scale = offset = None  # normalized already
+            if plan.base:
+                # The plain combine's sums, for the final pass to patch (:mod:`.patch`).
+                *plain, plain_sums = _rej.combine_flagged(values, saturated, None, weights, saturation,
+                                                          *plan.rejection.range_limits, sums=True)
+                products.update(base_sum=plain_sums[0], base_weight=plain_sums[1], base_kept=plain_sums[2],
+                                base_wsum=plain[3])
+                base_flags = plain[4]
+            flags = _rej.rejection_flags(values, plan.rejection, saturation=saturation)
         # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.
         # The own-pixel flags are seen on the reference grid (a sample takes its nearest
         # input pixel's flag): what the rejection maps count.
@@ -182,12 +203,13 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
             scale=scale, offset=offset, spread="spread" in plan.outputs)
         # Tiles are the products' chunks: written whole, encoded in this task's thread.
         at = (sy, sx) if c is None else (c, sy, sx)
-        for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
-                           ("integration_weight", wsum), ("spread", spread)):
+        products.update(integration=image, rejected_low=n_low, rejected_high=n_high, integration_weight=wsum,
+                        spread=spread)
+        for key, value in products.items():
             if key in plan.outputs:
                 DirectArray(plan.store, plan.outputs[key], "r+")[at] = value
         if any_flags is not None:
-            any_flags |= flags
+            any_flags |= base_flags if plan.base else flags
         counts[0:n] += frame_counts[0]
         counts[n:2 * n] += frame_counts[1]
         counts[2 * n:3 * n] += frame_counts[2]
@@ -584,6 +606,11 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         # against it); the image below conserves each colour's flux.
         model_plan = replace(base, outputs={"integration": prefix + MODEL_VARIABLE, "spread": prefix + SPREAD_VARIABLE},
                              flags_variable=None, sharp=True)
+        # Grey full runs: the final pass patches the model pass's plain sums (:mod:`.patch`).
+        patch = PATCH_FINAL_PASS and not pattern and roi is None and range_low is None and range_high is None
+        if patch:
+            model_plan = replace(model_plan, outputs={**model_plan.outputs, **_patch.BASE_VARIABLES},
+                                 flags_variable=_patch.BASE_FLAGS, base=True)
         model_tiling = tiling
         if roi is not None:
             m_origin, m_shape = _model_region(roi, frame_shape, [mappings[i] for i in used])
@@ -604,8 +631,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
         final_plan = replace(base, origin=origin, rejection=rej_params.replace(method="none"),
-                             outliers=prefix + _out.OUTLIERS_VARIABLE)
+                             outliers=prefix + _out.OUTLIERS_VARIABLE, patch=patch)
         per_tile = tiling.run(final_plan, "")
+        st.delete_variables(*_patch.BASE_VARIABLES.values(), _patch.BASE_FLAGS)
     t_tiles = time.perf_counter() - t0
     per_tile = np.asarray(per_tile).reshape(-1, 3 * n + 1)
     low_n, high_n, valid_n = (per_tile[:, j * n:(j + 1) * n].sum(axis=0) for j in range(3))

@@ -59,7 +59,8 @@ def _combine_kernel(stack, flags, weights, image, n_low, n_high):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, projected, weights, raw_weights,
-                            saturation, range_low, range_high, flags, image, n_low, n_high, wsum, spread, counts):
+                            saturation, range_low, range_high, flags, image, n_low, n_high, wsum, spread, counts,
+                            sums):
     """:func:`combine_flagged` in one pass over the samples (see there); the operations
     and their order are those of normalizing in float32, :func:`rejection_flags` with
     method ``"none"`` (unless ``given``), the saturated and projected overrides,
@@ -68,6 +69,7 @@ def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, 
     nf, ny, nx = values.shape
     has_projected = projected.shape[0] > 0
     want_spread = spread.shape[0] > 0
+    want_sums = sums.shape[0] > 0
     buf = np.empty(nf, np.float64)
     # A row at a time, frame by frame along it (every array read in order, the loop
     # vectorizable), each pixel's sums still taken in frame order.
@@ -79,7 +81,9 @@ def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, 
     ws = np.empty(nx, np.float32)
     cl = np.empty(nx, np.int64)
     ch = np.empty(nx, np.int64)
+    nk = np.empty(nx, np.int64)
     for y in range(ny):
+        nk[:] = 0
         sw[:] = 0.0
         swx[:] = 0.0
         s1[:] = 0.0
@@ -128,6 +132,7 @@ def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, 
                 if kept & (w > 0.0):
                     sw[x] += w
                     swx[x] += w * v
+                    nk[x] += 1
                 if kept:
                     ws[x] = ws[x] + rw
                     if want_spread:
@@ -141,6 +146,10 @@ def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, 
             n_low[y, x] = cl[x]
             n_high[y, x] = ch[x]
             wsum[y, x] = ws[x]
+            if want_sums:
+                sums[0, y, x] = swx[x]
+                sums[1, y, x] = sw[x]
+                sums[2, y, x] = nk[x]
             if want_spread:
                 c = cnt[x]
                 if c >= 2.0:
@@ -167,7 +176,7 @@ _OWN_HIGH = 2 | 8
 
 
 def combine_flagged(values, saturated, projected, weights, saturation=None, range_low=-np.inf, range_high=np.inf, *,
-                    flags=None, scale=None, offset=None, spread: bool = False):
+                    flags=None, scale=None, offset=None, spread: bool = False, sums: bool = False):
     """Flag and combine one tile of an integration in one pass over its samples: the
     saturated and own-pixel overrides, the weighted mean, the counts, the weight sum and
     (optionally) the kept samples' spread.
@@ -198,6 +207,9 @@ def combine_flagged(values, saturated, projected, weights, saturation=None, rang
     spread : bool
         Also the standard deviation of the kept samples per pixel (NaN with fewer
         than 2): how much the frames disagree among themselves.
+    sums : bool
+        Also the weighted sum, the weight sum and the number of the kept samples of
+        positive weight per pixel (:mod:`.patch` updates them sample by sample).
 
     Returns
     -------
@@ -212,6 +224,8 @@ def combine_flagged(values, saturated, projected, weights, saturation=None, rang
     counts : (3, frame) int64
         Per frame: samples flagged low, high, and finite samples.
     spread : (y, x) float32 or None
+    sums : (3, y, x) float64 or None
+        Only with ``sums=True`` (an eighth value).
     """
     nf, ny, nx = values.shape
     raw = np.asarray(weights, np.float64)
@@ -224,6 +238,7 @@ def combine_flagged(values, saturated, projected, weights, saturation=None, rang
     wsum = np.empty((ny, nx), np.float32)
     spread_out = np.empty((ny, nx) if spread else (0, 0), np.float32)
     counts = np.zeros((3, nf), np.int64)
+    sums_out = np.empty((3, ny, nx) if sums else (0, 0, 0), np.float64)
     proj = np.empty((0, 0, 0), np.uint8) if projected is None else np.ascontiguousarray(projected, np.uint8)
     normalize = scale is not None
     sc = np.asarray(scale if normalize else np.ones(nf), np.float32)
@@ -231,8 +246,9 @@ def combine_flagged(values, saturated, projected, weights, saturation=None, rang
     if values.size:
         _combine_flagged_kernel(values, normalize, sc, of, given, np.ascontiguousarray(saturated, np.bool_), proj, w,
                                 raw.astype(np.float32), saturation_levels(saturation, nf), float(range_low),
-                                float(range_high), flags, image, n_low, n_high, wsum, spread_out, counts)
-    return image, n_low, n_high, wsum, flags, counts, (spread_out if spread else None)
+                                float(range_high), flags, image, n_low, n_high, wsum, spread_out, counts, sums_out)
+    out = (image, n_low, n_high, wsum, flags, counts, (spread_out if spread else None))
+    return out + (sums_out,) if sums else out
 
 
 def _combine_block(block: np.ndarray, flags: np.ndarray, weights: np.ndarray) -> np.ndarray:
