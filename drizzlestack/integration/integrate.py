@@ -15,7 +15,9 @@ The step runs as Dask tasks on the active scheduler, in passes:
    frame at once): each raw pixel tested against the model blotted onto its frame; the
    flags drizzle uses.
 4. **The integration** (reference-grid tiles again): the frames resampled with their
-   flagged pixels as no data, combined. No star pixel is lost to interpolation.
+   flagged pixels as no data, combined. No star pixel is lost to interpolation. For
+   grey full runs only the samples whose interpolation support holds a flagged pixel
+   are resampled again, and patched into sums the model pass kept (:mod:`.patch`).
 
 Each pass writes its tiles straight into the store (zarr region writes) and records
 them in its own ledger, so an interrupted run resumes pass by pass; tasks return only
