@@ -538,14 +538,14 @@ def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
     DirectArray(plan.store, "drizzle", "r+")[region] = image
     DirectArray(plan.store, "drizzle_weights", "r+")[region] = weights
     DirectArray(plan.store, "drizzle_coverage", "r+")[region] = cover if cover is not None else 0
-    max_weight = float(weights.max())
-    values = [max_weight]
     if plan.cfa_pattern:
-        wet = weights > 0
-        any_wet = wet.any(axis=0)
-        values += [float(w.max()) for w in weights]
-        values += [float(np.count_nonzero(any_wet & ~w)) for w in wet]
-        values += [float(np.count_nonzero(any_wet))]
+        plane_max = [float(w.max()) for w in weights]
+        wet = [np.count_nonzero(w > 0) for w in weights]
+        any_wet = np.count_nonzero((weights > 0).any(axis=0))
+        # a channel's wet pixels are among any channel's: missed = covered - its own
+        values = [max(plane_max)] + plane_max + [float(any_wet - n) for n in wet] + [float(any_wet)]
+    else:
+        values = [float(weights.max())]
     record_tile(plan.store, "drizzle", iy, ix, values)
     return np.asarray(values, np.float64)
 
