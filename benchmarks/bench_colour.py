@@ -7,7 +7,8 @@
 ``ratio``: two stores hold the same synthetic mosaics, one declared RGGB and one ingested
 as grey, with the same known transforms; their drizzles (scale 2, pixfrac 0.9, square
 kernel, one worker) are timed alternately in one process after a warm-up, and the
-ratio of the medians is reported (a ratio, so a busy machine affects both alike).
+ratio of the medians is reported (a ratio, so a busy machine affects both alike), of
+wall time and of the process's CPU time.
 ``--step integrate`` times the integration instead (default winsorized rejection with
 the own-pixel outlier pass; colour per channel).
 
@@ -69,6 +70,7 @@ def ratio(args):
         make_store(tmp / "colour.zarr", args.frames, args.size, "RGGB")
         make_store(tmp / "grey.zarr", args.frames, args.size, "")
         times = {"colour": [], "grey": []}
+        cpu = {"colour": [], "grey": []}
         warnings.simplefilter("ignore")
         def step(path):
             if args.step == "integrate":
@@ -81,14 +83,20 @@ def ratio(args):
                 step(tmp / f"{name}.zarr")
             for _ in range(args.repeat):
                 for name in ("colour", "grey"):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     step(tmp / f"{name}.zarr")
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
         c, g = np.median(times["colour"]), np.median(times["grey"])
         what = "integrate (winsorized)" if args.step == "integrate" else "drizzle: scale 2, pixfrac 0.9, square"
         print(f"{args.frames} frames of {args.size} x {args.size}, {what}, 1 worker")
         print(f"colour: {np.round(times['colour'], 2)} s   grey: {np.round(times['grey'], 2)} s")
         print(f"colour / grey = {c / g:.2f} (medians)")
+        # CPU seconds of the whole process (every thread): less at the mercy of other
+        # processes on a shared machine than wall time, though not immune (shared caches)
+        cc, cg = np.median(cpu["colour"]), np.median(cpu["grey"])
+        print(f"process CPU: colour {np.round(cpu['colour'], 2)} s   grey {np.round(cpu['grey'], 2)} s   "
+              f"colour / grey = {cc / cg:.2f} (medians)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
