@@ -1,14 +1,22 @@
 """Colour (CFA) drizzle against a grey drizzle of the same frames, side by side.
 
     python benchmarks/bench_colour.py ratio  [--frames 8 --size 1024 --repeat 3] [--step integrate]
+    python benchmarks/bench_colour.py phases [--frames 6 --size 1024 --repeat 5]
     python benchmarks/bench_colour.py m27    (the real frames in ../shared/data/m27-cfa)
 
 ``ratio``: two stores hold the same synthetic mosaics, one declared RGGB and one ingested
 as grey, with the same known transforms; their drizzles (scale 2, pixfrac 0.9, square
 kernel, one worker) are timed alternately in one process after a warm-up, and the
-ratio of the medians is reported (a ratio, so a busy machine affects both alike).
+ratio of the medians is reported (a ratio, so a busy machine affects both alike), of
+wall time and of the process's CPU time.
 ``--step integrate`` times the integration instead (default winsorized rejection with
 the own-pixel outlier pass; colour per channel).
+
+``phases``: the same two drizzles, alternating, with the driver's phases wrapped and
+timed in the thread that runs them (``time.thread_time``, CPU seconds of that thread,
+and wall seconds): output window, frame reads, channel index, pixmap, the kernel, the
+coverage count, finalize, chunk encode + write, and the rest of the tile task. Medians
+over the repeats, colour and grey side by side, and their difference.
 
 ``m27``: ingests the six M27 frames as colour and as grey, registers them, drizzles
 both, and reports what a checkerboard would show: the power at the input grid's
@@ -62,6 +70,7 @@ def ratio(args):
         make_store(tmp / "colour.zarr", args.frames, args.size, "RGGB")
         make_store(tmp / "grey.zarr", args.frames, args.size, "")
         times = {"colour": [], "grey": []}
+        cpu = {"colour": [], "grey": []}
         warnings.simplefilter("ignore")
         def step(path):
             if args.step == "integrate":
@@ -74,14 +83,108 @@ def ratio(args):
                 step(tmp / f"{name}.zarr")
             for _ in range(args.repeat):
                 for name in ("colour", "grey"):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     step(tmp / f"{name}.zarr")
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
         c, g = np.median(times["colour"]), np.median(times["grey"])
         what = "integrate (winsorized)" if args.step == "integrate" else "drizzle: scale 2, pixfrac 0.9, square"
         print(f"{args.frames} frames of {args.size} x {args.size}, {what}, 1 worker")
         print(f"colour: {np.round(times['colour'], 2)} s   grey: {np.round(times['grey'], 2)} s")
         print(f"colour / grey = {c / g:.2f} (medians)")
+        # CPU seconds of the whole process (every thread): less at the mercy of other
+        # processes on a shared machine than wall time, though not immune (shared caches)
+        cc, cg = np.median(cpu["colour"]), np.median(cpu["grey"])
+        print(f"process CPU: colour {np.round(cpu['colour'], 2)} s   grey {np.round(cpu['grey'], 2)} s   "
+              f"colour / grey = {cc / cg:.2f} (medians)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PHASES = {
+    # phase: (module attribute path, attribute)
+    "window": ("drizzlestack.drizzle.driver", "input_window"),
+    "read": ("drizzlestack.chunkio", "DirectArray.read"),
+    "channel index": ("drizzlestack.drizzle.driver", "_cfa.channel_index"),
+    "pixmap": ("drizzlestack.drizzle.kernels", "homography_grid"),
+    "kernel": ("drizzlestack.drizzle.kernels", "square_kernel"),
+    "coverage count": ("drizzlestack.drizzle.kernels", "add_touched"),
+    "accumulate (all)": ("drizzlestack.drizzle.array", "accumulate"),
+    "finalize": ("drizzlestack.drizzle.array", "finalize"),
+    "write (encode + file)": ("drizzlestack.chunkio", "DirectArray._write_chunk"),
+    "store write (all)": ("drizzlestack.chunkio", "DirectArray.__setitem__"),
+    "tile task": ("drizzlestack.drizzle.driver", "_tile_task"),
+}
+
+
+def _wrap_phases(totals):
+    """Wrap every phase's function to add its thread CPU and wall time into ``totals``;
+    returns the undo list."""
+    import importlib
+    import threading
+
+    undo = []
+    depth = threading.local()
+    for phase, (module, attr) in _PHASES.items():
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        def wrapped(*a, _f=original, _p=phase, **k):
+            # nested calls of the same phase (a colour finalize calls itself) count once
+            key = "in_" + _p
+            if getattr(depth, key, False):
+                return _f(*a, **k)
+            setattr(depth, key, True)
+            c0, w0 = time.thread_time(), time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                totals[_p][0] += time.thread_time() - c0
+                totals[_p][1] += time.perf_counter() - w0
+                setattr(depth, key, False)
+
+        setattr(owner, name, wrapped)
+        undo.append((owner, name, original))
+    return undo
+
+
+def phases(args):
+    import drizzlestack as ds
+    from drizzlestack.parallel import scheduler
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-colour-"))
+    try:
+        make_store(tmp / "colour.zarr", args.frames, args.size, "RGGB")
+        make_store(tmp / "grey.zarr", args.frames, args.size, "")
+        warnings.simplefilter("ignore")
+        runs = {"colour": [], "grey": []}
+        with scheduler(scheduler="threads", workers=1, progress=False):
+            for name in ("colour", "grey"):  # warm-up
+                ds.drizzle(tmp / f"{name}.zarr", scale=2.0, pixfrac=0.9, tile=1024, output=None, force=True)
+            for _ in range(args.repeat):
+                for name in ("colour", "grey"):
+                    totals = {p: [0.0, 0.0] for p in _PHASES}
+                    undo = _wrap_phases(totals)
+                    try:
+                        t0 = time.perf_counter()
+                        ds.drizzle(tmp / f"{name}.zarr", scale=2.0, pixfrac=0.9, tile=1024, output=None,
+                                   force=True)
+                        totals["drizzle (whole call)"] = [np.nan, time.perf_counter() - t0]
+                    finally:
+                        for owner, attr, original in reversed(undo):
+                            setattr(owner, attr, original)
+                    runs[name].append(totals)
+        print(f"{args.frames} frames of {args.size} x {args.size}, scale 2, pixfrac 0.9, square, tile 1024, "
+              f"1 worker; medians of {args.repeat} alternating runs; thread CPU s (wall s)")
+        print(f"{'phase':24s} {'colour':>16s} {'grey':>16s} {'colour - grey':>16s} {'ratio':>6s}")
+        for p in runs["colour"][0]:
+            c = [np.median([r[p][k] for r in runs["colour"]]) for k in (0, 1)]
+            g = [np.median([r[p][k] for r in runs["grey"]]) for k in (0, 1)]
+            print(f"{p:24s} {c[0]:7.3f} ({c[1]:6.3f}) {g[0]:7.3f} ({g[1]:6.3f}) "
+                  f"{c[0] - g[0]:7.3f} ({c[1] - g[1]:6.3f}) {c[1] / g[1] if g[1] else np.nan:6.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -222,9 +325,13 @@ def main():
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--step", choices=("drizzle", "integrate"), default="drizzle")
+    p = sub.add_parser("phases")
+    p.add_argument("--frames", type=int, default=6)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=5)
     sub.add_parser("m27")
     args = parser.parse_args()
-    {"ratio": ratio, "m27": m27}[args.what](args)
+    {"ratio": ratio, "phases": phases, "m27": m27}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,38 @@ def test_an_unchanged_drizzle_is_not_redone_unless_forced(registered, monkeypatc
     assert calls["n"] == 12  # 4 x 3 tiles of 64 px over 224 x 192 output px
 
 
+def test_a_tile_on_its_threads_reused_buffers_equals_a_tile_on_fresh_ones(registered, monkeypatch):
+    """Tiles reuse their thread's accumulators (driver.TileBuffers): a tile after a
+    larger and a smaller one (an edge tile) must be the tile drizzled from scratch."""
+    import dataclasses
+
+    from drizzlestack.drizzle import driver
+
+    plans = []
+    original = driver.run_tiles
+
+    def grab(task, plan, tiles, width):
+        plans.append(plan)
+        return original(task, plan, tiles, width)
+
+    monkeypatch.setattr(driver, "run_tiles", grab)
+    ds.drizzle(registered, scale=2.0, pixfrac=0.8, output=None, tile=64, force=True)
+    plan = plans[0]
+    ny, nx = plan.grid.shape
+
+    def fresh(y0, y1, x0, x1):
+        return driver.drizzle_tile(dataclasses.replace(plan, buffers=driver.TileBuffers()), y0, y1, x0, x1)
+
+    boxes = [(0, 64, 0, 64), (ny - 30, ny, nx - 20, nx), (10, 90, 50, 150), (0, 64, 0, 64)]
+    for box in boxes:
+        got = [None if a is None else a.copy() for a in driver.drizzle_tile(plan, *box)]
+        expect = fresh(*box)
+        assert got[0].dtype == got[1].dtype == np.float32
+        for a, b in zip(got, expect):
+            assert a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert np.isfinite(got[0]).any() and got[2].max() > 1
+
+
 def test_drizzle_is_both_the_step_and_the_package():
     """``ds.drizzle(...)`` runs the step and ``import drizzlestack.drizzle.kernels``
     works: a function bound to the package's name used to shadow the sub-package."""

@@ -462,6 +462,31 @@ def test_finalize_in_place_and_nan_where_no_weight():
     np.testing.assert_array_equal(acc_wv, expect)
 
 
+@pytest.mark.parametrize("shape", [(9, 11), (3, 9, 11)], ids=["grey", "colour"])
+def test_finalize_into_float32_products_equals_finalizing_then_casting(shape):
+    """The tiled driver finalizes straight into its float32 products; they must be the
+    float64 image and weights cast afterwards, bit for bit (NaN where no weight)."""
+    rng = np.random.default_rng(3)
+    acc_w = rng.uniform(0.0, 2.0, shape) ** 8  # tiny weights too: float32 underflow
+    acc_w[rng.random(shape) < 0.2] = 0.0
+    acc_wv = acc_w * rng.normal(100.0, 30.0, shape)
+    image, weights = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    out = finalize(acc_wv, acc_w, out=image, weights_out=weights)
+    assert out is image
+    expect = finalize(acc_wv, acc_w).astype(np.float32)
+    assert image.tobytes() == expect.tobytes()
+    assert weights.tobytes() == acc_w.astype(np.float32).tobytes()
+    assert np.isnan(image).sum() == (acc_w == 0).sum() > 0
+
+
+def test_finalize_refuses_products_that_alias_the_accumulators_or_misfit():
+    acc_wv, acc_w = np.ones((4, 5)), np.ones((4, 5))
+    with pytest.raises(ValueError, match="share memory"):
+        finalize(acc_wv, acc_w, out=acc_wv, weights_out=np.empty((4, 5), np.float32))
+    with pytest.raises(ValueError, match="weights_out"):
+        finalize(acc_wv, acc_w, out=np.empty((4, 5), np.float32), weights_out=np.empty((5, 4), np.float32))
+
+
 def test_drizzle_array_out_arrays():
     rng = np.random.default_rng(11)
     pixmap = make_pixmap((10, 10), scale=2.0, angle=3.0)

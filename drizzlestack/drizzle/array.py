@@ -386,22 +386,41 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
     return int(n)
 
 
-def finalize(acc_wv, acc_w, out=None) -> np.ndarray:
+def finalize(acc_wv, acc_w, out=None, weights_out=None) -> np.ndarray:
     """The drizzled image from the accumulators: ``acc_wv / acc_w`` where
     ``acc_w != 0``, NaN where no drop contributed.
 
     Parameters
     ----------
     acc_wv, acc_w : (H, W) float64 ndarray
-        Accumulators filled by :func:`accumulate`.
-    out : (H, W) float64 ndarray, optional
-        Where to write the image; may be ``acc_wv`` itself (in place, no new memory).
+        Accumulators filled by :func:`accumulate` (colour: ``(n_channels, H, W)``).
+    out : ndarray of acc_w's shape, optional
+        Where to write the image: float64 (may be ``acc_wv`` itself: in place, no new
+        memory) or, with ``weights_out``, float32.
+    weights_out : ndarray of acc_w's shape, optional
+        Also write ``acc_w`` cast to this array's float dtype, in the same pass (the
+        tiled driver's float32 products: the values of finalizing in float64 and casting
+        afterwards, one pass instead of three). Needs ``out``, not ``acc_wv`` itself.
 
     Returns
     -------
     ndarray
         The image (``out`` if given). The weights image is ``acc_w`` itself.
     """
+    if weights_out is not None:
+        shape = np.shape(acc_w)
+        flat_w, flat_wv = (a.reshape(-1, a.shape[-1]) if isinstance(a, np.ndarray) and a.ndim == 3 else a
+                           for a in (acc_w, acc_wv))  # colour planes: one pass for all
+        flat_w = _check_accumulator("acc_w", flat_w)
+        flat_wv = _check_accumulator("acc_wv", flat_wv, flat_w.shape)
+        for name, arr in (("out", out), ("weights_out", weights_out)):
+            if not (isinstance(arr, np.ndarray) and arr.shape == shape and arr.dtype.kind == "f"
+                    and arr.flags.c_contiguous and arr.flags.writeable):
+                raise ValueError(f"{name}: must be a writeable C-contiguous float array of acc_w's shape {shape}")
+        if np.shares_memory(out, acc_wv) or np.shares_memory(weights_out, acc_w):
+            raise ValueError("out, weights_out: must not share memory with the accumulators")
+        _k.finalize_pair_kernel(flat_wv, flat_w, out.reshape(flat_w.shape), weights_out.reshape(flat_w.shape))
+        return out
     if isinstance(acc_w, np.ndarray) and acc_w.ndim == 3:  # colour planes: one division for all
         if out is None:
             out = np.empty(acc_w.shape, dtype=np.float64)

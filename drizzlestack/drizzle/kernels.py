@@ -53,7 +53,7 @@ from .kernels_centred import (
     point_kernel,
     turbo_kernel,
 )
-from .kernels_common import MAX_COORD, add_touched, finalize_kernel, homography_grid
+from .kernels_common import MAX_COORD, add_touched, finalize_kernel, finalize_pair_kernel, homography_grid
 from .kernels_square import SQUARE_BATCH, SQUARE_MAX_WINDOW, drop_corners, pixmap_row, square_kernel
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "add_touched",
     "drop_corners",
     "finalize_kernel",
+    "finalize_pair_kernel",
     "gaussian_kernel",
     "homography_grid",
     "lanczos_kernel",

@@ -52,13 +52,30 @@ def finalize_kernel(acc_wv, acc_w, image):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def finalize_pair_kernel(acc_wv, acc_w, image, weights):
+    """:func:`finalize_kernel` into ``image`` and ``weights = acc_w`` in one pass, both
+    cast to their arrays' dtype (float32 for the stored products: the same values as
+    finalizing in float64 and casting afterwards, without the float64 image and the
+    two extra passes)."""
+    H, W = acc_w.shape
+    for j in range(H):
+        for i in range(W):
+            w = acc_w[j, i]
+            weights[j, i] = w
+            if w != 0.0:
+                image[j, i] = acc_wv[j, i] / w
+            else:
+                image[j, i] = np.nan
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def add_touched(coverage, touched):
-    """``coverage += touched`` (in place)."""
+    """``coverage += touched`` (in place; ``touched`` is 0 or 1)."""
     H, W = touched.shape
     for j in range(H):
         for i in range(W):
-            if touched[j, i]:
-                coverage[j, i] += 1
+            # no branch: the loop vectorizes (a colour tile sweeps three planes per frame)
+            coverage[j, i] += touched[j, i]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
