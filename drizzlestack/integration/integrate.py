@@ -83,8 +83,7 @@ MODEL_VARIABLE = "integration_model"
 SPREAD_VARIABLE = "integration_spread"
 _PRODUCTS = {"integration": ("float32", np.nan), "spread": ("float32", np.nan),
              "rejected_low": ("uint16", 0), "rejected_high": ("uint16", 0), "integration_weight": ("float32", 0.0),
-             "base_sum": ("float64", 0.0), "base_weight": ("float64", 0.0), "base_kept": ("uint16", 0),
-             "base_wsum": ("float32", 0.0)}
+             "base_sum": ("float64", 0.0), "base_weight": ("float64", 0.0), "base_kept": ("uint16", 0)}
 #: rejection methods whose ``low``/``high`` are in units of a dispersion (sigma)
 SIGMA_METHODS = ("sigma", "winsorized", "averaged", "linear")
 #: a frame whose registration residual exceeds this (px) gets a proportionally wider
@@ -193,8 +192,7 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
                 # The plain combine's sums, for the final pass to patch (:mod:`.patch`).
                 *plain, plain_sums = _rej.combine_flagged(values, saturated, None, weights, saturation,
                                                           *plan.rejection.range_limits, sums=True)
-                products.update(base_sum=plain_sums[0], base_weight=plain_sums[1], base_kept=plain_sums[2],
-                                base_wsum=plain[3])
+                products.update(base_sum=plain_sums[0], base_weight=plain_sums[1], base_kept=plain_sums[2])
                 base_flags = plain[4]
             flags = _rej.rejection_flags(values, plan.rejection, saturation=saturation)
         # Samples interpolated next to a saturated pixel are lower bounds too: never outliers.

@@ -5,16 +5,16 @@ The final pass resamples every frame with its own-pixel outliers as no data
 the value the model pass resampled; only the *touched* samples change (0.7 % of them on
 the simulated field of the benchmarks, 10 % on 40 hatp32 frames). So the model pass
 also keeps, per reference pixel, the sums of the plain combine (every valid sample
-kept: weighted sum, weight sum, number of samples, the float32 weight sum) and each
+kept: weighted sum, weight sum, number of samples) and each
 frame's flags of that combine (:data:`BASE_VARIABLES`, :data:`BASE_FLAGS`); the final
 pass reads them, recomputes each touched sample twice -- without and with its frame's
 outliers, with the resampling's own per-sample function -- takes the first out of the
 sums and puts the second in.
 
 The flags, the rejection maps and counts, and which pixels have data are those of
-resampling everything again; the image and the weights differ from it by float
-rounding only (the sums are taken in another order; ``tests/test_integration.py``
-compares both). Colour stores (whose model is resampled star-sharp, the image
+resampling everything again, and so are the weights; the image differs from it by
+float rounding at most (its sums are taken in another order: on the benchmarks'
+stores not one pixel differed; ``tests/test_integration.py`` compares both). Colour stores (whose model is resampled star-sharp, the image
 flux-true), region-of-interest trials and range limits take the full final pass.
 """
 
@@ -34,7 +34,7 @@ from .resample import _IDENTITY, _NO_POSITIONS, LANCZOS3_PAD, _open_frames, _sam
 
 #: the model pass's per-pixel sums of the plain combine: product -> store variable
 BASE_VARIABLES = {"base_sum": "integration_base_sum", "base_weight": "integration_base_weight",
-                  "base_kept": "integration_base_kept", "base_wsum": "integration_base_wsum"}
+                  "base_kept": "integration_base_kept"}
 #: each frame's flags of the plain combine (frame, y, x), on the reference grid
 BASE_FLAGS = "integration_base_flags"
 #: own-pixel outlier bits (:mod:`.outliers`) that reject a sample low, and high (high, hot)
@@ -65,7 +65,7 @@ def _touched_map(flags, touched):
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _patch_frame(clean, nanned, flags, touched, y0, x0, frame_ny, frame_nx, xs, ys, matrix, oy, ox, raw_sat,
-                 scale, offset, sat_norm, w, rw, sums, kept, wsum, fmap, n_low, n_high, frame_counts, cand_pix,
+                 scale, offset, sat_norm, w, sums, kept, fmap, n_low, n_high, frame_counts, cand_pix,
                  cand_val, n_cand):
     """Patch the sums of one tile with one frame's touched samples (see the module)."""
     ty, tx = fmap.shape
@@ -124,11 +124,9 @@ def _patch_frame(clean, nanned, flags, touched, y0, x0, frame_ny, frame_nx, xs, 
             fmap[j, i] = code_b
             kept_a = fa and code_a == 0
             kept_b = fb and code_b == 0
-            if kept_a != kept_b:  # (kept both times: the weight sums hold the same terms)
-                wsum[j, i] = wsum[j, i] + rw if kept_b else wsum[j, i] - rw
-                if w > 0.0:
-                    sums[1, j, i] += w if kept_b else -w
-                    kept[j, i] += 1 if kept_b else -1
+            if kept_a != kept_b and w > 0.0:  # (kept both times: the weight sums hold the same terms)
+                sums[1, j, i] += w if kept_b else -w
+                kept[j, i] += 1 if kept_b else -1
             if w > 0.0:
                 if kept_a:
                     sums[0, j, i] -= w * a
@@ -151,10 +149,19 @@ def _patch_frame(clean, nanned, flags, touched, y0, x0, frame_ny, frame_nx, xs, 
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _finish(sums, kept, cand_pix, cand_val, n_cand, image):
+def _finish(sums, kept, cand_pix, cand_val, n_cand, fmaps, raw_weights, image, wsum):
     """The image from the patched sums; a pixel left without kept samples takes the
-    median of its flagged finite samples (the combine's rule), else NaN."""
+    median of its flagged finite samples (the combine's rule), else NaN. The float32
+    weight sum frame by frame from the final flags, as the combine adds it (a kept
+    sample is one flagged 0: a sample is only spared as saturated when it has a value)."""
     ty, tx = image.shape
+    wsum[:] = 0.0
+    for f in range(fmaps.shape[0]):
+        rw = raw_weights[f]
+        for j in range(ty):
+            for i in range(tx):
+                if fmaps[f, j, i] == 0:
+                    wsum[j, i] = wsum[j, i] + rw
     order = np.argsort(cand_pix[:n_cand], kind="mergesort")
     pix = cand_pix[:n_cand][order]
     val = cand_val[:n_cand][order]
@@ -186,7 +193,6 @@ def patch_tile(plan, iy: int, ix: int, normalized_saturation) -> np.ndarray | No
     sums[0] = DirectArray(store, BASE_VARIABLES["base_sum"])[sy, sx]
     sums[1] = DirectArray(store, BASE_VARIABLES["base_weight"])[sy, sx]
     kept = np.asarray(DirectArray(store, BASE_VARIABLES["base_kept"])[sy, sx], np.int64)
-    wsum = np.array(DirectArray(store, BASE_VARIABLES["base_wsum"])[sy, sx], np.float32)
     y0, x0 = plan.origin
     base_flags = DirectArray(store, BASE_FLAGS)
     fmaps = np.empty((n,) + kept.shape, np.uint8)
@@ -239,12 +245,14 @@ def patch_tile(plan, iy: int, ix: int, normalized_saturation) -> np.ndarray | No
         _patch_frame(clean, nanned, flags, touched, int(wy.start), int(wx.start), int(plan.frame_shape[0]),
                      int(plan.frame_shape[1]), xf, yf, matrix, int(y0 + sy.start), int(x0 + sx.start), sat,
                      np.float32(plan.norm_scale[k, 0]), np.float32(plan.norm_offset[k, 0]), float(sat_norm[k]),
-                     w_kept, np.float32(w), sums, kept, wsum, fmaps[k], n_low, n_high, counts[k], cand_pix, cand_val,
+                     w_kept, sums, kept, fmaps[k], n_low, n_high, counts[k], cand_pix, cand_val,
                      n_cand)
     if n_cand[0] > _CANDIDATES:
         return None
     image = np.empty(kept.shape, np.float64)
-    _finish(sums, kept, cand_pix, cand_val, int(n_cand[0]), image)
+    wsum = np.empty(kept.shape, np.float32)
+    _finish(sums, kept, cand_pix, cand_val, int(n_cand[0]), fmaps, np.asarray(plan.weights[:, 0], np.float32), image,
+            wsum)
     for key, value in (("integration", image), ("rejected_low", n_low), ("rejected_high", n_high),
                        ("integration_weight", wsum)):
         if key in plan.outputs:
