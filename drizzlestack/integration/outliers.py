@@ -408,27 +408,13 @@ def _bilinear(model, c, x, y, wy0, wx0, mny, mnx, reach):
         # Inside the window with four finite values (nearly always): no clamps and
         # one finiteness test. Same operations in the same order as the general
         # case below, so the same bits.
-        v00 = model[c, iv, iu]
-        v01 = model[c, iv, iu + 1]
-        v10 = model[c, iv + 1, iu]
-        v11 = model[c, iv + 1, iu + 1]
+        v00, v01 = model[c, iv, iu], model[c, iv, iu + 1]
+        v10, v11 = model[c, iv + 1, iu], model[c, iv + 1, iu + 1]
         if np.isfinite(np.float64(v00) + np.float64(v01) + np.float64(v10) + np.float64(v11)):
-            gu = 1.0 - fu
-            gv = 1.0 - fv
-            w00 = gv * gu
-            w01 = gv * fu
-            w10 = fv * gu
-            w11 = fv * fu
-            acc = 0.0
-            acc += w00 * v00
-            acc += w01 * v01
-            acc += w10 * v10
-            acc += w11 * v11
-            wsum = 0.0
-            wsum += w00
-            wsum += w01
-            wsum += w10
-            wsum += w11
+            gu, gv = 1.0 - fu, 1.0 - fv
+            w00, w01, w10, w11 = gv * gu, gv * fu, fv * gu, fv * fu
+            acc = 0.0 + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11  # (left to right)
+            wsum = 0.0 + w00 + w01 + w10 + w11
             return acc / wsum, nv, nu
     acc = 0.0
     wsum = 0.0
@@ -514,29 +500,15 @@ def _blot_own(model, chan, geo, norm_scale, norm_offset, out):
                 iu = int(np.floor(x))
                 iv = int(np.floor(y))
                 if iu >= 0 and iv >= 0 and iu + 1 < w and iv + 1 < h:
-                    v00 = model[c, iv, iu]
-                    v01 = model[c, iv, iu + 1]
-                    v10 = model[c, iv + 1, iu]
-                    v11 = model[c, iv + 1, iu + 1]
+                    v00, v01 = model[c, iv, iu], model[c, iv, iu + 1]
+                    v10, v11 = model[c, iv + 1, iu], model[c, iv + 1, iu + 1]
                     if np.isfinite(np.float64(v00) + np.float64(v01) + np.float64(v10) + np.float64(v11)):
                         fu = x - iu
                         fv = y - iv
-                        gu = 1.0 - fu
-                        gv = 1.0 - fv
-                        w00 = gv * gu
-                        w01 = gv * fu
-                        w10 = fv * gu
-                        w11 = fv * fu
-                        acc = 0.0
-                        acc += w00 * v00
-                        acc += w01 * v01
-                        acc += w10 * v10
-                        acc += w11 * v11
-                        wsum = 0.0
-                        wsum += w00
-                        wsum += w01
-                        wsum += w10
-                        wsum += w11
+                        gu, gv = 1.0 - fu, 1.0 - fv
+                        w00, w01, w10, w11 = gv * gu, gv * fu, fv * gu, fv * fu
+                        acc = 0.0 + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11  # (left to right)
+                        wsum = 0.0 + w00 + w01 + w10 + w11
                         out[j, i] = (acc / wsum - norm_offset[c]) / norm_scale[c]
                         continue
             val, nv, nu = _bilinear(model, c, rx[i], ry[i], wy0, wx0, mny, mnx, reach)
@@ -572,19 +544,11 @@ def blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_m
     """
     geo = (wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach)
     n_chan, ty, tx = out_model.shape
-    rx = np.empty(tx)
-    ry = np.empty(tx)
-    for j in range(ty):
-        _positions(geo, j, tx, rx, ry)
-        for c in range(n_chan):
+    for c in range(n_chan):
+        for j in range(ty):
             for i in range(tx):
-                val, nv, nu = _bilinear(model, c, rx[i], ry[i], wy0, wx0, mny, mnx, reach)
-                if nv >= 0:
-                    out_model[c, j, i] = (val - norm_offset[c]) / norm_scale[c]
-                    out_spread[c, j, i] = spread[c, nv, nu] / norm_scale[c]
-                else:
-                    out_model[c, j, i] = np.nan
-                    out_spread[c, j, i] = np.nan
+                out_model[c, j, i], out_spread[c, j, i] = _blot_at(model, c, geo, norm_scale[c], norm_offset[c], j, i,
+                                                                   spread)
 
 
 @numba.njit(nogil=True, cache=True)
