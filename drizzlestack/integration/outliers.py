@@ -208,13 +208,11 @@ def flag_pixels(data, chan, model, spread, saturation, sky, noise2, inv_gain, mo
 def flag_window(data, chan, model, spread, quick_spread, geo, saturation, sky, noise2, inv_gain, model_var_factor,
                 snr, derivative, signal, snr_grow, derivative_grow, signal_grow, k_low, k_high,
                 norm_scale, norm_offset, range_low, range_high, out, reach_rb):
-    """:func:`flag_pixels` of one frame window with the model blotted as it is read: the
-    same flags as blotting every channel and its spread at every pixel
-    (:func:`blot_window`) first, at a third of the cost in colour.
-
-    Each pixel's own colour is blotted at every pixel (the sky shortcut needs it); the
-    spread, and the other colours' models at the neighbours of the derivative term, only
-    at the few pixels that fail the shortcut and at the neighbours of hits.
+    """:func:`flag_pixels` of one frame window, blotting only what the test reads: each
+    pixel's own colour at every pixel (the sky shortcut needs it), the spread and the
+    other colours' models (derivative term) only at the few pixels that fail the
+    shortcut. The flags of :func:`blot_window` then :func:`flag_pixels`, for a third of
+    the blot in colour.
 
     Parameters
     ----------
@@ -404,18 +402,6 @@ def _bilinear(model, c, x, y, wy0, wx0, mny, mnx, reach):
     fv = y - iv
     nu = min(max(int(np.floor(x + 0.5)), 0), w - 1)
     nv = min(max(int(np.floor(y + 0.5)), 0), h - 1)
-    if iu >= 0 and iv >= 0 and iu + 1 < w and iv + 1 < h:
-        # Inside the window with four finite values (nearly always): no clamps and
-        # one finiteness test. Same operations in the same order as the general
-        # case below, so the same bits.
-        v00, v01 = model[c, iv, iu], model[c, iv, iu + 1]
-        v10, v11 = model[c, iv + 1, iu], model[c, iv + 1, iu + 1]
-        if np.isfinite(np.float64(v00) + np.float64(v01) + np.float64(v10) + np.float64(v11)):
-            gu, gv = 1.0 - fu, 1.0 - fv
-            w00, w01, w10, w11 = gv * gu, gv * fu, fv * gu, fv * fu
-            acc = 0.0 + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11  # (left to right)
-            wsum = 0.0 + w00 + w01 + w10 + w11
-            return acc / wsum, nv, nu
     acc = 0.0
     wsum = 0.0
     for dv in range(2):
@@ -454,42 +440,36 @@ def _blot_at(model, c, geo, scale, offset, y, x, spread):
 
 
 @numba.njit(nogil=True, cache=True)
-def _positions(geo, j, tx, rx, ry):
-    """Model-array positions of the centres of row ``j`` of the window (in a branch-free
-    loop of its own: the blot ran ~15 % faster)."""
-    wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach = geo
-    fy = y0 + j
-    if use_matrix:
-        m00, m01, m02 = matrix[0, 0], matrix[0, 1], matrix[0, 2]
-        m10, m11, m12 = matrix[1, 0], matrix[1, 1], matrix[1, 2]
-        m20, m21, m22 = matrix[2, 0], matrix[2, 1], matrix[2, 2]
-        for i in range(tx):
-            fx = x0 + i
-            wz = m20 * fx + m21 * fy + m22
-            rx[i] = (m00 * fx + m01 * fy + m02) / wz
-            ry[i] = (m10 * fx + m11 * fy + m12) / wz
-    else:
-        for i in range(tx):
-            rx[i] = xs[j, i]
-            ry[i] = ys[j, i]
-
-
-@numba.njit(nogil=True, cache=True)
 def _blot_own(model, chan, geo, norm_scale, norm_offset, out):
     """Each pixel's own colour's model blotted at the pixel (``out``: (ty, tx) float32).
 
-    :func:`_bilinear`'s common case written out here (the call per pixel, with its
-    tuple, cost 2x); the same operations in the same order, so the same bits."""
+    :func:`_bilinear`'s common case (inside the window, four finite values: no clamps,
+    one finiteness test) written out here (the call per pixel cost 2x); the same
+    operations in the same order as its general case, so the same bits."""
     wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach = geo
     ty, tx = out.shape
     h, w = model.shape[1], model.shape[2]
     xlo, xhi = -0.5 - reach, mnx - 0.5 + reach
     ylo, yhi = -0.5 - reach, mny - 0.5 + reach
     xmax, ymax = mnx - 1.0, mny - 1.0
+    m00, m01, m02 = matrix[0, 0], matrix[0, 1], matrix[0, 2]
+    m10, m11, m12 = matrix[1, 0], matrix[1, 1], matrix[1, 2]
+    m20, m21, m22 = matrix[2, 0], matrix[2, 1], matrix[2, 2]
     rx = np.empty(tx)
     ry = np.empty(tx)
     for j in range(ty):
-        _positions(geo, j, tx, rx, ry)
+        fy = y0 + j
+        # A row's positions first, in a branch-free loop of its own (the blot ran ~15 % faster).
+        if use_matrix:
+            for i in range(tx):
+                fx = x0 + i
+                wz = m20 * fx + m21 * fy + m22
+                rx[i] = (m00 * fx + m01 * fy + m02) / wz
+                ry[i] = (m10 * fx + m11 * fy + m12) / wz
+        else:
+            for i in range(tx):
+                rx[i] = xs[j, i]
+                ry[i] = ys[j, i]
         for i in range(tx):
             c = chan[j, i]
             x = rx[i]
