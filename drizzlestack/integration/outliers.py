@@ -270,18 +270,14 @@ def _flag_core(data, chan, own, planes, spreads, lazy, skip_spread, geo, saturat
     # noise and spread terms, with the same flags.
     quick = inv_gain >= 0.0 and derivative >= 0.0 and signal >= 0.0 and k_low >= 0.0 and k_high >= 0.0
     n_chan = len(noise2)
-    # The pixels of a row that fail the shortcut are tested after the row's loop: that
-    # loop, run for every pixel, stays small (2.5x faster than with the full test in it).
-    # What the test reads lazily (other colours' models, the spread) is listed and blotted
-    # in a call of its own (:func:`_blot_list`): blot code in these loops cost 0.2 us a pixel.
-    failed = np.empty(w, np.int64)
-    tol = np.empty(w)
-    n_nbr = 4 * max(reach_rb, 1)
-    nbr = np.empty(w * n_nbr, np.float32)  # pixel q's neighbours at q * n_nbr + ...
-    sp_row = np.empty(w, np.float32)
-    todo = np.empty((4, w * n_nbr), np.int64)  # colour, y, x, destination of each blot
+    # The pixels that fail the shortcut are listed and tested after its loop: that loop,
+    # run for every pixel, stays small (2.5x faster than with the full test in it). What
+    # the test reads lazily (other colours' models, the spread) is listed and blotted in
+    # one call (:func:`_blot_list`) outside every loop: blot code in a loop nest here
+    # cost 0.2 us per listed pixel.
+    failed = np.empty(h * w, np.int64)  # y * w + x
+    n_failed = 0
     for y in range(h):
-        n_failed = 0
         for x in range(w):
             out[y, x] = 0
             c = chan[y, x]
@@ -299,81 +295,86 @@ def _flag_core(data, chan, own, planes, spreads, lazy, skip_spread, geo, saturat
                 continue
             if quick and abs(v - b) <= snr * sigma_flat[c]:
                 continue
-            failed[n_failed] = x
+            failed[n_failed] = y * w + x
             n_failed += 1
-        n_todo = 0
-        for q in range(n_failed):
-            x = failed[q]
-            c = chan[y, x]
-            n_todo = _neighbours(own, chan, planes, lazy, c, y, x, reach_rb if n_chan == 3 and c != 1 else 1, nbr,
-                                 q * n_nbr, todo, n_todo)
-        _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n_todo, 0, nbr)
-        # The spread term is >= 0 when the spread is (``skip_spread``): a pixel within the
-        # other terms passes without it (the final sum rounds up from t), and most star
-        # pixels that fail the shortcut do; the spread is blotted for the rest only.
-        n_left = 0
-        for q in range(n_failed):
-            x = failed[q]
-            c = chan[y, x]
-            b = own[y, x]
-            r = reach_rb if n_chan == 3 and c != 1 else 1
-            d, above, sigma = _terms(nbr, q * n_nbr, 4 * r, c, b, sky, noise2, inv_gain, model_var_factor, flat,
-                                     sigma_flat)
-            t = snr * sigma + derivative * d + signal * above
-            if skip_spread and quick and norm_scale[c] > 0 and abs(data[y, x] - b) <= t:
-                continue
-            failed[n_left] = x  # (n_left <= q: the list is compacted in place)
-            tol[n_left] = t
-            if lazy:
-                todo[0, n_left], todo[1, n_left], todo[2, n_left], todo[3, n_left] = c, y, x, n_left
-            else:
-                sp_row[n_left] = spreads[c, y, x]
-            n_left += 1
-        _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n_left if lazy else 0, 1, sp_row)
-        for q in range(n_left):
-            x = failed[q]
-            diff = data[y, x] - own[y, x]
-            sp = sp_row[q]
-            if not np.isfinite(sp):
-                sp = 0.0
-            k = k_high if diff > 0 else k_low
-            if abs(diff) > tol[q] + k * sp:
-                out[y, x] = FLAG_HIGH if diff > 0 else FLAG_LOW
-                seeds += 1
+    n_nbr = 4 * max(reach_rb, 1)
+    nbr = np.empty(max(n_failed, 1) * n_nbr, np.float32)  # listed pixel q's neighbours at q * n_nbr + ...
+    todo = np.empty((4, max(n_failed, 1) * n_nbr), np.int64)  # colour, y, x, destination of each blot
+    n_todo = 0
+    for q in range(n_failed):
+        y, x = divmod(failed[q], w)
+        c = chan[y, x]
+        n_todo = _neighbours(own, chan, planes, lazy, c, y, x, reach_rb if n_chan == 3 and c != 1 else 1, nbr,
+                             q * n_nbr, todo, n_todo)
+    _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n_todo, 0, nbr)
+    # The spread term is >= 0 when the spread is (``skip_spread``): a pixel within the
+    # other terms passes without it (the final sum rounds up from t), and most star
+    # pixels that fail the shortcut do; the spread is blotted for the rest only.
+    tol = np.empty(max(n_failed, 1))
+    sp = np.empty(max(n_failed, 1), np.float32)
+    n_left = 0
+    for q in range(n_failed):
+        y, x = divmod(failed[q], w)
+        c = chan[y, x]
+        b = own[y, x]
+        r = reach_rb if n_chan == 3 and c != 1 else 1
+        d, above, sigma = _terms(nbr, q * n_nbr, 4 * r, c, b, sky, noise2, inv_gain, model_var_factor, flat,
+                                 sigma_flat)
+        t = snr * sigma + derivative * d + signal * above
+        if skip_spread and quick and norm_scale[c] > 0 and abs(data[y, x] - b) <= t:
+            continue
+        failed[n_left] = failed[q]  # (n_left <= q: the list is compacted in place)
+        tol[n_left] = t
+        if lazy:
+            todo[0, n_left], todo[1, n_left], todo[2, n_left], todo[3, n_left] = c, y, x, n_left
+        else:
+            sp[n_left] = spreads[c, y, x]
+        n_left += 1
+    _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n_left if lazy else 0, 1, sp)
+    for q in range(n_left):
+        y, x = divmod(failed[q], w)
+        diff = data[y, x] - own[y, x]
+        s = sp[q]
+        if not np.isfinite(s):
+            s = 0.0
+        k = k_high if diff > 0 else k_low
+        if abs(diff) > tol[q] + k * s:
+            out[y, x] = FLAG_HIGH if diff > 0 else FLAG_LOW
+            seeds += 1
     # Second pass: the high neighbours of first-pass hits (cosmic-ray tails, trail edges).
     # Hits are rare (~0.05 % of the pixels): visiting the neighbours of each hit costs a
     # fraction of testing every pixel's 8-neighbourhood for one, with the same flags; their
     # tolerances are computed there, for those few pixels only.
     if seeds == 0 or not k_high < np.inf:
         return tested
-    grown = 0
+    # The candidates are listed first (64 marks a listed one), then tested as above.
+    n_cand = 0
     for y in range(h):
         for x in range(w):
-            f = out[y, x]
-            if (f & 3) == 0 or (f & 16) != 0:  # 16: grown in this pass, not a seed for further growth
+            if (out[y, x] & 3) == 0:
                 continue
             for yy in range(max(y - 1, 0), min(y + 2, h)):
                 for xx in range(max(x - 1, 0), min(x + 2, w)):
-                    if out[yy, xx] != 0:
-                        continue
                     v = data[yy, xx]
-                    c = chan[yy, xx]
-                    b = own[yy, xx]
                     # The first pass tested this pixel (and it passed) exactly when:
-                    if not (np.isfinite(v) and v < saturation and np.isfinite(b)):
-                        continue
-                    n_todo = _neighbours(own, chan, planes, lazy, c, yy, xx, 1, nbr, 0, todo, 0)
-                    _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n_todo, 0, nbr)
-                    d, above, sigma = _terms(nbr, 0, 4, c, b, sky, noise2, inv_gain, model_var_factor, flat,
-                                             sigma_flat)
-                    t = np.float32(snr_grow * sigma + derivative_grow * d + signal_grow * above)
-                    if np.isfinite(t) and v - b > t:
-                        out[yy, xx] = FLAG_HIGH | 16
-                        grown += 1
-    if grown:
-        for y in range(h):
-            for x in range(w):
-                out[y, x] &= 15
+                    if out[yy, xx] == 0 and np.isfinite(v) and v < saturation and np.isfinite(own[yy, xx]):
+                        out[yy, xx] = 64
+                        failed[n_cand] = yy * w + xx
+                        n_cand += 1
+    nbr = np.empty(max(n_cand, 1) * 4, np.float32)
+    todo = np.empty((4, max(n_cand, 1) * 4), np.int64)
+    n_todo = 0
+    for q in range(n_cand):
+        y, x = divmod(failed[q], w)
+        n_todo = _neighbours(own, chan, planes, lazy, chan[y, x], y, x, 1, nbr, 4 * q, todo, n_todo)
+    _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n_todo, 0, nbr)
+    for q in range(n_cand):
+        y, x = divmod(failed[q], w)
+        c = chan[y, x]
+        b = own[y, x]
+        d, above, sigma = _terms(nbr, 4 * q, 4, c, b, sky, noise2, inv_gain, model_var_factor, flat, sigma_flat)
+        t = np.float32(snr_grow * sigma + derivative_grow * d + signal_grow * above)
+        out[y, x] = FLAG_HIGH if np.isfinite(t) and data[y, x] - b > t else 0
     return tested
 
 
