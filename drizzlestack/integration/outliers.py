@@ -57,7 +57,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-
 import numba
 import numpy as np
 
@@ -408,7 +407,8 @@ def _blot_list(planes, spreads, geo, norm_scale, norm_offset, todo, n, which, ou
     window pixel ``(todo[1, i], todo[2, i])`` into ``out[todo[3, i]]``, for ``i < n``."""
     for i in range(n):
         c = todo[0, i]
-        out[todo[3, i]] = _blot_at(planes, c, geo, norm_scale[c], norm_offset[c], todo[1, i], todo[2, i], spreads)[which]
+        y, x = todo[1, i], todo[2, i]
+        out[todo[3, i]] = _blot_at(planes, c, geo, norm_scale[c], norm_offset[c], y, x, spreads)[which]
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -495,7 +495,7 @@ def _blot_own(model, chan, geo, norm_scale, norm_offset, out):
     operations in the same order as its general case, so the same bits."""
     wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, reach = geo
     ty, tx = out.shape
-    n_chan, h, w = model.shape
+    h, w = model.shape[1], model.shape[2]
     xlo, xhi = -0.5 - reach, mnx - 0.5 + reach
     ylo, yhi = -0.5 - reach, mny - 0.5 + reach
     xmax, ymax = mnx - 1.0, mny - 1.0
@@ -517,35 +517,29 @@ def _blot_own(model, chan, geo, norm_scale, norm_offset, out):
             for i in range(tx):
                 rx[i] = xs[j, i]
                 ry[i] = ys[j, i]
-        # Channel by channel through 2-d views: per-pixel indexing of the 3-d window cost
-        # 1.4x more (grey: the whole blot).
-        for c in range(n_chan):
-            plane = model[c]
-            scale, offset = norm_scale[c], norm_offset[c]
-            for i in range(tx):
-                if n_chan > 1 and chan[j, i] != c:
-                    continue
-                x = rx[i]
-                y = ry[i]
-                if x >= xlo and x <= xhi and y >= ylo and y <= yhi:
-                    x = min(max(x, 0.0), xmax) - wx0
-                    y = min(max(y, 0.0), ymax) - wy0
-                    iu = int(np.floor(x))
-                    iv = int(np.floor(y))
-                    if iu >= 0 and iv >= 0 and iu + 1 < w and iv + 1 < h:
-                        v00, v01 = plane[iv, iu], plane[iv, iu + 1]
-                        v10, v11 = plane[iv + 1, iu], plane[iv + 1, iu + 1]
-                        if np.isfinite(np.float64(v00) + np.float64(v01) + np.float64(v10) + np.float64(v11)):
-                            fu = x - iu
-                            fv = y - iv
-                            gu, gv = 1.0 - fu, 1.0 - fv
-                            w00, w01, w10, w11 = gv * gu, gv * fu, fv * gu, fv * fu
-                            acc = 0.0 + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11  # (left to right)
-                            wsum = 0.0 + w00 + w01 + w10 + w11
-                            out[j, i] = (acc / wsum - offset) / scale
-                            continue
-                val, nv, nu = _bilinear(model, c, rx[i], ry[i], wy0, wx0, mny, mnx, reach)
-                out[j, i] = (val - offset) / scale if nv >= 0 else np.nan
+        for i in range(tx):
+            c = chan[j, i]
+            x = rx[i]
+            y = ry[i]
+            if x >= xlo and x <= xhi and y >= ylo and y <= yhi:
+                x = min(max(x, 0.0), xmax) - wx0
+                y = min(max(y, 0.0), ymax) - wy0
+                iu = int(np.floor(x))
+                iv = int(np.floor(y))
+                if iu >= 0 and iv >= 0 and iu + 1 < w and iv + 1 < h:
+                    v00, v01 = model[c, iv, iu], model[c, iv, iu + 1]
+                    v10, v11 = model[c, iv + 1, iu], model[c, iv + 1, iu + 1]
+                    if np.isfinite(np.float64(v00) + np.float64(v01) + np.float64(v10) + np.float64(v11)):
+                        fu = x - iu
+                        fv = y - iv
+                        gu, gv = 1.0 - fu, 1.0 - fv
+                        w00, w01, w10, w11 = gv * gu, gv * fu, fv * gu, fv * fu
+                        acc = 0.0 + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11  # (left to right)
+                        wsum = 0.0 + w00 + w01 + w10 + w11
+                        out[j, i] = (acc / wsum - norm_offset[c]) / norm_scale[c]
+                        continue
+            val, nv, nu = _bilinear(model, c, rx[i], ry[i], wy0, wx0, mny, mnx, reach)
+            out[j, i] = (val - norm_offset[c]) / norm_scale[c] if nv >= 0 else np.nan
 
 
 @numba.njit(nogil=True, cache=True)
@@ -721,10 +715,11 @@ def outlier_tile(plan: OutlierPlan, iy: int, ix: int) -> np.ndarray:
         factor = 1.0 + 1.0 / max(fn.model_frames, 1)
         widen, extra = float(plan.derivative_scale[k]), float(plan.signal_extra[k])
         tested[k] = flag_window(data, chan, model_all[cut], spread_all[cut], quick_spread, geo,
-                    float(plan.saturation[k]), fn.sky,                    noise2, inv_gain, factor, p.snr, p.derivative * widen, p.signal + extra, min(p.snr_grow, p.snr),
-                    p.derivative_grow * widen, p.signal_grow + extra, plan.spread_k[0], plan.spread_k[1],
-                    plan.norm_scale[k], plan.norm_offset[k], plan.ranges[0], plan.ranges[1], flags[k],
-                    2 if plan.cfa_pattern else 1)
+                                float(plan.saturation[k]), fn.sky, noise2, inv_gain, factor, p.snr,
+                                p.derivative * widen, p.signal + extra, min(p.snr_grow, p.snr),
+                                p.derivative_grow * widen, p.signal_grow + extra,
+                                *plan.spread_k, plan.norm_scale[k], plan.norm_offset[k], *plan.ranges, flags[k],
+                                2 if plan.cfa_pattern else 1)
     # Hot pixels: a sensor pixel high in many frames is a defect in all of them. With the
     # field drifting, the sky behind it changes, so it only crosses the threshold in some.
     counts = np.zeros(3 * n)
