@@ -13,7 +13,7 @@ import pytest
 
 import drizzlestack as ds
 from drizzlestack.integration.outliers import (EDGE_REACH, FLAG_HIGH, FLAG_LOW, FLAG_RANGE, OutlierParameters,
-                                              blot_window, flag_pixels)
+                                              _blot_own, blot_window, flag_pixels, flag_window)
 from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
 from drizzlestack.store import StackStore
@@ -390,6 +390,83 @@ def test_blot_window_matches_a_direct_bilinear_interpolation():
     np.testing.assert_allclose(s, rs, rtol=2e-7, equal_nan=True)
     for a, c in zip(outs[0], outs[1]):
         np.testing.assert_array_equal(a.view(np.uint32), c.view(np.uint32))
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_flag_window_gives_the_flags_of_blotting_every_channel_first(colour):
+    """flag_window blots each pixel's own colour and, only where the test reads them, the
+    spread and the other colours' models: its flags are those of blot_window (every
+    channel, model and spread, at every pixel) followed by flag_pixels, bit for bit, for
+    the homography and the position-array paths, around holes and beyond the model's
+    edges, with and without a gain, with negative spreads (no spread shortcut)."""
+    rng = np.random.default_rng(8)
+    n_chan = 3 if colour else 1
+    mny, mnx = 90, 80
+    full = (200 + 300 * rng.random((n_chan, mny, mnx)) ** 8).astype(np.float32)  # a few steep spots
+    full[rng.random((n_chan, mny, mnx)) < 0.03] = np.nan
+    spread_full = (4.0 * rng.random((n_chan, mny, mnx))).astype(np.float32)
+    spread_full[:, 30:34] = np.nan
+    wy0, wx0 = 10, 5
+    model, spread = full[:, wy0:, wx0:], spread_full[:, wy0:, wx0:]
+    angle = np.radians(0.7)
+    matrix = np.array([[np.cos(angle), -np.sin(angle), -3.3], [np.sin(angle), np.cos(angle), 8.6],
+                       [1e-5, -2e-5, 1.0]])
+    y0, x0, ty, tx = 12, 4, 80, 79
+    fx, fy = np.meshgrid(np.arange(x0, x0 + tx, dtype=np.float64), np.arange(y0, y0 + ty, dtype=np.float64))
+    wz = matrix[2, 0] * fx + matrix[2, 1] * fy + matrix[2, 2]
+    xr = (matrix[0, 0] * fx + matrix[0, 1] * fy + matrix[0, 2]) / wz
+    yr = (matrix[1, 0] * fx + matrix[1, 1] * fy + matrix[1, 2]) / wz
+    chan = np.zeros((ty, tx), np.uint8)
+    if colour:
+        chan[::2, 1::2] = 1
+        chan[1::2, ::2] = 1
+        chan[1::2, 1::2] = 2
+    scale, offset = np.array([1.3, 1.1, 0.9])[:n_chan], np.array([-20.0, -5.0, 3.0])[:n_chan]
+    blotted = np.empty((n_chan, ty, tx), np.float32)
+    blotted_spread = np.empty_like(blotted)
+    empty = np.empty((0, 0))
+    blot_window(model, spread, wy0, wx0, mny, mnx, matrix, y0, x0, empty, empty, True, EDGE_REACH, scale, offset,
+                blotted, blotted_spread)
+    own = np.take_along_axis(blotted, chan[None].astype(np.intp), 0)[0]
+    for use_matrix, xs, ys in ((True, empty, empty), (False, xr, yr)):  # the blot of each pixel's own colour
+        lazy = np.empty((ty, tx), np.float32)
+        _blot_own(model, chan, (wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, EDGE_REACH), scale, offset,
+                  lazy)
+        np.testing.assert_array_equal(np.isnan(lazy), np.isnan(own))
+        np.testing.assert_array_equal(np.nan_to_num(lazy).view(np.uint32), np.nan_to_num(own).view(np.uint32))
+    data = np.where(np.isfinite(own), own, 300.0) + rng.normal(0, 10, (ty, tx))
+    hits = rng.random((ty, tx)) < 0.03
+    data[hits] += rng.choice([-1, 1], hits.sum()) * rng.uniform(20, 150, hits.sum())
+    data = data.astype(np.float32)
+    data[5, 5] = np.nan
+    data[60, 60] = 5000.0  # saturated
+    sky, noise = np.array([200.0, 210.0, 190.0])[:n_chan], np.array([100.0, 90.0, 110.0])[:n_chan]
+    reach = 2 if colour else 1
+    checked = 0
+    for gain, tol, k in [(0.0, (4.0, 1.2, 0.6, 3.0, 0.7, 0.4), (3.0, 3.0)),
+                         (0.5, (3.0, 0.5, 0.1, 2.0, 0.3, 0.05), (np.inf, 1.0)),
+                         (0.0, (3.0, 0.5, 0.1, 2.0, 0.3, 0.05), (1.0, np.inf))]:
+        for negative in (False, True):
+            sp, sp_blotted = spread, blotted_spread
+            if negative:  # a spread below 0 could lower the tolerance: every pixel's spread is read
+                sp = -spread
+                sp_blotted = np.empty_like(blotted)
+                blot_window(model, sp, wy0, wx0, mny, mnx, matrix, y0, x0, empty, empty, True, EDGE_REACH, scale,
+                            offset, np.empty_like(blotted), sp_blotted)
+            args = (4000.0, sky, noise, gain, 1.25, *tol, *k, scale, offset, 60.0 / 1.3 - 20, 3000.0)
+            expected = np.zeros((ty, tx), np.uint8)
+            n_expected = flag_pixels(data, chan, blotted, sp_blotted, *args, expected, reach)
+            assert (expected == FLAG_HIGH).sum() > (4 if k[1] < np.inf else -1)
+            assert (expected == FLAG_LOW).sum() > (4 if k[0] < np.inf else -1)
+            for use_matrix, xs, ys in ((True, empty, empty), (False, xr, yr)):
+                out = np.zeros((ty, tx), np.uint8)
+                geo = (wy0, wx0, mny, mnx, matrix, y0, x0, xs, ys, use_matrix, EDGE_REACH)
+                tested = flag_window(data, chan, model, sp, not negative, geo, *args, out, reach)
+                np.testing.assert_array_equal(out & 31, expected)
+                np.testing.assert_array_equal((out & 32) != 0, data < 4000.0)  # may be flagged hot
+                assert tested == n_expected
+                checked += 1
+    assert checked == 12 and 0.05 < np.isnan(own).mean() < 0.5
 
 
 def _flags_from_the_rule(data, chan, model, spread, saturation, sky, noise2, inv_gain, factor, tol, k,
