@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import drizzlestack as ds
-from drizzlestack.integration.outliers import (EDGE_REACH, FLAG_HIGH, FLAG_LOW, FLAG_RANGE, OutlierParameters,
-                                              _blot_own, blot_window, flag_pixels, flag_window)
+from drizzlestack.integration.blot import EDGE_REACH, _blot_own, blot_window
+from drizzlestack.integration.outliers import FLAG_HIGH, FLAG_LOW, FLAG_RANGE, OutlierParameters, flag_pixels, flag_window
 from drizzlestack.registration import frame_mapping
 from drizzlestack.simulate import DEFECT_COSMIC_RAY, simulate
 from drizzlestack.store import StackStore
