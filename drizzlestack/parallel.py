@@ -350,34 +350,3 @@ def compute(*collections, progress: bool | None = None, **kwargs):
             return dask.compute(*collections, **kwargs)
     return dask.compute(*collections, **kwargs)
 
-
-def ordered_ahead(jobs, ahead: int):
-    """The results of ``jobs`` (callables), in order, computed up to ``ahead`` jobs ahead
-    of the consumer in as many threads of the calling process.
-
-    For the serial loops outside Dask's graphs (ingest reading the next file, the FITS
-    writer converting the next bands): the next jobs' reading and decoding overlap the
-    consumer's work on this result (decoders, file reads and numpy release the GIL),
-    with at most ``ahead + 1`` results alive. ``ahead <= 0`` runs every job in the
-    calling thread when its result is asked for. A job's exception is raised where its
-    result is taken; the jobs not yet started are then cancelled.
-    """
-    if ahead <= 0:
-        for job in jobs:
-            yield job()
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(ahead, thread_name_prefix="drizzlestack-ahead") as pool:
-        pending = deque()
-        try:
-            for job in jobs:
-                pending.append(pool.submit(job))
-                if len(pending) > ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()

@@ -458,17 +458,18 @@ def test_fits_output_streams_the_products(field):
         assert hdul[0].header["NCOMBINE"] == 10 and hdul[0].header["REJECT"] == "winsorized"
 
 
-def test_fits_streamed_with_bands_converted_ahead_is_the_same_file(field, tmp_path):
-    """The FITS writer converts the next bands in threads while it writes: the file is
-    byte for byte the one a single thread writes (order, factors, padding)."""
+def test_fits_streamed_in_bands_across_chunk_rows_is_the_same_file(field, tmp_path):
+    """The FITS writer converts and writes bands of rows that do not follow the store's
+    chunk rows: the file is byte for byte the one written a whole chunk row at a time
+    (order, factors and offsets, padding), and its data are the products'."""
     from drizzlestack.chunkio import DirectArray
     from drizzlestack.io.fits import write_streamed
 
     hdus = [(fits.Header({"OBJECT": "x"}), DirectArray(field.store, "integration"), None),
             (fits.Header({"EXTNAME": "WEIGHTS"}), DirectArray(field.store, "integration_weight"), 1 / 3.0, 0.25),
             (fits.Header({"EXTNAME": "REJHIGH"}), DirectArray(field.store, "rejected_high"), None)]
-    write_streamed(tmp_path / "one.fits", hdus, rows_per_read=7, workers=0)
-    write_streamed(tmp_path / "ahead.fits", hdus, rows_per_read=7, workers=3)
+    write_streamed(tmp_path / "one.fits", hdus, rows_per_read=64)
+    write_streamed(tmp_path / "ahead.fits", hdus, rows_per_read=7)
     assert (tmp_path / "one.fits").read_bytes() == (tmp_path / "ahead.fits").read_bytes()
     with fits.open(tmp_path / "ahead.fits") as hdul:
         np.testing.assert_array_equal(hdul[0].data, field.result.integration.values)

@@ -151,35 +151,3 @@ def test_pbs_job_script_from_the_config_file():
     assert "#PBS -q workq" in script
     assert "#PBS -l select=1:ncpus=8:mem=32GB" in script
 
-
-@pytest.mark.parametrize("ahead", [0, 1, 3])
-def test_work_ahead_keeps_the_order_bounds_the_jobs_in_flight_and_raises_where_taken(ahead):
-    import threading
-    import time
-
-    from drizzlestack.parallel import ordered_ahead
-
-    lock = threading.Lock()
-    state = {"running": 0, "most": 0, "started": []}
-
-    def job(i):
-        def run():
-            with lock:
-                state["running"] += 1
-                state["most"] = max(state["most"], state["running"])
-                state["started"].append(i)
-            time.sleep(0.01 * ((i * 7) % 3))  # finishing out of order
-            with lock:
-                state["running"] -= 1
-            if i == 6:
-                raise ValueError("job 6 failed")
-            return i * i
-        return run
-
-    taken = []
-    with pytest.raises(ValueError, match="job 6"):
-        for value in ordered_ahead((job(i) for i in range(20)), ahead):
-            taken.append(value)
-    assert taken == [i * i for i in range(6)]  # in order, up to the failed job
-    assert state["most"] <= max(ahead, 1)
-    assert max(state["started"]) <= 6 + ahead  # nothing far beyond the failure was started

@@ -12,7 +12,6 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from .._warnings import DrizzlestackError
-from ..parallel import ordered_ahead
 from ..saturation import adc_ceiling
 
 
@@ -192,36 +191,29 @@ def _pad(n: int) -> int:
     return (-n) % BLOCK
 
 
-def _band_jobs(array, planes, factor, offset, rows_per_read):
-    """One function per band of rows of an HDU's data, in file order: each reads its rows
-    and returns them as big-endian float32 (factor and offset applied in float64)."""
+def _bands(array, planes, factor, offset, rows_per_read):
+    """The data of one HDU in file order, as big-endian float32 bands of at most
+    ``rows_per_read`` rows (factor and offset applied in float64)."""
     ny = array.shape[-2]
-    # Whole chunk rows (a band cut through a chunk would decompress it again for every
-    # band), converted and written rows_per_read at a time.
+    # Whole chunk rows are read (a band cut through a chunk would decompress it again
+    # for every band), then converted and written rows_per_read at a time.
     chunks = getattr(array, "chunks", None)
     row_chunk = chunks[-2] if chunks else None
     step = int(row_chunk) if isinstance(row_chunk, (int, np.integer)) else rows_per_read
-
-    def band(p, rows, f, o):
-        block = np.asarray(array[rows] if planes is None else array[p, rows])
-        out = np.empty(block.shape, ">f4")
-        for r0 in range(0, block.shape[0], rows_per_read):
-            part = block[r0:r0 + rows_per_read]
-            if f is not None:
-                part = part * np.float64(f)
-            if o is not None:
-                part = part + np.float64(o)
-            out[r0:r0 + rows_per_read] = part
-        return out
-
     for p in range(planes or 1):
         f = factor[p] if isinstance(factor, (list, tuple, np.ndarray)) else factor
         o = offset[p] if isinstance(offset, (list, tuple, np.ndarray)) else offset
         for y0 in range(0, ny, step):
-            yield lambda p=p, rows=slice(y0, min(y0 + step, ny)), f=f, o=o: band(p, rows, f, o)
+            rows = slice(y0, min(y0 + step, ny))
+            block = np.asarray(array[rows] if planes is None else array[p, rows])
+            for r0 in range(0, block.shape[0], rows_per_read):
+                band = block[r0:r0 + rows_per_read]
+                band = band * np.float64(f) if f is not None else band
+                band = band + np.float64(o) if o is not None else band
+                yield np.ascontiguousarray(band, dtype=">f4")
 
 
-def write_streamed(path, images, rows_per_read: int = 256, workers: int = 2) -> None:
+def write_streamed(path, images, rows_per_read: int = 256) -> None:
     """Write a multi-extension FITS file whose images are read a band of rows at a time.
 
     The whole image never sits in memory: each HDU's header is written, then its data
@@ -244,10 +236,7 @@ def write_streamed(path, images, rows_per_read: int = 256, workers: int = 2) -> 
         weights image): a number, one per plane of a cube, or ``None`` for none;
         ``offset`` (the same forms) is added after it (e.g. a white balance).
     rows_per_read : int
-        Rows converted at a time.
-    workers : int
-        Threads reading and converting bands ahead of the writing (1: all in the
-        calling thread).
+        Rows converted and written at a time.
     """
     from ..location import filesystem, is_url
 
@@ -257,7 +246,7 @@ def write_streamed(path, images, rows_per_read: int = 256, workers: int = 2) -> 
         fs, key = filesystem(str(path))
         with tempfile.TemporaryDirectory(prefix="drizzlestack-") as tmpdir:
             local = Path(tmpdir) / key.rstrip("/").rsplit("/", 1)[-1]
-            write_streamed(local, images, rows_per_read, workers)
+            write_streamed(local, images, rows_per_read)
             fs.put_file(str(local), key)
         return
     path = Path(path)
@@ -293,9 +282,9 @@ def write_streamed(path, images, rows_per_read: int = 256, workers: int = 2) -> 
                 text = full.tostring().encode("ascii")
                 fh.write(text)
                 written = 0
-                for raw in ordered_ahead(_band_jobs(array, planes, factor, offset, rows_per_read), workers):
-                    fh.write(raw)
-                    written += raw.nbytes
+                for band in _bands(array, planes, factor, offset, rows_per_read):
+                    fh.write(band.data)  # (the array's own buffer: no bytes copy)
+                    written += band.nbytes
                 fh.write(b"\0" * _pad(written))
         os.replace(tmp, path)
     except BaseException:
