@@ -32,14 +32,20 @@ print(json.dumps({"file": drizzlestack.__file__, **out.attrs["steps"]["integrate
 
 
 def run(store: str, tree: str) -> dict:
-    """One integrate in a fresh process with ``tree`` first on the path; its seconds and CPU time."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, store], stdout=subprocess.PIPE, text=True,
+    """One integrate in a fresh process with ``tree`` first on the path; its seconds and CPU time.
+
+    Run from inside ``tree``: ``python -c`` puts the working directory before
+    ``PYTHONPATH``, so started from another source tree it would import that one (the
+    child prints the package file it imported)."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, store], stdout=subprocess.PIPE, text=True, cwd=tree,
                             env={**os.environ, "PYTHONPATH": tree})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"integrate with {tree} failed")
     result = json.loads(out.strip().splitlines()[-1])
+    if not os.path.realpath(result["file"]).startswith(os.path.realpath(tree) + os.sep):
+        raise SystemExit(f"the child imported {result['file']}, not the tree {tree}")
     result["cpu_s"] = usage.ru_utime + usage.ru_stime
     return result
 
