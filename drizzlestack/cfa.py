@@ -470,18 +470,23 @@ def mosaic_score(data, max_pixels: int = 512 * 512) -> float:
 MOSAIC_THRESHOLD = 0.5
 
 
-def warn_if_mosaic(data, name: str, option: str = "--cfa PATTERN (cfa='RGGB', ...)") -> bool:
-    """Warn when a frame ingested as grey looks like an undeclared Bayer mosaic.
-
-    Returns whether it warned. The warning names the option that declares the pattern
-    (and the one that ingests the frame as grey on purpose), so a checkerboard is never
-    drizzled silently.
-    """
+def mosaic_message(data, name: str, option: str = "--cfa PATTERN (cfa='RGGB', ...)") -> str | None:
+    """The warning for a frame ingested as grey that looks like an undeclared Bayer
+    mosaic (``None``: it does not). It names the option that declares the pattern (and
+    the one that ingests the frame as grey on purpose), so a checkerboard is never
+    drizzled silently. No warnings machinery: safe in any thread."""
     score = mosaic_score(data)
     if score > MOSAIC_THRESHOLD:
-        warnings.warn(
-            f"{name}: looks like an undeclared colour (Bayer) mosaic: the four 2x2 pixel phases differ by "
-            f"{score:.1f} x the noise; declare its pattern with {option}, or pass --grey (cfa='grey') "
-            "to ingest it as grey on purpose", DrizzlestackWarning, stacklevel=3)
-        return True
-    return False
+        return (f"{name}: looks like an undeclared colour (Bayer) mosaic: the four 2x2 pixel phases differ by "
+                f"{score:.1f} x the noise; declare its pattern with {option}, or pass --grey (cfa='grey') "
+                "to ingest it as grey on purpose")
+    return None
+
+
+def warn_if_mosaic(data, name: str, option: str = "--cfa PATTERN (cfa='RGGB', ...)") -> bool:
+    """Warn (:func:`mosaic_message`) when a frame ingested as grey looks like an
+    undeclared Bayer mosaic; returns whether it warned."""
+    message = mosaic_message(data, name, option)
+    if message is not None:
+        warnings.warn(message, DrizzlestackWarning, stacklevel=3)
+    return message is not None

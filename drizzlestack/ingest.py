@@ -14,6 +14,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -140,14 +141,23 @@ def _pattern_conflict(name: str, pattern: str, store_pattern: str) -> str | None
             f"{store_pattern}; the pattern may not change within a store")
 
 
-def _mosaic_warnings(frame, name: str, pattern: str, cfa, status: str) -> list[str]:
-    """The undeclared-mosaic warning of a grey frame, as text (reported with the others)."""
-    if pattern or cfa == "grey" or status != STATUS_OK:
-        return []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DrizzlestackWarning)
-        _cfa.warn_if_mosaic(frame.data, name)
-    return [str(w.message) for w in caught if issubclass(w.category, DrizzlestackWarning)]
+def _checks(data, name: str, pattern: str, cfa) -> tuple[str, list[str]]:
+    """A frame's status and its undeclared-mosaic warning (as text): what ingest measures
+    on the pixels, in the thread that writes them."""
+    status = frame_status(data)
+    mosaic = None
+    if not pattern and cfa != "grey" and status == STATUS_OK:
+        mosaic = _cfa.mosaic_message(data, name)
+    return status, [] if mosaic is None else [mosaic]
+
+
+def _finish_frame(report, path: str, checks, append) -> None:
+    """Commit one appended frame with its status, and report what its checks found."""
+    status, mosaic = checks.result()
+    report.warnings += mosaic
+    append(status=status)
+    if status != STATUS_OK:
+        report.excluded.append((path, status))
 
 
 def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None,
@@ -167,9 +177,9 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
     if StackStore.exists(store_path):
         st = StackStore.open(store_path)  # refuses anything that is not a store
     known = set(st.paths()) if st is not None else set()
-    # A frame's pixels are encoded and written in a thread while the next file is read
-    # and checked here: ingest uses both cores (the store's state -- pattern, frame
-    # count -- is only read once the previous frame is committed).
+    # A frame's pixels are checked, encoded and written in a thread while the next file
+    # is read here: ingest uses both cores (the store's state -- pattern, frame count --
+    # is only read once the previous frame is committed).
     with ThreadPoolExecutor(1, thread_name_prefix="drizzlestack-ingest") as pool:
         finish = None
         for i, path in enumerate(paths):
@@ -181,8 +191,6 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
             try:
                 frame = read_any(path, saturation=saturation)
                 pattern = frame_pattern(frame, cfa)
-                status = frame_status(frame.data)
-                mosaic = _mosaic_warnings(frame, Path(path).name, pattern, cfa, status)
             except (FrameReadError, _cfa.PatternError) as exc:
                 report.skipped.append((path, str(exc)))
                 continue
@@ -202,15 +210,13 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
                 report.skipped.append((path, f"{Path(path).name}: shape {frame.data.shape} differs from the "
                                              f"store's {st.frame_shape} (all frames must have one shape)"))
                 continue
-            report.warnings += mosaic
-            finish = st.append_frame_later(frame.data, pool, path=path, exptime=frame.exptime,
-                                           header=frame.header.tostring(sep="\n"), status=status,
-                                           saturation=frame.saturation, cfa_pattern=pattern,
-                                           black_level=_black_levels(frame))
+            checks = pool.submit(_checks, frame.data, name, pattern, cfa)  # (the pool runs in order)
+            append = st.append_frame_later(frame.data, pool, path=path, exptime=frame.exptime,
+                                           header=frame.header.tostring(sep="\n"), saturation=frame.saturation,
+                                           cfa_pattern=pattern, black_level=_black_levels(frame))
+            finish = partial(_finish_frame, report, path, checks, append)
             known.add(path)
             report.added.append(path)
-            if status != STATUS_OK:
-                report.excluded.append((path, status))
         if finish is not None:
             finish()
     if st is not None and report.added:

@@ -207,8 +207,9 @@ class StackStore:
         """Start appending one frame: its pixels are written in ``pool`` (a
         ``concurrent.futures`` executor; ``None``: now, in this thread) while the caller
         goes on (ingest reads the next file). Returns the function that finishes the
-        append -- waits for the pixels, writes the metadata, commits the frame -- and
-        returns its index; nothing else may be appended before it is called.
+        append -- waits for the pixels, writes the metadata (with any given to it: what
+        was measured on the pixels meanwhile), commits the frame -- and returns its index;
+        nothing else may be appended before it is called.
         """
         if data.shape != self.frame_shape:
             raise StoreError(f"frame shape {data.shape} differs from the store's {self.frame_shape}")
@@ -235,8 +236,10 @@ class StackStore:
         if written is None:
             write()
 
-        def finish() -> int:
-            self._write_frame_metadata(i, metadata)
+        def finish(**late: Any) -> int:
+            if set(late) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA):
+                raise ValueError(f"unknown frame metadata: {sorted(late)}")
+            self._write_frame_metadata(i, {**metadata, **late})
             if written is not None:
                 written.result()
             self.group.attrs["n_frames"] = i + 1  # the commit
