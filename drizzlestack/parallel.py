@@ -349,4 +349,3 @@ def compute(*collections, progress: bool | None = None, **kwargs):
         with ProgressBar(out=sys.stderr):
             return dask.compute(*collections, **kwargs)
     return dask.compute(*collections, **kwargs)
-

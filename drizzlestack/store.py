@@ -237,8 +237,9 @@ class StackStore:
             write()
 
         def finish(**late: Any) -> int:
-            if set(late) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA):
-                raise ValueError(f"unknown frame metadata: {sorted(late)}")
+            unknown_late = set(late) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
+            if unknown_late:
+                raise ValueError(f"unknown frame metadata: {sorted(unknown_late)}")
             self._write_frame_metadata(i, {**metadata, **late})
             if written is not None:
                 written.result()

@@ -150,4 +150,3 @@ def test_pbs_job_script_from_the_config_file():
         cluster.close()
     assert "#PBS -q workq" in script
     assert "#PBS -l select=1:ncpus=8:mem=32GB" in script
-
