@@ -120,6 +120,33 @@ def test_interrupted_integration_resumes_without_redoing_finished_tiles(register
         np.testing.assert_array_equal(resumed[v], fresh[v].values, err_msg=v)
 
 
+def test_integration_interrupted_in_its_patched_final_pass_resumes_from_the_kept_sums(registered, monkeypatch):
+    """Interrupted after the model pass and one tile of the final pass (which patches
+    the model pass's plain sums, :mod:`drizzlestack.integration.patch`): the sums are
+    still in the store, the resumed pass does the three missing tiles, and the products
+    equal a fresh run's; the scratch sums are gone afterwards."""
+    kwargs = dict(rejection="sigma", tile=32, scale_estimator="biweight")
+    with scheduler(scheduler="synchronous"):
+        _failing_after(monkeypatch, integrate_module, "integrate_tile", 5)
+        with pytest.raises(Boom):
+            ds.integrate(registered, **kwargs)
+        assert _ledger_done(registered, "integrate_model") == (4, 4)
+        assert _ledger_done(registered, "integrate") == (1, 4)
+        assert "integration_base_sum" in StackStore.open(registered).group
+        monkeypatch.undo()
+        calls = _failing_after(monkeypatch, integrate_module, "integrate_tile", None)
+        with pytest.warns(ds.DrizzlestackWarning, match="resuming an interrupted integration"):
+            resumed = ds.integrate(registered, **kwargs)
+        assert calls["n"] == 3
+        names = ["integration", "rejected_low", "rejected_high", "integration_weight", "rejection", "outliers",
+                 "rejected_low_fraction", "rejected_high_fraction"]
+        resumed = {v: resumed[v].values for v in names}
+        assert not any(k.startswith("integration_base") for k in StackStore.open(registered).group.array_keys())
+        fresh = ds.integrate(registered, force=True, **kwargs)
+    for v in names:
+        np.testing.assert_array_equal(resumed[v], fresh[v].values, err_msg=v)
+
+
 def test_full_disk_gives_a_clear_error_and_the_run_resumes(registered, monkeypatch, capsys, tmp_path):
     ds.integrate(registered, tile=32, scale_estimator="biweight")
     original = DirectArray._write_chunk
