@@ -1,7 +1,8 @@
 """Ingest throughput and memory: 2048x2048 uint16 frames (BZERO 32768, as cameras write).
 
 Each store size runs in a fresh subprocess that reports its own peak RSS (``VmHWM``, see _rss.py):
-flat peak memory as frames are added shows that ingest holds one frame at a time.
+flat peak memory as frames are added shows that ingest holds a bounded number of frames
+(the one being read and the one being written).
 
     python benchmarks/bench_ingest.py [--frames 4 8 16] [--size 2048] [--gzip]
 """

@@ -162,7 +162,8 @@ def _finish_frame(report, path: str, checks, append) -> None:
 
 def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None,
                  progress=None, cfa: str | None = None) -> IngestReport:
-    """Append light frames to a store (created if absent), one frame in memory at a time.
+    """Append light frames to a store (created if absent), at most three frames in memory
+    (one being read, one being checked and written, one on its way out).
 
     Files already in the store (same absolute path) are left alone; unreadable files,
     files whose shape differs from the store's, and frames that would mix grey and
