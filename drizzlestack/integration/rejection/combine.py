@@ -14,59 +14,18 @@ from .parameters import saturation_levels
 from .sorting import FLAG_HIGH, FLAG_LOW, FLAG_RANGE, _wirth_median
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _combine_kernel(stack, flags, weights, image, n_low, n_high):
-    """Weighted mean of the kept (flag 0) values of each pixel, and the low/high counts.
-
-    A pixel whose values were all rejected takes the median of its non-range-rejected
-    values (never 0: no black holes); a pixel without any valid value is NaN (no data).
-    """
-    nf, ny, nx = stack.shape
-    buf = np.empty(nf, np.float64)
-    for y in range(ny):
-        for x in range(nx):
-            sw = 0.0
-            swx = 0.0
-            cl = 0
-            ch = 0
-            for f in range(nf):
-                fl = flags[f, y, x]
-                if fl & FLAG_LOW:
-                    cl += 1
-                elif fl & FLAG_HIGH:
-                    ch += 1
-                elif fl == 0:
-                    w = weights[f]
-                    val = np.float64(stack[f, y, x])
-                    if w > 0.0 and np.isfinite(val):
-                        sw += w
-                        swx += w * val
-            n_low[y, x] = cl
-            n_high[y, x] = ch
-            if sw > 0.0:
-                image[y, x] = swx / sw
-                continue
-            m = 0
-            for f in range(nf):
-                val = np.float64(stack[f, y, x])
-                if (flags[f, y, x] & FLAG_RANGE) == 0 and weights[f] > 0.0 and np.isfinite(val):
-                    buf[m] = val
-                    m += 1
-            if m == 0:
-                image[y, x] = np.nan
-            else:
-                image[y, x] = _wirth_median(buf, m)
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
 def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, projected, weights, raw_weights,
                             saturation, range_low, range_high, flags, image, n_low, n_high, wsum, spread, counts,
                             sums):
     """:func:`combine_flagged` in one pass over the samples (see there); the operations
     and their order are those of normalizing in float32, :func:`rejection_flags` with
-    method ``"none"`` (unless ``given``), the saturated and projected overrides,
-    :func:`_combine_kernel`, the float32 weight sum and the kept samples' spread, so
-    the results are the same to the bit."""
+    method ``"none"`` (unless ``given``), the saturated and projected overrides, the
+    weighted mean (a pixel whose values were all rejected takes the median of its
+    non-range-rejected values, never 0; one without any valid value is NaN), the
+    float32 weight sum and the kept samples' spread, so the results are the same to
+    the bit. An empty ``saturated`` or ``projected`` means none."""
     nf, ny, nx = values.shape
+    has_saturated = saturated.shape[0] > 0
     has_projected = projected.shape[0] > 0
     want_spread = spread.shape[0] > 0
     want_sums = sums.shape[0] > 0
@@ -115,7 +74,8 @@ def _combine_flagged_kernel(values, normalize, scale, offset, given, saturated, 
                     code = 0 if (v > range_low) & (v < range_high) else FLAG_RANGE
                     code = 0 if v >= sat else code
                     code = code if finite else FLAG_RANGE
-                code = 0 if saturated[f, y, x] else code
+                if has_saturated and saturated[f, y, x]:
+                    code = 0
                 if has_projected:
                     p = projected[f, y, x]
                     code = FLAG_LOW if p & _OWN_LOW else code
@@ -187,7 +147,7 @@ def combine_flagged(values, saturated, projected, weights, saturation=None, rang
         Resampled samples; normalized in place first when ``scale`` is given
         (``values * scale + offset`` in float32).
     saturated : (frame, y, x) bool
-        Samples interpolated next to a saturated pixel: never flagged.
+        Samples interpolated next to a saturated pixel: never flagged (empty: none).
     projected : (frame, y, x) uint8 or None
         Each sample's nearest input pixel's own-pixel outlier flag: low (1) rejects it
         low, high or hot (2, 8) high.
@@ -252,18 +212,16 @@ def combine_flagged(values, saturated, projected, weights, saturation=None, rang
 
 
 def _combine_block(block: np.ndarray, flags: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    block = _as_float(np.asarray(block))
-    flags = np.ascontiguousarray(flags, dtype=np.uint8)
+    # The one-pass kernel with the given flags and no overrides; it is compiled for
+    # writable arrays (it can normalize in place and writes the flags back), and a dask
+    # block may be read-only: such a block is copied, the flags always are.
+    block = np.require(_as_float(np.asarray(block)), requirements="W")
     _, ny, nx = block.shape
     out = np.empty((3, ny, nx), dtype=np.float64)
-    image = np.empty((ny, nx), np.float64)
-    n_low = np.empty((ny, nx), np.int64)
-    n_high = np.empty((ny, nx), np.int64)
     if block.size:
-        _combine_kernel(block, flags, weights, image, n_low, n_high)
-    out[0] = image
-    out[1] = n_low
-    out[2] = n_high
+        image, n_low, n_high, *_ = combine_flagged(block, np.empty((0, 0, 0), np.bool_), None, weights,
+                                                   flags=np.array(flags, dtype=np.uint8))
+        out[0], out[1], out[2] = image, n_low, n_high
     return out
 
 
