@@ -154,13 +154,13 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
         Per frame: samples flagged low, flagged high, valid samples; then the largest
         per-pixel weight sum of the tile (for the FITS ``WEIGHTS`` normalization).
     """
-    if plan.patch:
-        row = _patch.patch_tile(plan, iy, ix, _normalized_saturation(plan))
-        if row is not None:
-            return row
     t = plan.tile
     sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
     sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
+    if plan.patch:
+        row = _patch.patch_tile(plan, iy, ix, sy, sx, _normalized_saturation(plan))
+        if row is not None:
+            return row
     n = len(plan.indices)
     counts = np.zeros(3 * n + 1)
     shape = (n, sy.stop - sy.start, sx.stop - sx.start)

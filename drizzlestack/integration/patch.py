@@ -180,13 +180,11 @@ def _finish(sums, kept, cand_pix, cand_val, n_cand, fmaps, raw_weights, image, w
             image[j, i] = np.nan if m == 0 else _wirth_median(buf, m)
 
 
-def patch_tile(plan, iy: int, ix: int, normalized_saturation) -> np.ndarray | None:
-    """The final pass of one tile from the model pass's sums (see the module); the
-    ledger row as :func:`.integrate.integrate_tile` returns it, or ``None`` when the
-    tile must take the full pass (too many flagged samples with values to keep)."""
-    t = plan.tile
-    sy = slice(iy * t, min((iy + 1) * t, plan.shape[0]))
-    sx = slice(ix * t, min((ix + 1) * t, plan.shape[1]))
+def patch_tile(plan, iy: int, ix: int, sy: slice, sx: slice, normalized_saturation) -> np.ndarray | None:
+    """The final pass of tile ``(iy, ix)`` (output rows ``sy``, columns ``sx``) from the
+    model pass's sums (see the module); the ledger row as
+    :func:`.integrate.integrate_tile` returns it, or ``None`` when the tile must take the
+    full pass (too many flagged samples with values to keep)."""
     n = len(plan.indices)
     store = plan.store
     sums = np.empty((3, sy.stop - sy.start, sx.stop - sx.start))
@@ -210,7 +208,6 @@ def patch_tile(plan, iy: int, ix: int, normalized_saturation) -> np.ndarray | No
     frames = _open_frames(store)
     outliers = DirectArray(store, plan.outliers)
     box = tile_box(sy, sx, plan.origin)
-    sat_norm = normalized_saturation
     xr = yr = None
     for k, (i, mapping) in enumerate(zip(plan.indices, plan.mappings)):
         window = input_window(mapping, box, plan.frame_shape, pad=LANCZOS3_PAD)  # as the resampling's
@@ -244,7 +241,7 @@ def patch_tile(plan, iy: int, ix: int, normalized_saturation) -> np.ndarray | No
         w_kept = w if np.isfinite(w) and w > 0 else 0.0
         _patch_frame(clean, nanned, flags, touched, int(wy.start), int(wx.start), int(plan.frame_shape[0]),
                      int(plan.frame_shape[1]), xf, yf, matrix, int(y0 + sy.start), int(x0 + sx.start), sat,
-                     np.float32(plan.norm_scale[k, 0]), np.float32(plan.norm_offset[k, 0]), float(sat_norm[k]),
+                     np.float32(plan.norm_scale[k, 0]), np.float32(plan.norm_offset[k, 0]), float(normalized_saturation[k]),
                      w_kept, sums, kept, fmaps[k], n_low, n_high, counts[k], cand_pix, cand_val,
                      n_cand)
     if n_cand[0] > _CANDIDATES:
