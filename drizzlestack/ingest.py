@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz"
 #: What a directory given to ingest is searched for (FITS first, then the other formats).
 FRAME_PATTERNS = FITS_PATTERNS + tuple(f"*{s}" for s in RAW_SUFFIXES + TIFF_SUFFIXES + XISF_SUFFIXES) + tuple(
     f"*{s.upper()}" for s in RAW_SUFFIXES + TIFF_SUFFIXES + XISF_SUFFIXES)
+
+#: Longest time (s) between two commits of ingested frames (each commit writes every
+#: per-frame metadata array once; an interruption loses at most this much reading).
+COMMIT_SECONDS = 1.0
 
 #: Values of ``cfa=`` that ingest colour-looking frames as grey on purpose.
 GREY = ("grey", "gray", "mono", "none")
@@ -178,53 +183,69 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
     if StackStore.exists(store_path):
         st = StackStore.open(store_path)  # refuses anything that is not a store
     known = set(st.paths()) if st is not None else set()
+    store_pattern = st.cfa_pattern if st is not None and st.n_frames else None  # None: no frame yet
     # A frame's pixels are checked, encoded and written in a thread while the next file
-    # is read here: ingest uses both cores (the store's state -- pattern, frame count --
-    # is only read once the previous frame is committed).
+    # is read here: ingest uses both cores. Frames are committed in batches, at most
+    # COMMIT_SECONDS apart (an interruption loses at most that much reading), each
+    # metadata array written once per batch.
+    last_commit, reserved = time.perf_counter(), False
     with ThreadPoolExecutor(1, thread_name_prefix="drizzlestack-ingest") as pool:
         finish = None
-        for i, path in enumerate(paths):
-            if progress is not None:
-                progress(i, len(paths), path)
-            if path in known:
-                report.already.append(path)
-                continue
-            try:
-                frame = read_any(path, saturation=saturation)
-                pattern = frame_pattern(frame, cfa)
-            except (FrameReadError, _cfa.PatternError) as exc:
-                report.skipped.append((path, str(exc)))
-                continue
-            finally:
-                if finish is not None:
-                    finish()  # the previous frame, committed
-                    finish = None
-            name = Path(path).name
-            if st is not None and st.n_frames:
-                conflict = _pattern_conflict(name, pattern, st.cfa_pattern)
-                if conflict:
-                    report.skipped.append((path, conflict))
+        try:
+            for i, path in enumerate(paths):
+                if progress is not None:
+                    progress(i, len(paths), path)
+                if path in known:
+                    report.already.append(path)
                     continue
-            if st is None:
-                st = StackStore.create(store_path, frame.data.shape, chunk=chunk)
-            if frame.data.shape != st.frame_shape:
-                report.skipped.append((path, f"{Path(path).name}: shape {frame.data.shape} differs from the "
-                                             f"store's {st.frame_shape} (all frames must have one shape)"))
-                continue
-            checks = pool.submit(_checks, frame.data, name, pattern, cfa)  # (the pool runs in order)
-            append = st.append_frame_later(frame.data, pool, path=path, exptime=frame.exptime,
-                                           header=frame.header.tostring(sep="\n"), saturation=frame.saturation,
-                                           cfa_pattern=pattern, black_level=_black_levels(frame))
-            finish = partial(_finish_frame, report, path, checks, append)
-            known.add(path)
-            report.added.append(path)
-        if finish is not None:
-            finish()
+                try:
+                    frame = read_any(path, saturation=saturation)
+                    pattern = frame_pattern(frame, cfa)
+                except (FrameReadError, _cfa.PatternError) as exc:
+                    report.skipped.append((path, str(exc)))
+                    continue
+                finally:
+                    if finish is not None:
+                        finish()  # the previous frame, its pixels on disk
+                        finish = None
+                        if time.perf_counter() - last_commit >= COMMIT_SECONDS:
+                            st.commit_frames()
+                            last_commit = time.perf_counter()
+                name = Path(path).name
+                if store_pattern is not None:
+                    conflict = _pattern_conflict(name, pattern, store_pattern)
+                    if conflict:
+                        report.skipped.append((path, conflict))
+                        continue
+                if st is None:
+                    st = StackStore.create(store_path, frame.data.shape, chunk=chunk)
+                if frame.data.shape != st.frame_shape:
+                    report.skipped.append((path, f"{Path(path).name}: shape {frame.data.shape} differs from the "
+                                                 f"store's {st.frame_shape} (all frames must have one shape)"))
+                    continue
+                if not reserved:  # the first frame added: room for the rest in one resize
+                    st.reserve_frames(len(paths) - i)
+                    reserved = True
+                store_pattern = pattern
+                checks = pool.submit(_checks, frame.data, name, pattern, cfa)  # (the pool runs in order)
+                append = st.append_frame_later(frame.data, pool, path=path, exptime=frame.exptime,
+                                               header=frame.header.tostring(sep="\n"), saturation=frame.saturation,
+                                               cfa_pattern=pattern, black_level=_black_levels(frame))
+                finish = partial(_finish_frame, report, path, checks, append)
+                known.add(path)
+                report.added.append(path)
+            if finish is not None:
+                finish()
+        finally:
+            if st is not None:  # what is on disk is committed, on an interruption too
+                st.commit_frames()
+                st.trim_frames()
     if st is not None and report.added:
         from .info import mixed_setups
 
-        stack = open_stack(st)
-        report.mixed = mixed_setups(stack["path"].values, stack["header"].values, stack["exptime"].values)
+        n = st.n_frames
+        report.mixed = mixed_setups([str(v) for v in st.group["path"][:n]], [str(v) for v in st.group["header"][:n]],
+                                    np.asarray(st.group["exptime"][:n], np.float64))
     if st is not None:
         steps = dict(st.attrs.get("steps", {}))
         steps["ingest"] = {"complete": True, "params": {"chunk": chunk, "saturation": saturation, "cfa": cfa},

@@ -16,7 +16,7 @@ from ._warnings import DrizzlestackError
 from .geometry import FrameMapping
 from .store import StackStore
 
-__all__ = ["frame_mapping"]
+__all__ = ["frame_mapping", "frame_mappings"]
 
 
 def _pack_correction(corr) -> dict:
@@ -73,6 +73,31 @@ def frame_mapping(ds_or_store, i: int, distortion: bool = True) -> FrameMapping:
         The store was not registered, or frame ``i`` is not registered.
     """
     get, steps = _reader(ds_or_store, i)
+    return _mapping(get, steps, i, distortion)
+
+
+def frame_mappings(st: StackStore, indices, distortion: bool = True) -> list[FrameMapping]:
+    """:func:`frame_mapping` of each frame in ``indices``, every stored variable read once
+    for all of them (per frame and variable, a read through zarr costs ~1 ms)."""
+    indices = [int(i) for i in indices]
+    n = st.n_frames
+    for i in indices:
+        if not 0 <= i < n:
+            raise DrizzlestackError(f"frame {i}: the store has frames 0..{n - 1}")
+    names = ("transform", "status") + (DISTORTION_VARIABLES if distortion else ())
+    present = set(st.group.array_keys())
+    loaded = {name: np.asarray(st.group[name][:n]) for name in names if name in present}
+    steps = dict(st.attrs.get("steps", {}))
+    return [_mapping(lambda name, i=i: loaded[name][i] if name in loaded else None, steps, i, distortion)
+            for i in indices]
+
+
+#: the spline's stored variables (:func:`_pack_correction`, one row per frame)
+DISTORTION_VARIABLES = ("distortion_points", "distortion_coeffs", "distortion_affine", "distortion_inverse_points",
+               "distortion_inverse_coeffs", "distortion_inverse_affine", "distortion_geometry")
+
+
+def _mapping(get, steps: dict, i: int, distortion: bool) -> FrameMapping:
     if get("transform") is None:
         raise DrizzlestackError("the store has no registration (run 'drizzlestack register' first)")
     matrix = np.asarray(get("transform"), dtype=np.float64)

@@ -94,6 +94,7 @@ class StackStore:
     def __init__(self, group: zarr.Group, path):
         self.group = group
         self._appending: dict = {}  # the per-frame arrays append_frame writes, opened once
+        self._pending: list = []  # metadata of appended frames not yet committed
         self.path = _location.display(path)
         self.location = _location.normalize(path)
 
@@ -201,22 +202,40 @@ class StackStore:
 
         The frame is committed (visible to readers) only once everything is written.
         """
-        return self.append_frame_later(data, None, **metadata)()
+        i = self.append_frame_later(data, None, **metadata)()
+        self.commit_frames()
+        return i
+
+    def reserve_frames(self, n: int) -> None:
+        """Make room for ``n`` more frames in ``frames`` at once (one resize instead of one
+        per append; rows past ``n_frames`` are never read, see :meth:`trim_frames`)."""
+        frames = self._appending_array("frames")
+        need = self.n_frames + len(self._pending) + int(n)
+        if frames.shape[0] < need:
+            frames.resize((need,) + frames.shape[1:])
+
+    def trim_frames(self) -> None:
+        """Drop the rows of ``frames`` past the committed frames (left by
+        :meth:`reserve_frames` for files that were skipped)."""
+        frames = self._appending_array("frames")
+        if frames.shape[0] > self.n_frames + len(self._pending):
+            frames.resize((self.n_frames + len(self._pending),) + frames.shape[1:])
 
     def append_frame_later(self, data: np.ndarray, pool, **metadata: Any):
         """Start appending one frame: its pixels are written in ``pool`` (a
         ``concurrent.futures`` executor; ``None``: now, in this thread) while the caller
         goes on (ingest reads the next file). Returns the function that finishes the
-        append -- waits for the pixels, writes the metadata (with any given to it: what
-        was measured on the pixels meanwhile), commits the frame -- and returns its index;
-        nothing else may be appended before it is called.
+        append -- waits for the pixels, queues the metadata (with any given to it: what
+        was measured on the pixels meanwhile) -- and returns the frame's index; nothing
+        else may be appended before it is called. The frame is committed by the next
+        :meth:`commit_frames`.
         """
         if data.shape != self.frame_shape:
             raise StoreError(f"frame shape {data.shape} differs from the store's {self.frame_shape}")
         unknown = set(metadata) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
         if unknown:
             raise ValueError(f"unknown frame metadata: {sorted(unknown)}")
-        i = self.n_frames
+        i = self.n_frames + len(self._pending)
         frames = self._appending_array("frames")
         # A previous crash may have left the arrays longer than n_frames: reuse the slot.
         if frames.shape[0] < i + 1:
@@ -240,35 +259,54 @@ class StackStore:
             unknown_late = set(late) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
             if unknown_late:
                 raise ValueError(f"unknown frame metadata: {sorted(unknown_late)}")
-            self._write_frame_metadata(i, {**metadata, **late})
             if written is not None:
-                written.result()
-            self.group.attrs["n_frames"] = i + 1  # the commit
+                written.result()  # (raises the write's error: the frame is not queued)
+            self._pending.append({**metadata, **late})
             return i
 
         return finish
 
-    def _write_frame_metadata(self, i: int, metadata: dict) -> None:
+    def commit_frames(self) -> int:
+        """Write the metadata of the frames finished since the last commit and commit
+        them (``n_frames``, the last write); returns how many were committed.
+
+        Each metadata array is resized and written once for all of them: per frame, the
+        dozen small zarr writes cost ~30 ms, as much as reading and writing the pixels
+        of a 1024x768 frame.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        i0 = self.n_frames
+        self._write_frame_metadata(i0, pending)
+        self.group.attrs["n_frames"] = i0 + len(pending)  # the commit
+        return len(pending)
+
+    def _write_frame_metadata(self, i0: int, rows: list[dict]) -> None:
+        """Frames ``i0 .. i0 + len(rows) - 1``'s metadata, one write per array."""
+        i1 = i0 + len(rows)
         for name, (fill, dtype) in FRAME_METADATA.items():
             arr = self._appending_array(name)
             if arr is None:  # a store written before this variable existed
                 arr = self._appending[name] = self.group.create_array(
-                    name, shape=(i,), chunks=(1024,), dtype=dtype, fill_value=fill, dimension_names=("frame",))
-            if arr.shape[0] < i + 1:
-                arr.resize((i + 1,))
-            arr[i] = metadata.get(name, fill)
+                    name, shape=(i0,), chunks=(1024,), dtype=dtype, fill_value=fill, dimension_names=("frame",))
+            if arr.shape[0] < i1:
+                arr.resize((i1,))
+            values = [row.get(name, fill) for row in rows]
+            arr[i0:i1] = np.array(values, dtype=object if dtype is str else dtype)
         for name, (fill, dtype) in FRAME_CHANNEL_METADATA.items():
             arr = self._appending_array(name)
-            if arr is None and metadata.get(name) is None:
+            if arr is None and all(row.get(name) is None for row in rows):
                 continue  # created with the first frame that has it (grey stores keep their dims)
             if arr is None:
                 arr = self._appending[name] = self.group.create_array(
-                    name, shape=(i, 3), chunks=(1024, 3), dtype=dtype, fill_value=fill,
+                    name, shape=(i0, 3), chunks=(1024, 3), dtype=dtype, fill_value=fill,
                     dimension_names=("frame", "channel"))
-            if arr.shape[0] < i + 1:
-                arr.resize((i + 1, 3))
-            value = metadata.get(name)
-            arr[i] = np.full(3, fill) if value is None or len(value) != 3 else np.asarray(value, dtype=np.float64)
+            if arr.shape[0] < i1:
+                arr.resize((i1, 3))
+            values = [np.full(3, fill) if row.get(name) is None or len(row[name]) != 3
+                      else np.asarray(row[name], dtype=np.float64) for row in rows]
+            arr[i0:i1] = np.stack(values)
 
     def _appending_array(self, name: str):
         """The array ``name`` as :meth:`append_frame` writes it (``None`` if absent), opened
@@ -487,7 +525,10 @@ def open_stack(store) -> xr.Dataset:
             # Small per-frame text (paths, headers, statuses): load now, as Python strings.
             data = np.asarray(arr[...]).astype(object)
         else:
-            data = da.from_zarr(arr, chunks=arr.chunks, name=f"{name}-{content_token(st, name, arr, store_part)}")
+            # (from_array with the meta given: da.from_zarr reads an empty selection
+            # through zarr's event loop to learn it, ~1 ms per array and open)
+            data = da.from_array(arr, chunks=arr.chunks, name=f"{name}-{content_token(st, name, arr, store_part)}",
+                                 meta=np.empty((0,) * arr.ndim, arr.dtype))
         if dims and dims[0] == "frame" and data.shape[0] != n:
             # Rows past n_frames belong to an append that never committed.
             data = data[:n]

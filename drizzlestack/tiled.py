@@ -41,9 +41,11 @@ It sits below the steps: it imports the store, never integrate or drizzle.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 
 import dask.array as da
+from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 
 from ._warnings import DrizzlestackError, DrizzlestackWarning, StoreError
@@ -286,17 +288,21 @@ def run_tiles(task, plan, tiles, width: int) -> np.ndarray:
     (ny_tiles, nx_tiles, width) float64
         The rows of every tile.
     """
-    # The plan rides inside every task (a keyword argument), not as a task of its own:
-    # a distributed scheduler would run every tile on the worker that holds that task.
-    rows = da.map_blocks(_tile_block, task=task, plan=plan,
-                         chunks=((1,) * int(tiles[0]), (1,) * int(tiles[1]), (int(width),)),
-                         dtype=np.float64, meta=np.empty((0, 0, 0), np.float64))
+    # The plan rides inside every task, not as a task of its own: a distributed
+    # scheduler would run every tile on the worker that holds that task. The graph is
+    # written out with a unique name: map_blocks tokenized the plan (frames, mappings,
+    # arrays) for ~10 ms a pass, for a name nothing ever shares (each pass runs once).
+    ny, nx = int(tiles[0]), int(tiles[1])
+    name = f"{getattr(task, '__name__', 'tile')}-{uuid.uuid4().hex}"
+    graph = {(name, iy, ix, 0): (_tile_block, task, plan, iy, ix) for iy in range(ny) for ix in range(nx)}
+    rows = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
+                    chunks=((1,) * ny, (1,) * nx, (int(width),)), dtype=np.float64,
+                    meta=np.empty((0, 0, 0), np.float64))
     (per_tile,) = compute(rows)
     return np.asarray(per_tile)
 
 
-def _tile_block(task, plan, block_info=None):
-    iy, ix = block_info[None]["chunk-location"][:2]
+def _tile_block(task, plan, iy: int, ix: int):
     done = plan.done
     if done is not None and np.all(np.isfinite(done[iy, ix])):
         return np.asarray(done[iy, ix], np.float64)[None, None, :]  # finished before an interruption

@@ -105,6 +105,41 @@ def test_reingest_is_a_noop_and_new_files_append(tmp_path, small_sim):
     assert [str(p) for p in stack.path.values] == small_sim.files
 
 
+def test_an_interrupted_ingest_commits_the_frames_already_written(tmp_path, small_sim, monkeypatch):
+    """Frames are committed in batches (each metadata array written once per batch): an
+    interruption keeps every frame read before it, with its own metadata, and a second
+    ingest adds the rest; skipped files leave no rows behind."""
+    import importlib
+
+    _ingest = importlib.import_module("drizzlestack.ingest")  # (the package's ``ingest`` is the function)
+    files = small_sim.files
+    real = _ingest.read_any
+    calls = []
+
+    def read(path, **kw):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(path, **kw)
+
+    monkeypatch.setattr(_ingest, "COMMIT_SECONDS", 3600.0)  # one batch: committed on the way out
+    monkeypatch.setattr(_ingest, "read_any", read)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        ds.ingest(files, store)
+    st = StackStore.open(store)
+    assert st.n_frames == 3 and st.paths() == files[:3]
+    assert st.group["frames"].shape[0] == 3  # the rows reserved for the rest were trimmed
+    monkeypatch.setattr(_ingest, "read_any", real)
+    stack = ds.ingest(files, store)
+    assert [str(p) for p in stack.path.values] == files
+    for i, path in enumerate(files):  # each frame's pixels and header are its own file's
+        with fits.open(path) as hdul:
+            np.testing.assert_array_equal(stack.frames[i].values, hdul[0].data.astype(np.float32))
+            assert float(stack.exptime[i]) == float(hdul[0].header["EXPTIME"])
+        assert fits.Header.fromstring(stack.header.values[i], sep="\n")["SIMFRAME"] == i
+
+
 def test_non_finite_pixels_become_nan(tmp_path):
     data = RNG.normal(100, 5, SHAPE).astype(np.float32)
     data[3, 4], data[5, 6], data[7, 8] = np.nan, np.inf, -np.inf

@@ -195,7 +195,8 @@ def test_direct_reads_into_a_given_buffer_are_the_arrays_values(tmp_path):
 
 def test_a_frame_whose_pixels_fail_to_write_in_the_background_is_never_committed(tmp_path, monkeypatch):
     """Ingest writes a frame's pixels in a thread while it reads the next file: the frame
-    becomes visible only when its pixels are on disk, and a failed write commits nothing."""
+    becomes visible only when its pixels are on disk and it is committed, and a failed
+    write commits nothing (the frames before it still are)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from drizzlestack import chunkio
@@ -206,6 +207,8 @@ def test_a_frame_whose_pixels_fail_to_write_in_the_background_is_never_committed
         finish = st.append_frame_later(new, pool, path="/data/late.fits", status="ok")
         assert StackStore.open(st.path).n_frames == 2  # not committed before finish()
         assert finish() == 2
+        assert StackStore.open(st.path).n_frames == 2  # on disk, not committed yet
+    assert st.commit_frames() == 1
     stack = open_stack(st.path)
     np.testing.assert_array_equal(stack.frames[2].values, new)
     assert list(stack.path.values)[-1] == "/data/late.fits"
@@ -218,6 +221,7 @@ def test_a_frame_whose_pixels_fail_to_write_in_the_background_is_never_committed
         finish = st.append_frame_later(new + 1, pool, path="/data/lost.fits", status="ok")
         with pytest.raises(OSError, match="No space"):
             finish()
+    assert st.commit_frames() == 0
     reopened = StackStore.open(st.path)
     assert reopened.n_frames == 3
     assert reopened.paths() == ["/data/f0.fits", "/data/f1.fits", "/data/late.fits"]

@@ -58,7 +58,7 @@ from .. import whitebalance as _wb
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
-from ..mappings import frame_mapping
+from ..mappings import frame_mappings
 from ..chunkio import DirectArray
 from ..store import StackStore, open_stack, record_tile
 from ..tiled import clip_roi, reference_wcs, require_registration, run_tiles, select_frames, start_or_resume
@@ -530,7 +530,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     # ------------------------------------------------------------- pass 1: per frame
     raw_sat = np.asarray(st.group["saturation"][:n_all], dtype=np.float64)
     raw_sat = np.where(np.isfinite(raw_sat), raw_sat, np.inf)
-    mappings = {i: frame_mapping(st, i) for i in candidates}
+    mappings = dict(zip(candidates, frame_mappings(st, candidates)))
     measures = measure_frames(st, candidates, ref, raw_sat, mappings)
     for name in measures.VARIABLES:
         _write_frame_variable(st, name, getattr(measures, name))

@@ -38,7 +38,7 @@ from .. import cfa as _cfa
 from .._warnings import DrizzlestackError
 from ..geometry import input_window, pixel_grid
 from ..lanczos import LUT_DENSITY, lanczos_taps
-from ..mappings import frame_mapping
+from ..mappings import frame_mappings
 from ..chunkio import DirectArray
 from ..store import content_token
 from ..tiled import require_registration, select_frames
@@ -583,7 +583,7 @@ def registered_view(store, frames=None, tile: int = 512, roi=None, normalization
     indices = usable_frames(st) if frames is None else [int(i) for i in frames]
     frame_shape = st.frame_shape
     (x0, y0, w, h) = (0, 0, frame_shape[1], frame_shape[0]) if roi is None else (int(v) for v in roi)
-    mappings = [frame_mapping(st, i) for i in indices]
+    mappings = frame_mappings(st, indices)
     n = len(indices)
     chunks = ((n,), _split(h, tile), _split(w, tile))
     factor = offset = None

@@ -25,7 +25,7 @@ from ..store import STATUS_OK, StackStore, open_stack
 from .match import align_stars
 from .models import MODELS, MIN_POINTS
 from .stars import FIELDS, detect_stars
-from ..mappings import _pack_correction
+from ..mappings import DISTORTION_VARIABLES, _pack_correction
 
 UNREGISTERED = "unregistered"
 #: ``distortion_geometry`` columns: spline normalisation and fast-evaluation domain
@@ -301,13 +301,12 @@ def _write_results(st: StackStore, n: int, eligible, detected, new_status, resul
     st.write_variable("registration_rms", rms, ("frame",), attrs={"units": "px"})
     st.write_variable("fwhm", fwhm, ("frame",), attrs={"units": "px"})
     _write_distortion(st, n, results if ref is not None else {}, distortion)
-    for i in eligible:
-        st.set_frame_values("status", i, status.get(i, STATUS_OK))
+    if eligible:  # one write (per frame, ~2 ms each through zarr)
+        statuses = np.array([str(v) for v in st.group["status"][:n]], dtype=object)
+        for i in eligible:
+            statuses[i] = status.get(i, STATUS_OK)
+        st.set_frame_values("status", slice(0, n), statuses)
     st.attrs["reference"] = None if ref is None else int(ref)
-
-
-DISTORTION_VARIABLES = ("distortion_points", "distortion_coeffs", "distortion_affine", "distortion_inverse_points",
-                        "distortion_inverse_coeffs", "distortion_inverse_affine", "distortion_geometry")
 
 
 def _write_distortion(st: StackStore, n: int, results: dict, distortion: bool) -> None:
