@@ -262,8 +262,7 @@ class _Tiling:
             for key, var in plan.outputs.items():
                 dtype, fill = _PRODUCTS[key]
                 st.create_variable(var, lead + self.shape, lead_dims + tuple(self.dims), (1,) * len(lead) + chunks,
-                                   dtype, fill)
-                st.group[var].attrs.update({"roi": list(self.roi) if self.roi else None})
+                                   dtype, fill, attrs={"roi": list(self.roi) if self.roi else None})
             if plan.flags_variable:
                 # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
                 st.create_variable(plan.flags_variable, (st.n_frames,) + tuple(plan.frame_shape),

@@ -648,9 +648,9 @@ def flag_outliers(st, base, tiling, location, noise, used, params: OutlierParame
     ledger = tiling.ledger("outliers")
 
     def create():
-        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8", FLAG_RANGE)
-        st.group[variable].attrs.update({"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
-                                         "parameters": asdict(params)})
+        st.create_variable(variable, (st.n_frames, ny, nx), ("frame", "y", "x"), (1, cy, cx), "uint8", FLAG_RANGE,
+                           attrs={"flags": "1 low, 2 high, 4 out of range or frame not integrated, 8 hot pixel",
+                                  "parameters": asdict(params)})
 
     done = start_or_resume(st, tiling.step, tiling.params, tiling.inputs, tiles=tiles, width=3 * n, tile=cy,
                            products=[variable], create=create, ledger=ledger, resumable=tiling.resumable,
