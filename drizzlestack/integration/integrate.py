@@ -60,7 +60,7 @@ from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
 from ..mappings import frame_mappings
 from ..chunkio import DirectArray
-from ..store import StackStore, open_stack, record_tile
+from ..store import FRAME_CODEC, StackStore, open_stack, record_tile
 from ..tiled import clip_roi, reference_wcs, require_registration, run_tiles, select_frames, start_or_resume
 from . import normalize as _norm
 from . import outliers as _out
@@ -261,8 +261,12 @@ class _Tiling:
             lead, lead_dims = ((len(plan.channels),), ("channel",)) if plan.cfa_pattern else ((), ())
             for key, var in plan.outputs.items():
                 dtype, fill = _PRODUCTS[key]
+                # Floats in Blosc LZ4 + shuffle, as the frames: the outlier pass and the
+                # drizzle read the model and spread back tile by tile, and zstd decoded them
+                # 3x slower.
                 st.create_variable(var, lead + self.shape, lead_dims + tuple(self.dims), (1,) * len(lead) + chunks,
-                                   dtype, fill, attrs={"roi": list(self.roi) if self.roi else None})
+                                   dtype, fill, compressors=FRAME_CODEC if dtype.startswith("float") else None,
+                                   attrs={"roi": list(self.roi) if self.roi else None})
             if plan.flags_variable:
                 # Fill value 4 ("invalid"): chunks of excluded frames are never written at all.
                 st.create_variable(plan.flags_variable, (st.n_frames,) + tuple(plan.frame_shape),
