@@ -9,10 +9,12 @@ are never mixed, and the pattern may not change from frame to frame.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +37,9 @@ FRAME_PATTERNS = FITS_PATTERNS + tuple(f"*{s}" for s in RAW_SUFFIXES + TIFF_SUFF
 #: Longest time (s) between two commits of ingested frames (each commit writes every
 #: per-frame metadata array once; an interruption loses at most this much reading).
 COMMIT_SECONDS = 1.0
+
+#: threads checking, encoding and writing ingested frames (each holds one frame)
+WRITE_THREADS = 2
 
 #: Values of ``cfa=`` that ingest colour-looking frames as grey on purpose.
 GREY = ("grey", "gray", "mono", "none")
@@ -167,8 +172,8 @@ def _finish_frame(report, path: str, checks, append) -> None:
 
 def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None,
                  progress=None, cfa: str | None = None) -> IngestReport:
-    """Append light frames to a store (created if absent), at most three frames in memory
-    (one being read, one being checked and written, one on its way out).
+    """Append light frames to a store (created if absent), at most four frames in memory
+    (one being read, two being checked and written, one on its way out).
 
     Files already in the store (same absolute path) are left alone; unreadable files,
     files whose shape differs from the store's, and frames that would mix grey and
@@ -184,13 +189,22 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
         st = StackStore.open(store_path)  # refuses anything that is not a store
     known = set(st.paths()) if st is not None else set()
     store_pattern = st.cfa_pattern if st is not None and st.n_frames else None  # None: no frame yet
-    # A frame's pixels are checked, encoded and written in a thread while the next file
-    # is read here: ingest uses both cores. Frames are committed in batches, at most
+    # A frame's pixels are checked, encoded and written in WRITE_THREADS threads while
+    # the next file is read here (writing, not reading, is the larger part: the two
+    # frames before the one being read are written at once). Frames are committed in batches, at most
     # COMMIT_SECONDS apart (an interruption loses at most that much reading), each
     # metadata array written once per batch.
     last_commit, reserved = time.perf_counter(), False
-    with ThreadPoolExecutor(1, thread_name_prefix="drizzlestack-ingest") as pool:
-        finish = None
+    with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="drizzlestack-ingest") as pool:
+        finishing: deque = deque()  # frames appended, in order, waiting for their pixels
+
+        def finish_oldest():
+            nonlocal last_commit
+            finishing.popleft()()  # its pixels on disk: queued for the next commit
+            if time.perf_counter() - last_commit >= COMMIT_SECONDS:
+                st.commit_frames()
+                last_commit = time.perf_counter()
+
         try:
             for i, path in enumerate(paths):
                 if progress is not None:
@@ -205,12 +219,8 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
                     report.skipped.append((path, str(exc)))
                     continue
                 finally:
-                    if finish is not None:
-                        finish()  # the previous frame, its pixels on disk
-                        finish = None
-                        if time.perf_counter() - last_commit >= COMMIT_SECONDS:
-                            st.commit_frames()
-                            last_commit = time.perf_counter()
+                    while len(finishing) >= WRITE_THREADS:
+                        finish_oldest()
                 name = Path(path).name
                 if store_pattern is not None:
                     conflict = _pattern_conflict(name, pattern, store_pattern)
@@ -227,17 +237,20 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
                     st.reserve_frames(len(paths) - i)
                     reserved = True
                 store_pattern = pattern
-                checks = pool.submit(_checks, frame.data, name, pattern, cfa)  # (the pool runs in order)
+                checks = pool.submit(_checks, frame.data, name, pattern, cfa)
                 append = st.append_frame_later(frame.data, pool, path=path, exptime=frame.exptime,
                                                header=frame.header.tostring(sep="\n"), saturation=frame.saturation,
                                                cfa_pattern=pattern, black_level=_black_levels(frame))
-                finish = partial(_finish_frame, report, path, checks, append)
+                finishing.append(partial(_finish_frame, report, path, checks, append))
                 known.add(path)
                 report.added.append(path)
-            if finish is not None:
-                finish()
+            while finishing:
+                finish_oldest()
         finally:
             if st is not None:  # what is on disk is committed, on an interruption too
+                with contextlib.suppress(Exception):  # (from a failed frame on, none is queued)
+                    while finishing:
+                        finishing.popleft()()
                 st.commit_frames()
                 st.trim_frames()
     if st is not None and report.added:

@@ -95,6 +95,7 @@ class StackStore:
         self.group = group
         self._appending: dict = {}  # the per-frame arrays append_frame writes, opened once
         self._pending: list = []  # metadata of appended frames not yet committed
+        self._in_flight = 0  # frames appended whose finish() has not returned
         self.path = _location.display(path)
         self.location = _location.normalize(path)
 
@@ -226,16 +227,16 @@ class StackStore:
         ``concurrent.futures`` executor; ``None``: now, in this thread) while the caller
         goes on (ingest reads the next file). Returns the function that finishes the
         append -- waits for the pixels, queues the metadata (with any given to it: what
-        was measured on the pixels meanwhile) -- and returns the frame's index; nothing
-        else may be appended before it is called. The frame is committed by the next
-        :meth:`commit_frames`.
+        was measured on the pixels meanwhile) -- and returns the frame's index. Several
+        frames may be in flight; their finish functions are called in the order they
+        were appended. The frame is committed by the next :meth:`commit_frames`.
         """
         if data.shape != self.frame_shape:
             raise StoreError(f"frame shape {data.shape} differs from the store's {self.frame_shape}")
         unknown = set(metadata) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
         if unknown:
             raise ValueError(f"unknown frame metadata: {sorted(unknown)}")
-        i = self.n_frames + len(self._pending)
+        i = self.n_frames + len(self._pending) + self._in_flight
         frames = self._appending_array("frames")
         # A previous crash may have left the arrays longer than n_frames: reuse the slot.
         if frames.shape[0] < i + 1:
@@ -254,13 +255,21 @@ class StackStore:
         written = pool.submit(write) if pool is not None else None
         if written is None:
             write()
+        self._in_flight += 1
 
         def finish(**late: Any) -> int:
-            unknown_late = set(late) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
-            if unknown_late:
-                raise ValueError(f"unknown frame metadata: {sorted(unknown_late)}")
-            if written is not None:
-                written.result()  # (raises the write's error: the frame is not queued)
+            try:
+                unknown_late = set(late) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
+                if unknown_late:
+                    raise ValueError(f"unknown frame metadata: {sorted(unknown_late)}")
+                if written is not None:
+                    written.result()  # (raises the write's error: the frame is not queued)
+            finally:
+                self._in_flight -= 1
+            # Queued in index order only: after a failed frame, the frames behind it are
+            # never committed (their pixels sit in rows a later append reuses).
+            if i != self.n_frames + len(self._pending):
+                raise StoreError(f"frame {i} finished out of order (an earlier frame of this append failed)")
             self._pending.append({**metadata, **late})
             return i
 

@@ -140,6 +140,37 @@ def test_an_interrupted_ingest_commits_the_frames_already_written(tmp_path, smal
         assert fits.Header.fromstring(stack.header.values[i], sep="\n")["SIMFRAME"] == i
 
 
+def test_a_failed_background_write_commits_only_the_frames_before_it(tmp_path, small_sim, monkeypatch):
+    """Two frames are written at once: when the third file's pixels cannot be written,
+    ingest stops with the error, and the store holds the first two frames only (the
+    fourth, written meanwhile, is not committed behind the gap)."""
+    from drizzlestack import chunkio
+
+    real, real_init = chunkio.DirectArray.__setitem__, chunkio.DirectArray.__init__
+
+    def init(self, location, name, mode="r"):
+        real_init(self, location, name, mode)
+        self.test_name = name
+
+    def setitem(self, key, value):
+        if self.test_name == "frames" and key == 2:
+            raise OSError("No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(chunkio.DirectArray, "__init__", init)
+    monkeypatch.setattr(chunkio.DirectArray, "__setitem__", setitem)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(OSError, match="No space"):
+        ds.ingest(small_sim.files, store)
+    st = StackStore.open(store)
+    assert st.n_frames == 2 and st.paths() == small_sim.files[:2]
+    monkeypatch.setattr(chunkio.DirectArray, "__setitem__", real)
+    stack = ds.ingest(small_sim.files, store)  # the rest, after the disk was freed
+    assert [str(p) for p in stack.path.values] == small_sim.files
+    with fits.open(small_sim.files[3]) as hdul:
+        np.testing.assert_array_equal(stack.frames[3].values, hdul[0].data.astype(np.float32))
+
+
 def test_non_finite_pixels_become_nan(tmp_path):
     data = RNG.normal(100, 5, SHAPE).astype(np.float32)
     data[3, 4], data[5, 6], data[7, 8] = np.nan, np.inf, -np.inf
