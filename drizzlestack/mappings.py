@@ -94,7 +94,7 @@ def frame_mappings(st: StackStore, indices, distortion: bool = True) -> list[Fra
 
 #: the spline's stored variables (:func:`_pack_correction`, one row per frame)
 DISTORTION_VARIABLES = ("distortion_points", "distortion_coeffs", "distortion_affine", "distortion_inverse_points",
-               "distortion_inverse_coeffs", "distortion_inverse_affine", "distortion_geometry")
+                        "distortion_inverse_coeffs", "distortion_inverse_affine", "distortion_geometry")
 
 
 def _mapping(get, steps: dict, i: int, distortion: bool) -> FrameMapping:
