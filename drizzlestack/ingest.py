@@ -250,7 +250,7 @@ def ingest_files(paths, store, chunk: int = 512, saturation: float | None = None
             if st is not None:  # what is on disk is committed, on an interruption too
                 with contextlib.suppress(Exception):  # (from a failed frame on, none is queued)
                     while finishing:
-                        finishing.popleft()()
+                        finish_oldest()
                 st.commit_frames()
                 st.trim_frames()
     if st is not None and report.added:

@@ -207,11 +207,16 @@ class StackStore:
         self.commit_frames()
         return i
 
+    @property
+    def _queued(self) -> int:
+        """Frames committed or finished and waiting for the next commit."""
+        return self.n_frames + len(self._pending)
+
     def reserve_frames(self, n: int) -> None:
         """Make room for ``n`` more frames in ``frames`` at once (one resize instead of one
         per append; rows past ``n_frames`` are never read, see :meth:`trim_frames`)."""
         frames = self._appending_array("frames")
-        need = self.n_frames + len(self._pending) + int(n)
+        need = self._queued + int(n)
         if frames.shape[0] < need:
             frames.resize((need,) + frames.shape[1:])
 
@@ -219,8 +224,8 @@ class StackStore:
         """Drop the rows of ``frames`` past the committed frames (left by
         :meth:`reserve_frames` for files that were skipped)."""
         frames = self._appending_array("frames")
-        if frames.shape[0] > self.n_frames + len(self._pending):
-            frames.resize((self.n_frames + len(self._pending),) + frames.shape[1:])
+        if frames.shape[0] > self._queued:
+            frames.resize((self._queued,) + frames.shape[1:])
 
     def append_frame_later(self, data: np.ndarray, pool, **metadata: Any):
         """Start appending one frame: its pixels are written in ``pool`` (a
@@ -236,7 +241,7 @@ class StackStore:
         unknown = set(metadata) - set(FRAME_METADATA) - set(FRAME_CHANNEL_METADATA)
         if unknown:
             raise ValueError(f"unknown frame metadata: {sorted(unknown)}")
-        i = self.n_frames + len(self._pending) + self._in_flight
+        i = self._queued + self._in_flight
         frames = self._appending_array("frames")
         # A previous crash may have left the arrays longer than n_frames: reuse the slot.
         if frames.shape[0] < i + 1:
@@ -268,7 +273,7 @@ class StackStore:
                 self._in_flight -= 1
             # Queued in index order only: after a failed frame, the frames behind it are
             # never committed (their pixels sit in rows a later append reuses).
-            if i != self.n_frames + len(self._pending):
+            if i != self._queued:
                 raise StoreError(f"frame {i} finished out of order (an earlier frame of this append failed)")
             self._pending.append({**metadata, **late})
             return i
