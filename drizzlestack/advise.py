@@ -317,7 +317,8 @@ def predict_weights(mappings, frame_weights, frame_shape, scale: float, pixfracs
                     # The kernel itself: accumulate()'s checks cost more than these tiny windows.
                     flat = [a.reshape(-1, a.shape[-1]) for a in (scratch[b], sums[p][b])]
                     _kernels.square_kernel(ones, pixmap, weights, True, float(p), max_extent, *flat, touched,
-                                           False, _array._NO_CHANNEL if chan is None else chan, nplanes)
+                                           False, _array._NO_CHANNEL if chan is None else chan, nplanes,
+                                           _array._as_channel_shift(None, nplanes))
                 else:
                     _array.accumulate(ones, pixmap, weights, scratch[b], sums[p][b], kernel=kernel, pixfrac=p,
                                       pixel_scale_ratio=psr, channel=chan)

@@ -90,7 +90,7 @@ def cmd_simulate(args) -> int:
 
     truth = simulate(args.directory, n_frames=args.frames, shape=(args.height, args.width), fwhm=args.fwhm,
                      n_stars=args.stars, seed=args.seed, hazy_frame=args.hazy_frame,
-                     distortion=args.distortion, cfa=args.cfa)
+                     distortion=args.distortion, cfa=args.cfa, dispersion=tuple(args.dispersion))
     print(f"wrote {len(truth.files)} frames, truth.json and stars.ecsv to {args.directory}")
     return 0
 
@@ -165,7 +165,8 @@ def cmd_drizzle(args) -> int:
                          output=args.output, tile=args.tile, frames=args.frames, rejection=not args.no_rejection,
                          weights=not args.no_weights, normalization=not args.no_normalization,
                          distortion=not args.no_distortion, coverage=not args.no_coverage,
-                         overwrite=args.overwrite, force=args.force, white_balance=args.white_balance)
+                         overwrite=args.overwrite, force=args.force, white_balance=args.white_balance,
+                         align_channels=not args.no_align_channels)
     ny, nx = result["drizzle"].shape[-2:]
     colour = " x 3 colour channels (R, G, B)" if result["drizzle"].ndim == 3 else ""
     print(f"drizzled {ny} x {nx} px{colour} (scale {args.scale:g}, pixfrac {args.pixfrac:g}, {args.kernel}) in "
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distortion", type=float, default=0.0, help="radial distortion at the corners (px)")
     p.add_argument("--cfa", default=None, metavar="PATTERN",
                    help="a one-shot-colour camera with this Bayer pattern (RGGB, BGGR, GRBG, GBRG): colour sky")
+    p.add_argument("--dispersion", type=float, nargs=2, default=(0.0, 0.0), metavar=("DX", "DY"),
+                   help="colour: blue's offset from green on the sky (reference px; red at -0.5 times it)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("info", help="print the frames of a store and what the steps found")
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--white-balance", choices=WHITE_BALANCES, default="none",
                    help="colour frames: none (default, raw colours), camera (the raw files' as-shot multipliers) "
                         "or neutral (each channel's sky brought to green's)")
+    p.add_argument("--no-align-channels", action="store_true",
+                   help="colour frames: keep red and blue where the registration puts them (default: shifted onto "
+                        "green by the offset measured on the stars: atmospheric dispersion, lateral colour)")
     p.add_argument("--force", action="store_true", help="redrizzle even if the store holds this drizzle")
     _add_scheduler_options(p)
     p.set_defaults(func=cmd_drizzle)

@@ -91,6 +91,7 @@ class DrizzleConfig:
     distortion: bool = True  # use the registration's distortion model, if any
     coverage: bool = True  # write the COVERAGE extension
     white_balance: str = "none"  # colour frames: none | camera | neutral
+    align_channels: bool = True  # colour frames: shift red and blue onto green (measured on the stars)
     output: str | None = "drizzle.fits"  # FITS file (null: store only)
 
 

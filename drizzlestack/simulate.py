@@ -68,6 +68,9 @@ class SimulationConfig:
     cfa_offset: tuple[int, int] = (0, 0)  # XBAYROFF, YBAYROFF written in the header
     roworder: str = "TOP-DOWN"  # ROWORDER written: "BOTTOM-UP" stores the image's bottom row first
     sky_colour: tuple[float, float, float] = (0.8, 1.0, 0.6)  # sky per channel, times `sky`
+    # Colour: the sky's blue image offset from its green one (reference px, x and y), as
+    # atmospheric dispersion or lateral colour makes it; red sits at -0.5 times it.
+    dispersion: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -173,6 +176,13 @@ def sensor_channels(cfg: SimulationConfig) -> np.ndarray:
     return cell[(y + dy) % 2, (x + dx) % 2]
 
 
+def channel_dispersion(channel: int) -> float:
+    """The multiple of ``SimulationConfig.dispersion`` by which channel ``channel`` (0 R,
+    1 G, 2 B) is displaced: blue by it, green not, red by half of it the other way (the
+    order of atmospheric refraction across the visible)."""
+    return (-0.5, 0.0, 1.0)[int(channel)]
+
+
 def render_stars(image: np.ndarray, x, y, flux, fwhm: float, radius: int | None = None) -> None:
     """Add circular Gaussian stars to ``image`` in place, integrated exactly over each pixel.
 
@@ -268,6 +278,7 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
     cfg.shape = tuple(int(v) for v in cfg.shape)
     cfg.cfa_offset = tuple(int(v) for v in cfg.cfa_offset)
     cfg.sky_colour = tuple(float(v) for v in cfg.sky_colour)
+    cfg.dispersion = tuple(float(v) for v in cfg.dispersion)
     if cfg.cfa:
         from .cfa import parse_pattern
 
@@ -347,14 +358,16 @@ def simulate(directory, config: SimulationConfig | None = None, **overrides) -> 
             if cfg.whole_pixel_dither:
                 shift = np.round(shift)
             transforms[i] = similarity(1.0, angle, *shift, center=centre)
-        fx, fy = truth.reference_to_frame(i, sx, sy)
-        keep = (fx > -10) & (fx < nx + 10) & (fy > -10) & (fy < ny + 10)
-
-        def ref_to_sensor(x, y, i=i):
-            return truth.reference_to_frame(i, x, y)
-
         planes = []
         for c in range(3 if cfg.cfa else 1):
+            # Colour: each channel's sky where dispersion puts it (truth.stars: green's).
+            ddx, ddy = (np.asarray(cfg.dispersion) * channel_dispersion(c)) if cfg.cfa else (0.0, 0.0)
+            fx, fy = truth.reference_to_frame(i, sx + ddx, sy + ddy)
+            keep = (fx > -10) & (fx < nx + 10) & (fy > -10) & (fy < ny + 10)
+
+            def ref_to_sensor(x, y, i=i, ddx=ddx, ddy=ddy):
+                return truth.reference_to_frame(i, x + ddx, y + ddy)
+
             sky_c = skies[i] * (cfg.sky_colour[c] if cfg.cfa else 1.0)
             plane = np.full(cfg.shape, sky_c, dtype=np.float64)
             render_stars(plane, fx[keep], fy[keep], flux[keep] * colour[keep, c] * transmission[i], fwhms[i])
@@ -437,6 +450,7 @@ def load_truth(directory) -> SimulationTruth:
     cfg.shape = tuple(cfg.shape)
     cfg.cfa_offset = tuple(cfg.cfa_offset)
     cfg.sky_colour = tuple(cfg.sky_colour)
+    cfg.dispersion = tuple(cfg.dispersion)
     return SimulationTruth(cfg, meta["files"], np.array(meta["transforms"]), Table.read(d / "stars.ecsv"),
                            np.array(meta["transmission"]), np.array(meta["sky"]),
                            [[tuple(c) for c in f] for f in meta["cosmic_rays"]], meta["trail_frame"],

@@ -51,6 +51,36 @@ def test_each_sample_drops_only_into_its_own_channel(kernel, pattern):
         np.testing.assert_allclose(img[c], ref_img, rtol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("kernel", _array.KERNELS)
+def test_a_channel_shift_moves_only_that_channels_drops(kernel):
+    """``channel_shift`` is the grey drizzle of that channel's samples through the
+    pixmap moved by the shift (centres and corners alike)."""
+    shape = (17, 19)
+    data = RNG.normal(100, 10, shape)
+    weights = RNG.uniform(0.5, 1.5, shape)
+    pixmap = _pixmap(shape)
+    out_shape = (36, 40)
+    chan = cfa.channel_index("RGGB", shape)
+    shift = np.array([[0.31, -0.47], [0.0, 0.0], [-0.2, 0.55]])
+    pixfrac = 1.0 if kernel.startswith("lanczos") else 0.7
+    img, wht = drizzle_array(data, pixmap, out_shape, kernel=kernel, pixfrac=pixfrac, weights=weights,
+                             pixel_scale_ratio=0.5, channel=chan, channel_shift=shift)
+    unshifted, _ = drizzle_array(data, pixmap, out_shape, kernel=kernel, pixfrac=pixfrac, weights=weights,
+                                 pixel_scale_ratio=0.5, channel=chan)
+    for c in range(3):
+        ref_img, ref_wht = drizzle_array(data, pixmap + shift[c], out_shape, kernel=kernel, pixfrac=pixfrac,
+                                         weights=np.where(chan == c, weights, 0.0), pixel_scale_ratio=0.5)
+        np.testing.assert_allclose(wht[c], ref_wht, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(img[c], ref_img, rtol=1e-9, equal_nan=True)
+    # green did not move, red and blue did
+    np.testing.assert_array_equal(img[1], unshifted[1])
+    assert not np.allclose(img[0], unshifted[0], equal_nan=True)
+    with pytest.raises(ValueError, match="channel_shift"):
+        drizzle_array(data, pixmap, out_shape, channel=chan, channel_shift=shift[:2])
+    with pytest.raises(ValueError, match="channel_shift"):
+        drizzle_array(data, pixmap, out_shape, channel_shift=shift)
+
+
 def test_colour_coverage_counts_per_channel():
     shape = (12, 12)
     chan = cfa.channel_index("RGGB", shape)
@@ -115,7 +145,7 @@ def uniform_sky(request, tmp_path_factory):
                      cfa=pattern, cfa_offset=offset, roworder=roworder, sky=1000.0, dtype="float32")
     store = store_with_true_registration(truth, d / "stack.zarr")
     with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
-        result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=d / "drizzle.fits", tile=48)
+        result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=d / "drizzle.fits", tile=48, align_channels=False)
     return truth, result, d / "drizzle.fits"
 
 
@@ -172,7 +202,7 @@ def test_a_wrong_pattern_leaves_a_bayer_grid(tmp_path):
             h[0].header["BAYERPAT"] = "GRBG"
     store = store_with_true_registration(truth, tmp_path / "stack.zarr")
     with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
-        result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=None, tile=48)
+        result = ds.drizzle(store, scale=2.0, pixfrac=0.7, output=None, tile=48, align_channels=False)
     img = result["drizzle"].values
     assert max(nyquist_ratio(img[c, 8:-8, 8:-8]) for c in range(3)) > 30
 
@@ -265,6 +295,69 @@ def test_channels_are_aligned_to_0_05_px(star_fields):
     assert np.hypot(*np.mean(pos[1] - true, axis=0)) < 0.05
 
 
+def _channel_offsets_in(img, truth):
+    """Mean R - G and B - G centroid offsets (reference px) of the isolated stars."""
+    sky = truth.channel_sky[0]
+    stars = _isolated(truth)
+    pos = np.array([[_measure(img[c], truth, sky[c], k)[1:3] for k in stars] for c in range(3)])
+    return {c: np.mean(pos[c] - pos[1], axis=0) for c in (0, 2)}, pos[1], stars
+
+
+def test_channels_displaced_on_the_sky_are_aligned_by_default(tmp_path):
+    """Atmospheric dispersion in the simulator (blue +0.12, +0.3 px from green, red at
+    -0.5 times that): the default drizzle measures it on the stars, records it and
+    puts the channels on top of each other; without the alignment it is there."""
+    dispersion = np.array([0.12, 0.3])
+    truth, img, store = _drizzle_field(tmp_path, cfa="RGGB", dispersion=tuple(dispersion))
+    measured = StackStore.open(store).step("drizzle")["summary"]["channel_offsets"]
+    offset = np.asarray(measured["offset_rgb"])
+    print("measured offsets (px):", np.round(offset, 4), "+-", np.round(measured["error_rgb"], 4))
+    np.testing.assert_allclose(offset[2], dispersion, atol=0.02)
+    np.testing.assert_allclose(offset[0], -0.5 * dispersion, atol=0.02)
+    aligned, green, stars = _channel_offsets_in(img, truth)
+    for c, off in aligned.items():
+        print("RGB"[c], "- G offset after alignment (px):", np.round(off, 4))
+        assert np.hypot(*off) < 0.05
+    true = np.column_stack([truth.stars["x"][stars], truth.stars["y"][stars]])
+    assert np.hypot(*np.mean(green - true, axis=0)) < 0.05
+    with pytest.warns(ds.DrizzlestackWarning):
+        raw = ds.drizzle(store, scale=SCALE, pixfrac=0.8, output=None, tile=64, align_channels=False)
+    left, _, _ = _channel_offsets_in(raw["drizzle"].values, truth)
+    np.testing.assert_allclose(left[2], dispersion, atol=0.05)
+    np.testing.assert_allclose(left[0], -0.5 * dispersion, atol=0.05)
+
+
+def test_channel_offsets_go_into_the_fits_header(tmp_path):
+    from astropy.io import fits
+
+    truth = simulate(tmp_path / "frames", **{**STAR_FIELD, "n_frames": 6}, cfa="GBRG", dispersion=(0.0, 0.25))
+    ds.ingest(truth.files, tmp_path / "stack.zarr")
+    ds.register(tmp_path / "stack.zarr")
+    with pytest.warns(ds.DrizzlestackWarning):
+        ds.drizzle(tmp_path / "stack.zarr", output=tmp_path / "d.fits", tile=64)
+    h = fits.getheader(tmp_path / "d.fits")
+    assert h["CHALIGN"] is True
+    assert abs(h["CHOFFBY"] - 0.25) < 0.03 and abs(h["CHOFFRY"] + 0.125) < 0.03
+    assert abs(h["CHOFFBX"]) < 0.03
+    with pytest.warns(ds.DrizzlestackWarning):
+        ds.drizzle(tmp_path / "stack.zarr", output=tmp_path / "n.fits", tile=64, align_channels=False)
+    h = fits.getheader(tmp_path / "n.fits")
+    assert h["CHALIGN"] is False and "CHOFFBY" not in h
+
+
+def test_too_few_stars_to_align_the_channels_warns_and_shifts_nothing(tmp_path):
+    """A registration without a star catalogue (here: the true transforms written in)."""
+    truth = simulate(tmp_path / "frames", **{**STAR_FIELD, "n_frames": 4}, cfa="RGGB", dispersion=(0.0, 0.3))
+    store_with_true_registration(truth, tmp_path / "stack.zarr")
+    with pytest.warns(ds.DrizzlestackWarning) as caught:
+        a = ds.drizzle(tmp_path / "stack.zarr", output=None, tile=64)["drizzle"].values
+    assert any("too few clean stars in red and blue" in str(w.message) for w in caught)
+    assert "channel_offsets" not in StackStore.open(tmp_path / "stack.zarr").step("drizzle")["summary"]
+    with pytest.warns(ds.DrizzlestackWarning):
+        b = ds.drizzle(tmp_path / "stack.zarr", output=None, tile=64, align_channels=False)["drizzle"].values
+    np.testing.assert_array_equal(a, b)
+
+
 def test_channel_fwhm_within_5_percent_of_a_grey_drizzle_with_the_same_optics(star_fields):
     (truth, img, _), (gtruth, gimg, _) = star_fields
     grey = np.median([_measure(gimg, gtruth, gtruth.channel_sky[0][1], k)[3] for k in _isolated(gtruth)])
@@ -350,7 +443,7 @@ def test_per_channel_normalization_applies_to_each_colour_only(tmp_path):
     st.write_variable("norm_scale", scale, ("frame", "channel"))
     st.write_variable("norm_offset", offset, ("frame", "channel"))
     with pytest.warns(ds.DrizzlestackWarning, match="dry fraction"):
-        img = ds.drizzle(store, scale=2.0, pixfrac=0.8, output=None, tile=32)["drizzle"].values
+        img = ds.drizzle(store, scale=2.0, pixfrac=0.8, output=None, tile=32, align_channels=False)["drizzle"].values
     sky = truth.channel_sky[0]
     for c in range(3):
         assert np.nanmedian(img[c]) == pytest.approx(sky[c] * scale[0, c] + offset[0, c], abs=0.5), c

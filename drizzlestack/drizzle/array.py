@@ -37,8 +37,22 @@ _SCALED_KERNELS = ("turbo", "gaussian", "lanczos2", "lanczos3")
 #: loop over a huge part of the output.
 MAX_KERNEL_RADIUS = 1024.0
 
-# The channel index of grey data: never read by the kernels (nplanes = 1).
+# The channel index and shift of grey data: never read by the kernels (nplanes = 1).
 _NO_CHANNEL = np.zeros((1, 1), dtype=np.uint8)
+_NO_SHIFT = np.zeros((1, 2))
+
+
+def _as_channel_shift(channel_shift, nplanes) -> np.ndarray:
+    """``channel_shift`` as a ``(nplanes, 2)`` float64 array (zeros for ``None``)."""
+    if channel_shift is None:
+        return np.zeros((nplanes, 2)) if nplanes > 1 else _NO_SHIFT
+    if nplanes < 2:
+        raise ValueError("channel_shift: only with channel= (colour accumulators)")
+    shift = np.ascontiguousarray(channel_shift, dtype=np.float64)
+    if shift.shape != (nplanes, 2) or not np.all(np.isfinite(shift)):
+        raise ValueError(f"channel_shift: expected finite (x, y) output-pixel shifts for each of the {nplanes} "
+                         f"channels, shape ({nplanes}, 2), got {np.shape(channel_shift)}")
+    return shift
 
 
 def _check_kernel(kernel: str) -> str:
@@ -285,16 +299,19 @@ class _Plan:
                 stacklevel=3,
             )
 
-    def run(self, acc_wv, acc_w, touched, use_touched, chan=None, nplanes=1) -> int:
+    def run(self, acc_wv, acc_w, touched, use_touched, chan=None, nplanes=1, shift=None) -> int:
         """Add the drops into the accumulators; the number of input pixels used.
 
-        Colour: ``acc_*`` are ``(nplanes * H, W)`` and ``chan`` the plane of every input
-        pixel (see :mod:`drizzlestack.drizzle.kernels`)."""
+        Colour: ``acc_*`` are ``(nplanes * H, W)``, ``chan`` the plane of every input
+        pixel and ``shift`` each plane's ``(nplanes, 2)`` output-pixel shift (see
+        :mod:`drizzlestack.drizzle.kernels`)."""
         k = self.kernel
         args = (self.data, self.pixmap, self.weights, self.use_weights)
         if chan is None:
             chan, nplanes = _NO_CHANNEL, 1
-        tail = (acc_wv, acc_w, touched, use_touched, chan, int(nplanes))
+        if shift is None:
+            shift = _as_channel_shift(None, int(nplanes))
+        tail = (acc_wv, acc_w, touched, use_touched, chan, int(nplanes), shift)
         if k == "square":
             return _k.square_kernel(*args, self.pixfrac, self.max_extent, *tail)
         if k == "point":
@@ -309,7 +326,7 @@ class _Plan:
 
 def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
                pixfrac: float = 1.0, pixel_scale_ratio: float | None = None, *,
-               coverage=None, channel=None) -> int:
+               coverage=None, channel=None, channel_shift=None) -> int:
     """Drizzle one input window and **add** it into caller-owned float64 accumulators.
 
     ``acc_wv += sum over drops of w_i * a_io * d_i`` and ``acc_w += sum of w_i * a_io``
@@ -352,6 +369,10 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
         :func:`drizzlestack.cfa.channel_index`); the accumulators (and ``coverage``)
         are then ``(n_channels, H, W)`` and each pixel drops only into its own plane,
         in the same single pass over the window as grey data.
+    channel_shift : (n_channels, 2) array_like, optional
+        With ``channel``: an ``(x, y)`` shift in output pixels added to every drop of
+        each channel (its centre and corners), e.g. to align the channels of a sky
+        displaced by atmospheric dispersion (:mod:`drizzlestack.channel_alignment`).
 
     Returns
     -------
@@ -380,7 +401,8 @@ def accumulate(data, pixmap, weights, acc_wv, acc_w, kernel: str = "square",
         touched = np.zeros((1, 1), dtype=np.uint8)
     if plan.empty or acc_w.size == 0:
         return 0
-    n = plan.run(acc_wv, acc_w, touched, coverage is not None, chan, nplanes)
+    shift = _as_channel_shift(channel_shift, nplanes)
+    n = plan.run(acc_wv, acc_w, touched, coverage is not None, chan, nplanes, shift)
     if coverage is not None:
         _k.add_touched(coverage, touched)
     return int(n)
@@ -439,7 +461,7 @@ def finalize(acc_wv, acc_w, out=None, weights_out=None) -> np.ndarray:
 
 def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: float = 1.0,
                   weights=None, pixel_scale_ratio: float | None = None, out=None, channel=None,
-                  n_channels: int = 3):
+                  n_channels: int = 3, channel_shift=None):
     r"""Drizzle one image onto an output grid, in memory.
 
     Each input pixel is shrunk by ``pixfrac`` (the *drop*), mapped onto the output
@@ -480,6 +502,9 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
         channel and the results are ``(n_channels, H, W)``.
     n_channels : int
         Number of output channels with ``channel``.
+    channel_shift : (n_channels, 2) array_like, optional
+        With ``channel``: each channel's ``(x, y)`` shift in output pixels (see
+        :func:`accumulate`).
 
     Returns
     -------
@@ -556,13 +581,15 @@ def drizzle_array(data, pixmap, out_shape, kernel: str = "square", pixfrac: floa
     if H <= 0 or W <= 0:
         raise ValueError(f"out_shape={out_shape!r}: both sizes must be positive")
     shape = (H, W)
+    if channel_shift is not None and channel is None:
+        raise ValueError("channel_shift: only with channel= (colour drizzle)")
     if channel is not None:
         if out is not None:
             raise ValueError("out: not supported with channel= (colour results are (n_channels, H, W))")
         acc_wv = np.zeros((int(n_channels), H, W))
         acc_w = np.zeros((int(n_channels), H, W))
         accumulate(data, pixmap, weights, acc_wv, acc_w, kernel=kernel, pixfrac=pixfrac,
-                   pixel_scale_ratio=pixel_scale_ratio, channel=channel)
+                   pixel_scale_ratio=pixel_scale_ratio, channel=channel, channel_shift=channel_shift)
         return finalize(acc_wv, acc_w, out=acc_wv), acc_w
     direct = False
     if out is not None:

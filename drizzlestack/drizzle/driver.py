@@ -117,6 +117,7 @@ class DrizzlePlan:
     tile: tuple[int, int] = (1024, 1024)  # output tile shape (the store's chunks)
     done: np.ndarray | None = None  # tile ledger of an interrupted run: finite rows are finished tiles
     cfa_pattern: str = ""  # colour store: Bayer pattern of the frames as stored; "" grey
+    channel_shift: np.ndarray | None = None  # colour: (3, 2) output-pixel shift of each channel's drops
     buffers: TileBuffers = field(default_factory=TileBuffers, repr=False, compare=False)
 
     @property
@@ -204,7 +205,7 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
             data = data * fp.norm_scale + fp.norm_offset  # float64
         _array.accumulate(data, pixmap, weights, acc_wv, acc_w, kernel=plan.kernel,
                           pixfrac=plan.pixfrac, pixel_scale_ratio=fp.pixel_scale_ratio, coverage=cover,
-                          channel=chan)
+                          channel=chan, channel_shift=plan.channel_shift if colour else None)
     image = buffers.get("image", acc_shape, np.float32, zero=False)
     weights = buffers.get("weights", acc_shape, np.float32, zero=False)
     _array.finalize(acc_wv, acc_w, out=image, weights_out=weights)
@@ -273,7 +274,8 @@ def output_wcs_header(reference_header: str, grid: OutputGrid) -> fits.Header | 
 def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "square", roi=None,
             output="drizzle.fits", tile: int = 1024, frames=None, rejection: bool = True,
             weights: bool = True, normalization: bool = True, distortion: bool = True, coverage: bool = True,
-            overwrite: bool = False, force: bool = False, white_balance: str = "none") -> xr.Dataset:
+            overwrite: bool = False, force: bool = False, white_balance: str = "none",
+            align_channels: bool = True) -> xr.Dataset:
     """Drizzle the registered frames of a store onto a finer output grid.
 
     Every input pixel of every selected frame is mapped through its registration onto
@@ -324,6 +326,14 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         black levels and folded into the per-channel normalization, so it costs nothing
         (:mod:`drizzlestack.whitebalance`); recorded in the FITS header (``WBALANCE``,
         ``WBR``, ``WBG``, ``WBB``). Refused for grey stores.
+    align_channels : bool
+        Colour stores: measure how far red and blue sit from green on the frames' stars
+        (atmospheric dispersion, lateral colour:
+        :func:`drizzlestack.channel_alignment.measure_channel_offsets`) and shift their
+        drops by minus that, so that the three channels' stars coincide. Recorded in
+        the FITS header (``CHALIGN``, ``CHOFFRX`` ... ``CHOFFBY``: the offsets removed,
+        reference px); with too few stars to measure, a warning and no shift. Ignored
+        for grey stores.
 
     Returns
     -------
@@ -407,6 +417,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
               "distortion": distortion, "coverage": coverage}
     if pattern:  # (grey runs keep their digest)
         params["cfa_pattern"] = pattern
+        params["align_channels"] = bool(align_channels)
     if wb is not None:  # (unbalanced runs keep their digest)
         params["white_balance"] = white_balance
     # The upstream steps' completion stamps: a rerun of either makes this drizzle stale.
@@ -416,6 +427,14 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
     if (not force and st.is_current("drizzle", params, inputs) and "drizzle" in st.group
             and (out_path is None or output_exists(out_path))):
         return open_stack(st)[list(OUTPUT_VARIABLES)]
+    # Measured after the up-to-date check above (it reads frames): a function of the
+    # registration and the frames only, so a resumed run measures the same offsets.
+    offsets = _channel_offsets(st, indices, distortion, store) if (pattern and align_channels) else None
+    if offsets is not None:
+        # The channels' drops move by minus their offset (output px); the windows read
+        # that much further (the offset is in reference px, about input px).
+        plan.channel_shift = -(offsets.offset @ np.asarray(grid.ref_to_out, np.float64)[:2, :2].T)
+        plan.pad += float(np.max(np.abs(offsets.offset)))
     ny, nx = grid.shape
     chunks = (min(tile, ny), min(tile, nx))
     tiles = (-(-ny // chunks[0]), -(-nx // chunks[1]))
@@ -458,12 +477,14 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         covered = float(ledger[:, 1 + 2 * n].sum())
         dry = {c: float(m / covered) if covered else 0.0 for c, m in zip(_cfa.CHANNELS, missed)}
         summary = {"max_weight_rgb": max_weights_rgb, "dry_fraction_rgb": dry}
+        if offsets is not None:
+            summary["channel_offsets"] = offsets.as_dict()
         _warn_dry_channels(dry, len(indices), scale, pixfrac)
     st.end_step("drizzle", frames=len(indices), shape=[ny, nx], max_weight=max_weight,
                 output=str(out_path) if out_path else None, **summary)
     if out_path is not None:
         _write_fits(out_path, st, stack, plan, params, indices, max_weights_rgb or max_weight, total_exptime,
-                    coverage, wb)
+                    coverage, wb, offsets)
     return open_stack(st)[list(OUTPUT_VARIABLES)]
 
 
@@ -550,7 +571,24 @@ def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
     return np.asarray(values, np.float64)
 
 
-def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage, wb=None):
+def _channel_offsets(st, indices, distortion, store):
+    """The measured channel offsets to remove, or None (with a warning) when there were
+    too few stars in red or blue to measure them."""
+    from ..channel_alignment import MAX_ERROR, MIN_STARS, measure_channel_offsets
+
+    offsets = measure_channel_offsets(st, indices, distortion=distortion)
+    if not offsets.usable:
+        warnings.warn(f"{store}: too few clean stars in red and blue to measure the channels' offsets from green "
+                      f"({int(offsets.n_stars[0])} and {int(offsets.n_stars[2])} measurements, need {MIN_STARS} "
+                      f"and an error below {MAX_ERROR} px; largest error "
+                      f"{float(np.max(offsets.error[[0, 2]])):.3f} px); drizzling them as registered "
+                      f"(align_channels=False silences this)", DrizzlestackWarning, stacklevel=3)
+        return None
+    return offsets
+
+
+def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage, wb=None,
+                offsets=None):
     """The FITS product: image, ``WEIGHTS`` (normalized to a maximum of 1, per channel for
     colour) and ``COVERAGE``; colour products are 3 x H x W cubes in R, G, B order (no
     ``BAYERPAT``: they are not mosaics any more)."""
@@ -580,6 +618,13 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
         if wb is not None:
             for c, g in zip(_cfa.CHANNELS, wb.gains):
                 header[f"WB{c}"] = (float(g), f"{c} gain about its black level (G = 1)")
+        header["CHALIGN"] = (offsets is not None, "channels shifted onto green (align_channels)")
+        if offsets is not None:
+            for c in (0, 2):
+                name = _cfa.CHANNELS[c]
+                for a, axis in enumerate("XY"):
+                    header[f"CHOFF{name}{axis}"] = (round(float(offsets.offset[c, a]), 4),
+                                                    f"{name} - G {axis.lower()} offset removed [reference px]")
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
     hdus = [(header, DirectArray(st.location, "drizzle"), None)]

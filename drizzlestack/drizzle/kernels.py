@@ -24,8 +24,10 @@ Conventions shared by every kernel (docs/design.md):
   ``(nplanes * H, W)``), and ``chan[j, i]`` says into which plane input pixel ``(i, j)``
   drops: its overlaps are computed on the ``H x W`` grid as for grey data and
   deposited ``chan * H`` rows further down. Each raw sample reaches only its own
-  colour, with its own weight. Grey data: ``nplanes = 1`` and ``chan`` a dummy
-  ``(1, 1)`` array that is never read.
+  colour, with its own weight. ``shift[p]`` (``(nplanes, 2)``, output pixels) moves
+  every drop of plane ``p``, centre and corners (channel alignment). Grey data:
+  ``nplanes = 1``, ``chan`` a dummy ``(1, 1)`` array and ``shift`` a dummy ``(1, 2)``
+  one, never read.
 * ``touched`` (uint8, same shape as the accumulators) is set to 1 where this call
   deposited a non-zero weight, when ``use_touched`` is true; the caller turns it into
   a coverage count.

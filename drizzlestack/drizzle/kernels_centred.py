@@ -24,20 +24,27 @@ GAUSS_MIN_REACH = 1.2
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
-def _centred_drop(data, pixmap, weights, use_weights, j, i):
-    """``(ok, value, weight, x, y)`` of input pixel ``(i, j)``: its value and weight, its
-    mapped centre, and whether it contributes at all (finite value, weight ``> 0``, a
-    centre within ``+-MAX_COORD``); shared by the turbo, gaussian and lanczos kernels."""
+def _centred_drop(data, pixmap, weights, use_weights, j, i, chan, nplanes, shift, H):
+    """``(ok, value, weight, x, y, roff)`` of input pixel ``(i, j)``: its value and
+    weight, its mapped centre (colour: moved by its plane's ``shift``), the first row of
+    its plane, and whether it contributes at all (finite value, weight ``> 0``, a centre
+    within ``+-MAX_COORD``); shared by the turbo, gaussian and lanczos kernels."""
     v = data[j, i]
     wt = weights[j, i] if use_weights else 1.0
     x = pixmap[j, i, 0]
     y = pixmap[j, i, 1]
+    roff = 0
+    if nplanes > 1:
+        p = int(chan[j, i])
+        x += shift[p, 0]
+        y += shift[p, 1]
+        roff = p * H
     ok = math.isfinite(v) and wt > 0.0 and abs(x) < MAX_COORD and abs(y) < MAX_COORD
-    return ok, v, wt, x, y
+    return ok, v, wt, x, y, roff
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched, chan, nplanes):
+def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use_touched, chan, nplanes, shift):
     """Point kernel: the whole drop goes to the output pixel containing the
     mapped centre, with weight ``w``."""
     ny, nx = data.shape
@@ -56,12 +63,17 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
             wt = weights[j, i] if use_weights else 1.0
             x = prow[i, 0]
             y = prow[i, 1]
+            roff = 0
+            if nplanes > 1:
+                p = int(chan[j, i])
+                x += shift[p, 0]
+                y += shift[p, 1]
+                roff = p * H
             # one test for everything: finite value, positive weight, and a centre
             # inside the output (NaN fails every comparison)
             if not ((v - v) == 0.0 and wt > 0.0 and x >= -0.5 and x < xlim
                     and y >= -0.5 and y < ylim):
                 continue
-            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             # x >= -0.5 here, so floor(x + 0.5) >= 0: unsigned, no wraparound fix-up
             o = uint64(math.floor(y + 0.5) + roff) * uint64(W) + uint64(math.floor(x + 0.5))
             flat_w[o] += wt
@@ -74,7 +86,7 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                 acc_wv, acc_w, touched, use_touched, chan, nplanes):
+                 acc_wv, acc_w, touched, use_touched, chan, nplanes, shift):
     """Turbo kernel: the drop is an axis-aligned square of side
     ``pixfrac / pixel_scale_ratio`` output pixels centred on the mapped centre;
     weight ``w * overlap / side**2`` (STScI's ``dover * pscale_ratio**2 / pixfrac**2``)."""
@@ -86,10 +98,10 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
     ncontrib = 0
     for j in range(ny):
         for i in range(nx):
-            ok, v, wt, x, y = _centred_drop(data, pixmap, weights, use_weights, j, i)
+            ok, v, wt, x, y, roff = _centred_drop(data, pixmap, weights, use_weights, j, i,
+                                                  chan, nplanes, shift, H)
             if not ok:
                 continue
-            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             xxi = x - pfo
             xxa = x + pfo
             yyi = y - pfo
@@ -119,7 +131,7 @@ def turbo_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_ratio,
-                    acc_wv, acc_w, touched, use_touched, chan, nplanes):
+                    acc_wv, acc_w, touched, use_touched, chan, nplanes, shift):
     """Gaussian kernel of STScI drizzle: FWHM ``pixfrac`` input pixels, weight
     ``w * exp(-r**2 * efac) * efac / pi`` (unit integral over the output plane),
     truncated to output pixels within ``max(2.5 sigma, 1.2 input px)`` of the
@@ -136,10 +148,10 @@ def gaussian_kernel(data, pixmap, weights, use_weights, pixfrac, pixel_scale_rat
     ncontrib = 0
     for j in range(ny):
         for i in range(nx):
-            ok, v, wt, x, y = _centred_drop(data, pixmap, weights, use_weights, j, i)
+            ok, v, wt, x, y, roff = _centred_drop(data, pixmap, weights, use_weights, j, i,
+                                                  chan, nplanes, shift, H)
             if not ok:
                 continue
-            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             i0 = max(_out_index(x - pfo), 0)
             i1 = min(_out_index(x + pfo), W - 1)
             j0 = max(_out_index(y - pfo), 0)
@@ -173,7 +185,7 @@ def _lanczos_weight(lut, density, order, t):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio, lut,
-                   acc_wv, acc_w, touched, use_touched, chan, nplanes):
+                   acc_wv, acc_w, touched, use_touched, chan, nplanes, shift):
     """Lanczos kernel of order 2 or 3 (separable, in input-pixel units: weight
     ``w * L(dx * psr) * L(dy * psr)`` over output pixels strictly within
     ``order / psr`` of the mapped centre). As in STScI drizzle, ``pixfrac`` plays
@@ -195,10 +207,10 @@ def lanczos_kernel(data, pixmap, weights, use_weights, order, pixel_scale_ratio,
     ncontrib = 0
     for j in range(ny):
         for i in range(nx):
-            ok, v, wt, x, y = _centred_drop(data, pixmap, weights, use_weights, j, i)
+            ok, v, wt, x, y, roff = _centred_drop(data, pixmap, weights, use_weights, j, i,
+                                                  chan, nplanes, shift, H)
             if not ok:
                 continue
-            roff = int(chan[j, i]) * H if nplanes > 1 else 0
             i0 = max(int(math.floor(x - pfo)) + 1, 0)
             i1 = min(int(math.floor(x + pfo)), W - 1)
             j0 = max(int(math.floor(y - pfo)) + 1, 0)

@@ -130,6 +130,19 @@ def _sq_corners(S, tx, ty, bx, by, h, i0, nb):
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
+def _sq_shift(S, crow, shift, nb):
+    """Colour: move the batch's drop corners by their planes' ``shift`` (drop ``k`` is
+    in plane ``crow[k]``)."""
+    for k in range(nb):
+        p = int(crow[k])
+        dx = shift[p, 0]
+        dy = shift[p, 1]
+        for c in range(4):
+            S[_S_X + c * _B + k] += dx
+            S[_S_Y + c * _B + k] += dy
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
 def _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W):
     """Sort the batch's drops without branches: status (0 skip, 1 batch, 2 too big
     for the window), window origin, weights, and corners made local to the window.
@@ -602,7 +615,7 @@ def _square_big_drop(xs, ys, fw0, fv0, acc_wv, acc_w, touched, use_touched, H, r
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
-                  acc_wv, acc_w, touched, use_touched, chan, nplanes):
+                  acc_wv, acc_w, touched, use_touched, chan, nplanes, shift):
     """Square kernel: exact overlap of each shrunken drop (see :func:`drop_corners`)
     with the output pixels.
 
@@ -635,6 +648,10 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
         for i0 in range(0, nx, _B):
             nb = min(_B, nx - i0)
             _sq_corners(S, tx, ty, bx, by, h, i0, nb)
+            # the batch's planes (an index rather than a branch, as for the weights)
+            crow = chan[j, i0:i0 + nb] if nplanes > 1 else chan[0, :1]
+            if nplanes > 1:
+                _sq_shift(S, crow, shift, nb)
             wn = _sq_classify(S, data, weights, use_weights, j, i0, nb, H, W)
             if wn == 3:
                 # the common case (scale up to ~2): fused, straight-line code
@@ -642,8 +659,6 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
             elif wn > 0:
                 _sq_areas(S, nb, wn)
                 _sq_weights(S, nb, wn)
-            # the batch's planes (an index rather than a branch, as for the weights)
-            crow = chan[j, i0:i0 + nb] if nplanes > 1 else chan[0, :1]
             if wn > 0:
                 # Colour: one pass per plane, each touching only its own plane's rows
                 # (drops of a Bayer row alternate between two planes): 8-12 % off the
@@ -655,10 +670,15 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
                 if S[_S_ST + k] == 2.0:
                     i = i0 + k
                     xs, ys = drop_corners(tx, ty, bx, by, i, h)
+                    roff = 0
+                    if nplanes > 1:
+                        p = int(chan[j, i])
+                        xs += shift[p, 0]
+                        ys += shift[p, 1]
+                        roff = p * H
                     if max(xs.max() - xs.min(), ys.max() - ys.min()) > max_extent:
                         continue
                     wt = np.float64(weights[j, i]) if use_weights else 1.0
-                    roff = int(chan[j, i]) * H if nplanes > 1 else 0
                     ncontrib += _square_big_drop(xs, ys, wt, wt * np.float64(data[j, i]),
                                                  acc_wv, acc_w, touched, use_touched, H, roff)
     return ncontrib
