@@ -229,6 +229,44 @@ def _offsets(label, tables):
               f"({err[0]:.3f}, {err[1]:.3f}) reference px over {ok.sum()} stars")
 
 
+def _fitted_offsets(label, planes, table, scale=2.0):
+    """R - G and B - G offsets (reference px) from pixel-integrated Gaussian fits to each
+    drizzled plane at the stars found on green (every star found on G, not only those
+    each colour detects on its own: red's hot pixels leave few clean red detections)."""
+    from drizzlestack.channel_alignment import _robust_weighted_mean
+    from drizzlestack.registration.psffit import fit_gaussians
+
+    k = 15
+    half = k // 2
+    ny, nx = planes[0].shape
+    ix, iy = np.floor(table[:, 0] + 0.5).astype(int), np.floor(table[:, 1] + 0.5).astype(int)
+    ok = (ix - half >= 0) & (iy - half >= 0) & (ix + half < nx) & (iy + half < ny)
+    ix, iy, t = ix[ok], iy[ok], table[ok]
+    offs = np.arange(k) - half
+    px, py = (ix[:, None] + offs).astype(float), (iy[:, None] + offs).astype(float)
+    pos, var = [], []
+    for plane in planes:
+        st = np.asarray(plane, np.float64)[py.astype(int)[:, :, None], px.astype(int)[:, None, :]]
+        valid = np.isfinite(st)
+        ring = valid.copy()
+        ring[:, 2:-2, 2:-2] = False
+        sky = np.array([np.median(a[r]) for a, r in zip(st, ring)])
+        sub = np.where(valid, st - sky[:, None, None], 0.0)
+        init = np.column_stack([t[:, 0], t[:, 1], np.maximum(sub.sum(axis=(1, 2)), 1.0), t[:, 3] / 2.3548,
+                                np.zeros(len(t))])
+        p, cov, good = fit_gaussians(sub, valid, px, py, init)
+        good &= np.all(np.abs(p[:, :2] - t[:, :2]) < 3, axis=1)
+        pos.append(np.where(good[:, None], p[:, :2], np.nan))
+        var.append(np.stack([cov[:, 0, 0], cov[:, 1, 1]], axis=1))
+    for c in (0, 2):
+        d = (pos[c] - pos[1]) / scale
+        v = (var[c] + var[1]) / scale ** 2
+        use = np.all(np.isfinite(d) & np.isfinite(v) & (v > 0), axis=1)
+        res = [_robust_weighted_mean(d[use, a], v[use, a]) for a in range(2)]
+        print(f"{label}: {'RGB'[c]} - G offset (Gaussian fits at G's stars) ({res[0][0]:+.3f}, {res[1][0]:+.3f}) "
+              f"+- ({res[0][1]:.3f}, {res[1][1]:.3f}) reference px over {use.sum()} stars")
+
+
 def m27(args):
     import drizzlestack as ds
     from drizzlestack import cfa
@@ -278,6 +316,17 @@ def m27(args):
         # channel centroids: stars detected on G, centroids in R and B near them
         tables = [_stars(col[c], 2.0) for c in range(3)]
         _offsets("colour drizzle", tables)
+        _fitted_offsets("colour drizzle", col, tables[1])
+        from drizzlestack.store import StackStore as _Store
+
+        removed = (_Store.open(tmp / "colour.zarr").step("drizzle")["summary"] or {}).get("channel_offsets")
+        print("channel offsets measured on the raw samples and removed (reference px): "
+              + (", ".join(f"{'RGB'[c]} ({removed['offset_rgb'][c][0]:+.3f}, {removed['offset_rgb'][c][1]:+.3f}) +- "
+                           f"({removed['error_rgb'][c][0]:.3f}, {removed['error_rgb'][c][1]:.3f})" for c in (0, 2))
+                 if removed else "none"))
+        unaligned = ds.drizzle(tmp / "colour.zarr", scale=2.0, pixfrac=0.9, output=None, force=True,
+                               align_channels=False)["drizzle"].values
+        _fitted_offsets("colour drizzle, align_channels=False", unaligned, tables[1])
         fwhm = [np.median(t[:, 3]) / 2.0 for t in tables]
         print("colour drizzle FWHM (reference px) R, G, B: " + ", ".join(f"{f:.2f}" for f in fwhm))
         # debayer-then-drizzle: each frame demosaiced (bilinear) into three planes,
@@ -300,6 +349,7 @@ def m27(args):
             deb.append(ds.drizzle(st_path, scale=2.0, pixfrac=0.9, output=None)["drizzle"].values)
         dt = [_stars(deb[c], 2.0) for c in range(3)]
         _offsets("debayer-then-drizzle", dt)
+        _fitted_offsets("debayer-then-drizzle", deb, dt[1])
         print("debayer-then-drizzle FWHM (reference px) R, G, B: "
               + ", ".join(f"{np.median(t[:, 3]) / 2.0:.2f}" for t in dt))
 

@@ -94,6 +94,11 @@ class ChannelOffsets:
         return {"offset_rgb": self.offset.tolist(), "error_rgb": self.error.tolist(),
                 "n_stars_rgb": [int(v) for v in self.n_stars], "n_frames": int(self.n_frames)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChannelOffsets":
+        return cls(np.asarray(d["offset_rgb"], np.float64), np.asarray(d["error_rgb"], np.float64),
+                   np.asarray(d["n_stars_rgb"], np.int64), int(d["n_frames"]))
+
 
 def _channel_positions(data, chan, bad, table, sigma) -> tuple[np.ndarray, np.ndarray]:
     """``(n, 3, 2)`` position of each star of ``table`` in each channel and its variance

@@ -345,6 +345,28 @@ def test_channel_offsets_go_into_the_fits_header(tmp_path):
     assert h["CHALIGN"] is False and "CHOFFBY" not in h
 
 
+def test_channel_offsets_are_measured_once_per_registration(tmp_path, monkeypatch):
+    from drizzlestack import channel_alignment
+
+    truth = simulate(tmp_path / "frames", **{**STAR_FIELD, "n_frames": 6}, cfa="RGGB", dispersion=(0.0, 0.25))
+    ds.ingest(truth.files, tmp_path / "stack.zarr")
+    ds.register(tmp_path / "stack.zarr")
+    with pytest.warns(ds.DrizzlestackWarning):
+        ds.drizzle(tmp_path / "stack.zarr", output=None, tile=64)
+    first = StackStore.open(tmp_path / "stack.zarr").step("drizzle")["summary"]["channel_offsets"]
+    calls = []
+    measure = channel_alignment.measure_channel_offsets
+    monkeypatch.setattr(channel_alignment, "measure_channel_offsets", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    with pytest.warns(ds.DrizzlestackWarning):
+        ds.drizzle(tmp_path / "stack.zarr", scale=1.5, output=None, tile=64)  # another scale: reused
+    assert not calls
+    assert StackStore.open(tmp_path / "stack.zarr").step("drizzle")["summary"]["channel_offsets"] == first
+    ds.register(tmp_path / "stack.zarr", force=True)  # a new registration: measured again
+    with pytest.warns(ds.DrizzlestackWarning):
+        ds.drizzle(tmp_path / "stack.zarr", output=None, tile=64)
+    assert len(calls) == 1
+
+
 def test_too_few_stars_to_align_the_channels_warns_and_shifts_nothing(tmp_path):
     """A registration without a star catalogue (here: the true transforms written in)."""
     truth = simulate(tmp_path / "frames", **{**STAR_FIELD, "n_frames": 4}, cfa="RGGB", dispersion=(0.0, 0.3))

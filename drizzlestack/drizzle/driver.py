@@ -429,7 +429,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         return open_stack(st)[list(OUTPUT_VARIABLES)]
     # Measured after the up-to-date check above (it reads frames): a function of the
     # registration and the frames only, so a resumed run measures the same offsets.
-    offsets = _channel_offsets(st, indices, distortion, store) if (pattern and align_channels) else None
+    offsets = _channel_offsets(st, indices, distortion, store, inputs) if (pattern and align_channels) else None
     if offsets is not None:
         # The channels' drops move by minus their offset (output px); the windows read
         # that much further (the offset is in reference px, about input px).
@@ -571,12 +571,22 @@ def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
     return np.asarray(values, np.float64)
 
 
-def _channel_offsets(st, indices, distortion, store):
+def _channel_offsets(st, indices, distortion, store, inputs):
     """The measured channel offsets to remove, or None (with a warning) when there were
-    too few stars in red or blue to measure them."""
-    from ..channel_alignment import MAX_ERROR, MIN_STARS, measure_channel_offsets
+    too few stars in red or blue to measure them.
 
-    offsets = measure_channel_offsets(st, indices, distortion=distortion)
+    Kept in the store's attributes with what they were measured from (the frames, the
+    distortion choice, the upstream steps' stamps): a drizzle at another scale or
+    pixfrac, the usual way to tune one, reuses them instead of reading the frames again."""
+    from ..channel_alignment import MAX_ERROR, MIN_STARS, ChannelOffsets, measure_channel_offsets
+
+    key = {"frames": [int(i) for i in indices], "distortion": bool(distortion), "inputs": inputs}
+    cached = st.attrs.get("channel_offsets")
+    if isinstance(cached, dict) and cached.get("key") == key:
+        offsets = ChannelOffsets.from_dict(cached["offsets"])
+    else:
+        offsets = measure_channel_offsets(st, indices, distortion=distortion)
+        st.attrs["channel_offsets"] = {"key": key, "offsets": offsets.as_dict()}
     if not offsets.usable:
         warnings.warn(f"{store}: too few clean stars in red and blue to measure the channels' offsets from green "
                       f"({int(offsets.n_stars[0])} and {int(offsets.n_stars[2])} measurements, need {MIN_STARS} "
