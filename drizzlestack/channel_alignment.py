@@ -56,7 +56,7 @@ MIN_STARS = 10
 #: shift known worse than this could misalign the channels more than it aligns them.
 MAX_ERROR = 0.05
 #: Stars per frame at most (the brightest clean ones).
-MAX_STARS_PER_FRAME = 300
+MAX_STARS_PER_FRAME = 150
 #: Signal-to-noise ratio a star needs in the registration's catalogue (each
 #: measurement is weighted by its own fitted variance, so faint stars cost little).
 MIN_SNR = 5.0

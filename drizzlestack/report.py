@@ -223,6 +223,24 @@ def _save_image(path: Path, image: np.ndarray, cmap: str, vmin: float, vmax: flo
                             origin="lower", format="png")
 
 
+def _alignment_note(stack) -> str:
+    """One sentence on the colour drizzle's channel alignment, from its step record."""
+    rec = stack.attrs.get("steps", {}).get("drizzle", {})
+    if not (rec.get("params") or {}).get("cfa_pattern"):
+        return ""
+    found = (rec.get("summary") or {}).get("channel_offsets")
+    if not (rec.get("params") or {}).get("align_channels", True):
+        return " Channels not aligned (align_channels=False): red and blue where the registration puts them."
+    if not found:
+        return " Channels not aligned: too few clean stars in red and blue to measure their offsets from green."
+    off, err = found["offset_rgb"], found["error_rgb"]
+    parts = [f"{c} ({off[k][0]:+.3f}, {off[k][1]:+.3f}) &plusmn; ({err[k][0]:.3f}, {err[k][1]:.3f})"
+             for k, c in ((0, "red"), (2, "blue"))]
+    return (f" On the sky {parts[0]} and {parts[1]} px (x, y) from green, measured on "
+            f"{found['n_stars_rgb'][2]} star fits in {found['n_frames']} frames (atmospheric dispersion, lateral "
+            "colour); removed: the drizzle shifted their drops onto green.")
+
+
 def _save_rgb(path: Path, planes) -> None:
     """A colour preview: each channel stretched on its own (no white balance, as the
     drizzle keeps none), no data dark red."""
@@ -581,7 +599,8 @@ def write_report(store, directory=None) -> Path:
             how = (f"{reduced}R, G, B each asinh-stretched between its 0.5 and 99.8 percentiles, which hides "
                    f"the data's white balance: {wb}")
             body.append(_figure(png, f"<b>{_esc(title)}</b> (colour): {w} x {h} px ({how}; y up, "
-                                     "no data in dark red).", cls="preview", alt=title))
+                                     f"no data in dark red).{_alignment_note(stack) if var == 'drizzle' else ''}",
+                                cls="preview", alt=title))
             continue
         if colour:
             title = f"{title}, green channel"

@@ -339,10 +339,16 @@ def test_channel_offsets_go_into_the_fits_header(tmp_path):
     assert h["CHALIGN"] is True
     assert abs(h["CHOFFBY"] - 0.25) < 0.03 and abs(h["CHOFFRY"] + 0.125) < 0.03
     assert abs(h["CHOFFBX"]) < 0.03
+    from drizzlestack.report import write_report
+
+    page = open(write_report(tmp_path / "stack.zarr", tmp_path / "report")).read()
+    assert "from green, measured on" in page and "shifted their drops onto green" in page
     with pytest.warns(ds.DrizzlestackWarning):
         ds.drizzle(tmp_path / "stack.zarr", output=tmp_path / "n.fits", tile=64, align_channels=False)
     h = fits.getheader(tmp_path / "n.fits")
     assert h["CHALIGN"] is False and "CHOFFBY" not in h
+    page = open(write_report(tmp_path / "stack.zarr", tmp_path / "report2")).read()
+    assert "Channels not aligned (align_channels=False)" in page
 
 
 def test_channel_offsets_are_measured_once_per_registration(tmp_path, monkeypatch):
