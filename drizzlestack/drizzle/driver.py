@@ -179,13 +179,16 @@ def drizzle_tile(plan: DrizzlePlan, y0: int, y1: int, x0: int, x1: int) -> np.nd
         # Colour: the channel of every pixel of this window (kept apart from the outlier
         # flags, which know nothing of colour); each colour its own weight.
         chan = _cfa.channel_index(plan.cfa_pattern, data.shape, sy.start, sx.start) if colour else None
+        # The window's weights and pixmap in this thread's buffers: a fresh 8-16 MB
+        # array per frame and tile was page-faulted anew every time.
+        weights = buffers.get("in_weights", data.shape, np.float64, zero=False)
         if colour and fp.channel_weight is not None:
-            weights = np.asarray(fp.channel_weight, np.float64)[chan]
+            np.take(np.asarray(fp.channel_weight, np.float64), chan, out=weights)
         else:
-            weights = np.full(data.shape, fp.weight)
+            weights.fill(fp.weight)
         if fp.mapping.is_homography:
             # The common case, one fused pass: frame -> reference -> tile coordinates.
-            pixmap = np.empty(data.shape + (2,))
+            pixmap = buffers.get("pixmap", data.shape + (2,), np.float64, zero=False)
             _kernels.homography_grid(tile_shift @ fp.to_output @ fp.mapping.matrix, sy.start, sx.start,
                                      *data.shape, pixmap)
         else:  # with the distortion spline
