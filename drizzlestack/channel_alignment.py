@@ -18,7 +18,7 @@ each colour alone; the three positions are mapped through the frame's registrati
 onto the reference grid and differenced with green's. A pixel-integrated model has no
 bias from the sparse lattice a colour samples the star on (a plain or windowed centroid
 of red's samples, one every 2 px, is pulled towards the nearest sample, and the median
-of such centroids comes out at a third to a half of a known offset on simulations).
+of such centroids came out at 0.2-0.4 of a known offset on simulations).
 The offset is the inverse-variance mean over all stars of (up to :data:`MAX_FRAMES`)
 frames, after a 5-sigma clip. Samples the integration flagged as outliers are left out
 (a hot pixel beside a star would pull its fit). Simulated RGGB fields with a known
@@ -164,7 +164,7 @@ def _robust_weighted_mean(d: np.ndarray, var: np.ndarray) -> tuple[float, float]
 
 def _clean_stars(table: np.ndarray, saturation: float) -> np.ndarray:
     """Rows of a registration catalogue (``x, y, flux, fwhm, peak, snr, flags``) worth
-    a centroid: fitted without a flag, bright, well below saturation, and with no other
+    a fit: fitted without a flag, bright, well below saturation, and with no other
     catalogued star within ``3 FWHM + 4`` px; the brightest first."""
     from scipy.spatial import cKDTree
 
@@ -193,14 +193,17 @@ def measure_channel_offsets(store, frames=None, distortion: bool = True) -> Chan
         Frames to measure (default every registered frame with status ``ok``); at most
         :data:`MAX_FRAMES` of them, spread evenly, are read.
     distortion : bool
-        Map the centroids with the registration's distortion model, when there is one.
+        Map the fitted positions with the registration's distortion model, when there
+        is one.
 
     Returns
     -------
     ChannelOffsets
-        ``offset[c]``: median over every measured star of channel ``c``'s centroid
-        minus green's, on the reference grid (pixels); ``usable`` is false when red or
-        blue had fewer than :data:`MIN_STARS` measurements.
+        ``offset[c]``: the inverse-variance mean (5-sigma clipped) over every measured
+        star of channel ``c``'s fitted position minus green's, on the reference grid
+        (pixels); ``n_stars[c]``: the fits behind it (green: its own fits);
+        ``usable`` is false when red or blue had fewer than :data:`MIN_STARS`
+        measurements or an error above :data:`MAX_ERROR`.
     """
     st = store if isinstance(store, StackStore) else StackStore.open(store, mode="r")
     pattern = st.cfa_pattern
@@ -224,6 +227,7 @@ def measure_channel_offsets(store, frames=None, distortion: bool = True) -> Chan
     chan = None
     diffs = [[], [], []]
     measured = 0
+    n_green = 0
     for mapping, i in zip(mappings, frames):
         table = _clean_stars(np.asarray(stars[i], np.float64), saturation[i]) if stars is not None else None
         if table is None or not len(table):
@@ -235,6 +239,7 @@ def measure_channel_offsets(store, frames=None, distortion: bool = True) -> Chan
         sigma = (float(fwhm[i]) if np.isfinite(fwhm[i]) else 2.0) / 2.3548  # the fits' first guess
         out, var = _channel_positions(data, chan, bad, table, sigma)
         measured += 1
+        n_green += int(np.all(np.isfinite(out[:, 1]), axis=1).sum())
         ref = [np.column_stack(mapping.forward(out[:, c, 0], out[:, c, 1])) for c in range(3)]
         for c in range(3):
             # (the variances in frame pixels: the mappings keep the scale within a few %)
@@ -251,7 +256,7 @@ def measure_channel_offsets(store, frames=None, distortion: bool = True) -> Chan
         if len(d):
             for a in range(2):
                 offset[c, a], error[c, a] = _robust_weighted_mean(d[:, a], v[:, a])
-    n_stars[1] = max(n_stars[0], n_stars[2])
+    n_stars[1] = n_green
     offset[1] = 0.0
     error[1] = 0.0
     return ChannelOffsets(offset, error, n_stars, measured)
