@@ -579,11 +579,16 @@ def _channel_offsets(st, indices, distortion, store, inputs):
     too few stars in red or blue to measure them.
 
     Kept in the store's attributes with what they were measured from (the frames, the
-    distortion choice, the upstream steps' stamps): a drizzle at another scale or
+    distortion choice, the upstream steps' stamps, a digest of the transforms): a drizzle at another scale or
     pixfrac, the usual way to tune one, reuses them instead of reading the frames again."""
     from ..channel_alignment import MAX_ERROR, MIN_STARS, ChannelOffsets, measure_channel_offsets
 
-    key = {"frames": [int(i) for i in indices], "distortion": bool(distortion), "inputs": inputs}
+    import hashlib
+
+    # The stamps have whole seconds; the registration's result itself tells two apart.
+    transforms = np.ascontiguousarray(st.group["transform"][...], np.float64)
+    key = {"frames": [int(i) for i in indices], "distortion": bool(distortion), "inputs": inputs,
+           "transforms": hashlib.sha1(transforms.tobytes()).hexdigest()}
     cached = st.attrs.get("channel_offsets")
     if isinstance(cached, dict) and cached.get("key") == key:
         offsets = ChannelOffsets.from_dict(cached["offsets"])

@@ -664,8 +664,15 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
                 # (drops of a Bayer row alternate between two planes): 8-12 % off the
                 # colour kernel at tile 1024, grey unchanged. A cell only ever receives
                 # drops of its own plane, so its sums add in the same order as in one pass.
+                # Only the planes the batch holds (a Bayer row holds two of the three).
+                present = 1
+                if nplanes > 1:
+                    present = 0
+                    for k in range(nb):
+                        present |= 1 << int(crow[k])
                 for p in range(nplanes):
-                    ncontrib += _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep, p)
+                    if (present >> p) & 1:
+                        ncontrib += _sq_scatter(S, nb, wn, acc_wv, acc_w, touched, use_touched, H, crow, cstep, p)
             for k in range(nb):
                 if S[_S_ST + k] == 2.0:
                     i = i0 + k
