@@ -25,6 +25,31 @@ _OPENED_LOCK = threading.Lock()
 _OPENED_MAX = 256
 
 
+def _cache_key(loc: str, name: str, mode: str):
+    try:
+        meta = os.stat(os.path.join(loc, name, "zarr.json"))
+    except OSError:
+        return None  # zarr says what is missing
+    return (os.path.abspath(loc), name, mode, meta.st_ino, meta.st_size, meta.st_mtime_ns)
+
+
+def remember_array(location, name: str, arr: zarr.Array) -> None:
+    """Put an array just created (``arr``, writable) where :func:`open_array` finds it,
+    for reading and writing: the tile tasks that fill it then do not each open it again
+    on zarr's event loop, one thread waiting for the other's open (~3-5 ms each, ~0.05 s
+    of a 0.3 s outlier pass on two threads). Local stores only."""
+    loc = str(location)
+    if _location.is_url(loc):
+        return
+    for mode in ("r", "r+"):
+        key = _cache_key(loc, name, mode)
+        if key is not None:
+            with _OPENED_LOCK:
+                if len(_OPENED) >= _OPENED_MAX:
+                    _OPENED.pop(next(iter(_OPENED)))
+                _OPENED[key] = arr
+
+
 def open_array(location: str, name: str, mode: str = "r") -> zarr.Array:
     """``zarr.open_array`` of a store variable, remembered while its metadata is unchanged.
 
@@ -36,13 +61,7 @@ def open_array(location: str, name: str, mode: str = "r") -> zarr.Array:
     is opened again. Remote stores are opened every time (a stat is a request there).
     """
     loc = str(location)
-    key = None
-    if not _location.is_url(loc):
-        try:
-            meta = os.stat(os.path.join(loc, name, "zarr.json"))
-            key = (os.path.abspath(loc), name, mode, meta.st_ino, meta.st_size, meta.st_mtime_ns)
-        except OSError:
-            key = None  # zarr says what is missing
+    key = None if _location.is_url(loc) else _cache_key(loc, name, mode)
     if key is not None:
         with _OPENED_LOCK:
             arr = _OPENED.get(key)

@@ -377,9 +377,13 @@ class StackStore:
         ``compressors``: a zarr codec (e.g. :data:`FRAME_CODEC`) or ``None`` for zarr's
         default (zstd); ``attrs``: its attributes."""
         extra = {} if compressors is None else {"compressors": compressors}
-        return self.group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
-                                       fill_value=fill_value, dimension_names=tuple(dims), overwrite=True,
-                                       attributes=dict(attrs or {}), **extra)
+        arr = self.group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
+                                      fill_value=fill_value, dimension_names=tuple(dims), overwrite=True,
+                                      attributes=dict(attrs or {}), **extra)
+        from .chunkio import remember_array
+
+        remember_array(self.location, name, arr)  # the tile tasks that fill it find it open
+        return arr
 
     def delete_variables(self, *names: str) -> None:
         for name in names:
