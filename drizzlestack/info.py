@@ -160,6 +160,12 @@ def info_table(store) -> str:
         lines.append(f"outlier tolerance widened (tol.x) for {len(widened)} frame(s) whose registration residual "
                      f"exceeds {'/'.join(f'{t:g}' for t in tol)} px: "
                      + ", ".join(f"{i} (x{w['factor']:.2f})" for i, w in sorted(widened.items())))
+    offsets = ((steps.get("drizzle") or {}).get("summary") or {}).get("channel_offsets")
+    if offsets:
+        off, err = offsets["offset_rgb"], offsets["error_rgb"]
+        lines.append("colour channels on the sky, from green (x, y px; removed by the drizzle): "
+                     + ", ".join(f"{name} ({off[c][0]:+.3f}, {off[c][1]:+.3f}) +- ({err[c][0]:.3f}, {err[c][1]:.3f})"
+                                 for c, name in ((0, "R"), (2, "B"))))
     if n:
         for message in mixed_setups(ds["path"].values, ds["header"].values, ds["exptime"].values):
             lines.append(f"warning: {message}")

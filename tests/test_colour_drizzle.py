@@ -343,6 +343,10 @@ def test_channel_offsets_go_into_the_fits_header(tmp_path):
 
     page = open(write_report(tmp_path / "stack.zarr", tmp_path / "report")).read()
     assert "from green, measured on" in page and "shifted their drops onto green" in page
+    from drizzlestack.info import info_table
+
+    b = StackStore.open(tmp_path / "stack.zarr").step("drizzle")["summary"]["channel_offsets"]["offset_rgb"][2]
+    assert f"B ({b[0]:+.3f}, {b[1]:+.3f})" in info_table(tmp_path / "stack.zarr")
     with pytest.warns(ds.DrizzlestackWarning):
         ds.drizzle(tmp_path / "stack.zarr", output=tmp_path / "n.fits", tile=64, align_channels=False)
     h = fits.getheader(tmp_path / "n.fits")
