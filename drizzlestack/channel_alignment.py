@@ -48,7 +48,7 @@ from .store import StackStore
 __all__ = ["ChannelOffsets", "measure_channel_offsets", "MAX_ERROR", "MAX_FRAMES", "MIN_STARS"]
 
 #: Frames measured at most (spread evenly over the selection): the offset is one
-#: constant, and each frame read costs what a drizzle of it reads.
+#: constant, and each frame is read whole (it costs what a drizzle reads of it).
 MAX_FRAMES = 16
 #: Star measurements needed in red and in blue before the offset is used.
 MIN_STARS = 10
@@ -71,7 +71,8 @@ class ChannelOffsets:
     offset : (3, 2) ndarray
         ``(x, y)`` of R, G, B minus green's (green's row is zero).
     error : (3, 2) ndarray
-        Standard error of each offset (robust: ``1.4826 MAD / sqrt(n)``).
+        Standard error of each offset: of the inverse-variance mean, scaled up by the
+        measurements' scatter when their fitted variances understate it.
     n_stars : (3,) ndarray of int
         Star measurements behind each offset.
     n_frames : int
