@@ -45,7 +45,8 @@ from .mappings import frame_mappings
 from .registration.psffit import fit_gaussians
 from .store import StackStore
 
-__all__ = ["ChannelOffsets", "measure_channel_offsets", "MAX_ERROR", "MAX_FRAMES", "MIN_STARS"]
+__all__ = ["ChannelOffsets", "measure_channel_offsets", "channel_offsets", "MAX_ERROR", "MAX_FRAMES",
+           "MIN_STARS"]
 
 #: Frames measured at most (spread evenly over the selection): the offset is one
 #: constant, and each frame is read whole (it costs what a drizzle reads of it).
@@ -261,3 +262,52 @@ def measure_channel_offsets(store, frames=None, distortion: bool = True) -> Chan
     offset[1] = 0.0
     error[1] = 0.0
     return ChannelOffsets(offset, error, n_stars, measured)
+
+
+def _cache_key(st: StackStore, frames, distortion: bool) -> dict:
+    """What a measurement depends on: the frames, the mappings (a digest of the
+    transforms; the distortion choice) and the steps that wrote the frames, the
+    registration and the outlier flags (their parameter digests and start stamps, both
+    set when a step begins: the integration measures between its passes)."""
+    import hashlib
+
+    transforms = np.ascontiguousarray(st.group["transform"][...], np.float64)
+    steps = {name: [(st.step(name) or {}).get("digest"), (st.step(name) or {}).get("started")]
+             for name in ("ingest", "register", "integrate")}
+    return {"frames": [int(i) for i in frames], "distortion": bool(distortion), "n_frames": int(st.n_frames),
+            "transforms": hashlib.sha1(transforms.tobytes()).hexdigest(), "steps": steps}
+
+
+def channel_offsets(st: StackStore, frames, distortion: bool = True) -> ChannelOffsets:
+    """:func:`measure_channel_offsets`, kept in the store's attributes with what it was
+    measured from (:func:`_cache_key`): the integration measures once between its
+    passes, and the drizzle -- at any scale or pixfrac, the usual way to tune one --
+    reuses it instead of reading the frames again."""
+    key = _cache_key(st, frames, distortion)
+    cached = st.attrs.get("channel_offsets")
+    if isinstance(cached, dict) and cached.get("key") == key:
+        return ChannelOffsets.from_dict(cached["offsets"])
+    offsets = measure_channel_offsets(st, frames, distortion=distortion)
+    st.attrs["channel_offsets"] = {"key": key, "offsets": offsets.as_dict()}
+    return offsets
+
+
+def unusable_message(store, offsets: ChannelOffsets) -> str:
+    """The warning when the offsets are not known well enough to be removed."""
+    return (f"{store}: too few clean stars in red and blue to measure the channels' offsets from green "
+            f"({int(offsets.n_stars[0])} and {int(offsets.n_stars[2])} measurements, need {MIN_STARS} "
+            f"and an error below {MAX_ERROR} px; largest error {float(np.max(offsets.error[[0, 2]])):.3f} px); "
+            f"leaving them as registered (align_channels=False silences this)")
+
+
+def header_cards(offsets: ChannelOffsets | None) -> list[tuple]:
+    """FITS cards saying whether (``CHALIGN``) and by how much (``CHOFFRX`` ...) the
+    channels were moved onto green."""
+    cards = [("CHALIGN", offsets is not None, "channels shifted onto green (align_channels)")]
+    if offsets is not None:
+        for c in (0, 2):
+            name = _cfa.CHANNELS[c]
+            for a, axis in enumerate("XY"):
+                cards.append((f"CHOFF{name}{axis}", round(float(offsets.offset[c, a]), 4),
+                              f"{name} - G {axis.lower()} offset removed [reference px]"))
+    return cards

@@ -127,7 +127,7 @@ def cmd_integrate(args) -> int:
                            range_low=args.range_low, range_high=args.range_high, rejection_options=options,
                            frames=args.frames, output=args.output, overwrite=args.overwrite,
                            task_memory=args.task_memory, force=args.force, outliers=outliers,
-                           white_balance=args.white_balance)
+                           white_balance=args.white_balance, align_channels=not args.no_align_channels)
     name = "integrate" if args.roi is None else "integrate_roi"
     summary = result.attrs["steps"][name].get("summary", {})
     used = summary.get("frames_used", [])
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--white-balance", choices=WHITE_BALANCES, default="none",
                    help="colour frames, the FITS image only: none (default, raw colours), camera (the raw "
                         "files' as-shot multipliers) or neutral (each channel's sky brought to green's)")
+    p.add_argument("--no-align-channels", action="store_true",
+                   help="colour frames: keep the image's red and blue where the registration puts them (default: "
+                        "onto green, by their offset measured on the stars)")
     p.add_argument("--frames", type=int, nargs="+", default=None, help="frame indices (default: every ok frame)")
     p.add_argument("--force", action="store_true", help="recompute even if the store holds this integration")
     _add_scheduler_options(p)

@@ -75,6 +75,7 @@ class IntegrateConfig:
     task_memory: str = "256MiB"  # memory budget of one tile task: tiles shrink as frames are added
     output: str | None = "integration.fits"  # FITS file of the integration (null: store only)
     white_balance: str = "none"  # colour frames, the FITS image only: none | camera | neutral
+    align_channels: bool = True  # colour frames: the image's red and blue onto green (measured on the stars)
     outliers: OutliersConfig = field(default_factory=OutliersConfig)
 
 

@@ -327,6 +327,46 @@ def test_channels_displaced_on_the_sky_are_aligned_by_default(tmp_path):
     np.testing.assert_allclose(left[0], -0.5 * dispersion, atol=0.05)
 
 
+def test_the_integration_image_is_channel_aligned_too(tmp_path):
+    """The integration (reference grid) removes the same offsets from its image; its
+    outlier model stays in the data's own geometry."""
+    import warnings
+
+    from fidelity import channel_offsets
+
+    dispersion = np.array([0.12, 0.3])
+    # (a larger field than STAR_FIELD: more stars to measure the image's channels on)
+    truth = simulate(tmp_path / "frames", **{**STAR_FIELD, "shape": (192, 224), "n_stars": 180}, cfa="RGGB",
+                     dispersion=tuple(dispersion))
+    store = tmp_path / "stack.zarr"
+    ds.ingest(truth.files, store)
+    ds.register(store)
+    ref = int(ds.open_stack(store).attrs["reference"])
+    stars = _isolated(truth)
+    xy = np.column_stack(truth.reference_to_frame(ref, np.asarray(truth.stars["x"])[stars],
+                                                  np.asarray(truth.stars["y"])[stars]))
+    results = {}
+    for align in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ds.DrizzlestackWarning)
+            ds.integrate(store, align_channels=align, output=tmp_path / f"i{align}.fits")
+        img = ds.open_stack(store)["integration"].values
+        results[align] = channel_offsets(img, xy, fwhm=2.0, scale=1.0, stamp=9)
+        for c in (0, 2):
+            print(align, "RGB"[c], "- G (px):", np.round(results[align][c][0], 4), results[align][c][2])
+    measured = np.asarray(StackStore.open(store).step("integrate")["summary"].get("channel_offsets") or [])
+    assert measured.size == 0  # the last run did not align
+    for c, true in ((0, -0.5 * dispersion), (2, dispersion)):
+        assert results[True][c][2] >= 30
+        assert np.hypot(*results[True][c][0]) < 0.05, c
+        np.testing.assert_allclose(results[False][c][0], true, atol=0.05)
+    from astropy.io import fits
+
+    h = fits.getheader(tmp_path / "iTrue.fits")
+    assert h["CHALIGN"] is True and abs(h["CHOFFBY"] - 0.3) < 0.03
+    assert fits.getheader(tmp_path / "iFalse.fits")["CHALIGN"] is False
+
+
 def test_channel_offsets_go_into_the_fits_header(tmp_path):
     from astropy.io import fits
 

@@ -432,7 +432,7 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         return open_stack(st)[list(OUTPUT_VARIABLES)]
     # Measured after the up-to-date check above (it reads frames): a function of the
     # registration and the frames only, so a resumed run measures the same offsets.
-    offsets = _channel_offsets(st, indices, distortion, store, inputs) if (pattern and align_channels) else None
+    offsets = _channel_offsets(st, indices, distortion, store) if (pattern and align_channels) else None
     if offsets is not None:
         # The channels' drops move by minus their offset (output px); the windows read
         # that much further (the offset is in reference px, about input px).
@@ -574,33 +574,15 @@ def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
     return np.asarray(values, np.float64)
 
 
-def _channel_offsets(st, indices, distortion, store, inputs):
-    """The measured channel offsets to remove, or None (with a warning) when there were
-    too few stars in red or blue to measure them.
+def _channel_offsets(st, indices, distortion, store):
+    """The measured channel offsets to remove (measured once per registration and
+    integration: :func:`drizzlestack.channel_alignment.channel_offsets`), or None with a
+    warning when they are not known well enough."""
+    from ..channel_alignment import channel_offsets, unusable_message
 
-    Kept in the store's attributes with what they were measured from (the frames, the
-    distortion choice, the upstream steps' stamps, a digest of the transforms): a drizzle at another scale or
-    pixfrac, the usual way to tune one, reuses them instead of reading the frames again."""
-    from ..channel_alignment import MAX_ERROR, MIN_STARS, ChannelOffsets, measure_channel_offsets
-
-    import hashlib
-
-    # The stamps have whole seconds; the registration's result itself tells two apart.
-    transforms = np.ascontiguousarray(st.group["transform"][...], np.float64)
-    key = {"frames": [int(i) for i in indices], "distortion": bool(distortion), "inputs": inputs,
-           "transforms": hashlib.sha1(transforms.tobytes()).hexdigest()}
-    cached = st.attrs.get("channel_offsets")
-    if isinstance(cached, dict) and cached.get("key") == key:
-        offsets = ChannelOffsets.from_dict(cached["offsets"])
-    else:
-        offsets = measure_channel_offsets(st, indices, distortion=distortion)
-        st.attrs["channel_offsets"] = {"key": key, "offsets": offsets.as_dict()}
+    offsets = channel_offsets(st, indices, distortion)
     if not offsets.usable:
-        warnings.warn(f"{store}: too few clean stars in red and blue to measure the channels' offsets from green "
-                      f"({int(offsets.n_stars[0])} and {int(offsets.n_stars[2])} measurements, need {MIN_STARS} "
-                      f"and an error below {MAX_ERROR} px; largest error "
-                      f"{float(np.max(offsets.error[[0, 2]])):.3f} px); drizzling them as registered "
-                      f"(align_channels=False silences this)", DrizzlestackWarning, stacklevel=3)
+        warnings.warn(unusable_message(store, offsets), DrizzlestackWarning, stacklevel=3)
         return None
     return offsets
 
@@ -636,13 +618,10 @@ def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptim
         if wb is not None:
             for c, g in zip(_cfa.CHANNELS, wb.gains):
                 header[f"WB{c}"] = (float(g), f"{c} gain about its black level (G = 1)")
-        header["CHALIGN"] = (offsets is not None, "channels shifted onto green (align_channels)")
-        if offsets is not None:
-            for c in (0, 2):
-                name = _cfa.CHANNELS[c]
-                for a, axis in enumerate("XY"):
-                    header[f"CHOFF{name}{axis}"] = (round(float(offsets.offset[c, a]), 4),
-                                                    f"{name} - G {axis.lower()} offset removed [reference px]")
+        from ..channel_alignment import header_cards
+
+        for key, value, comment in header_cards(offsets):
+            header[key] = (value, comment)
     for key, value in params.items():
         header.add_history(f"drizzlestack drizzle {key}={value}")
     hdus = [(header, DirectArray(st.location, "drizzle"), None)]

@@ -130,6 +130,7 @@ class TilePlan:
     sharp: bool = False  # colour: the star-sharp channel estimate (the model pass) or the flux-true one
     base: bool = False  # the model pass also keeps the plain combine's sums (:mod:`.patch`)
     patch: bool = False  # the final pass patches those sums instead of resampling again
+    channel_offset: np.ndarray | None = None  # colour image: (3, 2) channels' offsets from green, removed
 
     @property
     def channels(self) -> tuple:
@@ -173,7 +174,8 @@ def integrate_tile(plan: TilePlan, iy: int, ix: int) -> np.ndarray:
     all_values, all_saturated = resample_tile(
         _open_frames(plan.store), plan.indices, plan.mappings, sy, sx, plan.frame_shape, plan.raw_saturation,
         plan.origin, outliers=None if projected is None else DirectArray(plan.store, plan.outliers),
-        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise, sharp=plan.sharp)
+        projected=projected, pattern=plan.cfa_pattern, sky=plan.sky, noise=plan.noise, sharp=plan.sharp,
+        channel_offset=plan.channel_offset)
     for c in plan.channels:
         col = 0 if c is None else c
         values, saturated = (all_values, all_saturated) if c is None else (all_values[c], all_saturated[c])
@@ -345,7 +347,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
               range_high: float | None = None, rejection_options: dict | None = None, frames=None,
               output=None, overwrite: bool = False, task_memory: int | str = "256MiB",
               force: bool = False, outliers: dict | _out.OutlierParameters | None = None,
-              white_balance: str = "none") -> xr.Dataset:
+              white_balance: str = "none", align_channels: bool = True) -> xr.Dataset:
     """Pre-integrate a registered stack: statistics, normalization, weights, pixel
     rejection on the registered view, and the integrated image.
 
@@ -408,6 +410,13 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         ``"neutral"`` (:mod:`drizzlestack.whitebalance`), applied to the ``output`` FITS
         image only (header ``WBALANCE``, gains ``WBR``/``WBG``/``WBB``, as the drizzle's); the
         store keeps the unbalanced integration, which the drizzle balances on its own.
+    align_channels : bool
+        Colour stores: sample red and blue where their offset from green on the sky puts
+        them (atmospheric dispersion, lateral colour; measured on the stars between the
+        outlier pass and the image: :mod:`drizzlestack.channel_alignment`), so that the
+        image's channels coincide, as the drizzle's do. The outlier model stays in the
+        data's own geometry. Recorded in the summary and the FITS header (``CHALIGN``,
+        ``CHOFFRX`` ...); with too few stars, a warning and no shift.
     outliers : dict or OutlierParameters, optional
         Tolerances of the outlier test in each frame's own pixels (``snr``,
         ``derivative``, ``signal``, ``snr_grow``, ``derivative_grow``, ``signal_grow``,
@@ -508,6 +517,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
               "reject_high": reject_high, "range_low": range_low, "range_high": range_high,
               "rejection_options": options, "frames": None if frames is None else [int(i) for i in frames],
               "outliers": asdict(outlier_params)}
+    if st.cfa_pattern:  # (grey runs keep their digest)
+        params["align_channels"] = bool(align_channels)
     inputs = _registration_inputs(st)
     step_name = "integrate" if roi is None else "integrate_roi"
     if not force and st.is_current(step_name, params, inputs) and all(
@@ -597,8 +608,12 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                      else ("roi_y", "roi_x"), roi)
     outlier_summary = None
     t0 = time.perf_counter()
+    offsets = None
     if method == "none":
         # No statistics to reject on: one pass, flags for the invalid samples only.
+        if pattern and align_channels:
+            offsets = _channel_offsets(st, used)
+            base = replace(base, channel_offset=None if offsets is None else offsets.offset)
         per_tile = tiling.run(base, "")
         st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE, prefix + SPREAD_VARIABLE)
     else:
@@ -633,8 +648,12 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
                                              OUTLIER_RMS_TOLERANCE)
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
+        # Colour: the channels' offsets on the sky, measured now (on samples the flags
+        # leave), removed from the image (the model above stays in the data's geometry).
+        offsets = _channel_offsets(st, used) if (pattern and align_channels) else None
         final_plan = replace(base, origin=origin, rejection=rej_params.replace(method="none"),
-                             outliers=prefix + _out.OUTLIERS_VARIABLE, patch=patch)
+                             outliers=prefix + _out.OUTLIERS_VARIABLE, patch=patch,
+                             channel_offset=None if offsets is None else offsets.offset)
         per_tile = tiling.run(final_plan, "")
         st.delete_variables(*_patch.BASE_VARIABLES.values(), _patch.BASE_FLAGS)
     t_tiles = time.perf_counter() - t0
@@ -673,6 +692,8 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         "seconds": {"statistics": round(measures.seconds, 3), "tiles": round(t_tiles, 3),
                     "total": round(time.perf_counter() - t_start, 3)},
     }
+    if offsets is not None:
+        summary["channel_offsets"] = offsets.as_dict()
     st.end_step(step_name, **summary)
     if output is not None:
         _write_fits(output, st, roi, st.step(step_name), white_balance)
@@ -695,6 +716,19 @@ def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
             return wcs.to_header()
     except Exception:  # a malformed WCS in a camera header must not stop the output
         return None
+
+
+def _channel_offsets(st: StackStore, used):
+    """The colour channels' offsets from green to remove from the image, or None with a
+    warning when they are not known well enough (:mod:`drizzlestack.channel_alignment`;
+    the integration's mappings include the distortion model, as the drizzle's default)."""
+    from ..channel_alignment import channel_offsets, unusable_message
+
+    offsets = channel_offsets(st, used, distortion=True)
+    if not offsets.usable:
+        warnings.warn(unusable_message(st.path, offsets), DrizzlestackWarning, stacklevel=3)
+        return None
+    return offsets
 
 
 def _write_fits(path, st: StackStore, roi, record: dict, white_balance: str = "none") -> None:
@@ -733,6 +767,11 @@ def _write_fits(path, st: StackStore, roi, record: dict, white_balance: str = "n
     if st.cfa_pattern:  # a 3 x H x W cube, no longer a mosaic (no BAYERPAT)
         header["CHANNELS"] = ("R G B", "planes of the cube (NAXIS3)")
         header["INTEGCFA"] = (st.cfa_pattern, "Bayer pattern of the integrated mosaics")
+        from ..channel_alignment import ChannelOffsets, header_cards
+
+        found = summary.get("channel_offsets")
+        for key, value, comment in header_cards(ChannelOffsets.from_dict(found) if found else None):
+            header[key] = (value, comment)
     header["CREATOR"] = (f"drizzlestack {__version__}", "software")
     wcs = _reference_wcs(st, roi)
     if wcs is not None:

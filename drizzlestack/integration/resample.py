@@ -36,7 +36,7 @@ from dask.base import tokenize
 
 from .. import cfa as _cfa
 from .._warnings import DrizzlestackError
-from ..geometry import input_window, pixel_grid
+from ..geometry import input_window, pixel_grid, translation
 from ..lanczos import LUT_DENSITY, lanczos_taps
 from ..mappings import frame_mappings
 from ..chunkio import DirectArray
@@ -411,7 +411,7 @@ def tile_box(sy: slice, sx: slice, roi_origin: tuple[int, int] = (0, 0)) -> tupl
 
 def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, saturation=None,
                   roi_origin: tuple[int, int] = (0, 0), out=None, saturated=None, outliers=None, projected=None,
-                  pattern: str = "", sky=None, noise=None, sharp: bool = True):
+                  pattern: str = "", sky=None, noise=None, sharp: bool = True, channel_offset=None):
     """One spatial tile of the registered view, for the frames ``indices``.
 
     Parameters
@@ -451,6 +451,10 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
         Colour: the star-sharp estimate (``True``, for the outlier model) or the
         flux-conserving bilinear one (``False``, for the integration image); see
         :func:`drizzlestack.cfa.channel_planes`.
+    channel_offset : (3, 2) array_like, optional
+        Colour: where each channel sits on the sky relative to green, ``(x, y)``
+        reference px (:mod:`drizzlestack.channel_alignment`); each channel is then
+        sampled that far away, so that the three come out aligned on green.
 
     Returns
     -------
@@ -470,7 +474,9 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
     box = tile_box(sy, sx, roi_origin)
     for k, (i, mapping) in enumerate(zip(indices, mappings)):
         # colour: one more pixel for the 3x3 support of the channel estimate
-        window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD + (1 if colour else 0))
+        # (and as far again as a channel is sampled from its own position)
+        reach = float(np.max(np.abs(channel_offset))) if (colour and channel_offset is not None) else 0.0
+        window = input_window(mapping, box, frame_shape, pad=LANCZOS3_PAD + (1 if colour else 0) + reach)
         if window is None:
             out[..., k, :, :] = np.nan
             saturated[..., k, :, :] = False
@@ -511,8 +517,21 @@ def resample_tile(frames, indices, mappings, sy: slice, sx: slice, frame_shape, 
             src = np.ascontiguousarray(data)[None]
             values, sats = out[k][None], saturated[k][None]
         matrix = mapping.inverse_matrix if homography else _IDENTITY
-        _resample(src, int(wy.start), int(wx.start), int(frame_shape[0]), int(frame_shape[1]), xf, yf, matrix,
-                  int(roi_origin[0] + sy.start), int(roi_origin[1] + sx.start), sat, values, sats, flags, proj)
+        args = (int(wy.start), int(wx.start), int(frame_shape[0]), int(frame_shape[1]))
+        origin = (int(roi_origin[0] + sy.start), int(roi_origin[1] + sx.start))
+        if colour and channel_offset is not None:
+            # Channel c's star at reference p is at p + offset_c on its own sky: sampled
+            # there. Green last, so that the projected flags are green's positions'.
+            for c in (0, 2, 1):
+                dx, dy = (float(v) for v in channel_offset[c])
+                if homography:
+                    mc, xc, yc = matrix @ translation(dx, dy), xf, yf
+                else:
+                    mc = _IDENTITY
+                    xc, yc = (np.ascontiguousarray(v, dtype=np.float64) for v in mapping.inverse(xr + dx, yr + dy))
+                _resample(src[c:c + 1], *args, xc, yc, mc, *origin, sat, values[c:c + 1], sats[c:c + 1], flags, proj)
+            continue
+        _resample(src, *args, xf, yf, matrix, *origin, sat, values, sats, flags, proj)
     return out, saturated
 
 
