@@ -611,11 +611,12 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
     offsets = None
     if method == "none":
         # No statistics to reject on: one pass, flags for the invalid samples only.
+        # (an earlier run's flags go first: the offsets' fits must not leave out samples by them)
+        st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE, prefix + SPREAD_VARIABLE)
         if pattern and align_channels:
             offsets = _channel_offsets(st, used)
             base = replace(base, channel_offset=None if offsets is None else offsets.offset)
         per_tile = tiling.run(base, "")
-        st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE, prefix + SPREAD_VARIABLE)
     else:
         # (a) The robust model: the chosen rejection on the registered view. An ROI trial
         # models a margin around its region too, so that every input pixel that can
