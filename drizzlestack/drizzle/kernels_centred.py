@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, uint64
 
-from .kernels_common import MAX_COORD, _deposit, _out_index
+from .kernels_common import MAX_COORD, _deposit, _out_index, plane_of
 
 #: Gaussian kernel constants of STScI drizzle (FWHM = 2.3548 sigma, 2.5 sigma reach,
 #: never narrower than 1.2 input pixels so that there are no holes); also read by
@@ -31,14 +31,9 @@ def _centred_drop(data, pixmap, weights, use_weights, j, i, chan, nplanes, shift
     within ``+-MAX_COORD``); shared by the turbo, gaussian and lanczos kernels."""
     v = data[j, i]
     wt = weights[j, i] if use_weights else 1.0
-    x = pixmap[j, i, 0]
-    y = pixmap[j, i, 1]
-    roff = 0
-    if nplanes > 1:
-        p = int(chan[j, i])
-        x += shift[p, 0]
-        y += shift[p, 1]
-        roff = p * H
+    dx, dy, roff = plane_of(chan, j, i, nplanes, shift, H)
+    x = pixmap[j, i, 0] + dx
+    y = pixmap[j, i, 1] + dy
     ok = math.isfinite(v) and wt > 0.0 and abs(x) < MAX_COORD and abs(y) < MAX_COORD
     return ok, v, wt, x, y, roff
 
@@ -61,14 +56,9 @@ def point_kernel(data, pixmap, weights, use_weights, acc_wv, acc_w, touched, use
         for i in range(nx):
             v = drow[i]
             wt = weights[j, i] if use_weights else 1.0
-            x = prow[i, 0]
-            y = prow[i, 1]
-            roff = 0
-            if nplanes > 1:
-                p = int(chan[j, i])
-                x += shift[p, 0]
-                y += shift[p, 1]
-                roff = p * H
+            dx, dy, roff = plane_of(chan, j, i, nplanes, shift, H)
+            x = prow[i, 0] + dx
+            y = prow[i, 1] + dy
             # one test for everything: finite value, positive weight, and a centre
             # inside the output (NaN fails every comparison)
             if not ((v - v) == 0.0 and wt > 0.0 and x >= -0.5 and x < xlim

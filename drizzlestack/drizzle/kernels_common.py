@@ -28,6 +28,17 @@ def _out_index(x):
 
 
 @njit(nogil=True, inline="always", error_model="numpy")
+def plane_of(chan, j, i, nplanes, shift, H):
+    """``(dx, dy, roff)`` of input pixel ``(i, j)``: its plane's shift (output px) and
+    the plane's first accumulator row; ``(0, 0, 0)`` for grey data (``nplanes = 1``,
+    ``chan`` and ``shift`` unread)."""
+    if nplanes > 1:
+        p = int(chan[j, i])
+        return shift[p, 0], shift[p, 1], p * H
+    return 0.0, 0.0, 0
+
+
+@njit(nogil=True, inline="always", error_model="numpy")
 def _deposit(acc_wv, acc_w, touched, use_touched, row, col, w, wv):
     """Add weight ``w`` and weight x value ``wv`` into output pixel ``(row, col)`` of the
     accumulators, and mark it in ``touched`` when ``use_touched``."""

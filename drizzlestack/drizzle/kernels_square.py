@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit, uint64
 
-from .kernels_common import MAX_COORD, _deposit, _out_index
+from .kernels_common import MAX_COORD, _deposit, _out_index, plane_of
 
 #: Largest fixed window (in output pixels a side) of the batched square kernel; a
 #: larger drop goes through the per-drop general path.
@@ -677,12 +677,9 @@ def square_kernel(data, pixmap, weights, use_weights, pixfrac, max_extent,
                 if S[_S_ST + k] == 2.0:
                     i = i0 + k
                     xs, ys = drop_corners(tx, ty, bx, by, i, h)
-                    roff = 0
-                    if nplanes > 1:
-                        p = int(chan[j, i])
-                        xs += shift[p, 0]
-                        ys += shift[p, 1]
-                        roff = p * H
+                    dx, dy, roff = plane_of(chan, j, i, nplanes, shift, H)
+                    xs += dx
+                    ys += dy
                     if max(xs.max() - xs.min(), ys.max() - ys.min()) > max_extent:
                         continue
                     wt = np.float64(weights[j, i]) if use_weights else 1.0
