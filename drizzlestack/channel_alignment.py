@@ -45,8 +45,8 @@ from .mappings import frame_mappings
 from .registration.psffit import fit_gaussians
 from .store import StackStore
 
-__all__ = ["ChannelOffsets", "measure_channel_offsets", "channel_offsets", "MAX_ERROR", "MAX_FRAMES",
-           "MIN_STARS"]
+__all__ = ["ChannelOffsets", "measure_channel_offsets", "channel_offsets", "offsets_to_remove", "MAX_ERROR",
+           "MAX_FRAMES", "MIN_STARS"]
 
 #: Frames measured at most (spread evenly over the selection): the offset is one
 #: constant, and each frame is read whole (it costs what a drizzle reads of it).
@@ -292,12 +292,23 @@ def channel_offsets(st: StackStore, frames, distortion: bool = True) -> ChannelO
     return offsets
 
 
-def unusable_message(store, offsets: ChannelOffsets) -> str:
-    """The warning when the offsets are not known well enough to be removed."""
-    return (f"{store}: too few clean stars in red and blue to measure the channels' offsets from green "
-            f"({int(offsets.n_stars[0])} and {int(offsets.n_stars[2])} measurements, need {MIN_STARS} "
-            f"and an error below {MAX_ERROR} px; largest error {float(np.max(offsets.error[[0, 2]])):.3f} px); "
-            f"leaving them as registered (align_channels=False silences this)")
+def offsets_to_remove(st: StackStore, frames, distortion: bool = True, name=None) -> ChannelOffsets | None:
+    """What the integration and the drizzle remove: :func:`channel_offsets`, or None with
+    a warning (naming ``name``, default the store) when they are not known well enough
+    (:attr:`ChannelOffsets.usable`)."""
+    import warnings as _warnings
+
+    from ._warnings import DrizzlestackWarning
+
+    offsets = channel_offsets(st, frames, distortion)
+    if offsets.usable:
+        return offsets
+    _warnings.warn(f"{name or st.location}: too few clean stars in red and blue to measure the channels' offsets "
+                   f"from green ({int(offsets.n_stars[0])} and {int(offsets.n_stars[2])} measurements, need "
+                   f"{MIN_STARS} and an error below {MAX_ERROR} px; largest error "
+                   f"{float(np.max(offsets.error[[0, 2]])):.3f} px); leaving them as registered "
+                   f"(align_channels=False silences this)", DrizzlestackWarning, stacklevel=3)
+    return None
 
 
 def header_cards(offsets: ChannelOffsets | None) -> list[tuple]:

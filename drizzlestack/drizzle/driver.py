@@ -432,7 +432,11 @@ def drizzle(store, scale: float = 2.0, pixfrac: float = 0.9, kernel: str = "squa
         return open_stack(st)[list(OUTPUT_VARIABLES)]
     # Measured after the up-to-date check above (it reads frames): a function of the
     # registration and the frames only, so a resumed run measures the same offsets.
-    offsets = _channel_offsets(st, indices, distortion, store) if (pattern and align_channels) else None
+    offsets = None
+    if pattern and align_channels:
+        from ..channel_alignment import offsets_to_remove
+
+        offsets = offsets_to_remove(st, indices, distortion, name=store)
     if offsets is not None:
         # The channels' drops move by minus their offset (output px); the windows read
         # that much further (the offset is in reference px, about input px).
@@ -572,19 +576,6 @@ def _tile_task(plan: DrizzlePlan, iy: int, ix: int) -> np.ndarray:
         values = [float(weights.max())]
     record_tile(plan.store, "drizzle", iy, ix, values)
     return np.asarray(values, np.float64)
-
-
-def _channel_offsets(st, indices, distortion, store):
-    """The measured channel offsets to remove (measured once per registration and
-    integration: :func:`drizzlestack.channel_alignment.channel_offsets`), or None with a
-    warning when they are not known well enough."""
-    from ..channel_alignment import channel_offsets, unusable_message
-
-    offsets = channel_offsets(st, indices, distortion)
-    if not offsets.usable:
-        warnings.warn(unusable_message(store, offsets), DrizzlestackWarning, stacklevel=3)
-        return None
-    return offsets
 
 
 def _write_fits(path, st, stack, plan, params, indices, max_weight, total_exptime, coverage, wb=None,

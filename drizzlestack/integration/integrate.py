@@ -58,6 +58,7 @@ from .. import whitebalance as _wb
 from .._version import __version__
 from .._warnings import DrizzlestackError, DrizzlestackWarning
 from ..io.fits import check_output_path
+from ..channel_alignment import offsets_to_remove
 from ..mappings import frame_mappings
 from ..chunkio import DirectArray
 from ..store import FRAME_CODEC, StackStore, open_stack, record_tile
@@ -614,7 +615,7 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         # (an earlier run's flags go first: the offsets' fits must not leave out samples by them)
         st.delete_variables(prefix + _out.OUTLIERS_VARIABLE, prefix + MODEL_VARIABLE, prefix + SPREAD_VARIABLE)
         if pattern and align_channels:
-            offsets = _channel_offsets(st, used)
+            offsets = offsets_to_remove(st, used, distortion=True, name=st.path)
             base = replace(base, channel_offset=None if offsets is None else offsets.offset)
         per_tile = tiling.run(base, "")
     else:
@@ -650,8 +651,9 @@ def integrate(store, rejection: str = "winsorized", low: float = 4.0, high: floa
         # (c) The integration from the same flags: flagged pixels are no data for the
         # resampling, so the reference-grid image never loses a star pixel either.
         # Colour: the channels' offsets on the sky, measured now (on samples the flags
-        # leave), removed from the image (the model above stays in the data's geometry).
-        offsets = _channel_offsets(st, used) if (pattern and align_channels) else None
+        # leave), removed from the image (the model above stays in the data's geometry);
+        # with the distortion model, as the integration's mappings and the drizzle's default.
+        offsets = offsets_to_remove(st, used, distortion=True, name=st.path) if (pattern and align_channels) else None
         final_plan = replace(base, origin=origin, rejection=rej_params.replace(method="none"),
                              outliers=prefix + _out.OUTLIERS_VARIABLE, patch=patch,
                              channel_offset=None if offsets is None else offsets.offset)
@@ -717,19 +719,6 @@ def _reference_wcs(st: StackStore, roi) -> fits.Header | None:
             return wcs.to_header()
     except Exception:  # a malformed WCS in a camera header must not stop the output
         return None
-
-
-def _channel_offsets(st: StackStore, used):
-    """The colour channels' offsets from green to remove from the image, or None with a
-    warning when they are not known well enough (:mod:`drizzlestack.channel_alignment`;
-    the integration's mappings include the distortion model, as the drizzle's default)."""
-    from ..channel_alignment import channel_offsets, unusable_message
-
-    offsets = channel_offsets(st, used, distortion=True)
-    if not offsets.usable:
-        warnings.warn(unusable_message(st.path, offsets), DrizzlestackWarning, stacklevel=3)
-        return None
-    return offsets
 
 
 def _write_fits(path, st: StackStore, roi, record: dict, white_balance: str = "none") -> None:
